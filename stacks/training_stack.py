@@ -1,0 +1,145 @@
+"""The SageMaker training job, run by a state machine that also registers the model it produced."""
+
+from pathlib import Path
+
+import jsii
+from aws_cdk import Aws, Duration, Size, Stack
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_s3_assets as s3_assets
+from aws_cdk import aws_stepfunctions as sfn
+from aws_cdk import aws_stepfunctions_tasks as tasks
+from cdk_nag import NagSuppressions
+from constructs import Construct
+
+from stacks.config import SconesConfig
+from stacks.constructs import LoggedStateMachine, SageMakerRole
+from stacks.images import image_uri
+
+TRAINING_SCRIPT = Path(__file__).resolve().parent.parent / "training" / "train.py"
+MODEL_PREFIX = "models/"
+# Where SageMaker puts the `code` channel; the PyTorch container's toolkit runs the script from there.
+CODE_CHANNEL_DIR = "/opt/ml/input/data/code"
+
+
+class S3Uri(tasks.S3Location):
+    """An S3 location rendered as `s3://bucket/key`.
+
+    `tasks.S3Location.from_bucket` renders an https URL, which SageMaker has been seen to misread
+    as a bucket named after the host; this keeps the same grants and renders the URI SageMaker documents.
+    """
+
+    def __init__(self, bucket: s3.IBucket, key: str) -> None:
+        super().__init__()
+        self.bucket = bucket
+        self.key = key
+
+    @jsii.member(jsii_name="bind")
+    def bind(self, task, *, for_reading=None, for_writing=None) -> tasks.S3LocationConfig:
+        if for_reading:
+            self.bucket.grant_read(task, f"{self.key}*")
+        if for_writing:
+            self.bucket.grant_write(task, f"{self.key}*")
+        return tasks.S3LocationConfig(uri=self.bucket.s3_url_for_object(self.key))
+
+
+class TrainingStack(Stack):
+    def __init__(self, scope: Construct, construct_id: str, *, config: SconesConfig, bucket: s3.IBucket,
+                 **kwargs) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        self.role = SageMakerRole(self, "SageMakerRole",
+                                  description="scones training jobs and the models they produce").role
+
+        script = s3_assets.Asset(self, "TrainingScript", path=str(TRAINING_SCRIPT))
+        script.grant_read(self.role)
+        program = script.s3_object_key.rsplit("/", 1)[-1]
+
+        image = tasks.DockerImage.from_registry(image_uri(self, config.training_algorithm, "training"))
+        hyperparameters = dict(config.hyperparameters)
+        channels = [
+            self._channel("train", bucket, "train", config),
+            self._channel("validation", bucket, "train", config),
+            self._channel("train_lst", bucket, "train.lst", config),
+            self._channel("validation_lst", bucket, "validation.lst", config),
+        ]
+        if config.training_algorithm == "pytorch":
+            channels.append(tasks.Channel(
+                channel_name="code",
+                data_source=tasks.DataSource(s3_data_source=tasks.S3DataSource(
+                    s3_location=S3Uri(script.bucket, script.s3_object_key),
+                    s3_data_type=tasks.S3DataType.S3_PREFIX,
+                )),
+            ))
+            hyperparameters.update(sagemaker_program=program, sagemaker_submit_directory=CODE_CHANNEL_DIR,
+                                   sagemaker_region=Aws.REGION)
+
+        train = tasks.SageMakerCreateTrainingJob(
+            self, "Train",
+            integration_pattern=sfn.IntegrationPattern.RUN_JOB,
+            training_job_name=sfn.JsonPath.format(f"{config.prefix}-{{}}", sfn.JsonPath.uuid()),
+            role=self.role,
+            algorithm_specification=tasks.AlgorithmSpecification(
+                training_image=image, training_input_mode=tasks.InputMode.FILE,
+            ),
+            input_data_config=channels,
+            output_data_config=tasks.OutputDataConfig(s3_output_location=S3Uri(bucket, MODEL_PREFIX)),
+            resource_config=tasks.ResourceConfig(
+                instance_count=1,
+                instance_type=ec2.InstanceType(config.training_instance_type.removeprefix("ml.")),
+                volume_size=Size.gibibytes(30),
+            ),
+            stopping_condition=tasks.StoppingCondition(
+                max_runtime=Duration.minutes(config.training_max_runtime_minutes),
+            ),
+            hyperparameters=hyperparameters,
+        )
+        train.add_retry(errors=["SageMaker.AmazonSageMakerException"], interval=Duration.seconds(30),
+                        max_attempts=3, backoff_rate=2)
+
+        create_model = tasks.SageMakerCreateModel(
+            self, "CreateModel",
+            model_name=sfn.JsonPath.string_at("$.TrainingJobName"),
+            role=self.role,
+            primary_container=tasks.ContainerDefinition(
+                image=tasks.DockerImage.from_registry(image_uri(self, config.training_algorithm, "inference")),
+                model_s3_location=tasks.S3Location.from_json_expression("$.ModelArtifacts.S3ModelArtifacts"),
+            ),
+            result_path="$.Model",
+        )
+        self.model_parameter_arn = self.format_arn(
+            service="ssm", resource="parameter", resource_name=config.model_parameter_name.lstrip("/"),
+        )
+        record_model = tasks.CallAwsService(
+            self, "RecordModel",
+            service="ssm",
+            action="putParameter",
+            parameters={
+                "Name": config.model_parameter_name,
+                "Value": sfn.JsonPath.string_at("$.ModelArtifacts.S3ModelArtifacts"),
+                "Type": "String",
+                "Overwrite": True,
+            },
+            iam_resources=[self.model_parameter_arn],
+            result_path=sfn.JsonPath.DISCARD,
+        )
+        trained = sfn.Succeed(self, "Trained", output_path="$.ModelArtifacts")
+        self.workflow = LoggedStateMachine(
+            self, "Training", config=config, name="training",
+            definition=train.next(create_model).next(record_model).next(trained),
+            timeout=Duration.minutes(config.training_max_runtime_minutes + 30),
+        )
+        self.state_machine = self.workflow.state_machine
+        NagSuppressions.add_resource_suppressions(self.state_machine, [{
+            "id": "AwsSolutions-IAM5",
+            "reason": "CDK's SageMaker tasks grant sagemaker:*TrainingJob on training-job/<prefix>* and the events "
+                      "rule of the .sync integration; job and model names are generated per execution.",
+        }], apply_to_children=True)
+
+    def _channel(self, name: str, bucket: s3.IBucket, key: str, config: SconesConfig) -> tasks.Channel:
+        return tasks.Channel(
+            channel_name=name,
+            content_type="application/x-image" if config.training_algorithm == "builtin" else None,
+            data_source=tasks.DataSource(s3_data_source=tasks.S3DataSource(
+                s3_location=S3Uri(bucket, key), s3_data_type=tasks.S3DataType.S3_PREFIX,
+            )),
+        )

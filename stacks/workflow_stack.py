@@ -1,0 +1,120 @@
+"""The three Lambdas and the state machines that chain them: one image, and every image under a prefix."""
+
+from aws_cdk import Duration, Stack
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_stepfunctions as sfn
+from aws_cdk import aws_stepfunctions_tasks as tasks
+from cdk_nag import NagSuppressions
+from constructs import Construct
+
+from stacks.config import SconesConfig
+from stacks.constructs import LoggedStateMachine, PythonFunction
+
+# Names the classify handler raises for failures worth retrying (the endpoint's own error codes and
+# botocore's connection errors); anything else fails the execution at once.
+TRANSIENT_ENDPOINT_ERRORS = [
+    "ServiceUnavailable", "InternalFailure", "ThrottlingException", "ModelNotReadyException",
+    "InternalDependencyException", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+]
+LAMBDA_TRANSIENT_ERRORS = ["Lambda.TooManyRequestsException", "Lambda.ServiceException",
+                           "Lambda.AWSLambdaException", "Lambda.SdkClientException"]
+LOW_CONFIDENCE_ERROR = "ThresholdConfidenceNotMet"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class WorkflowStack(Stack):
+    def __init__(self, scope: Construct, construct_id: str, *, config: SconesConfig, bucket: s3.IBucket,
+                 **kwargs) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        self.serialize = PythonFunction(
+            self, "SerializeImageData", config=config, name="serialize_image_data",
+            environment={}, timeout=Duration.seconds(10)).function
+        self.serialize.add_to_role_policy(iam.PolicyStatement(
+            actions=["s3:GetObject"], resources=[bucket.arn_for_objects("*")]))
+
+        self.classify = PythonFunction(
+            self, "ClassifyImage", config=config, name="classify_image",
+            environment={"ENDPOINT_NAME": config.endpoint_name}, timeout=Duration.seconds(30)).function
+        self.endpoint_arn = self.format_arn(service="sagemaker", resource="endpoint",
+                                            resource_name=config.endpoint_name.lower())
+        self.classify.add_to_role_policy(iam.PolicyStatement(
+            actions=["sagemaker:InvokeEndpoint"], resources=[self.endpoint_arn]))
+
+        self.filter = PythonFunction(
+            self, "FilterInferences", config=config, name="filter_inferences",
+            environment={"THRESHOLD": str(config.threshold), "ENDPOINT_NAME": config.endpoint_name},
+            timeout=Duration.seconds(10)).function
+
+        self.workflow = LoggedStateMachine(
+            self, "Classification", config=config, name="classify-image",
+            definition=self._classification_definition(), timeout=Duration.minutes(5))
+        self.state_machine = self.workflow.state_machine
+
+        self.batch = LoggedStateMachine(
+            self, "Batch", config=config, name="classify-prefix",
+            definition=self._batch_definition(bucket), timeout=Duration.hours(24))
+        bucket.grant_read(self.batch.state_machine)
+        self.state_machine.grant_start_execution(self.batch.state_machine)
+
+        NagSuppressions.add_resource_suppressions(self.serialize.role, [{
+            "id": "AwsSolutions-IAM5",
+            "reason": "Serialize reads whichever image key the execution names, so s3:GetObject on the bucket's objects.",
+            "appliesTo": [{"regex": "/^Resource::<.*Data.*\\.Arn>\\/\\*$/"}],
+        }], apply_to_children=True)
+        NagSuppressions.add_resource_suppressions([self.workflow, self.batch], [{
+            "id": "AwsSolutions-IAM5",
+            "reason": "X-Ray and CloudWatch Logs delivery actions take no resource; LambdaInvoke grants the "
+                      "function's versions (<arn>:*); the batch run reads objects under the bucket, describes and "
+                      "stops its child executions (named at run time) and reads its own map runs.",
+        }], apply_to_children=True)
+
+    def _invoke(self, construct_id: str, function) -> tasks.LambdaInvoke:
+        """A step whose input is the previous step's body, as the classic `$.Payload.body` wiring did."""
+        step = tasks.LambdaInvoke(self, construct_id, lambda_function=function, output_path="$.Payload.body",
+                                  retry_on_service_exceptions=False)
+        step.add_retry(errors=LAMBDA_TRANSIENT_ERRORS, interval=Duration.seconds(1), max_attempts=4,
+                       backoff_rate=2, jitter_strategy=sfn.JitterType.FULL)
+        return step
+
+    def _classification_definition(self) -> sfn.IChainable:
+        serialize = self._invoke("Serialize image data", self.serialize)
+        classify = self._invoke("Classify image", self.classify)
+        classify.add_retry(errors=TRANSIENT_ENDPOINT_ERRORS, interval=Duration.seconds(1), max_attempts=3,
+                           backoff_rate=2)
+        filter_low = self._invoke("Filter low confidence", self.filter)
+        filter_low.add_catch(
+            sfn.Fail(self, "Low confidence", error_path="$.Error", cause_path="$.Cause"),
+            errors=[LOW_CONFIDENCE_ERROR])
+        return serialize.next(classify).next(filter_low).next(sfn.Succeed(self, "Confident"))
+
+    def _batch_definition(self, bucket: s3.IBucket) -> sfn.IChainable:
+        """Start the classification once per image under `$.prefix`, as child executions."""
+        classify_one = tasks.StepFunctionsStartExecution(
+            self, "Classify one image",
+            state_machine=self.state_machine,
+            integration_pattern=sfn.IntegrationPattern.RUN_JOB,
+            associate_with_parent=True,
+            input=sfn.TaskInput.from_object({"s3_bucket": bucket.bucket_name, "s3_key": sfn.JsonPath.string_at("$.Key")}),
+            result_selector={"s3_key": sfn.JsonPath.string_at("$.Input.s3_key"),
+                             "body": sfn.JsonPath.object_at("$.Output")},
+        )
+        classify_one.add_catch(sfn.Pass(self, "Record failure", parameters={
+            "s3_key": sfn.JsonPath.string_at("$.Key"),
+            "error": sfn.JsonPath.string_at("$.Failure.Error"),
+            "cause": sfn.JsonPath.string_at("$.Failure.Cause"),
+        }), result_path="$.Failure")
+        is_image = sfn.Condition.or_(*(sfn.Condition.string_matches("$.Key", f"*{suffix}")
+                                       for suffix in IMAGE_SUFFIXES))
+        skip = sfn.Pass(self, "Skip non-image", parameters={"s3_key": sfn.JsonPath.string_at("$.Key"),
+                                                             "skipped": True})
+        each = sfn.Choice(self, "Is an image").when(is_image, classify_one).otherwise(skip)
+        every_image = sfn.DistributedMap(
+            self, "Every image under the prefix",
+            item_reader=sfn.S3ObjectsItemReader(bucket=bucket, prefix=sfn.JsonPath.string_at("$.prefix")),
+            max_concurrency=40,
+            tolerated_failure_percentage=5,
+            label="ClassifyPrefix",
+        )
+        every_image.item_processor(each)
+        return every_image
