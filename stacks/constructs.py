@@ -42,9 +42,7 @@ class SageMakerRole(Construct):
     Data access is granted by the caller, per bucket prefix.
     """
 
-    IMAGE_REPOSITORIES = ("pytorch-training", "pytorch-inference", "image-classification")
-
-    def __init__(self, scope: Construct, construct_id: str, *, description: str) -> None:
+    def __init__(self, scope: Construct, construct_id: str, *, description: str, repositories: list[str]) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
         self.role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
@@ -54,7 +52,7 @@ class SageMakerRole(Construct):
         ))
         self.role.add_to_policy(iam.PolicyStatement(
             actions=["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
-            resources=[f"arn:aws:ecr:*:*:repository/{name}" for name in self.IMAGE_REPOSITORIES],
+            resources=[f"arn:aws:ecr:*:*:repository/{name}" for name in repositories],
         ))
         self.role.add_to_policy(iam.PolicyStatement(
             actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],

@@ -2,6 +2,7 @@
 
 from aws_cdk import Duration, RemovalPolicy, Stack
 from aws_cdk import aws_applicationautoscaling as appscaling
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sagemaker as sagemaker
@@ -11,7 +12,7 @@ from constructs import Construct
 from stacks.config import SconesConfig
 from stacks.constructs import SageMakerRole
 from stacks.data_stack import CAPTURE_PREFIX
-from stacks.images import image_uri
+from stacks.images import image_uri, repository
 from stacks.training_stack import MODEL_PREFIX
 
 VARIANT_NAME = "AllTraffic"
@@ -21,9 +22,13 @@ class EndpointStack(Stack):
     def __init__(self, scope: Construct, construct_id: str, *, config: SconesConfig, bucket: s3.IBucket,
                  **kwargs) -> None:
         super().__init__(scope, construct_id, **kwargs)
-        role = SageMakerRole(self, "ModelRole", description="scones endpoint: read models, write captures").role
-        bucket.grant_read(role, f"{MODEL_PREFIX}*")
-        bucket.grant_put(role, f"{CAPTURE_PREFIX}*")
+        algorithm = config.training_algorithm
+        role = SageMakerRole(self, "ModelRole", description="scones endpoint: read models, write captures",
+                             repositories=[repository(algorithm, "inference")]).role
+        role.add_to_policy(iam.PolicyStatement(actions=["s3:GetObject"],
+                                               resources=[bucket.arn_for_objects(f"{MODEL_PREFIX}*")]))
+        role.add_to_policy(iam.PolicyStatement(actions=["s3:PutObject"],
+                                               resources=[bucket.arn_for_objects(f"{CAPTURE_PREFIX}*")]))
 
         self.key = kms.Key(
             self, "EndpointKey",
@@ -36,9 +41,9 @@ class EndpointStack(Stack):
         model_data_url = config.model_data_url or ssm.StringParameter.value_for_string_parameter(
             self, config.model_parameter_name)
         container = sagemaker.CfnModel.ContainerDefinitionProperty(
-            image=image_uri(self, config.training_algorithm, "inference"),
+            image=image_uri(self, algorithm, "inference"),
             model_data_url=model_data_url,
-            environment={"SAGEMAKER_PROGRAM": "inference.py"} if config.training_algorithm == "pytorch" else None,
+            environment={"SAGEMAKER_PROGRAM": "inference.py"} if algorithm == "pytorch" else None,
         )
         model = sagemaker.CfnModel(self, "Model", execution_role_arn=role.role_arn, primary_container=container)
         model.node.add_dependency(role)

@@ -40,3 +40,8 @@ def image_uri(stack: Stack, algorithm: str, purpose: str) -> str:
         mapping={region: {"uri": _retrieve(algorithm, purpose, region)} for region in _regions(algorithm, purpose)},
     )
     return mapping.find_in_map(Aws.REGION, "uri")
+
+
+def repository(algorithm: str, purpose: str) -> str:
+    """The ECR repository name of the image, for IAM."""
+    return "image-classification" if algorithm == "builtin" else f"pytorch-{purpose}"

@@ -14,7 +14,7 @@ from constructs import Construct
 
 from stacks.config import SconesConfig
 from stacks.constructs import LoggedStateMachine, SageMakerRole
-from stacks.images import image_uri
+from stacks.images import image_uri, repository
 
 TRAINING_SCRIPT = Path(__file__).resolve().parent.parent / "training" / "train.py"
 MODEL_PREFIX = "models/"
@@ -47,14 +47,17 @@ class TrainingStack(Stack):
     def __init__(self, scope: Construct, construct_id: str, *, config: SconesConfig, bucket: s3.IBucket,
                  **kwargs) -> None:
         super().__init__(scope, construct_id, **kwargs)
-        self.role = SageMakerRole(self, "SageMakerRole",
-                                  description="scones training jobs and the models they produce").role
+        algorithm = config.training_algorithm
+        self.role = SageMakerRole(
+            self, "SageMakerRole", description="scones training jobs and the models they produce",
+            repositories=sorted({repository(algorithm, "training"), repository(algorithm, "inference")}),
+        ).role
 
         script = s3_assets.Asset(self, "TrainingScript", path=str(TRAINING_SCRIPT))
         script.grant_read(self.role)
         program = script.s3_object_key.rsplit("/", 1)[-1]
 
-        image = tasks.DockerImage.from_registry(image_uri(self, config.training_algorithm, "training"))
+        image = tasks.DockerImage.from_registry(image_uri(self, algorithm, "training"))
         hyperparameters = dict(config.hyperparameters)
         channels = [
             self._channel("train", bucket, "train", config),
@@ -62,7 +65,7 @@ class TrainingStack(Stack):
             self._channel("train_lst", bucket, "train.lst", config),
             self._channel("validation_lst", bucket, "validation.lst", config),
         ]
-        if config.training_algorithm == "pytorch":
+        if algorithm == "pytorch":
             channels.append(tasks.Channel(
                 channel_name="code",
                 data_source=tasks.DataSource(s3_data_source=tasks.S3DataSource(
@@ -101,7 +104,7 @@ class TrainingStack(Stack):
             model_name=sfn.JsonPath.string_at("$.TrainingJobName"),
             role=self.role,
             primary_container=tasks.ContainerDefinition(
-                image=tasks.DockerImage.from_registry(image_uri(self, config.training_algorithm, "inference")),
+                image=tasks.DockerImage.from_registry(image_uri(self, algorithm, "inference")),
                 model_s3_location=tasks.S3Location.from_json_expression("$.ModelArtifacts.S3ModelArtifacts"),
             ),
             result_path="$.Model",

@@ -60,7 +60,7 @@ class WorkflowStack(Stack):
         NagSuppressions.add_resource_suppressions(self.serialize.role, [{
             "id": "AwsSolutions-IAM5",
             "reason": "Serialize reads whichever image key the execution names, so s3:GetObject on the bucket's objects.",
-            "appliesTo": [{"regex": "/^Resource::<.*Data.*\\.Arn>\\/\\*$/"}],
+            "appliesTo": [{"regex": "/^Resource::.*Data.*\\/\\*$/"}],
         }], apply_to_children=True)
         NagSuppressions.add_resource_suppressions([self.workflow, self.batch], [{
             "id": "AwsSolutions-IAM5",

@@ -1,0 +1,56 @@
+import functools
+import json
+import sys
+from pathlib import Path
+
+import aws_cdk as cdk
+import pytest
+from aws_cdk.assertions import Template
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import app  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _synth(context_json: str) -> dict[str, cdk.Stack]:
+    cdk_app = cdk.App(context=json.loads(context_json))
+    stacks = app.build(cdk_app)
+    cdk_app.synth()
+    return {stack.node.id.removeprefix("SconesDev").removeprefix("SconesProd"): stack for stack in stacks}
+
+
+def synth_stacks(**context) -> dict[str, cdk.Stack]:
+    """The app's stacks, by short name (Data, Training, Endpoint, Workflow), built with `context`."""
+    defaults = json.loads((ROOT / "cdk.json").read_text())["context"]
+    return _synth(json.dumps({**defaults, **context}, sort_keys=True))
+
+
+def template(stack_name: str, **context) -> Template:
+    return Template.from_stack(synth_stacks(**context)[stack_name])
+
+
+@pytest.fixture(scope="session")
+def dev_stacks():
+    return synth_stacks()
+
+
+def _placeholder(token: dict) -> str:
+    (function, argument), = token.items()
+    if function == "Fn::GetAtt":
+        argument = ".".join(argument)
+    elif function == "Fn::FindInMap":
+        argument = argument[0]
+    elif not isinstance(argument, str):
+        argument = json.dumps(argument, sort_keys=True).replace('"', "'")
+    return f"<{function.removeprefix('Fn::')}:{argument}>"
+
+
+def definition_of(state_machine) -> dict:
+    """A synthesized state machine's definition as a dict; CloudFormation tokens become `<Ref:Id>` strings."""
+    definition = cdk.Stack.of(state_machine).resolve(state_machine.node.default_child.definition_string)
+    if isinstance(definition, str):
+        return json.loads(definition)
+    parts = definition["Fn::Join"][1]
+    return json.loads("".join(part if isinstance(part, str) else _placeholder(part) for part in parts))

@@ -1,0 +1,105 @@
+from aws_cdk.assertions import Match
+
+from conftest import definition_of, synth_stacks, template
+from stacks.workflow_stack import TRANSIENT_ENDPOINT_ERRORS
+
+FUNCTIONS = {
+    "serialize_image_data": ("SerializeImageData", {}),
+    "classify_image": ("ClassifyImage", {"ENDPOINT_NAME": "scones-dev"}),
+    "filter_inferences": ("FilterInferences", {"THRESHOLD": "0.93", "ENDPOINT_NAME": "scones-dev"}),
+}
+
+
+def _policy_statements(workflow, construct_id: str) -> list[dict]:
+    policies = workflow.find_resources("AWS::IAM::Policy", {"Properties": {"Roles": [
+        {"Ref": Match.string_like_regexp(f"^{construct_id}Role")}]}})
+    return [s for p in policies.values() for s in p["Properties"]["PolicyDocument"]["Statement"]]
+
+
+def test_lambdas_runtime_handler_environment_timeout_tracing():
+    workflow = template("Workflow")
+    for name, (construct_id, environment) in FUNCTIONS.items():
+        (function,) = workflow.find_resources("AWS::Lambda::Function", {"Properties": {
+            "Handler": f"{name}.index.handler"}}).values()
+        properties = function["Properties"]
+        assert properties["Runtime"] == "python3.14"
+        assert properties.get("Environment", {}).get("Variables", {}) == environment
+        assert properties["Timeout"] == (30 if name == "classify_image" else 10)
+        assert properties["TracingConfig"] == {"Mode": "Active"}
+        assert properties["LoggingConfig"]["LogGroup"]["Ref"].startswith(construct_id)
+
+
+def test_threshold_and_endpoint_name_come_from_context():
+    template("Workflow", threshold="0.8", endpoint_name="bikes").has_resource_properties(
+        "AWS::Lambda::Function", {"Handler": "filter_inferences.index.handler",
+                                  "Environment": {"Variables": {"THRESHOLD": "0.8", "ENDPOINT_NAME": "bikes"}}})
+
+
+def test_each_lambda_role_has_exactly_its_own_data_access():
+    workflow = template("Workflow")
+    data_actions = lambda statements: sorted(  # noqa: E731
+        a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
+        if not a.startswith(("logs:", "xray:")))
+    serialize = _policy_statements(workflow, "SerializeImageData")
+    assert data_actions(serialize) == ["s3:GetObject"]
+    (read,) = [s for s in serialize if s["Action"] == "s3:GetObject"]
+    assert read["Resource"]["Fn::Join"][1][1] == "/*"
+
+    classify = _policy_statements(workflow, "ClassifyImage")
+    assert data_actions(classify) == ["sagemaker:InvokeEndpoint"]
+    (invoke,) = [s for s in classify if s["Action"] == "sagemaker:InvokeEndpoint"]
+    assert invoke["Resource"]["Fn::Join"][1][-1] == ":endpoint/scones-dev"
+
+    assert data_actions(_policy_statements(workflow, "FilterInferences")) == []
+
+
+def test_classification_states_in_order_with_retries_and_low_confidence_fail():
+    definition = definition_of(synth_stacks()["Workflow"].state_machine)
+    states = definition["States"]
+    assert definition["StartAt"] == "Serialize image data"
+    assert states["Serialize image data"]["Next"] == "Classify image"
+    assert states["Classify image"]["Next"] == "Filter low confidence"
+    assert states["Filter low confidence"]["Next"] == "Confident"
+    assert states["Confident"] == {"Type": "Succeed"}
+    for name in ("Serialize image data", "Classify image", "Filter low confidence"):
+        assert states[name]["OutputPath"] == "$.Payload.body"
+        assert states[name]["Retry"][0]["ErrorEquals"] == [
+            "Lambda.TooManyRequestsException", "Lambda.ServiceException", "Lambda.AWSLambdaException",
+            "Lambda.SdkClientException"]
+    assert states["Classify image"]["Retry"][1] == {
+        "ErrorEquals": TRANSIENT_ENDPOINT_ERRORS, "IntervalSeconds": 1, "MaxAttempts": 3, "BackoffRate": 2}
+    # a missing or bad image fails at once: only Lambda's own transient errors are retried before the classifier
+    assert len(states["Serialize image data"]["Retry"]) == 1
+    assert len(states["Filter low confidence"]["Retry"]) == 1
+    assert states["Filter low confidence"]["Catch"] == [
+        {"ErrorEquals": ["ThresholdConfidenceNotMet"], "Next": "Low confidence"}]
+    assert states["Low confidence"] == {"Type": "Fail", "ErrorPath": "$.Error", "CausePath": "$.Cause"}
+
+
+def test_state_machines_are_standard_logged_and_traced():
+    machines = template("Workflow").find_resources("AWS::StepFunctions::StateMachine")
+    assert len(machines) == 2
+    for machine in machines.values():
+        properties = machine["Properties"]
+        assert properties["StateMachineType"] == "STANDARD"
+        assert properties["TracingConfiguration"] == {"Enabled": True}
+        assert properties["LoggingConfiguration"]["Level"] == "ALL"
+        assert properties["LoggingConfiguration"]["IncludeExecutionData"] is True
+
+
+def test_batch_runs_every_image_under_a_prefix_as_child_executions():
+    definition = definition_of(synth_stacks()["Workflow"].batch.state_machine)
+    every = definition["States"][definition["StartAt"]]
+    assert every["Type"] == "Map"
+    assert every["ItemProcessor"]["ProcessorConfig"]["Mode"] == "DISTRIBUTED"
+    assert every["ItemReader"]["Resource"].endswith(":states:::s3:listObjectsV2")
+    assert every["ItemReader"]["Parameters"]["Prefix.$"] == "$.prefix"
+    assert every["MaxConcurrency"] == 40 and every["ToleratedFailurePercentage"] == 5
+    inner = every["ItemProcessor"]["States"]
+    choice = inner[every["ItemProcessor"]["StartAt"]]
+    assert [c["StringMatches"] for c in choice["Choices"][0]["Or"]] == ["*.png", "*.jpg", "*.jpeg"]
+    assert choice["Default"] == "Skip non-image"
+    child = inner[choice["Choices"][0]["Next"]]
+    assert child["Resource"].endswith(":states:::states:startExecution.sync:2")
+    assert child["Parameters"]["Input"]["s3_key.$"] == "$.Key"
+    assert child["Catch"][0]["ErrorEquals"] == ["States.ALL"]
