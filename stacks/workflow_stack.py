@@ -96,14 +96,11 @@ class WorkflowStack(Stack):
             integration_pattern=sfn.IntegrationPattern.RUN_JOB,
             associate_with_parent=True,
             input=sfn.TaskInput.from_object({"s3_bucket": bucket.bucket_name, "s3_key": sfn.JsonPath.string_at("$.Key")}),
-            result_selector={"s3_key": sfn.JsonPath.string_at("$.Input.s3_key"),
-                             "body": sfn.JsonPath.object_at("$.Output")},
+            result_selector={"status": sfn.JsonPath.string_at("$.Status"), "output": sfn.JsonPath.object_at("$.Output")},
+            result_path="$.outcome",
         )
-        classify_one.add_catch(sfn.Pass(self, "Record failure", parameters={
-            "s3_key": sfn.JsonPath.string_at("$.Key"),
-            "error": sfn.JsonPath.string_at("$.Failure.Error"),
-            "cause": sfn.JsonPath.string_at("$.Failure.Cause"),
-        }), result_path="$.Failure")
+        # Every image's outcome is recorded, low confidence included, so one uncertain image never stops the batch.
+        classify_one.add_catch(sfn.Pass(self, "Record failure"), errors=["States.ALL"], result_path="$.outcome")
         is_image = sfn.Condition.or_(*(sfn.Condition.string_matches("$.Key", f"*{suffix}")
                                        for suffix in IMAGE_SUFFIXES))
         skip = sfn.Pass(self, "Skip non-image", parameters={"s3_key": sfn.JsonPath.string_at("$.Key"),
@@ -112,8 +109,8 @@ class WorkflowStack(Stack):
         every_image = sfn.DistributedMap(
             self, "Every image under the prefix",
             item_reader=sfn.S3ObjectsItemReader(bucket=bucket, prefix=sfn.JsonPath.string_at("$.prefix")),
+            item_selector={"Key": sfn.JsonPath.string_at("$$.Map.Item.Value.Key")},
             max_concurrency=40,
-            tolerated_failure_percentage=5,
             label="ClassifyPrefix",
         )
         every_image.item_processor(each)

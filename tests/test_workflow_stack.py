@@ -94,7 +94,8 @@ def test_batch_runs_every_image_under_a_prefix_as_child_executions():
     assert every["ItemProcessor"]["ProcessorConfig"]["Mode"] == "DISTRIBUTED"
     assert every["ItemReader"]["Resource"].endswith(":states:::s3:listObjectsV2")
     assert every["ItemReader"]["Parameters"]["Prefix.$"] == "$.prefix"
-    assert every["MaxConcurrency"] == 40 and every["ToleratedFailurePercentage"] == 5
+    assert every["MaxConcurrency"] == 40
+    assert every["ItemSelector"] == {"Key.$": "$$.Map.Item.Value.Key"}
     inner = every["ItemProcessor"]["States"]
     choice = inner[every["ItemProcessor"]["StartAt"]]
     assert [c["StringMatches"] for c in choice["Choices"][0]["Or"]] == ["*.png", "*.jpg", "*.jpeg"]
@@ -102,4 +103,5 @@ def test_batch_runs_every_image_under_a_prefix_as_child_executions():
     child = inner[choice["Choices"][0]["Next"]]
     assert child["Resource"].endswith(":states:::states:startExecution.sync:2")
     assert child["Parameters"]["Input"]["s3_key.$"] == "$.Key"
-    assert child["Catch"][0]["ErrorEquals"] == ["States.ALL"]
+    assert child["ResultPath"] == "$.outcome"
+    assert child["Catch"] == [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.outcome", "Next": "Record failure"}]

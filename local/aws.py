@@ -1,0 +1,38 @@
+"""The local AWS: moto's server on 127.0.0.1 with Step Functions execution and the in-process Lambda runtime."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import urllib.request
+
+from moto.server import ThreadedMotoServer
+
+from local import lambda_runtime
+from local.assembly import REGION
+
+ENGINE_CONFIG = {"lambda": {"use_docker": False}, "stepfunctions": {"execute_state_machine": True}}
+
+
+def client_environment(url: str) -> dict[str, str]:
+    """What boto3 (ours, the handlers', the Step Functions engine's) needs to reach the local AWS."""
+    return {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION}
+
+
+def start(port: int = 0) -> tuple[ThreadedMotoServer, str]:
+    """Start moto in this process; handlers invoked by Step Functions run here too. Returns (server, url)."""
+    lambda_runtime.install()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    _, bound = server.get_host_and_port()
+    url = f"http://127.0.0.1:{bound}"
+    # The Step Functions engine calls Lambda at localhost:$MOTO_PORT.
+    os.environ["MOTO_PORT"] = str(bound)
+    os.environ.update(client_environment(url))
+    request = urllib.request.Request(f"{url}/moto-api/config", data=json.dumps(ENGINE_CONFIG).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(request, timeout=10).close()
+    return server, url

@@ -1,0 +1,118 @@
+"""A Lambda runtime for moto without Docker: handlers run in the moto server's own process.
+
+moto keeps every function it was given through the ordinary Lambda API (`CreateFunction` with the
+asset's zip), but without Docker it cannot run one. `install()` replaces the invoke of moto's Lambda
+backends with a call of the function's real handler, loaded from the function's own zip, with the
+environment the template gave it. Errors come back as Lambda reports them (`errorType` is the
+exception's class name), which is what Step Functions turns into the execution's error name.
+
+Limits, by design: one process serves every function, so two functions may not set one environment
+variable to different values (a clear error says so); there is no timeout enforcement or memory cap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import json
+import os
+import sys
+import tempfile
+import threading
+import traceback
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+from moto.awslambda.models import LambdaBackend
+from moto.awslambda_simple.models import LambdaSimpleBackend
+
+_lock = threading.Lock()
+_handlers: dict[str, Callable[[Any, Any], Any]] = {}
+_environment: dict[str, str] = {}
+_code_root = Path(tempfile.mkdtemp(prefix="scones-lambda-"))
+
+
+class EnvironmentConflict(RuntimeError):
+    """Two functions set the same environment variable differently; in one process they cannot both hold."""
+
+
+class Context:
+    """The parts of Lambda's context object that handlers commonly read."""
+
+    def __init__(self, function) -> None:
+        self.function_name = function.function_name
+        self.function_version = "$LATEST"
+        self.invoked_function_arn = function.function_arn
+        self.memory_limit_in_mb = int(function.memory_size)
+        self.aws_request_id = str(uuid.uuid4())
+        self.log_group_name = f"/aws/lambda/{function.function_name}"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 300_000
+
+
+def _load_handler(code: bytes, handler: str) -> Callable[[Any, Any], Any]:
+    """Import `handler` ("package.module.function") from the zip, isolated from other functions' modules."""
+    digest = hashlib.sha256(code).hexdigest()
+    key = f"{digest}:{handler}"
+    if key in _handlers:
+        return _handlers[key]
+    folder = _code_root / digest
+    if not folder.exists():
+        with zipfile.ZipFile(io.BytesIO(code)) as archive:
+            staging = Path(tempfile.mkdtemp(dir=_code_root))
+            archive.extractall(staging)
+            staging.rename(folder)
+    tops = {entry.name.removesuffix(".py") for entry in folder.iterdir()}
+    module_name, function_name = handler.rsplit(".", 1)
+    is_ours = lambda name: name.split(".")[0] in tops  # noqa: E731
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if is_ours(name)}
+    sys.path.insert(0, str(folder))
+    try:
+        module = importlib.import_module(module_name)
+    finally:
+        sys.path.remove(str(folder))
+        for name in [name for name in sys.modules if is_ours(name)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+    _handlers[key] = getattr(module, function_name)
+    return _handlers[key]
+
+
+def _apply_environment(function) -> None:
+    for name, value in function.environment_vars.items():
+        if _environment.get(name, value) != value:
+            raise EnvironmentConflict(
+                f"{function.function_name} sets {name}={value!r} but another function set {_environment[name]!r}; "
+                "the local Lambda runtime runs every function in one process")
+        _environment[name] = value
+        os.environ[name] = value
+
+
+def _invoke(backend: LambdaBackend, function_name: str, qualifier: str | None, body: Any, headers: Any,
+            response_headers: Any) -> bytes:
+    function = backend.get_function(function_name, qualifier)
+    try:
+        with _lock:
+            handler = _load_handler(function.code_bytes, function.handler)
+            _apply_environment(function)
+        event = json.loads(body) if body else {}
+        result = handler(event, Context(function))
+        payload = json.dumps(result)
+    except Exception as error:  # noqa: BLE001 - every handler error is reported as Lambda reports it
+        response_headers["x-amz-function-error"] = "Unhandled"
+        payload = json.dumps({
+            "errorMessage": str(error),
+            "errorType": type(error).__name__,
+            "stackTrace": traceback.format_tb(error.__traceback__),
+        })
+    return payload.encode()
+
+
+def install() -> None:
+    """Make moto's Lambda backends run handlers in this process."""
+    LambdaBackend.invoke = _invoke
+    LambdaSimpleBackend.invoke = _invoke
