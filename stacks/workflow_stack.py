@@ -16,6 +16,7 @@ from stacks.constructs import LoggedStateMachine, PythonFunction
 TRANSIENT_ENDPOINT_ERRORS = [
     "ServiceUnavailable", "InternalFailure", "ThrottlingException", "ModelNotReadyException",
     "InternalDependencyException", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+    "ConnectionClosedError",
 ]
 LAMBDA_TRANSIENT_ERRORS = ["Lambda.TooManyRequestsException", "Lambda.ServiceException",
                            "Lambda.AWSLambdaException", "Lambda.SdkClientException"]

@@ -14,17 +14,27 @@ import app  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
-def _synth(context_json: str) -> dict[str, cdk.Stack]:
+def _synth(context_json: str) -> tuple[dict[str, cdk.Stack], Path]:
     cdk_app = cdk.App(context=json.loads(context_json))
     stacks = app.build(cdk_app)
-    cdk_app.synth()
-    return {stack.node.id.removeprefix("SconesDev").removeprefix("SconesProd"): stack for stack in stacks}
+    assembly = cdk_app.synth()
+    short_names = {stack.node.id.removeprefix("SconesDev").removeprefix("SconesProd"): stack for stack in stacks}
+    return short_names, Path(assembly.directory)
+
+
+def _context_json(context: dict) -> str:
+    defaults = json.loads((ROOT / "cdk.json").read_text())["context"]
+    return json.dumps({**defaults, **context}, sort_keys=True)
 
 
 def synth_stacks(**context) -> dict[str, cdk.Stack]:
     """The app's stacks, by short name (Data, Training, Endpoint, Workflow), built with `context`."""
-    defaults = json.loads((ROOT / "cdk.json").read_text())["context"]
-    return _synth(json.dumps({**defaults, **context}, sort_keys=True))
+    return _synth(_context_json(context))[0]
+
+
+def assembly_directory(**context) -> Path:
+    """The cloud assembly (what `cdk synth` writes to cdk.out) of the app built with `context`."""
+    return _synth(_context_json(context))[1]
 
 
 def template(stack_name: str, **context) -> Template:

@@ -1,0 +1,411 @@
+"""The three step handlers, run as Lambda runs them: S3 is moto's, the endpoint a local HTTP server
+speaking the SageMaker Runtime REST API, reached by the handlers' own boto3 clients."""
+
+import base64
+import contextlib
+import io
+import json
+import os
+import random
+import socket
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+from moto import mock_aws
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lambdas"))
+
+from classify_image import index as classify  # noqa: E402
+from common import ThresholdConfidenceNotMet, read_body  # noqa: E402
+from fake_endpoint import ENDPOINT_ERROR_STATUS, FakeEndpoint  # noqa: E402
+from stacks.workflow_stack import TRANSIENT_ENDPOINT_ERRORS  # noqa: E402
+from filter_inferences import index as filter_step  # noqa: E402
+from serialize_image_data import index as serialize  # noqa: E402
+
+BUCKET = "scones-test-data"
+ENDPOINT = "scones-test-endpoint"
+
+# The shapes the classic state machines passed a body around in.
+SHAPES = {
+    "body": lambda body: body,
+    "answer": lambda body: {"statusCode": 200, "body": body},
+    "body as JSON": lambda body: {"body": json.dumps(body)},
+    "LambdaInvoke result": lambda body: {"Payload": {"statusCode": 200, "body": body}},
+    "LambdaInvoke result, body as JSON": lambda body: {"Payload": {"body": json.dumps(body)}},
+}
+
+
+def image_bytes(image_format: str, size: tuple[int, int] = (32, 32)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 40)).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def noise_png(side: int) -> bytes:
+    """A PNG of random pixels, which compresses to about 3 bytes a pixel."""
+    pixels = random.Random(0).randbytes(side * side * 3)
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (side, side), pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def failure(handler, event) -> tuple[str, str]:
+    """The name and message of the error `handler` raises for `event`."""
+    with pytest.raises(Exception) as raised:
+        handler(event, None)
+    return type(raised.value).__name__, str(raised.value)
+
+
+@pytest.fixture(autouse=True)
+def lambda_environment(monkeypatch):
+    """The environment Lambda gives the handlers, with fake credentials and fresh boto3 clients."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.delenv("THRESHOLD", raising=False)
+    monkeypatch.delenv("MAX_IMAGE_BYTES", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("ENDPOINT_NAME", ENDPOINT)
+    serialize.s3_client.cache_clear()
+    classify.sagemaker_runtime.cache_clear()
+    yield
+    serialize.s3_client.cache_clear()
+    classify.sagemaker_runtime.cache_clear()
+
+
+@pytest.fixture
+def s3_bucket():
+    """A moto S3 bucket; put objects in it with the returned client."""
+    with mock_aws():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket=BUCKET)
+        yield s3
+
+
+@pytest.fixture
+def fake_endpoint(monkeypatch):
+    with FakeEndpoint() as server:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", server.url)
+        yield server
+
+
+def classify_event(image: bytes) -> dict:
+    return {"image_data": base64.b64encode(image).decode(), "s3_bucket": BUCKET, "s3_key": "bike.png",
+            "inferences": []}
+
+
+# read_body
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_read_body_unwraps_every_shape(shape):
+    body = {"s3_bucket": BUCKET, "s3_key": "bike.png", "inferences": [0.1, 0.9]}
+    assert read_body(shape(body), "s3_bucket") == body
+
+
+def test_read_body_reads_inferences_given_as_json():
+    assert read_body({"body": {"inferences": "[0.1, 0.9]"}}) == {"inferences": [0.1, 0.9]}
+
+
+def test_read_body_leaves_the_event_unchanged():
+    event = {"inferences": "[0.1, 0.9]"}
+    read_body(event)
+    assert event == {"inferences": "[0.1, 0.9]"}
+
+
+@pytest.mark.parametrize("event, expected", [
+    ({"body": "{not json"}, "body is a string but not JSON"),
+    ({"body": [1, 2]}, "The step's body is a list, not a JSON object"),
+    ({"inferences": "0.1, 0.9"}, "inferences is a string but not JSON"),
+])
+def test_read_body_rejects_what_is_not_a_body(event, expected):
+    name, message = failure(lambda event, context: read_body(event), event)
+    assert name == "InvalidEvent"
+    assert expected in message
+
+
+# serialize_image_data
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+def test_serialize_answers_the_object_base64_encoded(s3_bucket, shape, image_format):
+    image = image_bytes(image_format)
+    s3_bucket.put_object(Bucket=BUCKET, Key="images/bike", Body=image)
+
+    result = serialize.handler(shape({"s3_bucket": BUCKET, "s3_key": "images/bike"}), None)
+
+    assert result == {"statusCode": 200, "body": {
+        "image_data": base64.b64encode(image).decode(), "s3_bucket": BUCKET, "s3_key": "images/bike",
+        "inferences": []}}
+    assert base64.b64decode(result["body"]["image_data"]) == image
+
+
+@pytest.mark.parametrize("event, missing", [
+    ({"s3_key": "bike.png"}, "no s3_bucket"),
+    ({"s3_bucket": BUCKET}, "no s3_key"),
+    ({"s3_bucket": BUCKET, "s3_key": ""}, "no s3_key"),
+    ({}, "no s3_bucket and no s3_key"),
+])
+def test_serialize_names_what_the_event_lacks(event, missing):
+    name, message = failure(serialize.handler, event)
+    assert name == "InvalidEvent"
+    assert missing in message
+    assert 'The workflow starts from {"s3_bucket": "<bucket>", "s3_key": "<key of a PNG or JPEG>"}' in message
+
+
+@pytest.mark.parametrize("bucket, key, code", [
+    (BUCKET, "missing.png", "NoSuchKey"),
+    ("no-such-bucket", "bike.png", "NoSuchBucket"),
+])
+def test_serialize_fails_on_a_missing_object(s3_bucket, bucket, key, code):
+    name, message = failure(serialize.handler, {"s3_bucket": bucket, "s3_key": key})
+    assert name == "ImageNotFound"
+    assert f"s3://{bucket}/{key} could not be read (S3 said {code})" in message
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"", "is empty"),
+    (b"bicycle,motorcycle\n", "is not a PNG or JPEG image (it starts with b'bicycle,')"),
+    (image_bytes("GIF"), "is not a PNG or JPEG image (it starts with b'GIF87a"),
+], ids=["empty", "text", "GIF"])
+def test_serialize_fails_on_what_is_not_an_image(s3_bucket, content, what):
+    s3_bucket.put_object(Bucket=BUCKET, Key="labels.csv", Body=content)
+    name, message = failure(serialize.handler, {"s3_bucket": BUCKET, "s3_key": "labels.csv"})
+    assert name == "NotAnImage"
+    assert f"s3://{BUCKET}/labels.csv {what}" in message
+
+
+def test_serialize_refuses_an_image_the_state_could_not_carry(s3_bucket):
+    image = noise_png(300)
+    assert len(image) > serialize.DEFAULT_MAX_IMAGE_BYTES
+    s3_bucket.put_object(Bucket=BUCKET, Key="big.png", Body=image)
+
+    name, message = failure(serialize.handler, {"s3_bucket": BUCKET, "s3_key": "big.png"})
+
+    assert name == "ImageTooLarge"
+    assert f"s3://{BUCKET}/big.png is {len(image):,} bytes, over the limit of 180,000 (MAX_IMAGE_BYTES)" in message
+    assert "capped at 256 KB" in message
+
+
+def test_serialize_takes_its_limit_from_max_image_bytes(s3_bucket, monkeypatch):
+    image = image_bytes("PNG")
+    s3_bucket.put_object(Bucket=BUCKET, Key="bike.png", Body=image)
+    event = {"s3_bucket": BUCKET, "s3_key": "bike.png"}
+
+    monkeypatch.setenv("MAX_IMAGE_BYTES", str(len(image)))
+    assert serialize.handler(event, None)["body"]["image_data"] == base64.b64encode(image).decode()
+
+    monkeypatch.setenv("MAX_IMAGE_BYTES", str(len(image) - 1))
+    name, message = failure(serialize.handler, event)
+    assert name == "ImageTooLarge"
+    assert f"over the limit of {len(image) - 1:,}" in message
+
+
+@pytest.mark.parametrize("value", ["big", "0", "-5", "1e5"])
+def test_serialize_rejects_an_invalid_max_image_bytes(monkeypatch, value):
+    monkeypatch.setenv("MAX_IMAGE_BYTES", value)
+    name, message = failure(serialize.handler, {"s3_bucket": BUCKET, "s3_key": "bike.png"})
+    assert (name, message) == ("InvalidConfiguration",
+                               f"MAX_IMAGE_BYTES={value!r} is not a positive whole number of bytes.")
+
+
+# classify_image
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("image_format, content_type", [("PNG", "image/png"), ("JPEG", "image/jpeg")])
+def test_classify_sends_the_image_and_answers_the_probabilities(fake_endpoint, shape, image_format, content_type):
+    image = image_bytes(image_format)
+    fake_endpoint.answer_body = b"[0.0625, 0.9375]"
+
+    result = classify.handler(shape(classify_event(image)), None)
+
+    assert result == {"statusCode": 200, "body": {**classify_event(image), "inferences": [0.0625, 0.9375]}}
+    assert fake_endpoint.requests == [
+        {"path": f"/endpoints/{ENDPOINT}/invocations", "content_type": content_type, "body": image}]
+
+
+def test_classify_answers_integer_probabilities_as_floats(fake_endpoint):
+    fake_endpoint.answer_body = b"[0, 1]"
+    inferences = classify.handler(classify_event(image_bytes("PNG")), None)["body"]["inferences"]
+    assert inferences == [0.0, 1.0]
+    assert all(type(p) is float for p in inferences)
+
+
+@pytest.mark.parametrize("code", ENDPOINT_ERROR_STATUS)
+def test_classify_raises_the_endpoint_error_by_its_code_after_one_attempt(fake_endpoint, code):
+    fake_endpoint.failures = [code, code]
+
+    name, message = failure(classify.handler, classify_event(image_bytes("PNG")))
+
+    assert name == code
+    assert message == f"Endpoint {ENDPOINT} answered {code} for s3://{BUCKET}/bike.png: fake {code} from the endpoint"
+    assert len(fake_endpoint.requests) == 1
+
+
+def test_classify_succeeds_when_the_state_machine_retries(fake_endpoint):
+    fake_endpoint.failures = ["ServiceUnavailable"]
+    event = classify_event(image_bytes("PNG"))
+
+    assert failure(classify.handler, event)[0] == "ServiceUnavailable"
+    assert classify.handler(event, None)["body"]["inferences"] == [0.25, 0.75]
+    assert len(fake_endpoint.requests) == 2
+
+
+def test_transient_errors_are_the_retryable_ones():
+    assert {"ServiceUnavailable", "InternalFailure", "ThrottlingException", "ModelNotReadyException",
+            "InternalDependencyException", "EndpointConnectionError", "ConnectTimeoutError",
+            "ReadTimeoutError"} <= set(TRANSIENT_ENDPOINT_ERRORS)
+    assert not {"ModelError", "ValidationError", "BadEndpointAnswer"} & set(TRANSIENT_ENDPOINT_ERRORS)
+
+
+def test_classify_keeps_botocores_name_for_an_unreachable_endpoint(monkeypatch):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", f"http://127.0.0.1:{port}")
+
+    name, message = failure(classify.handler, classify_event(image_bytes("PNG")))
+
+    assert name == "EndpointConnectionError"
+    assert f"127.0.0.1:{port}/endpoints/{ENDPOINT}/invocations" in message
+    assert name in TRANSIENT_ENDPOINT_ERRORS
+
+
+@pytest.mark.parametrize("endpoint_answer", [b"bicycle", b'{"bicycle": 0.9}', b'["0.9", "0.1"]', b"[]", b"[NaN, 1]",
+                                             b"[true, false]", b"\xff\xfe"],
+                         ids=["text", "object", "strings", "empty list", "NaN", "booleans", "not UTF-8"])
+def test_classify_fails_on_an_answer_that_is_not_probabilities(fake_endpoint, endpoint_answer):
+    fake_endpoint.answer_body = endpoint_answer
+    name, message = failure(classify.handler, classify_event(image_bytes("PNG")))
+    assert name == "BadEndpointAnswer"
+    assert message.startswith(f"Endpoint {ENDPOINT} answered {endpoint_answer!r} for s3://{BUCKET}/bike.png, "
+                              "not a JSON list of class probabilities")
+
+
+def test_classify_needs_the_endpoint_name(fake_endpoint, monkeypatch):
+    monkeypatch.delenv("ENDPOINT_NAME")
+    name, message = failure(classify.handler, classify_event(image_bytes("PNG")))
+    assert name == "InvalidConfiguration"
+    assert message.startswith("The environment variable ENDPOINT_NAME is not set")
+    assert fake_endpoint.requests == []
+
+
+@pytest.mark.parametrize("event, expected", [
+    ({"s3_bucket": BUCKET, "s3_key": "bike.png"}, ("InvalidEvent", "The event has no image_data")),
+    ({**classify_event(b""), "image_data": "not base64!"},
+     ("InvalidEvent", f"image_data of s3://{BUCKET}/bike.png is not base64")),
+    (classify_event(b"GIF89a and so on"),
+     ("NotAnImage", f"image_data of s3://{BUCKET}/bike.png is not a PNG or JPEG image (it starts with b'GIF89a a')")),
+], ids=["no image_data", "not base64", "not an image"])
+def test_classify_fails_on_an_event_without_an_image(fake_endpoint, event, expected):
+    name, message = failure(classify.handler, event)
+    assert (name, message[:len(expected[1])]) == expected
+    assert fake_endpoint.requests == []
+
+
+# filter_inferences
+
+def metric_record(captured: str) -> dict:
+    """The one EMF line the filter printed, parsed."""
+    lines = captured.splitlines()
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("inferences", [[0.05, 0.95], "[0.05, 0.95]"], ids=["list", "JSON"])
+def test_filter_passes_a_confident_inference_through(capsys, shape, inferences):
+    body = {"image_data": "aW1hZ2U=", "s3_bucket": BUCKET, "s3_key": "moto.png", "inferences": inferences}
+    assert filter_step.handler(shape(body), None) == {"statusCode": 200, "body": {**body, "inferences": [0.05, 0.95]}}
+    assert metric_record(capsys.readouterr().out)["LowConfidence"] == 0
+
+
+def test_filter_passes_an_inference_exactly_at_the_threshold(monkeypatch):
+    monkeypatch.setenv("THRESHOLD", "0.75")
+    assert filter_step.handler({"inferences": [0.75, 0.25]}, None) == {"statusCode": 200,
+                                                                        "body": {"inferences": [0.75, 0.25]}}
+
+
+@pytest.mark.parametrize("threshold, inferences, expected", [
+    (None, [0.61, 0.39], "the top probability 0.61 (class 0) is below the threshold 0.93"),
+    ("0.5", [0.2, 0.3, 0.4, 0.1], "the top probability 0.4 (class 2) is below the threshold 0.5"),
+])
+def test_filter_fails_a_low_confidence_inference(monkeypatch, threshold, inferences, expected):
+    if threshold:
+        monkeypatch.setenv("THRESHOLD", threshold)
+    name, message = failure(filter_step.handler, {"s3_bucket": BUCKET, "s3_key": "moto.png", "inferences": inferences})
+    assert name == "ThresholdConfidenceNotMet"
+    assert message == f"THRESHOLD_CONFIDENCE_NOT_MET: {expected} for s3://{BUCKET}/moto.png."
+
+
+@pytest.mark.parametrize("inferences, expected", [
+    ([0.04, 0.96], {"PredictedClass": "1", "TopProbability": 0.96, "LowConfidence": 0}),
+    ([0.7, 0.3], {"PredictedClass": "0", "TopProbability": 0.7, "LowConfidence": 1}),
+])
+def test_filter_prints_one_embedded_metric_line(capsys, inferences, expected):
+    with contextlib.suppress(ThresholdConfidenceNotMet):
+        filter_step.handler({"inferences": inferences}, None)
+
+    record = metric_record(capsys.readouterr().out)
+
+    metadata = record.pop("_aws")
+    assert isinstance(metadata["Timestamp"], int)
+    assert metadata["CloudWatchMetrics"] == [
+        {"Namespace": "Scones", "Dimensions": [["EndpointName"]],
+         "Metrics": [{"Name": "TopProbability", "Unit": "None"}, {"Name": "LowConfidence", "Unit": "Count"}]},
+        {"Namespace": "Scones", "Dimensions": [["EndpointName", "PredictedClass"]],
+         "Metrics": [{"Name": "Predictions", "Unit": "Count"}]},
+    ]
+    assert record == {"EndpointName": ENDPOINT, "Predictions": 1, **expected}
+
+
+def test_filter_metric_names_are_the_exported_constants():
+    assert (filter_step.METRIC_NAMESPACE, filter_step.ENDPOINT_DIMENSION, filter_step.CLASS_DIMENSION,
+            filter_step.TOP_PROBABILITY_METRIC, filter_step.LOW_CONFIDENCE_METRIC, filter_step.PREDICTIONS_METRIC) == (
+        "Scones", "EndpointName", "PredictedClass", "TopProbability", "LowConfidence", "Predictions")
+
+
+@pytest.mark.parametrize("event", [{"s3_key": "moto.png"}, {"inferences": []}, {"body": {"inferences": "[]"}}])
+def test_filter_fails_without_inferences(capsys, event):
+    name, message = failure(filter_step.handler, event)
+    assert name == "NoInferences"
+    assert "has no inferences" in message
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("inferences", [["0.9", "0.1"], {"bicycle": 0.9}, [None, 0.5]])
+def test_filter_fails_on_inferences_that_are_not_probabilities(inferences):
+    name, message = failure(filter_step.handler, {"inferences": inferences})
+    assert name == "InvalidEvent"
+    assert f"inferences of the image are {inferences!r}, not a list of class probabilities" in message
+
+
+@pytest.mark.parametrize("threshold", ["high", "1.5", "-0.1", "nan"])
+def test_filter_rejects_an_invalid_threshold(monkeypatch, threshold):
+    monkeypatch.setenv("THRESHOLD", threshold)
+    assert failure(filter_step.handler, {"inferences": [0.1, 0.9]}) == (
+        "InvalidConfiguration", f"THRESHOLD={threshold!r} is not a probability between 0 and 1.")
+
+
+# the three in a row, as the state machine passes `$.Payload.body` from one to the next
+
+def test_the_three_steps_in_a_row(s3_bucket, fake_endpoint, capsys):
+    image = image_bytes("JPEG")
+    s3_bucket.put_object(Bucket=BUCKET, Key="test/motorcycle_s_000001.jpg", Body=image)
+    fake_endpoint.answer_body = b"[0.01, 0.99]"
+
+    serialized = serialize.handler({"s3_bucket": BUCKET, "s3_key": "test/motorcycle_s_000001.jpg"}, None)
+    classified = classify.handler(serialized["body"], None)
+    filtered = filter_step.handler(classified["body"], None)
+
+    assert filtered == {"statusCode": 200, "body": {
+        "image_data": base64.b64encode(image).decode(), "s3_bucket": BUCKET,
+        "s3_key": "test/motorcycle_s_000001.jpg", "inferences": [0.01, 0.99]}}
+    assert fake_endpoint.requests[0]["body"] == image
+    assert metric_record(capsys.readouterr().out)["PredictedClass"] == "1"
