@@ -113,6 +113,11 @@ class LocalDeployment:
             "AWS::SageMaker::Endpoint": self._sagemaker,
         }
 
+    def created(self, stack_name: str, kind: str) -> dict[str, dict]:
+        """What was created of `kind` in the stack: logical id -> attributes ("Ref", "Arn", ...)."""
+        return {logical_id: attributes for logical_id, attributes in self.resolver.physical.get(stack_name, {}).items()
+                if attributes["Type"] == kind}
+
     def client(self, service: str):
         return self.session.client(service)
 
@@ -129,7 +134,7 @@ class LocalDeployment:
                 self.report.not_emulated.append(f"{stack.name}/{logical_id} ({kind}): {why}")
                 continue
             properties = self.resolver.resolve(stack, resource.get("Properties", {}))
-            self.resolver.record(stack, logical_id, **creator(stack, logical_id, properties))
+            self.resolver.record(stack, logical_id, Type=kind, **creator(stack, logical_id, properties))
             self.report.created.append(f"{stack.name}/{logical_id} ({kind})")
         self.resolver.record_outputs(stack)
 

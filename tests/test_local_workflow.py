@@ -31,7 +31,7 @@ def deployment():
             deployed.deploy(stacks["SconesDevData"])
             deployed.deploy(stacks["SconesDevWorkflow"])
             deployed.endpoint = endpoint
-            deployed.bucket = deployed.resolver.physical["SconesDevData"]["Data666C94C7"]["Ref"]
+            deployed.bucket = deployed.created("SconesDevData", "AWS::S3::Bucket")["Data666C94C7"]["Ref"]
             yield deployed
     finally:
         server.stop()

@@ -1,0 +1,300 @@
+"""The whole scones workflow on this machine: `python -m local up` (make run) and `python -m local down` (make stop).
+
+`up` runs what `cdk synth` wrote to cdk.out: it starts the local AWS (moto, in the background), stages
+the CIFAR-100 data into the synthesized bucket, trains the model with the training module, deploys the
+stacks, serves the endpoint with data capture, starts the state machine once per test image and
+prints a summary. A second `up` reuses the running services, the staged data and the trained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+from tqdm import tqdm
+
+from local import aws
+from local.assembly import read_assembly
+from local.deploy import LocalDeployment, UnresolvedReference
+from local.services import BackgroundService, ServiceFailed
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar-100-python-vehicles.tar.gz"
+MODEL_PARAMETER = "/scones/{env}/model-data-url"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve_aws(port: int, ready_file: Path) -> None:
+    """The background process: moto plus the in-process Lambda runtime, until SIGTERM."""
+    server, url = aws.start(port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    partial = ready_file.with_name(f".{ready_file.name}.partial")
+    partial.write_text(json.dumps({"pid": os.getpid(), "url": url,
+                                   "sagemaker_runtime": os.environ["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"]}))
+    partial.replace(ready_file)
+    stop.wait()
+    server.stop()
+
+
+def say(step: str, text: str) -> None:
+    print(f"[{step}] {text}", flush=True)
+
+
+class LocalRun:
+    """The steps of `up`, each timed into `self.timings`."""
+
+    def __init__(self, state_dir: Path, assembly_dir: Path, env_name: str) -> None:
+        self.state_dir = state_dir
+        self.assembly_dir = assembly_dir
+        self.env_name = env_name
+        self.timings: dict[str, float] = {}
+        self.aws = BackgroundService("aws", state_dir)
+        self.endpoint = BackgroundService("endpoint", state_dir)
+
+    def timed(self, name: str, step, *args):
+        started = time.perf_counter()
+        result = step(*args)
+        self.timings[name] = round(time.perf_counter() - started, 3)
+        return result
+
+    def start_aws(self) -> dict:
+        info = self.aws.info()
+        if info:
+            say("aws", f"reusing the local AWS at {info['url']} (pid {info['pid']})")
+        else:
+            runtime_url = f"http://127.0.0.1:{free_port()}"
+            info = self.aws.start(["-m", "local", "serve-aws", "--port", str(free_port())],
+                                  env={"AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": runtime_url})
+            say("aws", f"started the local AWS (moto, Step Functions engine, in-process Lambdas) at {info['url']}")
+        os.environ.update(aws.client_environment(info["url"]))
+        return info
+
+    def deploy(self, stack_names: list[str]) -> LocalDeployment:
+        deployment = getattr(self, "deployment", None) or LocalDeployment()
+        self.deployment = deployment
+        stacks = {stack.name: stack for stack in read_assembly(self.assembly_dir)}
+        for name in stack_names:
+            deployment.deploy(stacks[name])
+        return deployment
+
+    def stack(self, short: str) -> str:
+        return f"Scones{self.env_name.title()}{short}"
+
+    def stage(self, bucket: str):
+        from training import etl
+
+        source = os.environ.get("SCONES_CIFAR100") or (SHARED_ARCHIVE if SHARED_ARCHIVE.exists() else None)
+        summary = etl.stage(source, self.state_dir / "data", bucket=bucket)
+        say("data", summary.report().replace("\n", "; "))
+        return summary
+
+    def train(self, dataset_sha: str, bucket: str) -> str:
+        from training import fit
+
+        model_dir = self.state_dir / "model"
+        stamp = model_dir / "trained-on.sha256"
+        archive = model_dir / "model.tar.gz"
+        if archive.exists() and stamp.exists() and stamp.read_text() == dataset_sha:
+            say("train", f"reusing {archive} (trained on the same data)")
+        else:
+            say("train", "training the default recipe on this machine's CPU")
+            fit.fit_local(self.state_dir / "data", model_dir)
+            stamp.write_text(dataset_sha)
+        # Where the training stack's job would have put it: models/<job name>/output/model.tar.gz.
+        key = f"models/local-{dataset_sha[:12]}/output/model.tar.gz"
+        boto3.client("s3").upload_file(str(archive), bucket, key)
+        url = f"s3://{bucket}/{key}"
+        boto3.client("ssm").put_parameter(Name=MODEL_PARAMETER.format(env=self.env_name), Value=url,
+                                          Type="String", Overwrite=True)
+        return url
+
+    def serve_endpoint(self, deployment: LocalDeployment, runtime_url: str) -> list[str]:
+        from local.endpoint import CaptureSpec, EndpointSpec, spec_to_json
+
+        resources = deployment.report.sagemaker
+        specs = []
+        for name, endpoint in resources.get("Endpoint", {}).items():
+            config = resources["EndpointConfig"][endpoint["EndpointConfigName"]]
+            variant = config["ProductionVariants"][0]
+            model = resources["Model"][variant["ModelName"]]
+            model_url = model["PrimaryContainer"]["ModelDataUrl"]
+            bucket, key = model_url.removeprefix("s3://").split("/", 1)
+            local_model = self.state_dir / "endpoint" / name / "model.tar.gz"
+            local_model.parent.mkdir(parents=True, exist_ok=True)
+            boto3.client("s3").download_file(bucket, key, str(local_model))
+            capture = config.get("DataCaptureConfig")
+            specs.append(EndpointSpec(name=name, model_data=local_model, capture=capture and CaptureSpec(
+                destination=capture["DestinationS3Uri"],
+                sampling_percentage=capture["InitialSamplingPercentage"],
+                modes=tuple(option["CaptureMode"] for option in capture["CaptureOptions"]),
+                json_content_types=tuple(capture.get("CaptureContentTypeHeader", {}).get("JsonContentTypes", [])),
+                csv_content_types=tuple(capture.get("CaptureContentTypeHeader", {}).get("CsvContentTypes", [])),
+                kms_key_id=capture.get("KmsKeyId"),
+            ) if capture.get("EnableCapture") else None))
+        spec_file = self.state_dir / "endpoint-spec.json"
+        spec_json = json.dumps({"endpoints": [spec_to_json(spec) for spec in specs]}, indent=1)
+        if self.endpoint.info() and spec_file.exists() and spec_file.read_text() == spec_json:
+            say("endpoint", f"reusing the endpoint server at {runtime_url}")
+        else:
+            self.endpoint.stop()
+            spec_file.write_text(spec_json)
+            port = runtime_url.rsplit(":", 1)[1]
+            self.endpoint.start(["-m", "local.endpoint", "--spec", str(spec_file), "--port", port])
+            say("endpoint", f"serving {', '.join(spec.name for spec in specs)} at {runtime_url} with data capture")
+        return [spec.name for spec in specs]
+
+    def run_executions(self, state_machine_arn: str, bucket: str, keys: list[str], concurrency: int) -> list[dict]:
+        stepfunctions = boto3.client("stepfunctions")
+
+        def run_one(key: str) -> dict:
+            arn = stepfunctions.start_execution(stateMachineArn=state_machine_arn, name=str(uuid.uuid4()),
+                                                input=json.dumps({"s3_bucket": bucket, "s3_key": key}))["executionArn"]
+            while (described := stepfunctions.describe_execution(executionArn=arn))["status"] == "RUNNING":
+                time.sleep(0.01)
+            return {"key": key, **described}
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            return list(tqdm(pool.map(run_one, keys), total=len(keys), desc="executions", unit="image"))
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def summarise(executions: list[dict], labels: dict[str, int], metrics: dict, captured: int) -> dict:
+    succeeded = [e for e in executions if e["status"] == "SUCCEEDED"]
+    failed: dict[str, int] = {}
+    for execution in executions:
+        if execution["status"] != "SUCCEEDED":
+            error = execution.get("error") or execution["status"]
+            failed[error] = failed.get(error, 0) + 1
+    correct = 0
+    for execution in succeeded:
+        inferences = json.loads(execution["output"])["inferences"]
+        correct += inferences.index(max(inferences)) == labels[execution["key"]]
+    latencies = [(e["stopDate"] - e["startDate"]).total_seconds() * 1000 for e in executions]
+    return {
+        "model_test_accuracy": metrics.get("test", {}).get("accuracy"),
+        "executions": len(executions),
+        "succeeded": len(succeeded),
+        "failed_by_error": failed,
+        "accepted_accuracy": round(correct / len(succeeded), 4) if succeeded else None,
+        "latency_ms_p50": round(percentile(latencies, 0.5), 1),
+        "latency_ms_p99": round(percentile(latencies, 0.99), 1),
+        "captured_records": captured,
+    }
+
+
+def count_captured(bucket: str, prefix: str) -> int:
+    s3 = boto3.client("s3")
+    count = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            count += len(s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read().splitlines())
+    return count
+
+
+def up(state_dir: Path, assembly_dir: Path, env_name: str, concurrency: int) -> dict:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    run = LocalRun(state_dir, assembly_dir, env_name)
+    info = run.timed("aws", run.start_aws)
+    deployment = run.timed("deploy_data", run.deploy, [run.stack("Data")])
+    bucket = next(bucket["Ref"] for logical_id, bucket in deployment.created(run.stack("Data"), "AWS::S3::Bucket").items()
+                  if logical_id.startswith("Data"))
+    staged = run.timed("stage", run.stage, bucket)
+    dataset_sha = hashlib.sha256(json.dumps(staged.dataset["files"], sort_keys=True).encode()).hexdigest()
+    model_url = run.timed("train", run.train, dataset_sha, bucket)
+    say("train", f"model at {model_url}")
+    run.timed("deploy", run.deploy, [run.stack("Training"), run.stack("Workflow"), run.stack("Endpoint")])
+    say("deploy", f"created {len(deployment.report.created)} resources; not emulated locally:")
+    for line in deployment.report.not_emulated:
+        print(f"         {line}")
+    endpoints = run.timed("endpoint", run.serve_endpoint, deployment, info["sagemaker_runtime"])
+
+    test_lines = (state_dir / "data" / "test.lst").read_text().splitlines()
+    labels = {line.split("\t")[2]: int(line.split("\t")[1]) for line in test_lines}
+    machines = deployment.created(run.stack("Workflow"), "AWS::StepFunctions::StateMachine").values()
+    state_machine = next(machine["Ref"] for machine in machines if machine["Name"].endswith("-classify-image"))
+    say("run", f"starting {len(labels)} executions of {state_machine.rsplit(':', 1)[1]}, {concurrency} at a time")
+    executions = run.timed("executions", run.run_executions, state_machine, bucket, sorted(labels), concurrency)
+
+    metrics_file = state_dir / "model" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    captured = count_captured(bucket, f"data_capture/{endpoints[0]}/") if endpoints else 0
+    summary = summarise(executions, labels, metrics, captured)
+    summary["timings_s"] = run.timings
+    (state_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary, bucket, endpoints, state_dir)
+    return summary
+
+
+def print_summary(summary: dict, bucket: str, endpoints: list[str], state_dir: Path) -> None:
+    failed = ", ".join(f"{count} {error}" for error, count in summary["failed_by_error"].items()) or "none"
+    accuracy = summary["model_test_accuracy"]
+    print(f"""
+scones on this machine
+  model test accuracy       {accuracy if accuracy is None else f'{accuracy:.3f}'}
+  executions                {summary['executions']}: {summary['succeeded']} succeeded; failed: {failed}
+  accuracy of accepted      {summary['accepted_accuracy']}
+  execution latency         p50 {summary['latency_ms_p50']} ms, p99 {summary['latency_ms_p99']} ms
+  captured records          {summary['captured_records']} under s3://{bucket}/data_capture/{endpoints[0] if endpoints else ''}
+  summary                   {state_dir / 'summary.json'}
+  stop everything           make stop   (or: python -m local down)
+""")
+
+
+def down(state_dir: Path) -> None:
+    for name in ("endpoint", "aws"):
+        stopped = BackgroundService(name, state_dir).stop()
+        print(f"{name}: {'stopped' if stopped else 'not running'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m local", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    up_parser = commands.add_parser("up", help="run the whole workflow locally (make run)")
+    down_parser = commands.add_parser("down", help="stop the local services (make stop)")
+    for sub in (up_parser, down_parser):
+        sub.add_argument("--state-dir", type=Path, default=Path(".scones"), help="where local state lives")
+    up_parser.add_argument("--assembly", type=Path, default=Path("cdk.out"), help="the synthesized cloud assembly")
+    up_parser.add_argument("--env", default="dev", help="the environment the assembly was synthesized for")
+    up_parser.add_argument("--concurrency", type=int, default=8, help="executions running at once")
+    serve = commands.add_parser("serve-aws", help=argparse.SUPPRESS)
+    serve.add_argument("--port", type=int, required=True)
+    serve.add_argument("--ready-file", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve-aws":
+            serve_aws(args.port, args.ready_file)
+        elif args.command == "down":
+            down(args.state_dir)
+        else:
+            if not (args.assembly / "manifest.json").exists():
+                raise FileNotFoundError(f"no cloud assembly at {args.assembly}: run `make synth` first")
+            up(args.state_dir.resolve(), args.assembly.resolve(), args.env, args.concurrency)
+    except (FileNotFoundError, ServiceFailed, UnresolvedReference) as error:
+        print(f"local: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
