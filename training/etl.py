@@ -1,0 +1,468 @@
+"""Stage CIFAR-100 images of chosen classes as PNG files with SageMaker `.lst` manifests.
+
+    python -m training.etl --source ARCHIVE --out DIR [--bucket NAME] [--classes a,b,...]
+
+The archive is the official CIFAR-100 python archive or a copy in its format (such as the shared
+vehicles-only one). It is the first of: `--source PATH|URL`, `$SCONES_CIFAR100`, the cached copy
+(`$XDG_CACHE_HOME/scones/cifar-100-python.tar.gz`, by default under `~/.cache`), a download of the
+official archive. Downloads are checked against the official MD5 and cached, so a URL whose download
+is already cached is not fetched again.
+
+The output folder (and, with `--bucket`, the bucket root) gets `train/<cifar name>.png`,
+`test/<cifar name>.png`, `train.lst`, `validation.lst`, `test.lst` and, last, `dataset.json`.
+Validation images are a stratified, seeded part of the training images; they stay under `train/`.
+Running again writes and uploads only what differs, and completes an interrupted run.
+"""
+
+import argparse
+import hashlib
+import http.client
+import io
+import json
+import os
+import pickle
+import re
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from numpy._core.multiarray import _reconstruct
+from PIL import Image
+from tqdm import tqdm
+
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+OFFICIAL_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+ARCHIVE_NAME = "cifar-100-python.tar.gz"
+MEMBER_DIR = "cifar-100-python"
+DEFAULT_CLASSES = ("bicycle", "motorcycle")
+DEFAULT_VALIDATION_FRACTION = 0.1
+IMAGE_SIDE = 32
+# Deterministic, and the fastest level that still compresses: bench/etl.py measures the levels.
+PNG_COMPRESS_LEVEL = 1
+# Pillow's encoder and file I/O release the GIL, so threads keep every core busy (bench/etl.py compares counts).
+WRITE_WORKERS = os.cpu_count() or 1
+UPLOAD_WORKERS = 16
+DATASET_FILE = "dataset.json"
+CONTENT_TYPES = {".png": "image/png", ".lst": "text/plain", ".json": "application/json"}
+SAFE_IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.png")
+
+# Every global the official pickles name (checked with pickletools): the pieces of a NumPy array.
+SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class EtlError(Exception):
+    """A failure the user can fix; the command prints its message as one line."""
+
+
+class SourceNotFound(EtlError):
+    """The archive given as a path does not exist."""
+
+
+class DownloadFailed(EtlError):
+    """The archive could not be downloaded (typically: no internet)."""
+
+
+class ChecksumMismatch(EtlError):
+    """A downloaded archive is not the official one."""
+
+
+class CorruptArchive(EtlError):
+    """The archive cannot be read as CIFAR-100 (truncated, not a tar, missing members...)."""
+
+
+class UnsafeArchive(EtlError):
+    """The archive tries something a CIFAR-100 archive never does (code in a pickle, odd paths)."""
+
+
+class UnknownClass(EtlError):
+    """A class name that CIFAR-100 does not have."""
+
+
+class MissingClass(EtlError):
+    """A CIFAR-100 class with no images in the archive."""
+
+
+class InvalidOption(EtlError):
+    """An option out of its range, e.g. a repeated class or a validation fraction of 1."""
+
+
+class UploadFailed(EtlError):
+    """S3 refused or could not be reached."""
+
+
+# ------------------------------------------------------------------------------------------ source
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scones"
+
+
+def resolve_source(source: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """The local archive to read: `source`, else $SCONES_CIFAR100, else the cached copy, else a download."""
+    source = source or os.environ.get("SCONES_CIFAR100")
+    cached = cache_dir() / ARCHIVE_NAME
+    if source and not str(source).startswith(("http://", "https://")):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise SourceNotFound(f"no archive at {path}")
+        return path
+    if not cached.is_file():
+        download(str(source or OFFICIAL_URL), cached, progress)
+    return cached
+
+
+def download(url: str, destination: Path, progress: bool = True) -> None:
+    """Download `url` to `destination`, which appears only once its MD5 is the official archive's."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+    md5 = hashlib.md5()
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as file, tqdm(
+                total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                desc=f"download {destination.name}", disable=not progress) as bar:
+            while chunk := response.read(1 << 20):
+                file.write(chunk)
+                md5.update(chunk)
+                bar.update(len(chunk))
+        if md5.hexdigest() != OFFICIAL_MD5:
+            raise ChecksumMismatch(f"{url} has MD5 {md5.hexdigest()}, not the official archive's {OFFICIAL_MD5}; "
+                                   "to use another archive, download it and pass its path with --source")
+        os.replace(partial, destination)
+    except (OSError, http.client.HTTPException) as error:
+        raise DownloadFailed(f"cannot download {url} ({getattr(error, 'reason', error)}); without internet, "
+                             "pass a local copy with --source PATH or SCONES_CIFAR100=PATH") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def sha256_of_file(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- archive
+
+@dataclass
+class Split:
+    """One archive member's images: CIFAR file names, fine-label ids and rows of 3072 bytes."""
+    filenames: list[str]
+    fine_labels: np.ndarray
+    data: np.ndarray
+
+
+@dataclass
+class Cifar100:
+    fine_label_names: list[str]
+    train: Split
+    test: Split
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Rebuilds the archive's dicts, lists and NumPy arrays and refuses every other global,
+    so that a tampered archive cannot run code."""
+
+    def __init__(self, file, member: str, encoding: str):
+        super().__init__(file, encoding=encoding)
+        self.member = member
+
+    def find_class(self, module, name):
+        if (module, name) not in SAFE_GLOBALS:
+            allowed = ", ".join(".".join(key) for key in SAFE_GLOBALS)
+            raise UnsafeArchive(f"archive member {self.member} asks for {module}.{name}; "
+                                f"a CIFAR-100 archive only needs {allowed}")
+        return SAFE_GLOBALS[module, name]
+
+
+def as_text(value) -> str:
+    """Python 2 strings come back as bytes with encoding="bytes" and as str with encoding="latin1"."""
+    return value.decode("latin1") if isinstance(value, bytes) else value
+
+
+def read_archive(path: Path, encoding: str = "bytes", progress: bool = False) -> Cifar100:
+    """The meta, train and test members of a CIFAR-100 archive, read from the tar without extracting.
+
+    `encoding` is the pickle encoding for the Python 2 strings: "bytes" or "latin1"; both give the same.
+    """
+    wanted = {f"{MEMBER_DIR}/{name}": name for name in ("meta", "train", "test")}
+    pickled = {}
+    try:
+        with tqdm.wrapattr(open(path, "rb"), "read", total=path.stat().st_size, desc=f"read {path.name}",
+                           disable=not progress) as file, tarfile.open(fileobj=file, mode="r|*") as tar:
+            for member in tar:
+                check_member_path(member.name)
+                if member.name not in wanted:
+                    continue
+                if not member.isfile() or wanted[member.name] in pickled:
+                    raise UnsafeArchive(f"archive member {member.name} is not a single regular file")
+                unpickler = RestrictedUnpickler(tar.extractfile(member), member.name, encoding)
+                pickled[wanted[member.name]] = {as_text(key): value for key, value in unpickler.load().items()}
+    except EtlError:
+        raise
+    except Exception as error:  # whatever else fails while decoding untrusted bytes means they are not CIFAR-100
+        raise CorruptArchive(f"{path.name} is not a readable CIFAR-100 archive: "
+                             f"{type(error).__name__}: {error}") from None
+    missing = [name for name in wanted if wanted[name] not in pickled]
+    if missing:
+        raise CorruptArchive(f"{path.name} is not a CIFAR-100 archive: it has no {', '.join(missing)}")
+    try:
+        names = [as_text(name) for name in pickled["meta"]["fine_label_names"]]
+    except (KeyError, TypeError):
+        raise CorruptArchive(f"{path.name}: {MEMBER_DIR}/meta has no list of fine_label_names") from None
+    return Cifar100(names, split_of(pickled["train"], path, "train"), split_of(pickled["test"], path, "test"))
+
+
+def check_member_path(name: str) -> None:
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or "\\" in name:
+        raise UnsafeArchive(f"archive member with an unsafe path: {name!r}")
+
+
+def split_of(pickled: dict, path: Path, member: str) -> Split:
+    try:
+        filenames = [as_text(name) for name in pickled["filenames"]]
+        fine_labels = np.asarray(pickled["fine_labels"], dtype=np.int64)
+        data = pickled["data"]
+    except (KeyError, TypeError, ValueError):
+        raise CorruptArchive(f"{path.name}: {MEMBER_DIR}/{member} lacks filenames, fine_labels or data") from None
+    count = len(filenames)
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape == (count, 3 * IMAGE_SIDE ** 2)
+            and fine_labels.shape == (count,)):
+        raise CorruptArchive(f"{path.name}: {MEMBER_DIR}/{member} does not hold {count} rows of 3072 bytes")
+    return Split(filenames, fine_labels, data)
+
+
+# ------------------------------------------------------------------------------------------ output
+
+@dataclass
+class StageSummary:
+    """What a run staged; `dataset` is the content of dataset.json."""
+    out: Path
+    dataset: dict
+    written: list[str]
+    bucket: str | None = None
+    uploaded: list[str] = field(default_factory=list)
+
+    @property
+    def file_count(self) -> int:
+        return len(self.dataset["files"]) + 1
+
+    def report(self) -> str:
+        if self.written:
+            lines = [f"staged {self.file_count} files in {self.out} ({len(self.written)} written)"]
+        else:
+            lines = [f"nothing new: {self.file_count} files already staged in {self.out}"]
+        if self.bucket and self.uploaded:
+            lines.append(f"uploaded {len(self.uploaded)} of {self.file_count} files to s3://{self.bucket}")
+        elif self.bucket:
+            lines.append(f"nothing new: {self.file_count} files already in s3://{self.bucket}")
+        return "\n".join(lines)
+
+
+def stage(source: str | os.PathLike | None, out: str | os.PathLike, classes=DEFAULT_CLASSES,
+          bucket: str | None = None, *, validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+          seed: int = 0, progress: bool = True, s3_client=None) -> StageSummary:
+    """Stage the images of `classes` (labels 0..n-1 in that order) from the archive `source` into the folder
+    `out` and, with `bucket`, to the root of that S3 bucket (through `s3_client`, by default a new boto3 one)."""
+    classes = list(classes)
+    if not classes or len(set(classes)) != len(classes) or "" in classes:
+        raise InvalidOption(f"classes must be distinct, non-empty names; got {','.join(classes)!r}")
+    if not 0 <= validation_fraction < 1:
+        raise InvalidOption(f"the validation fraction must be at least 0 and below 1; got {validation_fraction}")
+    archive_path = resolve_source(source, progress)
+    archive = read_archive(archive_path, progress=progress)
+    fine_ids = fine_label_ids(classes, archive, archive_path)
+    train_rows, validation_rows, test_rows = split_rows(archive, fine_ids, validation_fraction, seed)
+
+    out = Path(out)
+    for folder in (out, out / "train", out / "test"):
+        folder.mkdir(parents=True, exist_ok=True)
+        for stray in folder.glob(".*.tmp"):  # left by an interrupted run
+            stray.unlink()
+    images = [(f"train/{archive.train.filenames[row]}", archive.train.data[row])
+              for row in np.sort(np.concatenate([train_rows, validation_rows]))]
+    images += [(f"test/{archive.test.filenames[row]}", archive.test.data[row]) for row in test_rows]
+    check_image_names([name for name, _ in images], archive_path)
+    hashes, written = write_images(out, images, progress)
+
+    label_of = {fine_id: label for label, fine_id in enumerate(fine_ids)}
+    manifests = {"train.lst": (archive.train, train_rows), "validation.lst": (archive.train, validation_rows),
+                 "test.lst": (archive.test, test_rows)}
+    for name, (split, rows) in manifests.items():
+        folder = "test" if split is archive.test else "train"
+        content = "".join(f"{index}\t{label_of[split.fine_labels[row]]}\t{folder}/{split.filenames[row]}\n"
+                          for index, row in enumerate(rows)).encode()
+        hashes[name] = hashlib.sha256(content).hexdigest()
+        written += [name] if write_file(out / name, content) else []
+
+    dataset = {
+        "source": {"name": archive_path.name, "sha256": sha256_of_file(archive_path)},
+        "classes": [{"name": name, "label": label, "cifar_fine_label": fine_id}
+                    for label, (name, fine_id) in enumerate(zip(classes, fine_ids))],
+        "validation": {"fraction": validation_fraction, "seed": seed},
+        "counts": {split_name: {name: int(np.sum(split.fine_labels[rows] == fine_id))
+                                for name, fine_id in zip(classes, fine_ids)}
+                   for split_name, (split, rows) in zip(("train", "validation", "test"), manifests.values())},
+        "pixel_stats": {"of": "train", "scale": "0..1", **channel_stats(archive.train.data[train_rows])},
+        "files": dict(sorted(hashes.items())),
+    }
+    content = (json.dumps(dataset, indent=2) + "\n").encode()
+    written += [DATASET_FILE] if write_file(out / DATASET_FILE, content) else []
+    summary = StageSummary(out, dataset, written, bucket)
+    if bucket:
+        hashes[DATASET_FILE] = hashlib.sha256(content).hexdigest()
+        summary.uploaded = upload(out, hashes, bucket, s3_client, progress)
+    return summary
+
+
+def fine_label_ids(classes: list[str], archive: Cifar100, archive_path: Path) -> list[int]:
+    names = archive.fine_label_names
+    unknown = [name for name in classes if name not in names]
+    if unknown:
+        raise UnknownClass(f"unknown class {', '.join(unknown)}; the CIFAR-100 classes are {', '.join(names)}")
+    fine_ids = [names.index(name) for name in classes]
+    for split_name, split in (("train", archive.train), ("test", archive.test)):
+        present = set(split.fine_labels.tolist())
+        absent = [name for name, fine_id in zip(classes, fine_ids) if fine_id not in present]
+        if absent:
+            raise MissingClass(f"{archive_path.name} has no {split_name} images of {', '.join(absent)}; it has "
+                               f"{', '.join(names[fine_id] for fine_id in sorted(present))}")
+    return fine_ids
+
+
+def split_rows(archive: Cifar100, fine_ids: list[int], validation_fraction: float, seed: int):
+    """Row numbers (in archive order) of the train, validation and test images of the classes.
+    The validation rows are `validation_fraction` of each class's training rows, drawn with `seed`."""
+    random = np.random.default_rng(seed)
+    validation = []
+    for fine_id in fine_ids:
+        rows = np.flatnonzero(archive.train.fine_labels == fine_id)
+        validation.append(random.permutation(rows)[:round(validation_fraction * len(rows))])
+    validation = np.sort(np.concatenate(validation))
+    train = np.setdiff1d(np.flatnonzero(np.isin(archive.train.fine_labels, fine_ids)), validation)
+    return train, validation, np.flatnonzero(np.isin(archive.test.fine_labels, fine_ids))
+
+
+def check_image_names(relative_paths: list[str], archive_path: Path) -> None:
+    unsafe = [path for path in relative_paths if not SAFE_IMAGE_NAME.fullmatch(path.split("/", 1)[1])]
+    if unsafe:
+        raise UnsafeArchive(f"{archive_path.name} names an image {unsafe[0].split('/', 1)[1]!r}, not a plain file name")
+    if len(set(relative_paths)) != len(relative_paths):
+        duplicate = next(path for path in relative_paths if relative_paths.count(path) > 1)
+        raise CorruptArchive(f"{archive_path.name} has two images named {duplicate}")
+
+
+def png_bytes(row: np.ndarray) -> bytes:
+    """The PNG of a CIFAR row (1024 red, 1024 green, 1024 blue bytes, each plane row-major 32x32)."""
+    image = Image.fromarray(row.reshape(3, IMAGE_SIDE, IMAGE_SIDE).transpose(1, 2, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def write_images(out: Path, images: list[tuple[str, np.ndarray]], progress: bool) -> tuple[dict[str, str], list[str]]:
+    """Encode and write the images; answers the SHA-256 of each and the relative paths actually written."""
+    def write_image(image):
+        relative_path, row = image
+        content = png_bytes(row)
+        return relative_path, hashlib.sha256(content).hexdigest(), write_file(out / relative_path, content)
+
+    hashes, written = {}, []
+    with ThreadPoolExecutor(WRITE_WORKERS) as pool:
+        for relative_path, sha256, was_written in tqdm(pool.map(write_image, images), total=len(images),
+                                                       desc="write images", unit="img", disable=not progress):
+            hashes[relative_path] = sha256
+            written += [relative_path] if was_written else []
+    return hashes, written
+
+
+def write_file(path: Path, content: bytes) -> bool:
+    """Give `path` the bytes `content` unless it has them already; answers whether it wrote.
+    The bytes go to a temporary name first, so `path` never holds a partial file."""
+    try:
+        if path.read_bytes() == content:
+            return False
+    except FileNotFoundError:
+        pass
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(content)
+    os.replace(temporary, path)
+    return True
+
+
+def channel_stats(rows: np.ndarray) -> dict[str, list[float]]:
+    """Mean and standard deviation of each colour channel of CIFAR rows, on the 0..1 scale."""
+    channels = rows.reshape(len(rows), 3, -1)
+    return {"mean": [float(channels[:, channel].mean() / 255) for channel in range(3)],
+            "std": [float(channels[:, channel].std() / 255) for channel in range(3)]}
+
+
+def upload(out: Path, hashes: dict[str, str], bucket: str, s3_client=None, progress: bool = True) -> list[str]:
+    """Upload the staged files to the same keys at the bucket root, dataset.json last, skipping objects
+    whose `sha256` metadata already matches; answers the keys uploaded."""
+    import boto3  # here, not at the top: importing boto3 takes longer than staging two classes
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    s3 = s3_client or boto3.client("s3", config=Config(max_pool_connections=UPLOAD_WORKERS))
+
+    def upload_file(key: str) -> bool:
+        try:
+            if s3.head_object(Bucket=bucket, Key=key)["Metadata"].get("sha256") == hashes[key]:
+                return False
+        except ClientError as error:
+            if error.response["Error"]["Code"] not in ("404", "NoSuchKey"):
+                raise
+        s3.put_object(Bucket=bucket, Key=key, Body=(out / key).read_bytes(), Metadata={"sha256": hashes[key]},
+                      ContentType=CONTENT_TYPES[Path(key).suffix])
+        return True
+
+    keys = sorted(key for key in hashes if key != DATASET_FILE)
+    try:
+        with ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
+            uploaded = [key for key, was_uploaded in zip(keys, tqdm(
+                pool.map(upload_file, keys), total=len(keys), desc=f"upload to s3://{bucket}", unit="file",
+                disable=not progress)) if was_uploaded]
+        return uploaded + ([DATASET_FILE] if upload_file(DATASET_FILE) else [])
+    except (BotoCoreError, ClientError) as error:
+        raise UploadFailed(f"cannot upload to s3://{bucket}: {error}") from None
+
+
+# ----------------------------------------------------------------------------------------- command
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.etl", description=__doc__.split("\n\n")[0],
+                                     epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", metavar="PATH|URL",
+                        help="the CIFAR-100 python archive (default: $SCONES_CIFAR100, the cached copy, a download)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to stage into")
+    parser.add_argument("--bucket", metavar="NAME", help="also upload to the root of this S3 bucket")
+    parser.add_argument("--classes", default=",".join(DEFAULT_CLASSES), metavar="a,b,...",
+                        help="CIFAR-100 fine label names, in label order (default: %(default)s)")
+    parser.add_argument("--validation-fraction", type=float, default=DEFAULT_VALIDATION_FRACTION, metavar="F",
+                        help="part of each class's training images kept for validation (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the validation draw (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        summary = stage(args.source, args.out, [name.strip() for name in args.classes.split(",")], args.bucket,
+                        validation_fraction=args.validation_fraction, seed=args.seed, progress=sys.stderr.isatty())
+    except (EtlError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to finish", file=sys.stderr)
+        return 130
+    print(summary.report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,568 @@
+"""Train the bicycle/motorcycle classifier, and serve the model it writes.
+
+One self-contained file (torch, numpy, Pillow and the standard library) in SageMaker's script-mode
+conventions, so that the same file trains on this machine's CPU and in SageMaker's PyTorch container:
+
+- run as a script it trains: hyperparameters as `--name value` arguments, images and `.lst` manifests
+  from the `SM_CHANNEL_*` directories, the model to `SM_MODEL_DIR`, metrics and plots to
+  `SM_OUTPUT_DATA_DIR`;
+- it copies itself into the model as `code/inference.py`, where its `model_fn`, `input_fn`,
+  `predict_fn` and `output_fn` are the handler of SageMaker's PyTorch inference container.
+
+The model answers the probabilities of the target classes, labels 0..target_classes-1, in label order,
+e.g. `[p_bicycle, p_motorcycle]`, with a temperature fitted on their validation images. Images of further
+labels in the manifests (other classes staged after the targets, e.g. `python -m training.etl --classes
+bicycle,motorcycle,bus,...`) are learnt alongside as more outputs of the same network: they sharpen its
+features, and their validation images join the training set, as only the target classes are validated.
+"""
+
+import argparse
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+IMAGE_SIZE = 32
+IMAGE_CONTENT_TYPES = ("image/png", "image/jpeg", "application/x-image")
+CLASSIC_THRESHOLDS = (0.80, 0.93)
+CALIBRATION_BINS = 10
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def conv_bn(channels_in: int, channels_out: int, pool: bool = False) -> nn.Sequential:
+    layers = [nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=False)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.BatchNorm2d(channels_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(channels, channels), conv_bn(channels, channels))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class Classifier(nn.Module):
+    """A ResNet-9-style convnet taking RGB images scaled to 0..1; it normalises them itself."""
+
+    def __init__(self, num_outputs: int, width: int, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.features = nn.Sequential(
+            conv_bn(3, width),
+            conv_bn(width, 2 * width, pool=True), Residual(2 * width),
+            conv_bn(2 * width, 4 * width, pool=True),
+            conv_bn(4 * width, 8 * width, pool=True), Residual(8 * width),
+            nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(8 * width, num_outputs)
+
+    def forward(self, images):
+        # Page's ResNet-9 scales the logits down: max-pooled features are large and would start training unstable
+        return self.head(self.features((images - self.mean) / self.std)) * 0.125
+
+
+def target_logits(model: Classifier, images: torch.Tensor, num_classes: int, flip_tta: bool) -> torch.Tensor:
+    """Logits of the target classes in float32, averaged with the mirrored image when `flip_tta`."""
+    images = images.contiguous(memory_format=torch.channels_last)
+    logits = model(images)[:, :num_classes].float()
+    if flip_tta:
+        logits = (logits + model(images.flip(3))[:, :num_classes].float()) / 2
+    return logits
+
+
+# ------------------------------------------------------------------------------------------- serving
+
+def to_pixels(image: Image.Image) -> np.ndarray:
+    """The 3x32x32 uint8 array the model sees: RGB, resized to 32x32 when the size differs."""
+    image = image.convert("RGB")
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+    return np.array(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def to_inputs(pixels) -> torch.Tensor:
+    """uint8 pixels (N, 3, 32, 32) to the float 0..1 tensor the model takes."""
+    return torch.as_tensor(pixels).float().div(255)
+
+
+def model_fn(model_dir):
+    model_dir = Path(model_dir)
+    settings = json.loads((model_dir / "model.json").read_text())
+    architecture = settings["architecture"]
+    model = Classifier(architecture["num_outputs"], architecture["width"], settings["mean"], settings["std"])
+    model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
+    model.to(memory_format=torch.channels_last).eval()
+    return {"model": model, "settings": settings}
+
+
+def input_fn(request_body, content_type):
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type not in IMAGE_CONTENT_TYPES:
+        raise ValueError(f"unsupported content type {content_type!r}: send one of {', '.join(IMAGE_CONTENT_TYPES)}")
+    try:
+        with Image.open(io.BytesIO(request_body)) as image:
+            pixels = to_pixels(image)
+    except (OSError, SyntaxError, ValueError, TypeError) as error:
+        raise ValueError(f"the request body is not a decodable image ({content_type}): {error}") from None
+    return to_inputs(pixels[None])
+
+
+def predict_fn(data, model):
+    settings = model["settings"]
+    with torch.no_grad():
+        logits = target_logits(model["model"], data, len(settings["classes"]), settings["flip_tta"])
+    return torch.softmax(logits / settings["temperature"], dim=1)
+
+
+def output_fn(prediction, accept):
+    return json.dumps(prediction[0].tolist()), "application/json"
+
+
+# ----------------------------------------------------------------------------------- hyperparameters
+
+class HyperparameterError(ValueError):
+    """A hyperparameter is unknown or out of range; the message names it."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise HyperparameterError(message)
+
+
+def _bounded(kind, low, high):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n' if kind is int else ''} {kind.__name__}; "
+                                             f"valid range [{low}, {high}]") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is outside the valid range [{low}, {high}]")
+        return value
+    return parse
+
+
+# name: (type, default, low, high, help); SageMaker passes each as `--name value`.
+HYPERPARAMETERS = {
+    "epochs": (int, 40, 1, 1000, "passes over the training images"),
+    "batch_size": (int, 128, 1, 4096, "images per step"),
+    "learning_rate": (float, 0.2, 1e-6, 10.0, "peak of the one-cycle learning rate (SGD, Nesterov momentum)"),
+    "weight_decay": (float, 5e-4, 0.0, 1.0, "L2 penalty on convolution and linear weights"),
+    "label_smoothing": (float, 0.1, 0.0, 0.5, "label smoothing of the cross-entropy loss"),
+    "width": (int, 16, 4, 256, "channels of the first layer; deeper layers have 2x, 4x, 8x"),
+    "cutout": (int, 8, 0, IMAGE_SIZE, "side of the square erased from each training image (0: none)"),
+    "flip_tta": (int, 1, 0, 1, "1: average the predictions of each image and its mirror image"),
+    "bfloat16": (int, 1, 0, 1, "1: train in bfloat16 autocast (fast on CPUs with AVX512-BF16 and on GPUs)"),
+    "target_classes": (int, 2, 2, 100, "labels 0..N-1 are the classes served; further labels are learnt alongside"),
+    "target_accuracy": (float, 0.99, 0.5, 1.0, "accuracy wanted on accepted answers; sets the threshold"),
+    "seed": (int, 0, 0, 2**31 - 1, "seed of initialisation, shuffling and augmentation"),
+}
+
+
+def hyperparameter_parser(**kwargs) -> argparse.ArgumentParser:
+    parser = _Parser(**kwargs)
+    for name, (kind, default, low, high, help_text) in HYPERPARAMETERS.items():
+        parser.add_argument(f"--{name}", type=_bounded(kind, low, high),
+                            default=default, metavar=kind.__name__.upper(),
+                            help=f"{help_text} (default {default}, range [{low}, {high}])")
+    return parser
+
+
+def parse_hyperparameters(argv) -> argparse.Namespace:
+    return hyperparameter_parser(prog="train.py").parse_args(argv)
+
+
+# -------------------------------------------------------------------------------------------- data
+
+def channel(name: str, required: bool = True) -> Path | None:
+    variable = f"SM_CHANNEL_{name.upper()}"
+    directory = Path(os.environ.get(variable, f"/opt/ml/input/data/{name}"))
+    if directory.is_dir():
+        return directory
+    if required:
+        raise SystemExit(f"train.py: error: channel {name!r} not found at {directory} (set {variable})")
+    return None
+
+
+def read_manifest(path: Path) -> list[tuple[int, str]]:
+    """(label, relative image path) rows of a SageMaker `.lst` manifest: `index<TAB>label<TAB>path`."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            fields = line.split("\t")
+            if len(fields) < 3:
+                raise SystemExit(f"train.py: error: {path}:{number}: not `index<TAB>label<TAB>path`")
+            rows.append((int(float(fields[1])), fields[-1]))
+    return rows
+
+
+def load_split(image_dir: Path, manifest: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decoded uint8 images (N, 3, 32, 32), their labels and manifest paths."""
+    rows = read_manifest(manifest)
+    images = np.empty((len(rows), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    for index, (_, relative) in enumerate(rows):
+        path = image_dir / relative
+        if not path.is_file():  # SageMaker may drop the `train/` of `train/x.png` when it downloads a channel
+            path = image_dir / Path(relative).name
+        if not path.is_file():
+            raise SystemExit(f"train.py: error: {relative} (listed in {manifest}) is not in {image_dir}")
+        with Image.open(path) as image:
+            images[index] = to_pixels(image)
+    return images, np.array([label for label, _ in rows], dtype=np.int64), [relative for _, relative in rows]
+
+
+def subset(split, num_classes: int, targets: bool = True):
+    """The rows of a split whose labels are (or, with `targets=False`, are not) below `num_classes`."""
+    keep = (split[1] < num_classes) == targets
+    return split[0][keep], split[1][keep], [path for path, kept in zip(split[2], keep) if kept]
+
+
+def concatenate(split, other):
+    return np.concatenate([split[0], other[0]]), np.concatenate([split[1], other[1]]), split[2] + other[2]
+
+
+def class_names(num_classes: int, search_dirs) -> list[str]:
+    """Target class names in label order, from a dataset.json beside the data if there is one."""
+    for directory in search_dirs:
+        path = directory / "dataset.json"
+        if path.is_file():
+            classes = json.loads(path.read_text()).get("classes")
+            if classes:
+                named = [(entry["label"], entry["name"]) if isinstance(entry, dict) else (index, entry)
+                         for index, entry in enumerate(classes)]
+                return [name for _, name in sorted(named)][:num_classes]
+    return [str(label) for label in range(num_classes)]
+
+
+# -------------------------------------------------------------------------------------------- training
+
+def augment(images: torch.Tensor, generator: torch.Generator, cutout: int) -> torch.Tensor:
+    """Random 4-pixel-padded crops, horizontal flips and cutout of a uint8 batch, as floats 0..1."""
+    count = images.shape[0]
+    padded = F.pad(to_inputs(images), (4, 4, 4, 4), mode="reflect")
+    offsets = torch.randint(0, 9, (2, count, 1), generator=generator)
+    steps = torch.arange(IMAGE_SIZE)
+    rows, columns = (offsets[0] + steps)[:, :, None], (offsets[1] + steps)[:, None, :]
+    crops = padded.permute(0, 2, 3, 1)[torch.arange(count)[:, None, None], rows, columns].permute(0, 3, 1, 2)
+    flip = torch.rand(count, generator=generator) < 0.5
+    crops = torch.where(flip[:, None, None, None], crops.flip(3), crops)
+    if cutout:
+        centres = torch.randint(0, IMAGE_SIZE, (2, count, 1), generator=generator)
+        inside_rows = ((steps - centres[0]).abs() <= cutout // 2)[:, :, None]
+        inside_columns = ((steps - centres[1]).abs() <= cutout // 2)[:, None, :]
+        crops = crops * ~(inside_rows & inside_columns)[:, None]
+    return crops.contiguous(memory_format=torch.channels_last)
+
+
+def evaluate(model, images: np.ndarray, num_classes: int, flip_tta: bool, device) -> torch.Tensor:
+    """Target logits of uint8 images, in float32 on the CPU."""
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([target_logits(model, to_inputs(batch).to(device), num_classes, flip_tta).cpu()
+                          for batch in np.array_split(images, max(1, math.ceil(len(images) / 500)))])
+
+
+def train(args, data, num_classes: int, device, log) -> tuple[Classifier, list[dict], float]:
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    train_images, train_labels = torch.as_tensor(data["train"][0]), torch.as_tensor(data["train"][1])
+    mean = (train_images.float() / 255).mean((0, 2, 3)).tolist()
+    std = (train_images.float() / 255).std((0, 2, 3)).tolist()
+    num_outputs = int(train_labels.max()) + 1
+    model = Classifier(num_outputs, args.width, mean, std).to(device, memory_format=torch.channels_last)
+
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=args.learning_rate, momentum=0.9, nesterov=True)
+    batch_size = min(args.batch_size, len(train_images))
+    steps_per_epoch = len(train_images) // batch_size
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.learning_rate, epochs=args.epochs,
+                                                   steps_per_epoch=steps_per_epoch, pct_start=0.25)
+    validation_images, validation_labels = data["validation"][0], torch.as_tensor(data["validation"][1])
+
+    history = []
+    started = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        order = torch.randperm(len(train_images), generator=generator)
+        loss_sum = correct = seen = 0
+        lr = schedule.get_last_lr()[0]
+        for step in range(steps_per_epoch):
+            batch = order[step * batch_size:(step + 1) * batch_size]
+            inputs = augment(train_images[batch], generator, args.cutout).to(device)
+            labels = train_labels[batch].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bfloat16)):
+                logits = model(inputs)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.item() * len(batch)
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += len(batch)
+        logits = evaluate(model, validation_images, num_classes, bool(args.flip_tta), device)
+        record = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+                  "validation_loss": F.cross_entropy(logits, validation_labels).item(),
+                  "validation_accuracy": (logits.argmax(1) == validation_labels).float().mean().item(),
+                  "seconds": time.perf_counter() - started}
+        history.append(record)
+        log(f"epoch {epoch:3d}/{args.epochs}  lr {lr:.4f}  train loss {record['train_loss']:.4f} "
+            f"acc {record['train_accuracy']:.3f}  validation loss {record['validation_loss']:.4f} "
+            f"acc {record['validation_accuracy']:.3f}  {record['seconds']:.0f}s")
+    return model, history, time.perf_counter() - started
+
+
+# ------------------------------------------------------------------------------------------ calibration
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature minimising the negative log-likelihood, searched on a log grid (deterministic)."""
+    candidates = torch.logspace(-2, 2, 801)
+    losses = torch.stack([F.cross_entropy(logits / t, labels) for t in candidates])
+    return float(candidates[losses.argmin()])
+
+
+def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
+    confidence, predicted = probabilities.max(1)
+    correct = (predicted == labels).float()
+    bins = torch.clamp((confidence * CALIBRATION_BINS).long(), max=CALIBRATION_BINS - 1)
+    error = 0.0
+    for b in range(CALIBRATION_BINS):
+        inside = bins == b
+        if inside.any():
+            error += inside.float().mean().item() * abs(correct[inside].mean().item() - confidence[inside].mean().item())
+    return error
+
+
+def choose_threshold(probabilities: torch.Tensor, labels: torch.Tensor, target_accuracy: float) -> float:
+    """The lowest confidence threshold at which answers at or above it are right often enough (1.0 if none)."""
+    confidence, predicted = probabilities.max(1)
+    for threshold in sorted(set(confidence.tolist())):
+        accepted = confidence >= threshold
+        if (predicted[accepted] == labels[accepted]).float().mean().item() >= target_accuracy:
+            return threshold
+    return 1.0
+
+
+def selective(probabilities: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict:
+    """Share of answers at or above `threshold` (coverage) and their accuracy."""
+    confidence, predicted = probabilities.max(1)
+    accepted = confidence >= threshold
+    return {"threshold": threshold, "coverage": accepted.float().mean().item(),
+            "accuracy": (predicted[accepted] == labels[accepted]).float().mean().item() if accepted.any() else None}
+
+
+def class_report(predicted: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    report = {}
+    for label, name in enumerate(classes):
+        true_positives = ((predicted == label) & (labels == label)).sum().item()
+        report[name] = {"precision": true_positives / max(1, (predicted == label).sum().item()),
+                        "recall": true_positives / max(1, (labels == label).sum().item())}
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+def plot(output_dir: Path, metrics: dict, test: dict, log) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        log("matplotlib is not installed: no plots")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history, classes = metrics["history"], metrics["classes"]
+    epochs = [record["epoch"] for record in history]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for split in ("train", "validation"):
+        axes[0].plot(epochs, [record[f"{split}_loss"] for record in history], label=split)
+        axes[1].plot(epochs, [record[f"{split}_accuracy"] for record in history], label=split)
+    axes[2].plot(epochs, [record["lr"] for record in history])
+    for axis, title in zip(axes, ("loss", "accuracy", "learning rate (epoch start)")):
+        axis.set(title=title, xlabel="epoch")
+    axes[0].legend()
+    axes[1].legend()
+    save(figure, output_dir / "training_curves.png")
+    if test is None:
+        return
+
+    confusion = np.zeros((len(classes), len(classes)), dtype=int)
+    for label, predicted in zip(test["labels"], test["predicted"]):
+        confusion[label, predicted] += 1
+    figure, axis = plt.subplots(figsize=(4.5, 4))
+    axis.imshow(confusion, cmap="Blues")
+    for (row, column), count in np.ndenumerate(confusion):
+        axis.text(column, row, str(count), ha="center", va="center",
+                  color="white" if count > confusion.max() / 2 else "black")
+    axis.set(xticks=range(len(classes)), xticklabels=classes, yticks=range(len(classes)), yticklabels=classes,
+             xlabel="predicted", ylabel="true", title=f"test accuracy {metrics['test']['accuracy']:.3f}")
+    save(figure, output_dir / "confusion_matrix.png")
+
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.plot([0, 1], [0, 1], "k:", label="perfect calibration")
+    for name, probabilities in (("before temperature", test["raw_probabilities"]),
+                                ("after temperature", test["probabilities"])):
+        confidence, predicted = probabilities.max(1)
+        correct = (predicted == torch.as_tensor(test["labels"])).float()
+        bins = torch.clamp((confidence * CALIBRATION_BINS).long(), max=CALIBRATION_BINS - 1)
+        used = [b for b in range(CALIBRATION_BINS) if (bins == b).any()]
+        axis.plot([confidence[bins == b].mean().item() for b in used],
+                  [correct[bins == b].mean().item() for b in used], "o-", label=name)
+    axis.set(xlabel="confidence", ylabel="accuracy", title="reliability on the test split", xlim=(0, 1), ylim=(0, 1))
+    axis.legend()
+    save(figure, output_dir / "reliability_diagram.png")
+
+    count = len(test["labels"])
+    columns = min(10, count)
+    rows = math.ceil(count / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.5 * rows), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index < count:
+            label, predicted = test["labels"][index], test["predicted"][index]
+            axis.imshow(test["images"][index].transpose(1, 2, 0))
+            confidence = test["probabilities"][index].max().item()
+            wrong = predicted != label
+            axis.set_title(f"{'✗ ' if wrong else ''}{classes[predicted]} {confidence:.2f}", fontsize=7,
+                           color="red" if wrong else "black")
+    figure.suptitle("test images: prediction and confidence (wrong ones in red with ✗)")
+    save(figure, output_dir / "test_predictions.png")
+
+
+def save(figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def main(argv=None) -> None:
+    try:
+        args = parse_hyperparameters(sys.argv[1:] if argv is None else argv)
+    except HyperparameterError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    model_dir = Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
+    output_dir = Path(os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"))
+    image_dir, train_lst = channel("train"), channel("train_lst")
+    validation_dir, validation_lst = channel("validation"), channel("validation_lst")
+    test_dir, test_lst = channel("test", required=False), channel("test_lst", required=False)
+
+    torch.use_deterministic_algorithms(True)
+    np.random.seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loading = time.perf_counter()
+    num_classes = args.target_classes
+    validation = load_split(validation_dir, validation_lst / "validation.lst")
+    data = {"train": concatenate(load_split(image_dir, train_lst / "train.lst"), subset(validation, num_classes, False)),
+            "validation": subset(validation, num_classes)}
+    if test_dir and test_lst and (test_lst / "test.lst").is_file():
+        data["test"] = subset(load_split(test_dir, test_lst / "test.lst"), num_classes)
+    missing = sorted(set(range(num_classes)) - set(data["train"][1].tolist()) - set(data["validation"][1].tolist()))
+    if missing:
+        raise SystemExit(f"train.py: error: no training or validation images of target labels {missing}")
+    classes = class_names(num_classes, [train_lst, image_dir, validation_lst])
+    log(f"{len(data['train'][0])} training, {len(data['validation'][0])} validation, "
+        f"{len(data['test'][0]) if 'test' in data else 0} test images loaded in "
+        f"{time.perf_counter() - loading:.1f}s; classes {classes}; device {device}")
+
+    model, history, train_seconds = train(args, data, num_classes, device, log)
+    model.eval()
+    flip_tta = bool(args.flip_tta)
+
+    validation_logits = evaluate(model, data["validation"][0], num_classes, flip_tta, device)
+    validation_labels = torch.as_tensor(data["validation"][1])
+    temperature = fit_temperature(validation_logits, validation_labels)
+    validation_probabilities = torch.softmax(validation_logits / temperature, dim=1)
+    threshold = choose_threshold(validation_probabilities, validation_labels, args.target_accuracy)
+
+    metrics = {
+        "classes": classes,
+        "seed": args.seed,
+        "hyperparameters": vars(args),
+        "recipe": f"ResNet-9-style convnet (width {args.width}), SGD Nesterov, one-cycle LR, "
+                  f"label smoothing, crop+flip{'+cutout' if args.cutout else ''} augmentation, "
+                  f"{'flip test-time augmentation, ' if flip_tta else ''}temperature scaling",
+        "device": str(device),
+        "train_images": len(data["train"][0]),
+        "train_seconds": train_seconds,
+        "history": history,
+        "temperature": temperature,
+        "threshold": threshold,
+        "validation": {
+            "accuracy": (validation_logits.argmax(1) == validation_labels).float().mean().item(),
+            "ece_before_temperature": expected_calibration_error(torch.softmax(validation_logits, 1), validation_labels),
+            "ece_after_temperature": expected_calibration_error(validation_probabilities, validation_labels),
+            "at_threshold": selective(validation_probabilities, validation_labels, threshold),
+        },
+    }
+    test = None
+    if "test" in data:
+        test_images, test_labels, test_paths = data["test"]
+        test_logits = evaluate(model, test_images, num_classes, flip_tta, device)
+        labels = torch.as_tensor(test_labels)
+        probabilities = torch.softmax(test_logits / temperature, dim=1)
+        predicted = probabilities.argmax(1)
+        metrics["test"] = {
+            "accuracy": (predicted == labels).float().mean().item(),
+            "images": len(labels),
+            "per_class": class_report(predicted, labels, classes),
+            "ece_before_temperature": expected_calibration_error(torch.softmax(test_logits, 1), labels),
+            "ece_after_temperature": expected_calibration_error(probabilities, labels),
+            "at_threshold": selective(probabilities, labels, threshold),
+            "at_classic_thresholds": [selective(probabilities, labels, t) for t in CLASSIC_THRESHOLDS],
+            "predictions": [{"image": path, "label": int(label), "probabilities": row}
+                            for path, label, row in zip(test_paths, test_labels, probabilities.tolist())],
+        }
+        test = {"images": test_images, "labels": test_labels.tolist(), "predicted": predicted.tolist(),
+                "probabilities": probabilities, "raw_probabilities": torch.softmax(test_logits, 1)}
+        at_threshold = metrics["test"]["at_threshold"]
+        log(f"test accuracy {metrics['test']['accuracy']:.3f}; threshold {threshold:.4f} answers "
+            f"{at_threshold['coverage']:.0%} of test images")
+    log(f"trained in {train_seconds:.1f}s; validation accuracy {metrics['validation']['accuracy']:.3f}, "
+        f"temperature {temperature:.3f}")
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.to("cpu").state_dict(), model_dir / "model.pt")
+    settings = {"classes": classes, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
+                "image_size": IMAGE_SIZE, "architecture": {"name": "resnet9", "width": args.width,
+                                                           "num_outputs": model.head.out_features},
+                "flip_tta": flip_tta, "temperature": temperature, "threshold": threshold,
+                "target_accuracy": args.target_accuracy}
+    (model_dir / "model.json").write_text(json.dumps(settings, indent=2) + "\n")
+    (model_dir / "code").mkdir(exist_ok=True)
+    shutil.copyfile(__file__, model_dir / "code" / "inference.py")
+    for directory in (output_dir, model_dir):
+        (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot(output_dir, metrics, test, log)
+
+
+if __name__ == "__main__":
+    main()
