@@ -9,6 +9,8 @@ export JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION := 1
 export CDK_DISABLE_CLI_TELEMETRY := true
 # Extra context for synth and deploy, e.g. `make deploy CONTEXT="-c env=prod -c alarm_email=ops@example.com"`.
 CONTEXT ?=
+# What `make deploy` deploys, e.g. `make deploy STACKS=SconesDevEndpoint`.
+STACKS ?= --all
 
 .PHONY: install synth lint test run deploy stop clean
 
@@ -37,7 +39,7 @@ run: synth
 	$(PY) -m local up
 
 deploy: install
-	$(CDK) deploy --all --no-notices $(CONTEXT)
+	$(CDK) deploy $(STACKS) --no-notices $(CONTEXT)
 
 stop: install
 	$(PY) -m local down
