@@ -17,16 +17,14 @@ import socket
 import sys
 import threading
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
-from tqdm import tqdm
 
 from local import aws
 from local.assembly import read_assembly
 from local.deploy import LocalDeployment, UnresolvedReference
+from local.executions import percentile, run_executions
 from local.services import BackgroundService, ServiceFailed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,24 +158,6 @@ class LocalRun:
             say("endpoint", f"serving {', '.join(spec.name for spec in specs)} at {runtime_url} with data capture")
         return [spec.name for spec in specs]
 
-    def run_executions(self, state_machine_arn: str, bucket: str, keys: list[str], concurrency: int) -> list[dict]:
-        stepfunctions = boto3.client("stepfunctions")
-
-        def run_one(key: str) -> dict:
-            arn = stepfunctions.start_execution(stateMachineArn=state_machine_arn, name=str(uuid.uuid4()),
-                                                input=json.dumps({"s3_bucket": bucket, "s3_key": key}))["executionArn"]
-            while (described := stepfunctions.describe_execution(executionArn=arn))["status"] == "RUNNING":
-                time.sleep(0.01)
-            return {"key": key, **described}
-
-        with ThreadPoolExecutor(concurrency) as pool:
-            return list(tqdm(pool.map(run_one, keys), total=len(keys), desc="executions", unit="image"))
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))] if ordered else float("nan")
-
 
 def summarise(executions: list[dict], labels: dict[str, int], metrics: dict, captured: int) -> dict:
     succeeded = [e for e in executions if e["status"] == "SUCCEEDED"]
@@ -234,7 +214,7 @@ def up(state_dir: Path, assembly_dir: Path, env_name: str, concurrency: int) -> 
     machines = deployment.created(run.stack("Workflow"), "AWS::StepFunctions::StateMachine").values()
     state_machine = next(machine["Ref"] for machine in machines if machine["Name"].endswith("-classify-image"))
     say("run", f"starting {len(labels)} executions of {state_machine.rsplit(':', 1)[1]}, {concurrency} at a time")
-    executions = run.timed("executions", run.run_executions, state_machine, bucket, sorted(labels), concurrency)
+    executions = run.timed("executions", run_executions, state_machine, bucket, sorted(labels), concurrency)
 
     metrics_file = state_dir / "model" / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}

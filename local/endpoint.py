@@ -591,7 +591,6 @@ def main(argv: list[str] | None = None) -> None:
 
     # One torch thread per request: the images are 32x32, and requests are served in parallel instead.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if os.environ.get("SWITCH"): sys.setswitchinterval(float(os.environ["SWITCH"]))
     specs = [spec_from_json(entry) for entry in json.loads(args.spec.read_text())["endpoints"]]
     stop = threading.Event()
     for signal_number in (signal.SIGTERM, signal.SIGINT):

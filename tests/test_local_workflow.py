@@ -5,8 +5,6 @@ import base64
 import io
 import json
 import os
-import time
-import uuid
 
 import boto3
 import pytest
@@ -17,6 +15,7 @@ from fake_endpoint import FakeEndpoint
 from local import aws
 from local.assembly import read_assembly
 from local.deploy import LocalDeployment
+from local.executions import run_execution
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +56,10 @@ def state_machine_arn(deployment, name: str) -> str:
     return f"arn:aws:states:us-east-1:123456789012:stateMachine:scones-dev-{name}"
 
 
-def run(deployment, name: str, execution_input: dict, timeout: float = 30) -> tuple[dict, list[dict]]:
+def run(deployment, name: str, execution_input: dict) -> tuple[dict, list[dict]]:
     stepfunctions = boto3.client("stepfunctions")
-    arn = stepfunctions.start_execution(stateMachineArn=state_machine_arn(deployment, name),
-                                        name=str(uuid.uuid4()), input=json.dumps(execution_input))["executionArn"]
-    deadline = time.monotonic() + timeout
-    while (described := stepfunctions.describe_execution(executionArn=arn))["status"] == "RUNNING":
-        assert time.monotonic() < deadline, f"{name} still running after {timeout} s"
-        time.sleep(0.02)
-    return described, stepfunctions.get_execution_history(executionArn=arn)["events"]
+    described = run_execution(stepfunctions, state_machine_arn(deployment, name), execution_input)
+    return described, stepfunctions.get_execution_history(executionArn=described["executionArn"])["events"]
 
 
 def entered(events: list[dict]) -> list[str]:
