@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CDK := npx --no-install cdk
 # The pinned CDK CLI warns on Node 20 at every start; the warning is about support, not behaviour.
-export JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION := 1
+export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export CDK_DISABLE_CLI_TELEMETRY := true
 # Extra context for synth and deploy, e.g. `make deploy CONTEXT="-c env=prod -c alarm_email=ops@example.com"`.
 CONTEXT ?=
