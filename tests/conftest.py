@@ -1,7 +1,10 @@
 import functools
 import json
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")  # before jsii starts
 
 import aws_cdk as cdk
 import pytest
