@@ -7,6 +7,7 @@ from cdk_nag import AwsSolutionsChecks
 from stacks.config import SconesConfig
 from stacks.data_stack import DataStack
 from stacks.endpoint_stack import EndpointStack
+from stacks.monitoring_stack import MonitoringStack
 from stacks.training_stack import TrainingStack
 from stacks.workflow_stack import WorkflowStack
 
@@ -23,7 +24,11 @@ def build(app: cdk.App) -> list[cdk.Stack]:
     training = TrainingStack(app, f"{prefix}Training", bucket=data.bucket, synthesizer=synthesizer(), **common)
     endpoint = EndpointStack(app, f"{prefix}Endpoint", bucket=data.bucket, synthesizer=synthesizer(), **common)
     workflow = WorkflowStack(app, f"{prefix}Workflow", bucket=data.bucket, synthesizer=synthesizer(), **common)
-    stacks = [data, training, endpoint, workflow]
+    monitoring = MonitoringStack(
+        app, f"{prefix}Monitoring", state_machine=workflow.state_machine,
+        state_machine_log_group_name=workflow.workflow.log_group.log_group_name,
+        functions=[workflow.serialize, workflow.classify, workflow.filter], synthesizer=synthesizer(), **common)
+    stacks = [data, training, endpoint, workflow, monitoring]
 
     for stack in stacks:
         cdk.Tags.of(stack).add("project", "scones")

@@ -66,6 +66,8 @@ class SconesConfig:
     model_data_url: str | None = None
     removal_policy: str = "destroy"
     alarm_email: str | None = None
+    low_confidence_alarm_percent: float = 40.0
+    expect_traffic: bool = False
 
     @property
     def prefix(self) -> str:
@@ -107,6 +109,8 @@ class SconesConfig:
             model_data_url=_optional(get, "model_data_url", r"s3://[a-z0-9.\-]{3,63}/.+\.tar\.gz"),
             removal_policy=_choice(get, "removal_policy", REMOVAL_POLICIES, "retain" if env_name == "prod" else "destroy"),
             alarm_email=_optional(get, "alarm_email", r"[^@\s]+@[^@\s]+\.[^@\s]+"),
+            low_confidence_alarm_percent=_float(get, "low_confidence_alarm_percent", 40.0, 0.0, 100.0),
+            expect_traffic=_bool(get, "expect_traffic", False),
         )
 
 
@@ -127,6 +131,15 @@ def _optional(get, key: str, pattern: str) -> str | None:
     if value is not None and not re.fullmatch(pattern, str(value)):
         raise ConfigError(f"context key '{key}': {value!r} does not match {pattern}")
     return None if value is None else str(value)
+
+
+def _bool(get, key: str, default: bool) -> bool:
+    value = _given(get, key)
+    if value is None:
+        return default
+    if str(value).lower() not in ("true", "false"):
+        raise ConfigError(f"context key '{key}': {value!r} is not true or false")
+    return str(value).lower() == "true"
 
 
 def _instance_type(get, key: str, default: str) -> str:

@@ -14,7 +14,7 @@ from aws_cdk.assertions import Annotations, Match, Template
 from conftest import synth_stacks
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
-STACKS = ["Data", "Training", "Endpoint", "Workflow"]
+STACKS = ["Data", "Training", "Endpoint", "Workflow", "Monitoring"]
 
 
 @pytest.mark.parametrize("env", ["dev", "prod"])

@@ -1,0 +1,134 @@
+"""What a team needs to run the workflow: a dashboard, and alarms that reach people through SNS."""
+
+from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as actions
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sns_subscriptions as subscriptions
+from aws_cdk import aws_stepfunctions as sfn
+from constructs import Construct
+
+from stacks.config import SconesConfig
+from stacks.endpoint_stack import VARIANT_NAME
+
+# The filter Lambda's Embedded Metric Format output (lambdas/filter_inferences/index.py).
+METRIC_NAMESPACE = "Scones"
+TOP_PROBABILITY = "TopProbability"
+LOW_CONFIDENCE = "LowConfidence"
+PREDICTIONS = "Predictions"
+FIVE_MINUTES = Duration.minutes(5)
+
+
+class MonitoringStack(Stack):
+    def __init__(self, scope: Construct, construct_id: str, *, config: SconesConfig,
+                 state_machine: sfn.IStateMachine, state_machine_log_group_name: str,
+                 functions: list[lambda_.IFunction], **kwargs) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        endpoint = {"EndpointName": config.endpoint_name, "VariantName": VARIANT_NAME}
+        by_endpoint = {"EndpointName": config.endpoint_name}
+
+        def endpoint_metric(name: str, statistic: str = "Sum", namespace: str = "AWS/SageMaker"):
+            return cloudwatch.Metric(namespace=namespace, metric_name=name, dimensions_map=endpoint,
+                                     statistic=statistic, period=FIVE_MINUTES)
+
+        def scones_metric(name: str, statistic: str = "Sum", **dimensions: str):
+            return cloudwatch.Metric(namespace=METRIC_NAMESPACE, metric_name=name, statistic=statistic,
+                                     dimensions_map={**by_endpoint, **dimensions}, period=FIVE_MINUTES)
+
+        invocations = endpoint_metric("Invocations")
+        errors_5xx = endpoint_metric("Invocation5XXErrors")
+        started = state_machine.metric_started(period=FIVE_MINUTES)
+        failed = state_machine.metric_failed(period=FIVE_MINUTES)
+        low_confidence = scones_metric(LOW_CONFIDENCE)
+        answered = scones_metric(TOP_PROBABILITY, statistic="SampleCount")
+
+        key = kms.Key(self, "AlarmTopicKey", description="scones alarm topic", enable_key_rotation=True,
+                      removal_policy=RemovalPolicy.DESTROY if config.removal_policy == "destroy"
+                      else RemovalPolicy.RETAIN)
+        key.grant(iam.ServicePrincipal("cloudwatch.amazonaws.com"), "kms:Decrypt", "kms:GenerateDataKey*")
+        self.topic = sns.Topic(self, "Alarms", display_name=f"{config.prefix} alarms", master_key=key,
+                               enforce_ssl=True)
+        if config.alarm_email:
+            self.topic.add_subscription(subscriptions.EmailSubscription(config.alarm_email))
+
+        self.alarms = [
+            cloudwatch.MathExpression(
+                expression="IF(started > 0, 100 * (failed - lowconfidence) / started, 0)",
+                using_metrics={"started": started, "failed": failed, "lowconfidence": low_confidence},
+                label="executions failed for reasons other than low confidence (%)", period=FIVE_MINUTES,
+            ).create_alarm(
+                self, "ExecutionFailureRate", alarm_name=f"{config.prefix}-execution-failure-rate",
+                alarm_description="More than 5% of classification executions failed for a reason other than "
+                                  "low confidence (missing or bad images, endpoint errors after retries).",
+                threshold=5, evaluation_periods=2, datapoints_to_alarm=2,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING),
+            errors_5xx.create_alarm(
+                self, "Endpoint5xx", alarm_name=f"{config.prefix}-endpoint-5xx",
+                alarm_description="The endpoint answered 5xx errors in two of the last three 5-minute periods.",
+                threshold=1, evaluation_periods=3, datapoints_to_alarm=2,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING),
+            cloudwatch.MathExpression(
+                expression="IF(answered > 0, 100 * lowconfidence / answered, 0)",
+                using_metrics={"answered": answered, "lowconfidence": low_confidence},
+                label="answers below the threshold (%)", period=Duration.hours(1),
+            ).create_alarm(
+                self, "LowConfidenceRate", alarm_name=f"{config.prefix}-low-confidence-rate",
+                alarm_description=f"Over an hour, more than {config.low_confidence_alarm_percent}% of answers "
+                                  f"were below the threshold {config.threshold}: the cheapest sign that the "
+                                  "images drifted from what the model was trained on.",
+                threshold=config.low_confidence_alarm_percent, evaluation_periods=1,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING),
+        ]
+        if config.expect_traffic:
+            self.alarms.append(endpoint_metric("Invocations").with_(period=Duration.hours(1)).create_alarm(
+                self, "NoInvocations", alarm_name=f"{config.prefix}-no-invocations",
+                alarm_description="The endpoint served no request for an hour while traffic is expected.",
+                threshold=1, evaluation_periods=1,
+                comparison_operator=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.BREACHING))
+        for alarm in self.alarms:
+            alarm.add_alarm_action(actions.SnsAction(self.topic))
+            alarm.add_ok_action(actions.SnsAction(self.topic))
+
+        dashboard = cloudwatch.Dashboard(self, "Dashboard", dashboard_name=config.prefix,
+                                         default_interval=Duration.hours(6))
+        dashboard.add_widgets(
+            cloudwatch.AlarmStatusWidget(title="Alarms", alarms=self.alarms, width=24, height=3))
+        dashboard.add_widgets(
+            cloudwatch.GraphWidget(title="Endpoint invocations and errors", width=8, left=[
+                invocations, endpoint_metric("Invocation4XXErrors"), errors_5xx]),
+            cloudwatch.GraphWidget(title="Endpoint latency (µs)", width=8, left=[
+                endpoint_metric("ModelLatency", "p50"), endpoint_metric("ModelLatency", "p99"),
+                endpoint_metric("OverheadLatency", "p50")]),
+            cloudwatch.GraphWidget(title="Endpoint instances (%)", width=8, left=[
+                endpoint_metric(name, "Average", "/aws/sagemaker/Endpoints")
+                for name in ("CPUUtilization", "MemoryUtilization", "DiskUtilization")]),
+        )
+        dashboard.add_widgets(
+            cloudwatch.GraphWidget(title="Classification executions", width=8, left=[
+                started, state_machine.metric_succeeded(period=FIVE_MINUTES), failed,
+                state_machine.metric_timed_out(period=FIVE_MINUTES)]),
+            cloudwatch.LogQueryWidget(
+                title="Failed executions by error", width=8, log_group_names=[state_machine_log_group_name],
+                query_lines=['filter type = "ExecutionFailed"', "stats count(*) as executions by details.error"]),
+            cloudwatch.GraphWidget(title="Lambda errors and duration (p99, ms)", width=8,
+                                   left=[function.metric_errors(period=FIVE_MINUTES) for function in functions],
+                                   right=[function.metric_duration(period=FIVE_MINUTES, statistic="p99")
+                                          for function in functions]),
+        )
+        dashboard.add_widgets(
+            cloudwatch.GraphWidget(title="Confidence: top probability", width=8, left=[
+                scones_metric(TOP_PROBABILITY, "Average"), scones_metric(TOP_PROBABILITY, "p10")],
+                left_y_axis=cloudwatch.YAxisProps(min=0, max=1)),
+            cloudwatch.GraphWidget(title="Low-confidence answers", width=8, left=[low_confidence, answered]),
+            cloudwatch.GraphWidget(title="Predicted class mix", width=8, stacked=True, left=[
+                scones_metric(PREDICTIONS, PredictedClass=str(label)).with_(label=name)
+                for label, name in enumerate(config.classes)]),
+        )
+        self.dashboard = dashboard
