@@ -203,7 +203,7 @@ def up(state_dir: Path, assembly_dir: Path, env_name: str, concurrency: int) -> 
     dataset_sha = hashlib.sha256(json.dumps(staged.dataset["files"], sort_keys=True).encode()).hexdigest()
     model_url = run.timed("train", run.train, dataset_sha, bucket)
     say("train", f"model at {model_url}")
-    run.timed("deploy", run.deploy, [run.stack("Training"), run.stack("Workflow"), run.stack("Endpoint")])
+    run.timed("deploy", run.deploy, [run.stack(name) for name in ("Training", "Workflow", "Endpoint", "Monitoring")])
     say("deploy", f"created {len(deployment.report.created)} resources; not emulated locally:")
     for line in deployment.report.not_emulated:
         print(f"         {line}")

@@ -27,6 +27,11 @@ NOT_EMULATED_WHY = {
     "Custom::S3AutoDeleteObjects": "auto-delete of objects runs on stack deletion in AWS only",
     "AWS::ApplicationAutoScaling::ScalableTarget": "endpoint auto scaling: one local server process",
     "AWS::ApplicationAutoScaling::ScalingPolicy": "endpoint auto scaling: one local server process",
+    "AWS::CloudWatch::Alarm": "alarms and the dashboard need CloudWatch metrics; locally the capture report checks drift",
+    "AWS::CloudWatch::Dashboard": "alarms and the dashboard need CloudWatch metrics; locally the capture report checks drift",
+    "AWS::SNS::Topic": "alarm notifications are sent by AWS only",
+    "AWS::SNS::TopicPolicy": "alarm notifications are sent by AWS only",
+    "AWS::SNS::Subscription": "alarm notifications are sent by AWS only",
 }
 
 

@@ -277,19 +277,17 @@ class CaptureWriter:
         self._thread.join()
 
     def _store_batches(self) -> None:
-        closing = False
-        while not closing:
+        while True:
             batch = [self._queue.get()]
-            while batch[-1] is not None:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            if batch[-1] is None:
-                closing = True
+            while batch[-1] is not None and not self._queue.empty():
+                batch.append(self._queue.get())
+            closing = batch[-1] is None
+            if closing:
                 batch.pop()
             if batch:
                 self._store(batch)
+            if closing:
+                return
 
     def _store(self, batch: list[_PendingRecord]) -> None:
         first = batch[0].inference_time
@@ -344,8 +342,8 @@ class Endpoint:
                 raise InvocationError(400, f"input_fn could not read the request body: "
                                            f"{type(error).__name__}: {error}") from error
             try:
-                answer, answer_type = _answer_of(self._handler.output_fn(self._handler.predict_fn(data, self._model),
-                                                                         accept), accept)
+                prediction = self._handler.predict_fn(data, self._model)
+                answer, answer_type = _answer_of(self._handler.output_fn(prediction, accept), accept)
             except Exception as error:
                 raise InvocationError(500, f"the model failed: {type(error).__name__}: {error}") from error
         capture = self.spec.capture
@@ -422,7 +420,7 @@ class _Handler(BaseHTTPRequestHandler):
                              "application/json")
                 self.log_message("%s answered %d: %s", self.requestline, error.status, error.message)
         except CaptureError as error:
-            self._error(503, "ServiceUnavailable", f"{error}; the request was not answered, try again")
+            self._error(503, "ServiceUnavailable", f"{error}; the answer is withheld so that every answer has its record: try again")
         else:
             self._answer(200, answer, answer_type, {"x-Amzn-Invoked-Production-Variant": VARIANT_NAME})
 
