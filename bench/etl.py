@@ -2,8 +2,9 @@
 
 Runs `python -m training.etl` for two classes and for all ten, each REPEATS times into a fresh folder and
 then once more into the same folder (nothing new), and compares the medians with the goals. It also times,
-in-process, the choices behind the ETL's settings: the PNG compress level and the number of threads that
-encode and write the images. Writes everything to bench/results/etl.json.
+in-process, the choices behind the ETL's settings: the PNG compress level (encoding in memory) and the number
+of threads that encode and write the images. Writes everything to bench/results/etl.json; the load average
+is recorded because other work on the machine slows file creation a lot.
 """
 
 import datetime
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ VEHICLES = ["bicycle", "bus", "motorcycle", "pickup_truck", "train",
             "lawn_mower", "rocket", "streetcar", "tank", "tractor"]
 CASES = {"2 classes": (["bicycle", "motorcycle"], 3.0), "10 classes": (VEHICLES, 10.0)}
 COMPRESS_LEVELS = (0, 1, 6, 9)
-WORKER_COUNTS = (1, 2, 4)
+THREAD_COUNTS = (1, 2, 4)
 
 
 def seconds(function) -> float:
@@ -61,40 +63,43 @@ def time_command(classes: list[str], goal: float) -> dict:
             "goal_met": statistics.median(fresh) < goal}
 
 
-def time_image_writing(images: list, **settings) -> tuple[float, int]:
-    """Median seconds for etl.write_images of `images` into a fresh folder with the module `settings`,
-    and the bytes written."""
-    defaults = {name: getattr(etl, name) for name in settings}
-    for name, value in settings.items():
-        setattr(etl, name, value)
-    try:
-        times = []
-        for _ in range(3):
-            with tempfile.TemporaryDirectory(prefix="etl-bench-") as folder:
-                (Path(folder) / "train").mkdir()
-                (Path(folder) / "test").mkdir()
-                times.append(seconds(lambda: etl.write_images(Path(folder), images, progress=False)))
-                size = sum(path.stat().st_size for path in Path(folder).rglob("*.png"))
-        return statistics.median(times), size
-    finally:
-        for name, value in defaults.items():
-            setattr(etl, name, value)
+def time_image_writing(images: list, threads: int) -> float:
+    """Median seconds to encode and write `images` into a fresh folder with etl.png_bytes and etl.write_file,
+    spread over `threads` threads (the ETL uses etl.WRITE_THREADS)."""
+    def write(out: Path) -> None:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda image: etl.write_file(out / image[0], etl.png_bytes(image[1])), images))
+
+    times = []
+    for _ in range(3):
+        with tempfile.TemporaryDirectory(prefix="etl-bench-") as folder:
+            (Path(folder) / "train").mkdir()
+            (Path(folder) / "test").mkdir()
+            times.append(seconds(lambda: write(Path(folder))))
+    return statistics.median(times)
+
+
+def time_png_encoding(images: list, level: int) -> tuple[float, int]:
+    """Median seconds of etl.png_bytes over `images` (in memory) at compress `level`, and the bytes per image."""
+    etl.PNG_COMPRESS_LEVEL = level
+    times = [seconds(lambda: [etl.png_bytes(row) for _, row in images]) for _ in range(3)]
+    return statistics.median(times), round(sum(len(etl.png_bytes(row)) for _, row in images) / len(images))
 
 
 def tuning() -> dict:
+    """Timings behind etl.PNG_COMPRESS_LEVEL and etl.WRITE_THREADS, on the images of all ten classes."""
+    chosen_level = etl.PNG_COMPRESS_LEVEL
     archive = etl.read_archive(SOURCE)
-    fine_ids = etl.fine_label_ids(VEHICLES, archive, SOURCE)
-    train, validation, test = etl.split_rows(archive, fine_ids, etl.DEFAULT_VALIDATION_FRACTION, 0)
-    images = [(f"train/{archive.train.filenames[row]}", archive.train.data[row]) for row in np.sort(
-        np.concatenate([train, validation]))]
-    images += [(f"test/{archive.test.filenames[row]}", archive.test.data[row]) for row in test]
+    images = etl.image_files(etl.split_rows(archive, etl.fine_label_ids(VEHICLES, archive, SOURCE),
+                                            etl.DEFAULT_VALIDATION_FRACTION, seed=0))
     levels = {}
     for level in COMPRESS_LEVELS:
-        elapsed, size = time_image_writing(images, PNG_COMPRESS_LEVEL=level)
-        levels[str(level)] = {"write_s": round(elapsed, 3), "bytes_per_image": round(size / len(images))}
-    workers = {str(count): round(time_image_writing(images, WRITE_WORKERS=count)[0], 3) for count in WORKER_COUNTS}
-    return {"images": len(images), "png_compress_level": levels, "write_workers": workers,
-            "chosen": {"png_compress_level": etl.PNG_COMPRESS_LEVEL, "write_workers": etl.WRITE_WORKERS}}
+        elapsed, size = time_png_encoding(images, level)
+        levels[str(level)] = {"encode_s": round(elapsed, 3), "bytes_per_image": size}
+    etl.PNG_COMPRESS_LEVEL = chosen_level
+    threads = {str(count): round(time_image_writing(images, count), 3) for count in THREAD_COUNTS}
+    return {"images": len(images), "png_compress_level": levels, "chosen_png_compress_level": chosen_level,
+            "encode_and_write_s_by_threads": threads, "chosen_write_threads": etl.WRITE_THREADS}
 
 
 def main() -> int:
@@ -124,9 +129,10 @@ def main() -> int:
               f"{'met' if figures['goal_met'] else 'MISSED'}), nothing new {figures['nothing_new_median_s']:.2f} s, "
               f"{figures['files']} files, median of {REPEATS}")
     for level, figures in results["tuning"]["png_compress_level"].items():
-        print(f"PNG compress level {level}: {figures['write_s']:.2f} s, {figures['bytes_per_image']} bytes per image")
-    for count, elapsed in results["tuning"]["write_workers"].items():
-        print(f"{count} write threads: {elapsed:.2f} s")
+        print(f"PNG compress level {level}: encoding {figures['encode_s']:.2f} s, "
+              f"{figures['bytes_per_image']} bytes per image")
+    for count, elapsed in results["tuning"]["encode_and_write_s_by_threads"].items():
+        print(f"encode and write with {count} threads: {elapsed:.2f} s")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
     return 0 if all(figures["goal_met"] for figures in command.values()) else 1
 

@@ -37,6 +37,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -56,6 +57,7 @@ DEFAULT_ACCEPT = "application/json"  # the inference toolkit's default when the 
 CAPTURE_MODES = ("Input", "Output")
 DEFAULT_WORKERS = 32
 IDLE_TIMEOUT_SECONDS = 5  # frees a worker held by an idle keep-alive connection
+GROUP_COMMIT_WAIT_SECONDS = 0.005  # how long a capture write may wait for records of requests still in inference
 DISCARD_LIMIT_BYTES = 64 * 1024 * 1024  # an oversized body up to this is read and dropped so the 413 reaches the client
 
 
@@ -249,27 +251,44 @@ class _PendingRecord:
 class CaptureWriter:
     """Stores an endpoint's capture records in S3 by group commit.
 
-    `write` returns once the record is stored. One thread takes every record waiting when it becomes free and
-    stores them as one JSON Lines object (one PutObject, so no line is ever partial), named after the first
-    record's time: records of concurrent requests share a write, and a lone request waits only for its own.
+    `write` returns once the record is stored. One thread takes every record waiting when it becomes free, and
+    those that requests still in inference have announced and bring within a few milliseconds, and stores them
+    as one JSON Lines object (one PutObject, so no line is ever partial) named after the first record's time:
+    records of concurrent requests share a write, and a lone request waits only for its own.
     """
 
     def __init__(self, spec: CaptureSpec, endpoint_name: str):
         self._bucket, _, prefix = spec.destination[len("s3://"):].partition("/")
         self._prefix = "/".join(part for part in (prefix.strip("/"), endpoint_name, VARIANT_NAME) if part)
-        self._encryption = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": spec.kms_key_id} if spec.kms_key_id else {}
+        self._encryption = ({"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": spec.kms_key_id}
+                            if spec.kms_key_id else {})
         self._s3 = boto3.session.Session().client("s3")
         self._queue: queue.SimpleQueue[_PendingRecord | None] = queue.SimpleQueue()
+        self._announced = 0  # records announced and not yet written
+        self._announced_lock = threading.Lock()
         self._thread = threading.Thread(target=self._store_batches, name=f"capture-{endpoint_name}", daemon=True)
         self._thread.start()
 
+    def announce(self) -> None:
+        """A request will write a record once its inference is done: the writer may wait a little for it."""
+        self._count_announced(1)
+
+    def withdraw(self) -> None:
+        """An announced record will not come (its request failed)."""
+        self._count_announced(-1)
+
     def write(self, record: dict, inference_time: datetime) -> None:
         pending = _PendingRecord(json.dumps(record, separators=(",", ":")), inference_time)
+        self._count_announced(-1)  # before queueing it: a writer that finds it then waits for no one in vain
         self._queue.put(pending)
         pending.stored.wait()
         if pending.error is not None:
             raise CaptureError(f"the capture record was not stored in s3://{self._bucket}/{self._prefix}: "
                                f"{pending.error}") from pending.error
+
+    def _count_announced(self, change: int) -> None:
+        with self._announced_lock:
+            self._announced += change
 
     def close(self) -> None:
         """Store the records already written, then stop."""
@@ -279,8 +298,13 @@ class CaptureWriter:
     def _store_batches(self) -> None:
         while True:
             batch = [self._queue.get()]
-            while batch[-1] is not None and not self._queue.empty():
-                batch.append(self._queue.get())
+            deadline = time.monotonic() + GROUP_COMMIT_WAIT_SECONDS
+            while batch[-1] is not None:
+                wait = deadline - time.monotonic() if self._announced > 0 else 0
+                try:
+                    batch.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
+                except queue.Empty:
+                    break
             closing = batch[-1] is None
             if closing:
                 batch.pop()
@@ -332,6 +356,21 @@ class Endpoint:
         if media_type(content_type) not in CONTENT_TYPES:
             raise InvocationError(415, f"content type {content_type!r} is not supported: send one of "
                                        f"{', '.join(CONTENT_TYPES)}")
+        capture = self.spec.capture
+        sampled = capture is not None and random.random() * 100 < capture.sampling_percentage
+        if not sampled:
+            return self._predict(body, content_type, accept)
+        self._capture.announce()
+        try:
+            answer, answer_type = self._predict(body, content_type, accept)
+        except BaseException:
+            self._capture.withdraw()
+            raise
+        now = datetime.now(timezone.utc)
+        self._capture.write(capture_record(capture, body, content_type, answer, answer_type, inference_id, now), now)
+        return answer, answer_type
+
+    def _predict(self, body: bytes, content_type: str, accept: str) -> tuple[bytes, str]:
         # The slots bound how many bodies are decoded at once, and so the memory a flood of large images takes.
         with self._inference_slots:
             try:
@@ -346,10 +385,6 @@ class Endpoint:
                 answer, answer_type = _answer_of(self._handler.output_fn(prediction, accept), accept)
             except Exception as error:
                 raise InvocationError(500, f"the model failed: {type(error).__name__}: {error}") from error
-        capture = self.spec.capture
-        if capture and random.random() * 100 < capture.sampling_percentage:
-            now = datetime.now(timezone.utc)
-            self._capture.write(capture_record(capture, body, content_type, answer, answer_type, inference_id, now), now)
         return answer, answer_type
 
     def close(self) -> None:
@@ -420,7 +455,8 @@ class _Handler(BaseHTTPRequestHandler):
                              "application/json")
                 self.log_message("%s answered %d: %s", self.requestline, error.status, error.message)
         except CaptureError as error:
-            self._error(503, "ServiceUnavailable", f"{error}; the answer is withheld so that every answer has its record: try again")
+            self._error(503, "ServiceUnavailable",
+                        f"{error}; the answer is withheld so that every answer has its record: try again")
         else:
             self._answer(200, answer, answer_type, {"x-Amzn-Invoked-Production-Variant": VARIANT_NAME})
 

@@ -15,6 +15,7 @@ Running again writes and uploads only what differs, and completes an interrupted
 """
 
 import argparse
+import collections
 import hashlib
 import http.client
 import io
@@ -24,7 +25,6 @@ import pickle
 import re
 import sys
 import tarfile
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,12 +42,13 @@ MEMBER_DIR = "cifar-100-python"
 DEFAULT_CLASSES = ("bicycle", "motorcycle")
 DEFAULT_VALIDATION_FRACTION = 0.1
 IMAGE_SIDE = 32
-# Deterministic, and the fastest level that still compresses: bench/etl.py measures the levels.
+# Pillow writes no timestamps, so the bytes are the same every run. Level 1 is the fastest that compresses
+# (28% smaller than level 0, which encodes twice as fast; 6 and 9 are slower and barely smaller: bench/etl.py).
 PNG_COMPRESS_LEVEL = 1
-# Pillow's encoder and file I/O release the GIL, so threads keep every core busy (bench/etl.py compares counts).
-WRITE_WORKERS = os.cpu_count() or 1
+WRITE_THREADS = 4
 UPLOAD_WORKERS = 16
 DATASET_FILE = "dataset.json"
+IMAGE_FOLDERS = {"train": "train", "validation": "train", "test": "test"}
 CONTENT_TYPES = {".png": "image/png", ".lst": "text/plain", ".json": "application/json"}
 SAFE_IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.png")
 
@@ -279,38 +280,32 @@ def stage(source: str | os.PathLike | None, out: str | os.PathLike, classes=DEFA
     archive_path = resolve_source(source, progress)
     archive = read_archive(archive_path, progress=progress)
     fine_ids = fine_label_ids(classes, archive, archive_path)
-    train_rows, validation_rows, test_rows = split_rows(archive, fine_ids, validation_fraction, seed)
+    splits = split_rows(archive, fine_ids, validation_fraction, seed)
+    images = image_files(splits)
+    check_image_names([relative_path for relative_path, _ in images], archive_path)
 
     out = Path(out)
     for folder in (out, out / "train", out / "test"):
         folder.mkdir(parents=True, exist_ok=True)
         for stray in folder.glob(".*.tmp"):  # left by an interrupted run
             stray.unlink()
-    images = [(f"train/{archive.train.filenames[row]}", archive.train.data[row])
-              for row in np.sort(np.concatenate([train_rows, validation_rows]))]
-    images += [(f"test/{archive.test.filenames[row]}", archive.test.data[row]) for row in test_rows]
-    check_image_names([name for name, _ in images], archive_path)
     hashes, written = write_images(out, images, progress)
-
     label_of = {fine_id: label for label, fine_id in enumerate(fine_ids)}
-    manifests = {"train.lst": (archive.train, train_rows), "validation.lst": (archive.train, validation_rows),
-                 "test.lst": (archive.test, test_rows)}
-    for name, (split, rows) in manifests.items():
-        folder = "test" if split is archive.test else "train"
-        content = "".join(f"{index}\t{label_of[split.fine_labels[row]]}\t{folder}/{split.filenames[row]}\n"
-                          for index, row in enumerate(rows)).encode()
+    for split_name, (split, rows) in splits.items():
+        name, content = f"{split_name}.lst", manifest(split, rows, IMAGE_FOLDERS[split_name], label_of)
         hashes[name] = hashlib.sha256(content).hexdigest()
         written += [name] if write_file(out / name, content) else []
 
+    train, train_rows = splits["train"]
     dataset = {
         "source": {"name": archive_path.name, "sha256": sha256_of_file(archive_path)},
         "classes": [{"name": name, "label": label, "cifar_fine_label": fine_id}
                     for label, (name, fine_id) in enumerate(zip(classes, fine_ids))],
         "validation": {"fraction": validation_fraction, "seed": seed},
-        "counts": {split_name: {name: int(np.sum(split.fine_labels[rows] == fine_id))
+        "counts": {split_name: {name: int(np.count_nonzero(split.fine_labels[rows] == fine_id))
                                 for name, fine_id in zip(classes, fine_ids)}
-                   for split_name, (split, rows) in zip(("train", "validation", "test"), manifests.values())},
-        "pixel_stats": {"of": "train", "scale": "0..1", **channel_stats(archive.train.data[train_rows])},
+                   for split_name, (split, rows) in splits.items()},
+        "pixel_stats": {"of": "train", "scale": "0..1", **channel_stats(train.data[train_rows])},
         "files": dict(sorted(hashes.items())),
     }
     content = (json.dumps(dataset, indent=2) + "\n").encode()
@@ -337,9 +332,11 @@ def fine_label_ids(classes: list[str], archive: Cifar100, archive_path: Path) ->
     return fine_ids
 
 
-def split_rows(archive: Cifar100, fine_ids: list[int], validation_fraction: float, seed: int):
-    """Row numbers (in archive order) of the train, validation and test images of the classes.
-    The validation rows are `validation_fraction` of each class's training rows, drawn with `seed`."""
+def split_rows(archive: Cifar100, fine_ids: list[int], validation_fraction: float,
+               seed: int) -> dict[str, tuple[Split, np.ndarray]]:
+    """For "train", "validation" and "test": the archive split holding the images of the classes and their
+    row numbers in it, in archive order. Validation takes `validation_fraction` of each class's training
+    rows, drawn with `seed`; "train" is the rest."""
     random = np.random.default_rng(seed)
     validation = []
     for fine_id in fine_ids:
@@ -347,16 +344,31 @@ def split_rows(archive: Cifar100, fine_ids: list[int], validation_fraction: floa
         validation.append(random.permutation(rows)[:round(validation_fraction * len(rows))])
     validation = np.sort(np.concatenate(validation))
     train = np.setdiff1d(np.flatnonzero(np.isin(archive.train.fine_labels, fine_ids)), validation)
-    return train, validation, np.flatnonzero(np.isin(archive.test.fine_labels, fine_ids))
+    return {"train": (archive.train, train), "validation": (archive.train, validation),
+            "test": (archive.test, np.flatnonzero(np.isin(archive.test.fine_labels, fine_ids)))}
+
+
+def image_files(splits: dict[str, tuple[Split, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    """The relative path and CIFAR row of every image of the splits."""
+    return [(f"{IMAGE_FOLDERS[split_name]}/{split.filenames[row]}", split.data[row])
+            for split_name, (split, rows) in splits.items() for row in rows]
+
+
+def manifest(split: Split, rows: np.ndarray, folder: str, label_of: dict[int, int]) -> bytes:
+    """SageMaker's `.lst` form: `index<TAB>label<TAB>folder/name.png`, a line per image."""
+    return "".join(f"{index}\t{label_of[split.fine_labels[row]]}\t{folder}/{split.filenames[row]}\n"
+                   for index, row in enumerate(rows)).encode()
 
 
 def check_image_names(relative_paths: list[str], archive_path: Path) -> None:
-    unsafe = [path for path in relative_paths if not SAFE_IMAGE_NAME.fullmatch(path.split("/", 1)[1])]
-    if unsafe:
-        raise UnsafeArchive(f"{archive_path.name} names an image {unsafe[0].split('/', 1)[1]!r}, not a plain file name")
-    if len(set(relative_paths)) != len(relative_paths):
-        duplicate = next(path for path in relative_paths if relative_paths.count(path) > 1)
-        raise CorruptArchive(f"{archive_path.name} has two images named {duplicate}")
+    """The archive names the images: each name must be a plain file name, and unique in its folder."""
+    for relative_path in relative_paths:
+        name = relative_path.split("/", 1)[1]
+        if not SAFE_IMAGE_NAME.fullmatch(name):
+            raise UnsafeArchive(f"{archive_path.name} names an image {name!r}, not a plain file name")
+    repeated = [path for path, count in collections.Counter(relative_paths).items() if count > 1]
+    if repeated:
+        raise CorruptArchive(f"{archive_path.name} has more than one image named {repeated[0]}")
 
 
 def png_bytes(row: np.ndarray) -> bytes:
@@ -369,17 +381,20 @@ def png_bytes(row: np.ndarray) -> bytes:
 
 def write_images(out: Path, images: list[tuple[str, np.ndarray]], progress: bool) -> tuple[dict[str, str], list[str]]:
     """Encode and write the images; answers the SHA-256 of each and the relative paths actually written."""
-    def write_image(image):
+    def write_image(image: tuple[str, np.ndarray]) -> tuple[str, str, bool]:
         relative_path, row = image
         content = png_bytes(row)
         return relative_path, hashlib.sha256(content).hexdigest(), write_file(out / relative_path, content)
 
     hashes, written = {}, []
-    with ThreadPoolExecutor(WRITE_WORKERS) as pool:
+    # More threads than cores: Pillow holds the GIL while encoding such small images and file creation in one
+    # folder serialises in the kernel, but waits on the disk overlap: 4 were the fastest of 1, 2 and 4 (bench/etl.py).
+    with ThreadPoolExecutor(WRITE_THREADS) as pool:
         for relative_path, sha256, was_written in tqdm(pool.map(write_image, images), total=len(images),
                                                        desc="write images", unit="img", disable=not progress):
             hashes[relative_path] = sha256
-            written += [relative_path] if was_written else []
+            if was_written:
+                written.append(relative_path)
     return hashes, written
 
 

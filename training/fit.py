@@ -43,7 +43,8 @@ def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
         channels = ["train", "train_lst", "validation", "validation_lst"]
         if (data_dir / "test.lst").is_file():
             channels += ["test", "test_lst"]
-        env = {**os.environ, "SM_MODEL_DIR": model_dir, "SM_OUTPUT_DATA_DIR": str(out_dir),
+        env = {**{name: value for name, value in os.environ.items() if not name.startswith("SM_")},
+               "SM_MODEL_DIR": model_dir, "SM_OUTPUT_DATA_DIR": str(out_dir),
                **{f"SM_CHANNEL_{name.upper()}": str(data_dir) for name in channels}}
         finished = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *arguments], env=env)
         if finished.returncode:
@@ -58,12 +59,16 @@ def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
 
 
 def main(argv=None) -> None:
-    parser = train.hyperparameter_parser(
-        prog="python -m training.fit", description=__doc__.split("\n\n")[0],
-        epilog="The other options are the hyperparameters of training/train.py, passed to it as given.")
+    parser = train.HyperparameterParser(
+        prog="python -m training.fit",
+        description="Fit the model: run training/train.py as SageMaker's PyTorch container does, "
+                    "then pack OUT/model.tar.gz.")
     parser.add_argument("--local", action="store_true", required=True, help="train on this machine")
-    parser.add_argument("--data", type=Path, required=True, help="staged data folder (python -m training.etl)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for model.tar.gz, metrics.json and plots")
+    parser.add_argument("--data", type=Path, required=True, metavar="DIR",
+                        help="staged data folder (python -m training.etl)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="folder for model.tar.gz, metrics.json and plots")
+    train.add_hyperparameters(parser.add_argument_group("hyperparameters, passed on to training/train.py"))
     try:
         args = parser.parse_args(argv)
         given = {name: getattr(args, name) for name in vars(args)

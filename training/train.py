@@ -12,8 +12,9 @@ conventions, so that the same file trains on this machine's CPU and in SageMaker
 The model answers the probabilities of the target classes, labels 0..target_classes-1, in label order,
 e.g. `[p_bicycle, p_motorcycle]`, with a temperature fitted on their validation images. Images of further
 labels in the manifests (other classes staged after the targets, e.g. `python -m training.etl --classes
-bicycle,motorcycle,bus,...`) are learnt alongside as more outputs of the same network: they sharpen its
-features, and their validation images join the training set, as only the target classes are validated.
+bicycle,motorcycle,bus,...`) are learnt alongside as more outputs of the same network, their loss
+weighted below the targets' (`--target_weight`): they sharpen its features, and their validation images
+join the training set, as only the target classes are validated.
 """
 
 import argparse
@@ -36,6 +37,8 @@ IMAGE_SIZE = 32
 IMAGE_CONTENT_TYPES = ("image/png", "image/jpeg", "application/x-image")
 CLASSIC_THRESHOLDS = (0.80, 0.93)
 CALIBRATION_BINS = 10
+# As in Page's ResNet-9: max-pooled features are large, and unscaled logits make the first epochs unstable.
+LOGIT_SCALE = 0.125
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -74,8 +77,7 @@ class Classifier(nn.Module):
         self.head = nn.Linear(8 * width, num_outputs)
 
     def forward(self, images):
-        # Page's ResNet-9 scales the logits down: max-pooled features are large and would start training unstable
-        return self.head(self.features((images - self.mean) / self.std)) * 0.125
+        return self.head(self.features((images - self.mean) / self.std)) * LOGIT_SCALE
 
 
 def target_logits(model: Classifier, images: torch.Tensor, num_classes: int, flip_tta: bool) -> torch.Tensor:
@@ -141,7 +143,9 @@ class HyperparameterError(ValueError):
     """A hyperparameter is unknown or out of range; the message names it."""
 
 
-class _Parser(argparse.ArgumentParser):
+class HyperparameterParser(argparse.ArgumentParser):
+    """An argument parser that raises HyperparameterError instead of printing usage and exiting."""
+
     def error(self, message):
         raise HyperparameterError(message)
 
@@ -170,23 +174,24 @@ HYPERPARAMETERS = {
     "cutout": (int, 8, 0, IMAGE_SIZE, "side of the square erased from each training image (0: none)"),
     "flip_tta": (int, 1, 0, 1, "1: average the predictions of each image and its mirror image"),
     "bfloat16": (int, 1, 0, 1, "1: train in bfloat16 autocast (fast on CPUs with AVX512-BF16 and on GPUs)"),
+    "target_weight": (float, 3.0, 0.1, 100.0, "loss weight of the target classes relative to the others learnt alongside"),
     "target_classes": (int, 2, 2, 100, "labels 0..N-1 are the classes served; further labels are learnt alongside"),
     "target_accuracy": (float, 0.99, 0.5, 1.0, "accuracy wanted on accepted answers; sets the threshold"),
     "seed": (int, 0, 0, 2**31 - 1, "seed of initialisation, shuffling and augmentation"),
 }
 
 
-def hyperparameter_parser(**kwargs) -> argparse.ArgumentParser:
-    parser = _Parser(**kwargs)
+def add_hyperparameters(parser) -> None:
     for name, (kind, default, low, high, help_text) in HYPERPARAMETERS.items():
         parser.add_argument(f"--{name}", type=_bounded(kind, low, high),
                             default=default, metavar=kind.__name__.upper(),
                             help=f"{help_text} (default {default}, range [{low}, {high}])")
-    return parser
 
 
 def parse_hyperparameters(argv) -> argparse.Namespace:
-    return hyperparameter_parser(prog="train.py").parse_args(argv)
+    parser = HyperparameterParser(prog="train.py")
+    add_hyperparameters(parser)
+    return parser.parse_args(argv)
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -279,14 +284,16 @@ def evaluate(model, images: np.ndarray, num_classes: int, flip_tta: bool, device
                           for batch in np.array_split(images, max(1, math.ceil(len(images) / 500)))])
 
 
-def train(args, data, num_classes: int, device, log) -> tuple[Classifier, list[dict], float]:
+def train(args, data, num_classes: int, device) -> tuple[Classifier, list[dict]]:
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     train_images, train_labels = torch.as_tensor(data["train"][0]), torch.as_tensor(data["train"][1])
     mean = (train_images.float() / 255).mean((0, 2, 3)).tolist()
     std = (train_images.float() / 255).std((0, 2, 3)).tolist()
-    num_outputs = int(train_labels.max()) + 1
+    num_outputs = max(num_classes, int(train_labels.max()) + 1)
     model = Classifier(num_outputs, args.width, mean, std).to(device, memory_format=torch.channels_last)
+    class_weights = torch.ones(num_outputs, device=device)
+    class_weights[:num_classes] = args.target_weight
 
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
@@ -312,7 +319,7 @@ def train(args, data, num_classes: int, device, log) -> tuple[Classifier, list[d
             labels = train_labels[batch].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bfloat16)):
                 logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
+            loss = F.cross_entropy(logits.float(), labels, weight=class_weights, label_smoothing=args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -329,7 +336,7 @@ def train(args, data, num_classes: int, device, log) -> tuple[Classifier, list[d
         log(f"epoch {epoch:3d}/{args.epochs}  lr {lr:.4f}  train loss {record['train_loss']:.4f} "
             f"acc {record['train_accuracy']:.3f}  validation loss {record['validation_loss']:.4f} "
             f"acc {record['validation_accuracy']:.3f}  {record['seconds']:.0f}s")
-    return model, history, time.perf_counter() - started
+    return model, history
 
 
 # ------------------------------------------------------------------------------------------ calibration
@@ -380,9 +387,32 @@ def class_report(predicted: torch.Tensor, labels: torch.Tensor, classes: list[st
     return report
 
 
+def test_report(model, split, classes, temperature: float, threshold: float, flip_tta: bool, device):
+    """Test metrics (with every image's probabilities, as served), and what the plots need."""
+    images, labels, paths = split
+    logits = evaluate(model, images, len(classes), flip_tta, device)
+    label_tensor = torch.as_tensor(labels)
+    probabilities = torch.softmax(logits / temperature, dim=1)
+    predicted = probabilities.argmax(1)
+    report = {
+        "accuracy": (predicted == label_tensor).float().mean().item(),
+        "images": len(labels),
+        "per_class": class_report(predicted, label_tensor, classes),
+        "ece_before_temperature": expected_calibration_error(torch.softmax(logits, 1), label_tensor),
+        "ece_after_temperature": expected_calibration_error(probabilities, label_tensor),
+        "at_threshold": selective(probabilities, label_tensor, threshold),
+        "at_classic_thresholds": [selective(probabilities, label_tensor, t) for t in CLASSIC_THRESHOLDS],
+        "predictions": [{"image": path, "label": int(label), "probabilities": row}
+                        for path, label, row in zip(paths, labels, probabilities.tolist())],
+    }
+    for_plots = {"images": images, "labels": labels.tolist(), "predicted": predicted.tolist(),
+                 "probabilities": probabilities, "raw_probabilities": torch.softmax(logits, 1)}
+    return report, for_plots
+
+
 # ---------------------------------------------------------------------------------------------- plots
 
-def plot(output_dir: Path, metrics: dict, test: dict, log) -> None:
+def plot(output_dir: Path, metrics: dict, test: dict | None) -> None:
     try:
         import matplotlib
     except ImportError:
@@ -394,9 +424,9 @@ def plot(output_dir: Path, metrics: dict, test: dict, log) -> None:
     history, classes = metrics["history"], metrics["classes"]
     epochs = [record["epoch"] for record in history]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for split in ("train", "validation"):
-        axes[0].plot(epochs, [record[f"{split}_loss"] for record in history], label=split)
-        axes[1].plot(epochs, [record[f"{split}_accuracy"] for record in history], label=split)
+    for split, label in (("train", "train (augmented, all classes learnt)"), ("validation", "validation (targets)")):
+        axes[0].plot(epochs, [record[f"{split}_loss"] for record in history], label=label)
+        axes[1].plot(epochs, [record[f"{split}_accuracy"] for record in history], label=label)
     axes[2].plot(epochs, [record["lr"] for record in history])
     for axis, title in zip(axes, ("loss", "accuracy", "learning rate (epoch start)")):
         axis.set(title=title, xlabel="epoch")
@@ -458,27 +488,18 @@ def save(figure, path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- main
 
-def main(argv=None) -> None:
-    try:
-        args = parse_hyperparameters(sys.argv[1:] if argv is None else argv)
-    except HyperparameterError as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
-        raise SystemExit(2)
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
-    def log(message):
-        print(message, file=sys.stderr, flush=True)
 
-    model_dir = Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
-    output_dir = Path(os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"))
+def load_data(num_classes: int) -> tuple[dict, list[str]]:
+    """The train, validation and (if its channels are there) test splits, and the target class names.
+
+    Only target labels are validated and tested; the validation images of other labels join the training set.
+    """
     image_dir, train_lst = channel("train"), channel("train_lst")
     validation_dir, validation_lst = channel("validation"), channel("validation_lst")
     test_dir, test_lst = channel("test", required=False), channel("test_lst", required=False)
-
-    torch.use_deterministic_algorithms(True)
-    np.random.seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loading = time.perf_counter()
-    num_classes = args.target_classes
     validation = load_split(validation_dir, validation_lst / "validation.lst")
     data = {"train": concatenate(load_split(image_dir, train_lst / "train.lst"), subset(validation, num_classes, False)),
             "validation": subset(validation, num_classes)}
@@ -487,12 +508,31 @@ def main(argv=None) -> None:
     missing = sorted(set(range(num_classes)) - set(data["train"][1].tolist()) - set(data["validation"][1].tolist()))
     if missing:
         raise SystemExit(f"train.py: error: no training or validation images of target labels {missing}")
-    classes = class_names(num_classes, [train_lst, image_dir, validation_lst])
+    return data, class_names(num_classes, [train_lst, image_dir, validation_lst])
+
+
+def main(argv=None) -> None:
+    try:
+        args = parse_hyperparameters(sys.argv[1:] if argv is None else argv)
+    except HyperparameterError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    model_dir = Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
+    output_dir = Path(os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, on a GPU
+    torch.use_deterministic_algorithms(True, warn_only=True)  # a few CUDA kernels have no deterministic variant
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    loading = time.perf_counter()
+    num_classes = args.target_classes
+    data, classes = load_data(num_classes)
     log(f"{len(data['train'][0])} training, {len(data['validation'][0])} validation, "
         f"{len(data['test'][0]) if 'test' in data else 0} test images loaded in "
         f"{time.perf_counter() - loading:.1f}s; classes {classes}; device {device}")
 
-    model, history, train_seconds = train(args, data, num_classes, device, log)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    model, history = train(args, data, num_classes, device)
+    train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     model.eval()
     flip_tta = bool(args.flip_tta)
 
@@ -506,12 +546,14 @@ def main(argv=None) -> None:
         "classes": classes,
         "seed": args.seed,
         "hyperparameters": vars(args),
-        "recipe": f"ResNet-9-style convnet (width {args.width}), SGD Nesterov, one-cycle LR, "
-                  f"label smoothing, crop+flip{'+cutout' if args.cutout else ''} augmentation, "
+        "recipe": f"ResNet-9-style convnet (width {args.width}), SGD Nesterov, one-cycle LR, label smoothing, "
+                  f"{model.head.out_features} classes learnt (targets weighted {args.target_weight:g}x), "
+                  f"crop+flip{'+cutout' if args.cutout else ''} augmentation, "
                   f"{'flip test-time augmentation, ' if flip_tta else ''}temperature scaling",
         "device": str(device),
         "train_images": len(data["train"][0]),
         "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,  # a steadier measure than wall time on a shared machine
         "history": history,
         "temperature": temperature,
         "threshold": threshold,
@@ -524,24 +566,7 @@ def main(argv=None) -> None:
     }
     test = None
     if "test" in data:
-        test_images, test_labels, test_paths = data["test"]
-        test_logits = evaluate(model, test_images, num_classes, flip_tta, device)
-        labels = torch.as_tensor(test_labels)
-        probabilities = torch.softmax(test_logits / temperature, dim=1)
-        predicted = probabilities.argmax(1)
-        metrics["test"] = {
-            "accuracy": (predicted == labels).float().mean().item(),
-            "images": len(labels),
-            "per_class": class_report(predicted, labels, classes),
-            "ece_before_temperature": expected_calibration_error(torch.softmax(test_logits, 1), labels),
-            "ece_after_temperature": expected_calibration_error(probabilities, labels),
-            "at_threshold": selective(probabilities, labels, threshold),
-            "at_classic_thresholds": [selective(probabilities, labels, t) for t in CLASSIC_THRESHOLDS],
-            "predictions": [{"image": path, "label": int(label), "probabilities": row}
-                            for path, label, row in zip(test_paths, test_labels, probabilities.tolist())],
-        }
-        test = {"images": test_images, "labels": test_labels.tolist(), "predicted": predicted.tolist(),
-                "probabilities": probabilities, "raw_probabilities": torch.softmax(test_logits, 1)}
+        metrics["test"], test = test_report(model, data["test"], classes, temperature, threshold, flip_tta, device)
         at_threshold = metrics["test"]["at_threshold"]
         log(f"test accuracy {metrics['test']['accuracy']:.3f}; threshold {threshold:.4f} answers "
             f"{at_threshold['coverage']:.0%} of test images")
@@ -561,7 +586,7 @@ def main(argv=None) -> None:
     shutil.copyfile(__file__, model_dir / "code" / "inference.py")
     for directory in (output_dir, model_dir):
         (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plot(output_dir, metrics, test, log)
+    plot(output_dir, metrics, test)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,180 @@
+"""The baseline: what the model answers on its validation images and what its training images look like.
+
+Written as Model Monitor's `statistics.json` and `constraints.json` (same keys where they fit; a numerical
+feature's KLL sketch holds every value when there are fewer than its `k`, as a KLL sketch of so few items does).
+The thresholds of the checks go into constraints.json, so that the report reads them from there as Model
+Monitor's container does; their defaults and the reasons for them are in `monitoring.checks`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from monitoring import checks
+from monitoring.captures import CHANNELS, channel_statistics
+
+SKETCH_K = 2048  # Model Monitor's KLL parameter k; more values than this are kept as k evenly spaced quantiles
+KLL_BUCKETS = 10
+PREDICTION_BATCH = 256
+
+
+class BaselineError(Exception):
+    """A user mistake about the model or the data (missing file, empty manifest); printed as one line."""
+
+
+# ------------------------------------------------------------------------------------------ computation
+
+def manifest_images(data_dir: Path, manifest: str, labels: int) -> list[Path]:
+    """Images of labels 0..labels-1 listed in a staged `.lst` manifest (index, label, relative path)."""
+    path = data_dir / manifest
+    if not path.is_file():
+        raise BaselineError(f"no {manifest} in {data_dir} (stage the data with `python -m training.etl`)")
+    images = []
+    for line in path.read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 3 and int(float(fields[1])) < labels:
+            images.append(data_dir / fields[-1])
+    if not images:
+        raise BaselineError(f"{path} lists no images of the model's classes")
+    return images
+
+
+def load_model(model_archive: Path):
+    """The model's inference handler, the model its model_fn loads, and its model.json settings."""
+    from local.endpoint import load_inference_handler  # imported when needed: the report needs no model
+
+    if not model_archive.is_file():
+        raise BaselineError(f"no model archive {model_archive}")
+    with tempfile.TemporaryDirectory(prefix="scones-baseline-") as model_dir:
+        with tarfile.open(model_archive) as archive:
+            archive.extractall(model_dir, filter="data")
+        settings_path = Path(model_dir, "model.json")
+        if not Path(model_dir, "code", "inference.py").is_file() or not settings_path.is_file():
+            raise BaselineError(f"{model_archive} has no code/inference.py or model.json")
+        handler = load_inference_handler(Path(model_dir, "code"), f"scones_baseline_{uuid.uuid4().hex[:8]}")
+        return handler, handler.model_fn(model_dir), json.loads(settings_path.read_text())
+
+
+def predict(handler, model, images: list[Path]) -> np.ndarray:
+    """Probabilities the model answers for each image, through its own inference.py.
+
+    input_fn reads each image's bytes, predict_fn runs on batches of input_fn's results (torch tensors with
+    the batch first, as the PyTorch container's handlers take them), output_fn answers each row as JSON.
+    """
+    import torch
+
+    answers = []
+    for start in range(0, len(images), PREDICTION_BATCH):
+        batch = torch.cat([handler.input_fn(path.read_bytes(), "image/png")
+                           for path in images[start:start + PREDICTION_BATCH]])
+        prediction = handler.predict_fn(batch, model)
+        for row in range(len(batch)):
+            body, _ = handler.output_fn(prediction[row:row + 1], "application/json")
+            answers.append(json.loads(body))
+    return np.array(answers, dtype=float)
+
+
+def image_statistics(images: list[Path]) -> dict:
+    """Per-image channel means and standard deviations (0..1), sizes and formats, as captures.py computes them."""
+    means, stds, sizes, formats = [], [], [], []
+    for path in images:
+        with Image.open(path) as image:
+            mean, std = channel_statistics(np.asarray(image.convert("RGB"))[None])
+            sizes.append(f"{image.width}x{image.height}")
+            formats.append(f"{image.format}/{image.mode}")
+        means.append(mean[0])
+        stds.append(std[0])
+    return {"channel_means": np.array(means), "channel_stds": np.array(stds), "sizes": sizes, "formats": formats}
+
+
+def compute(model_archive: Path, data_dir: Path) -> tuple[dict, dict]:
+    """statistics.json and constraints.json of the model's validation answers and its training images."""
+    handler, model, settings = load_model(model_archive)
+    classes, threshold = settings["classes"], float(settings["threshold"])
+    probabilities = predict(handler, model, manifest_images(data_dir, "validation.lst", len(classes)))
+    training = image_statistics(manifest_images(data_dir, "train.lst", len(classes)))
+    top = probabilities.max(axis=1)
+    predicted = [classes[index] for index in probabilities.argmax(axis=1)]
+    features = [categorical_feature("prediction", predicted, classes),
+                numerical_feature("top_probability", top),
+                numerical_feature("low_confidence", (top < threshold).astype(float), "Integral")]
+    for channel, name in enumerate(CHANNELS):
+        features.append(numerical_feature(f"image_mean_{name}", training["channel_means"][:, channel]))
+    for channel, name in enumerate(CHANNELS):
+        features.append(numerical_feature(f"image_std_{name}", training["channel_stds"][:, channel]))
+    features += [categorical_feature("image_size", training["sizes"]),
+                 categorical_feature("image_format", training["formats"])]
+    statistics = {"version": 0,
+                  "dataset": {"item_count": len(top), "image_count": len(training["sizes"])},
+                  "model": {"classes": classes, "threshold": threshold,
+                            "temperature": settings.get("temperature")},
+                  "features": features}
+    return statistics, constraints_of(statistics)
+
+
+def numerical_feature(name: str, values: np.ndarray, inferred_type: str = "Fractional") -> dict:
+    values = np.sort(np.asarray(values, dtype=float))
+    edges = np.linspace(values[0], values[-1], KLL_BUCKETS + 1)
+    counts, _ = np.histogram(values, edges)
+    sketch = values if len(values) <= SKETCH_K else np.quantile(values, np.linspace(0, 1, SKETCH_K))
+    return {"name": name, "inferred_type": inferred_type,
+            "numerical_statistics": {
+                "common": {"num_present": len(values), "num_missing": 0},
+                "mean": float(values.mean()), "sum": float(values.sum()), "std_dev": float(values.std()),
+                "min": float(values[0]), "max": float(values[-1]),
+                "distribution": {"kll": {
+                    "buckets": [{"lower_bound": float(low), "upper_bound": float(high), "count": int(count)}
+                                for low, high, count in zip(edges[:-1], edges[1:], counts)],
+                    "sketch": {"parameters": {"c": 0.64, "k": SKETCH_K}, "data": [sketch.tolist()]}}}}}
+
+
+def categorical_feature(name: str, values: list[str], domain: list[str] | None = None) -> dict:
+    """A String feature; `domain` lists values to report even when absent (count 0), in that order."""
+    counts = {value: 0 for value in domain or []}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return {"name": name, "inferred_type": "String",
+            "string_statistics": {
+                "common": {"num_present": len(values), "num_missing": 0},
+                "distinct_count": sum(1 for count in counts.values() if count),
+                "distribution": {"categorical": {"buckets": [{"value": value, "count": count}
+                                                             for value, count in counts.items()]}}}}
+
+
+def constraints_of(statistics: dict) -> dict:
+    features = []
+    for feature in statistics["features"]:
+        constraint = {"name": feature["name"], "inferred_type": feature["inferred_type"], "completeness": 1.0}
+        if "string_statistics" in feature:
+            buckets = feature["string_statistics"]["distribution"]["categorical"]["buckets"]
+            constraint["string_constraints"] = {"domains": [bucket["value"] for bucket in buckets]}
+        else:
+            constraint["num_constraints"] = {"is_non_negative": feature["numerical_statistics"]["min"] >= 0}
+        features.append(constraint)
+    return {"version": 0, "features": features, "model": statistics["model"],
+            "monitoring_config": checks.default_monitoring_config()}
+
+
+# --------------------------------------------------------------------------------------------- files
+
+def write(statistics: dict, constraints: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "statistics.json").write_text(json.dumps(statistics, indent=2) + "\n")
+    (out / "constraints.json").write_text(json.dumps(constraints, indent=2) + "\n")
+
+
+def load(baseline_dir: Path) -> tuple[dict, dict]:
+    paths = [baseline_dir / "statistics.json", baseline_dir / "constraints.json"]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise BaselineError(f"no baseline: {' and '.join(missing)} missing "
+                            "(build it with `python -m monitoring baseline`)")
+    return tuple(json.loads(path.read_text()) for path in paths)

@@ -1,0 +1,237 @@
+"""The capture report: checks per time window, pictures, and one self-contained report.html."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from monitoring import checks  # noqa: E402
+from monitoring.captures import Captures, CaptureError  # noqa: E402
+
+WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+GRID_COLUMNS = 8
+
+
+@dataclass(frozen=True)
+class Window:
+    start: float
+    end: float
+    rows: np.ndarray
+
+    @property
+    def label(self) -> str:
+        return f"{iso(self.start)}/{iso(self.end)}"
+
+
+def iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def window_seconds(text: str) -> int:
+    """Seconds of a window length such as 1h, 30m, 1d."""
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"window {text!r} is not a length such as 30m, 1h or 1d")
+    return int(match.group(1)) * WINDOW_UNITS[match.group(2)]
+
+
+def windows_of(times: np.ndarray, seconds: int) -> list[Window]:
+    """Windows aligned on multiples of `seconds` since the epoch (hours start on the hour), non-empty only."""
+    starts = np.floor(times / seconds) * seconds
+    return [Window(float(start), float(start + seconds), np.flatnonzero(starts == start))
+            for start in np.unique(starts)]
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+def build(captures: Captures, statistics: dict, constraints: dict, out: Path, window: str = "1h",
+          source: str = "") -> dict:
+    """Check every window, write the report files under `out`; answers summary.json's content."""
+    if not len(captures):
+        raise CaptureError(f"no capture records could be read under {source}"
+                           + (f" ({len(captures.failures)} unreadable)" if captures.failures else ""))
+    checker = checks.Checker(statistics, constraints)
+    windows = windows_of(captures.times, window_seconds(window))
+    results = [result for each in windows for result in checker.window(captures, each.rows, each.label)]
+    results.append(checker.parse_failures(captures))
+    violations = [result.as_violation() for result in results if result.status == "VIOLATION"]
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "constraint_violations.json").write_text(json.dumps({"violations": violations}, indent=2) + "\n")
+    pictures = {
+        "top_probability_histogram.png": plot_top_probability(captures, statistics),
+        "confidence_over_time.png": plot_confidence_over_time(captures, checker.threshold),
+        "class_mix_over_time.png": plot_class_mix(captures, windows, checker.classes),
+        "low_confidence_over_time.png": plot_low_confidence(captures, windows, statistics, checker),
+        "lowest_confidence_images.png": plot_lowest_images(captures, checker.classes),
+    }
+    for name, png in pictures.items():
+        (out / name).write_bytes(png)
+    summary = {"source": source, "window": window, "records": len(captures), "files": captures.files,
+               "unreadable_records": len(captures.failures),
+               "first_record": iso(captures.times.min()), "last_record": iso(captures.times.max()),
+               "windows": len(windows), "violations": len(violations),
+               "checks": summary_rows(results), "results": [asdict(result) for result in results]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "report.html").write_text(render_html(summary, pictures))
+    return summary
+
+
+def summary_rows(results: list[checks.Result]) -> list[dict]:
+    """One row per check: VIOLATION if any window violates it, with the worst window's numbers."""
+    rows = {}
+    for result in results:
+        row = rows.setdefault((result.feature_name, result.constraint_check_type),
+                              {"feature_name": result.feature_name, "check": result.constraint_check_type,
+                               "status": "SKIPPED", "windows_checked": 0, "windows_violated": 0,
+                               "window": result.window, "description": result.description})
+        if result.status == "SKIPPED":
+            continue
+        row["windows_checked"] += 1
+        first_violation = result.status == "VIOLATION" and row["status"] != "VIOLATION"
+        if first_violation or row["status"] == "SKIPPED":
+            row.update(status=result.status, window=result.window, description=result.description)
+        row["windows_violated"] += result.status == "VIOLATION"
+    return list(rows.values())
+
+
+# --------------------------------------------------------------------------------------------- pictures
+
+def png_of(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _window_times(windows: list[Window]) -> list[datetime]:
+    return [datetime.fromtimestamp(each.start, timezone.utc) for each in windows]
+
+
+def plot_top_probability(captures: Captures, statistics: dict) -> bytes:
+    top = np.nanmax(captures.probabilities, axis=1)
+    top = top[~np.isnan(top)]
+    base = checks.sketch_values(statistics, "top_probability")
+    figure, axis = plt.subplots(figsize=(6.5, 3.6))
+    bins = np.linspace(min(base.min(), top.min(initial=1)), 1, 26)
+    axis.hist(base, bins=bins, density=True, alpha=0.5, label=f"baseline (validation, {len(base)})")
+    axis.hist(top, bins=bins, density=True, histtype="step", linewidth=2, label=f"captured ({len(top)})")
+    axis.set(title="top probability", xlabel="probability of the predicted class", ylabel="density")
+    axis.legend()
+    return png_of(figure)
+
+
+def plot_confidence_over_time(captures: Captures, threshold: float) -> bytes:
+    top = np.nanmax(captures.probabilities, axis=1)
+    moments = [datetime.fromtimestamp(time, timezone.utc) for time in captures.times]
+    figure, axis = plt.subplots(figsize=(9, 3.6))
+    axis.scatter(moments, top, s=6, alpha=0.5, color=np.where(top < threshold, "tab:red", "tab:blue"))
+    axis.axhline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
+    axis.set(title="confidence over time (red: below the threshold)", ylabel="top probability", xlabel="time (UTC)")
+    axis.legend(loc="lower left")
+    figure.autofmt_xdate()
+    return png_of(figure)
+
+
+def plot_class_mix(captures: Captures, windows: list[Window], classes: list[str]) -> bytes:
+    figure, axis = plt.subplots(figsize=(9, 3.6))
+    shares = []
+    for each in windows:
+        rows = captures.probabilities[each.rows]
+        rows = rows[~np.isnan(rows).any(axis=1)]
+        counts = np.bincount(rows.argmax(axis=1), minlength=len(classes))[:len(classes)] if len(rows) else 0
+        shares.append(counts / max(1, len(rows)))
+    shares = np.array(shares).reshape(len(windows), len(classes))
+    positions = np.arange(len(windows))
+    bottom = np.zeros(len(windows))
+    for index, name in enumerate(classes):
+        axis.bar(positions, shares[:, index], bottom=bottom, label=name)
+        bottom += shares[:, index]
+    axis.set_xticks(positions, [f"{moment:%m-%d %H:%M}" for moment in _window_times(windows)], rotation=30)
+    axis.set(title="predicted class mix per window", ylabel="share of answers", ylim=(0, 1))
+    axis.legend(loc="upper right")
+    return png_of(figure)
+
+
+def plot_low_confidence(captures: Captures, windows: list[Window], statistics: dict, checker) -> bytes:
+    top = np.nanmax(captures.probabilities, axis=1)
+    rates = [float(np.mean(top[each.rows] < checker.threshold)) for each in windows]
+    base = checks.feature(statistics, "low_confidence")["numerical_statistics"]["mean"]
+    figure, axis = plt.subplots(figsize=(9, 3.6))
+    axis.plot(_window_times(windows), rates, "o-", label="captured")
+    axis.axhline(base, color="tab:green", label=f"baseline {base:.0%}")
+    axis.axhline(base + checker.thresholds["low_confidence_margin"], color="tab:red", linestyle="--",
+                 label="baseline + margin")
+    axis.set(title=f"answers below the threshold {checker.threshold:.3f} per window", ylabel="rate", ylim=(0, 1.05))
+    axis.legend(loc="lower left")
+    figure.autofmt_xdate()
+    return png_of(figure)
+
+
+def plot_lowest_images(captures: Captures, classes: list[str]) -> bytes:
+    kept = captures.lowest
+    rows = max(1, -(-len(kept) // GRID_COLUMNS))
+    figure, axes = plt.subplots(rows, GRID_COLUMNS, figsize=(1.4 * GRID_COLUMNS, 1.7 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, capture in zip(axes.flat, kept):
+        with Image.open(io.BytesIO(capture.image)) as image:
+            axis.imshow(np.asarray(image.convert("RGB")))
+        answer = "\n".join(f"{name[:4]} {value:.2f}" for name, value in zip(classes, capture.probabilities))
+        axis.set_title(answer, fontsize=7)
+    figure.suptitle("lowest-confidence captured images" if kept else "no captured images", fontsize=10)
+    return png_of(figure)
+
+
+# ------------------------------------------------------------------------------------------------ html
+
+STYLE = """body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top;font-size:.9em}
+.OK{background:#e3f6e3}.VIOLATION{background:#fbe0e0;font-weight:bold}.SKIPPED{background:#eee}img{max-width:100%}"""
+
+
+def render_html(summary: dict, pictures: dict[str, bytes]) -> str:
+    escape = html.escape
+    verdict = (f"{summary['violations']} violation(s)" if summary["violations"] else "no violation")
+    rows = "".join(
+        f"<tr><td>{escape(row['feature_name'])}</td><td>{escape(row['check'])}</td>"
+        f"<td class=\"{row['status']}\">{row['status']}</td>"
+        f"<td>{row['windows_violated']} of {row['windows_checked']}</td><td>{escape(row['window'])}</td>"
+        f"<td>{escape(row['description'])}</td></tr>" for row in summary["checks"])
+    violations = "".join(
+        f"<tr><td>{escape(result['window'])}</td><td>{escape(result['feature_name'])}</td>"
+        f"<td>{escape(result['description'])}</td></tr>"
+        for result in summary["results"] if result["status"] == "VIOLATION")
+    images = "".join(f"<figure><img alt=\"{escape(name)}\" src=\"data:image/png;base64,"
+                     f"{base64.b64encode(png).decode('ascii')}\"></figure>" for name, png in pictures.items())
+    counts = Counter(result["status"] for result in summary["results"])
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Capture report: {verdict}</title><style>{STYLE}</style></head>
+<body><h1>Capture report: {verdict}</h1>
+<p>{summary['records']} records from {summary['files']} files under {escape(summary['source'])},
+{summary['first_record']} to {summary['last_record']}, in {summary['windows']} window(s) of {summary['window']};
+{summary['unreadable_records']} unreadable. Checks: {counts['OK']} OK, {counts['VIOLATION']} VIOLATION,
+{counts['SKIPPED']} SKIPPED.</p>
+<h2>Summary</h2>
+<table><tr><th>feature</th><th>check</th><th>status</th><th>windows violated</th><th>window shown</th>
+<th>numbers</th></tr>{rows}</table>
+{f'<h2>Violations</h2><table><tr><th>window</th><th>feature</th><th>numbers</th></tr>{violations}</table>'
+ if violations else ''}
+<h2>Pictures</h2>{images}
+</body></html>
+"""

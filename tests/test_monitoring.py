@@ -1,0 +1,352 @@
+"""The capture report: the reader on hand-written SageMaker records, and the checks on captures of the real
+local endpoint serving a freshly trained model (quiet on its own test images, loud on drifted ones)."""
+
+import base64
+import gzip
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from local import aws  # noqa: E402
+from local.endpoint import CaptureSpec, EndpointServer, EndpointSpec  # noqa: E402
+from monitoring import checks  # noqa: E402
+from monitoring.__main__ import main as monitoring_main  # noqa: E402
+from monitoring.captures import read_captures  # noqa: E402
+from training import etl  # noqa: E402
+from training.fit import fit_local  # noqa: E402
+
+ARCHIVE = Path("/work/shared/data/cifar-100-python-vehicles.tar.gz")
+CLASSES = ("bicycle", "motorcycle")
+OTHER_CLASSES = ("tank", "tractor", "rocket")
+QUICK = {"epochs": 2, "width": 8, "batch_size": 32}  # about 20 s here; validation accuracy about 0.8
+BUCKET = "scones-monitoring-tests"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+IMAGE_MEANS = {f"image_mean_{channel}" for channel in ("red", "green", "blue")}
+IMAGE_STDS = {f"image_std_{channel}" for channel in ("red", "green", "blue")}
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    etl.stage(ARCHIVE, out, CLASSES, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_vehicles(tmp_path_factory):
+    out = tmp_path_factory.mktemp("other")
+    etl.stage(ARCHIVE, out, OTHER_CLASSES, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(staged, tmp_path_factory):
+    return fit_local(staged, tmp_path_factory.mktemp("fit"), **QUICK)
+
+
+@pytest.fixture(scope="module")
+def baseline_dir(model, staged, tmp_path_factory):
+    out = tmp_path_factory.mktemp("baseline")
+    assert monitoring_main(["baseline", "--model", str(model), "--data", str(staged), "--out", str(out)]) == 0
+    return out
+
+
+def staged_test_images(staged: Path) -> list[bytes]:
+    return [(staged / line.split("\t")[2]).read_bytes() for line in (staged / "test.lst").read_text().splitlines()]
+
+
+def altered(pngs: list[bytes], change) -> list[bytes]:
+    """The images with `change` applied to their float RGB pixels (0..255), as PNG."""
+    results = []
+    for png in pngs:
+        pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=float)
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(change(pixels), 0, 255).astype(np.uint8)).save(buffer, "PNG")
+        results.append(buffer.getvalue())
+    return results
+
+
+@pytest.fixture(scope="module")
+def captured(model, staged, other_vehicles):
+    """Captures in moto's S3 of one endpoint per kind of traffic; answers {kind: s3 prefix}."""
+    saved = dict(os.environ)
+    server, url = aws.start()
+    try:
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        noise = np.random.default_rng(0)
+        traffic = {
+            "clean": staged_test_images(staged),
+            "dark": altered(staged_test_images(staged), lambda pixels: pixels * 0.5),
+            "noisy": altered(staged_test_images(staged), lambda pixels: pixels + noise.normal(0, 25, pixels.shape)),
+        }
+        for label, name in enumerate(OTHER_CLASSES):
+            traffic[name] = [(other_vehicles / line.split("\t")[2]).read_bytes()
+                             for line in (other_vehicles / "test.lst").read_text().splitlines()
+                             if line.split("\t")[1] == str(label)]
+        capture = CaptureSpec(destination=f"s3://{BUCKET}/data_capture")
+        specs = [EndpointSpec(f"scones-{kind}", model_data=model, capture=capture) for kind in traffic]
+        with EndpointServer(specs) as endpoints:
+            runtime = boto3.client("sagemaker-runtime", endpoint_url=endpoints.url)
+
+            def invoke(request):
+                kind, body = request
+                runtime.invoke_endpoint(EndpointName=f"scones-{kind}", Body=body, ContentType="image/png")
+
+            requests = [(kind, body) for kind, bodies in traffic.items() for body in bodies]
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(invoke, requests))
+        yield {kind: f"s3://{BUCKET}/data_capture/scones-{kind}/" for kind in traffic}
+    finally:
+        server.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def report(prefix: str, baseline_dir: Path, out: Path, *options: str) -> dict:
+    assert monitoring_main(["report", prefix, "--baseline", str(baseline_dir), "--out", str(out),
+                            "--no-progress", *options]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def violated(summary: dict) -> set[str]:
+    return {row["feature_name"] for row in summary["checks"] if row["status"] == "VIOLATION"}
+
+
+# ---------------------------------------------------------------------------- baseline and endpoint traffic
+
+def test_baseline_follows_model_monitor_shapes(baseline_dir):
+    statistics = json.loads((baseline_dir / "statistics.json").read_text())
+    constraints = json.loads((baseline_dir / "constraints.json").read_text())
+    assert statistics["dataset"] == {"item_count": 100, "image_count": 900}
+    names = [feature["name"] for feature in statistics["features"]]
+    assert names == ["prediction", "top_probability", "low_confidence", *sorted(IMAGE_MEANS, key=names.index),
+                     *sorted(IMAGE_STDS, key=names.index), "image_size", "image_format"]
+    top = checks.feature(statistics, "top_probability")["numerical_statistics"]
+    assert top["common"]["num_present"] == 100 and 0.5 <= top["min"] <= top["mean"] <= top["max"] <= 1
+    assert sum(bucket["count"] for bucket in top["distribution"]["kll"]["buckets"]) == 100
+    assert checks.category_counts(statistics, "image_format") == {"PNG/RGB": 900}
+    assert sum(checks.category_counts(statistics, "prediction").values()) == 100
+    domains = {feature["name"]: feature.get("string_constraints", {}).get("domains") for feature in constraints["features"]}
+    assert domains["image_size"] == ["32x32"] and domains["prediction"] == list(CLASSES)
+    assert constraints["model"]["classes"] == list(CLASSES)
+    assert constraints["monitoring_config"]["thresholds"] == checks.DEFAULT_THRESHOLDS
+
+
+def test_in_distribution_traffic_gives_no_violation(captured, baseline_dir, tmp_path):
+    summary = report(captured["clean"], baseline_dir, tmp_path)
+    assert summary["records"] == 100 and summary["unreadable_records"] == 0
+    assert violated(summary) == set(), summary["checks"]
+    statuses = {row["feature_name"]: row["status"] for row in summary["checks"]}
+    assert statuses["top_probability"] == statuses["image_mean_red"] == statuses["prediction"] == "OK"
+    assert json.loads((tmp_path / "constraint_violations.json").read_text()) == {"violations": []}
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("dark", IMAGE_MEANS | IMAGE_STDS),
+    ("noisy", IMAGE_STDS),
+    ("tank", {"image_std_green", "image_std_blue"}),
+    ("rocket", {"image_mean_blue"}),
+])
+def test_drifted_traffic_names_what_moved(captured, baseline_dir, tmp_path, kind, expected):
+    summary = report(captured[kind], baseline_dir, tmp_path)
+    assert expected <= violated(summary), summary["checks"]
+    violations = json.loads((tmp_path / "constraint_violations.json").read_text())["violations"]
+    assert {violation["feature_name"] for violation in violations} == violated(summary)
+    for violation in violations:
+        assert set(violation) == {"feature_name", "constraint_check_type", "description", "window"}
+        assert re.search(r"p=[0-9.e-]+", violation["description"])
+
+
+def test_other_vehicles_move_the_answers_or_the_images(captured, baseline_dir, tmp_path):
+    summary = report(captured["tractor"], baseline_dir, tmp_path)
+    assert violated(summary) & {"top_probability", "low_confidence", "prediction", *IMAGE_MEANS, *IMAGE_STDS}
+
+
+def test_command_exits_3_on_violation_and_prints_the_report_path(captured, baseline_dir, tmp_path):
+    command = [sys.executable, "-m", "monitoring", "report", "--baseline", str(baseline_dir), "--no-progress",
+               "--fail-on-violation"]
+    dark = subprocess.run([*command, captured["dark"], "--out", str(tmp_path / "dark")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert dark.returncode == 3, dark.stderr
+    assert dark.stdout.strip().endswith(str(tmp_path / "dark" / "report.html"))
+    clean = subprocess.run([*command, captured["clean"], "--out", str(tmp_path / "clean")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert clean.returncode == 0, clean.stderr
+
+
+def data_uris(page: str) -> list[str]:
+    return re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
+
+
+def test_report_is_self_contained_with_decodable_pictures(captured, baseline_dir, tmp_path):
+    report(captured["dark"], baseline_dir, tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    sources = data_uris(page)
+    assert len(sources) == 5 and page.count("<img") == 5
+    for source in sources:
+        assert source.startswith("data:image/png;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1], validate=True))) as picture:
+            picture.load()
+            assert picture.format == "PNG" and picture.width > 200
+    assert not re.search(r"<script|<link|\ssrc=\"(?!data:)|url\(", page)
+    assert "VIOLATION" in page and "image_mean_red" in page
+    assert sorted(path.name for path in tmp_path.glob("*.png")) == sorted([
+        "class_mix_over_time.png", "confidence_over_time.png", "low_confidence_over_time.png",
+        "lowest_confidence_images.png", "top_probability_histogram.png"])
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH: install Debian's `chromium` "
+                                             "(apt-get install -y chromium) to render report.html headless")
+def test_report_renders_in_headless_chromium(captured, baseline_dir, tmp_path):
+    report(captured["clean"], baseline_dir, tmp_path / "report")
+    page = (tmp_path / "report" / "report.html").read_text()
+    # A test-only copy of the page records, once loaded, how many pictures the browser decoded.
+    probe = ("<script>addEventListener('load', () => { const images = [...document.images];"
+             "document.body.dataset.loaded = images.filter(i => i.complete && i.naturalWidth > 0).length;"
+             "document.body.dataset.total = images.length; });</script>")
+    (tmp_path / "probe.html").write_text(page.replace("</body>", probe + "</body>"))
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run",
+               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
+    dom = subprocess.run([*browser, "--dump-dom", (tmp_path / "probe.html").as_uri()],
+                         capture_output=True, text=True, timeout=60)
+    assert re.search(r'data-loaded="5"', dom.stdout) and re.search(r'data-total="5"', dom.stdout), dom.stderr[-2000:]
+    screenshot = tmp_path / "report.png"
+    shot = subprocess.run([*browser, f"--screenshot={screenshot}", "--window-size=1200,2400",
+                           (tmp_path / "report" / "report.html").as_uri()], capture_output=True, text=True, timeout=60)
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    with Image.open(screenshot) as picture:
+        assert picture.size == (1200, 2400)
+        colours = np.asarray(picture.convert("RGB").resize((60, 120))).reshape(-1, 3)
+        assert len(np.unique(colours, axis=0)) > 20  # more than a blank page
+
+
+# ------------------------------------------------------------------------------- the reader, by hand
+
+def png_bytes(mode: str = "RGB", size=(32, 32), color=(200, 30, 30, 255)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color[:len(mode)]).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def jpeg_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (20, 40, 220)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def record(time: str, image: bytes, answer: str, content_type="image/png", output_encoding="JSON") -> str:
+    data = base64.b64encode(answer.encode()).decode() if output_encoding == "BASE64" else answer
+    return json.dumps({
+        "captureData": {
+            "endpointInput": {"observedContentType": content_type, "mode": "INPUT",
+                              "data": base64.b64encode(image).decode(), "encoding": "BASE64"},
+            "endpointOutput": {"observedContentType": "application/json", "mode": "OUTPUT",
+                               "data": data, "encoding": output_encoding}},
+        "eventMetadata": {"eventId": "6ee4f1a5-5c9c-4cbb-9fb9-3dc34e4bd8b6", "inferenceTime": time},
+        "eventVersion": "0"})
+
+
+@pytest.fixture
+def capture_folder(tmp_path):
+    """SageMaker-written records in two hour folders, one file gzipped, one line broken."""
+    root = tmp_path / "data_capture" / "scones" / "AllTraffic"
+    first, second = root / "2026/11/25/08", root / "2026/11/25/09"
+    first.mkdir(parents=True)
+    second.mkdir(parents=True)
+    (first / "59-59-123-a.jsonl").write_text("\n".join([
+        record("2026-11-25T08:59:59Z", png_bytes("RGBA"), "[0.9388836622238159, 0.061116307973861694]"),
+        record("2026-11-25T08:59:59.512Z", jpeg_bytes(), "[1.2e-05, 0.999988]", "application/x-image", "BASE64"),
+        '{"captureData": {"endpointInput": ',
+        record("2026-11-25T08:59:59Z", b"not an image", "[0.5, 0.5]"),
+    ]) + "\n")
+    (second / "00-01-000-b.jsonl.gz").write_bytes(gzip.compress((
+        record("2026-11-25T09:00:01Z", png_bytes(), "[0.6, 0.4]", "image/jpeg") + "\n").encode()))
+    (second / "notes.txt").write_text("not a capture file\n")
+    return tmp_path / "data_capture"
+
+
+def test_reader_takes_what_sagemaker_writes(capture_folder):
+    captures = read_captures(str(capture_folder), progress=False)
+    assert len(captures) == 3 and captures.files == 2
+    np.testing.assert_allclose(captures.probabilities, [[0.9388836622238159, 0.061116307973861694],
+                                                        [1.2e-05, 0.999988], [0.6, 0.4]])
+    assert captures.formats == ["PNG/RGBA", "JPEG/RGB", "PNG/RGB"]
+    assert captures.sizes == ["32x32", "64x48", "32x32"]
+    np.testing.assert_allclose(captures.times - captures.times[0], [0, 0.512, 2.0], atol=1e-6)
+    np.testing.assert_allclose(captures.channel_means[0], [200 / 255, 30 / 255, 30 / 255], atol=1e-4)
+    np.testing.assert_allclose(captures.channel_stds[0], 0, atol=1e-4)
+    assert [kept.confidence for kept in captures.lowest] == [0.6, 0.9388836622238159, 0.999988]
+
+
+def test_reader_counts_broken_lines_with_file_and_line(capture_folder):
+    failures = read_captures(str(capture_folder), progress=False).failures
+    assert [(Path(failure.file).name, failure.line) for failure in failures] == [
+        ("59-59-123-a.jsonl", 3), ("59-59-123-a.jsonl", 4)]
+    assert "JSONDecodeError" in failures[0].reason and "UnidentifiedImageError" in failures[1].reason
+
+
+def test_reader_keeps_the_time_range_asked(capture_folder):
+    from monitoring.__main__ import iso_time
+    captures = read_captures(str(capture_folder), since=iso_time("2026-11-25T09:00:00Z"), progress=False)
+    assert len(captures) == 1 and captures.probabilities[0, 0] == 0.6
+    captures = read_captures(str(capture_folder), until=iso_time("2026-11-25T08:59:59.5Z"), progress=False)
+    assert len(captures) == 1 and captures.formats == ["PNG/RGBA"]
+
+
+def test_report_on_hand_written_records_flags_format_size_and_failures(capture_folder, baseline_dir, tmp_path):
+    summary = report(str(capture_folder), baseline_dir, tmp_path)
+    assert summary["windows"] == 2 and summary["unreadable_records"] == 2
+    rows = {row["feature_name"]: row for row in summary["checks"]}
+    assert rows["capture_record"]["status"] == "VIOLATION" and "59-59-123-a.jsonl:3" in rows["capture_record"]["description"]
+    assert rows["image_format"]["status"] == rows["image_size"]["status"] == "VIOLATION"
+    assert rows["top_probability"]["status"] == "SKIPPED"  # 2 and 1 records: too few for a test
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["report", "/no/such/folder", "--baseline", "{baseline}", "--out", "{out}"], "no capture folder /no/such/folder"),
+    (["report", "{empty}", "--baseline", "{baseline}", "--out", "{out}"], "no capture files"),
+    (["report", "{empty}", "--baseline", "{out}", "--out", "{out}"], "no baseline"),
+    (["baseline", "--model", "/no/model.tar.gz", "--data", "{empty}", "--out", "{out}"], "no model archive"),
+])
+def test_user_mistakes_give_one_line_errors(baseline_dir, tmp_path, arguments, message):
+    (tmp_path / "empty").mkdir()
+    filled = [argument.format(baseline=baseline_dir, out=tmp_path / "out", empty=tmp_path / "empty")
+              for argument in arguments]
+    finished = subprocess.run([sys.executable, "-m", "monitoring", *filled], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+    assert finished.returncode == 2
+    assert finished.stderr.count("\n") == 1 and message in finished.stderr, finished.stderr
+
+
+# --------------------------------------------------------------------------------------- statistics
+
+def test_statistics_match_their_textbook_values():
+    assert checks.chi_square_sf(3.841459, 1) == pytest.approx(0.05, abs=1e-6)
+    assert checks.chi_square_sf(5.991465, 2) == pytest.approx(0.05, abs=1e-6)
+    assert checks.chi_square_sf(7.814728, 3) == pytest.approx(0.05, abs=1e-6)
+    rng = np.random.default_rng(1)
+    same, shifted = rng.normal(0, 1, 400), rng.normal(0.5, 1, 400)
+    assert checks.ks_two_sample(same, rng.normal(0, 1, 400))[1] > 0.01
+    distance, p = checks.ks_two_sample(shifted, same)
+    assert 0.15 < distance < 0.3 and p < 1e-6
+    assert checks.population_stability_index(same, same) == 0
+    assert checks.population_stability_index(shifted, same) > 0.2
+    assert checks.one_sided_proportion_test(0.5, 100, 0.3, 100) == pytest.approx(0.0019, abs=2e-4)
