@@ -12,7 +12,7 @@ CONTEXT ?=
 # What `make deploy` deploys, e.g. `make deploy STACKS=SconesDevEndpoint`.
 STACKS ?= --all
 
-.PHONY: install synth lint test run deploy stop clean
+.PHONY: install chromium synth lint test run deploy stop clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,11 @@ node_modules/.installed: package.json package-lock.json
 
 install: $(VENV)/.installed node_modules/.installed
 
+# Headless Chromium for the report's browser test (Debian's package); without it that test skips, saying so.
+chromium:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+		echo "could not install chromium: the browser test will skip"
+
 synth: install
 	$(CDK) synth -q --no-notices -o cdk.out $(CONTEXT)
 	$(CDK) synth -q --no-notices -o cdk.out.prod -c env=prod $(CONTEXT)
@@ -32,7 +37,7 @@ synth: install
 lint: synth
 	$(VENV)/bin/cfn-lint cdk.out/*.template.json cdk.out.prod/*.template.json
 
-test: lint
+test: lint chromium
 	$(PY) -m pytest -q
 
 run: synth

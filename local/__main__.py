@@ -137,15 +137,8 @@ class LocalRun:
             local_model = self.state_dir / "endpoint" / name / "model.tar.gz"
             local_model.parent.mkdir(parents=True, exist_ok=True)
             boto3.client("s3").download_file(bucket, key, str(local_model))
-            capture = config.get("DataCaptureConfig")
-            specs.append(EndpointSpec(name=name, model_data=local_model, capture=capture and CaptureSpec(
-                destination=capture["DestinationS3Uri"],
-                sampling_percentage=capture["InitialSamplingPercentage"],
-                modes=tuple(option["CaptureMode"] for option in capture["CaptureOptions"]),
-                json_content_types=tuple(capture.get("CaptureContentTypeHeader", {}).get("JsonContentTypes", [])),
-                csv_content_types=tuple(capture.get("CaptureContentTypeHeader", {}).get("CsvContentTypes", [])),
-                kms_key_id=capture.get("KmsKeyId"),
-            ) if capture.get("EnableCapture") else None))
+            capture = CaptureSpec.from_data_capture_config(config.get("DataCaptureConfig"))
+            specs.append(EndpointSpec(name=name, model_data=local_model, capture=capture))
         spec_file = self.state_dir / "endpoint-spec.json"
         spec_json = json.dumps({"endpoints": [spec_to_json(spec) for spec in specs]}, indent=1)
         if self.endpoint.info() and spec_file.exists() and spec_file.read_text() == spec_json:
