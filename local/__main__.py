@@ -123,6 +123,19 @@ class LocalRun:
                                           Type="String", Overwrite=True)
         return url
 
+    def capture_report(self, bucket: str, endpoint: str) -> Path:
+        """The monitoring report over this endpoint's captures, against the trained model's baseline."""
+        from monitoring.__main__ import main as monitoring
+
+        baseline, out = self.state_dir / "model" / "baseline", self.state_dir / "report"
+        if not (baseline / "constraints.json").exists() or \
+                (baseline / "constraints.json").stat().st_mtime < (self.state_dir / "model" / "model.tar.gz").stat().st_mtime:
+            monitoring(["baseline", "--model", str(self.state_dir / "model" / "model.tar.gz"),
+                        "--data", str(self.state_dir / "data"), "--out", str(baseline)])
+        monitoring(["report", f"s3://{bucket}/data_capture/{endpoint}/", "--baseline", str(baseline),
+                    "--out", str(out), "--no-progress"])
+        return out / "report.html"
+
     def serve_endpoint(self, deployment: LocalDeployment, runtime_url: str) -> list[str]:
         from local.endpoint import CaptureSpec, EndpointSpec, spec_to_json
 
@@ -213,6 +226,8 @@ def up(state_dir: Path, assembly_dir: Path, env_name: str, concurrency: int) -> 
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     captured = count_captured(bucket, f"data_capture/{endpoints[0]}/") if endpoints else 0
     summary = summarise(executions, labels, metrics, captured)
+    if endpoints:
+        summary["capture_report"] = str(run.timed("report", run.capture_report, bucket, endpoints[0]))
     summary["timings_s"] = run.timings
     (state_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary, bucket, endpoints, state_dir)
@@ -229,6 +244,7 @@ scones on this machine
   accuracy of accepted      {summary['accepted_accuracy']}
   execution latency         p50 {summary['latency_ms_p50']} ms, p99 {summary['latency_ms_p99']} ms
   captured records          {summary['captured_records']} under s3://{bucket}/data_capture/{endpoints[0] if endpoints else ''}
+  capture report            {summary.get('capture_report', 'none (no endpoint)')}
   summary                   {state_dir / 'summary.json'}
   stop everything           make stop   (or: python -m local down)
 """)
