@@ -12,11 +12,13 @@ variable to different values (a clear error says so); there is no timeout enforc
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -33,6 +35,7 @@ _lock = threading.Lock()
 _handlers: dict[str, Callable[[Any, Any], Any]] = {}
 _environment: dict[str, str] = {}
 _code_root = Path(tempfile.mkdtemp(prefix="scones-lambda-"))
+atexit.register(shutil.rmtree, _code_root, ignore_errors=True)
 
 
 class EnvironmentConflict(RuntimeError):
