@@ -20,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import boto3
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 

@@ -8,7 +8,6 @@ Monitor's container does; their defaults and the reasons for them are in `monito
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 import tempfile

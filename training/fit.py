@@ -6,7 +6,6 @@ staged data folder) and packs the model directory into `OUT/model.tar.gz` the wa
 metrics.json and the plots land in OUT.
 """
 
-import argparse
 import os
 import subprocess
 import sys
