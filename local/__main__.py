@@ -60,11 +60,12 @@ class LocalRun:
 
     def __init__(self, state_dir: Path, assembly_dir: Path, env_name: str) -> None:
         self.state_dir = state_dir
-        self.assembly_dir = assembly_dir
         self.env_name = env_name
         self.timings: dict[str, float] = {}
         self.aws = BackgroundService("aws", state_dir)
         self.endpoint = BackgroundService("endpoint", state_dir)
+        self.stacks = {stack.name: stack for stack in read_assembly(assembly_dir)}
+        self.deployment = LocalDeployment()
 
     def timed(self, name: str, step, *args):
         started = time.perf_counter()
@@ -85,12 +86,9 @@ class LocalRun:
         return info
 
     def deploy(self, stack_names: list[str]) -> LocalDeployment:
-        deployment = getattr(self, "deployment", None) or LocalDeployment()
-        self.deployment = deployment
-        stacks = {stack.name: stack for stack in read_assembly(self.assembly_dir)}
         for name in stack_names:
-            deployment.deploy(stacks[name])
-        return deployment
+            self.deployment.deploy(self.stacks[name])
+        return self.deployment
 
     def stack(self, short: str) -> str:
         return f"Scones{self.env_name.title()}{short}"
