@@ -1,4 +1,5 @@
-"""The local AWS: moto's server on 127.0.0.1 with Step Functions execution and the in-process Lambda runtime."""
+"""The local AWS: moto's server on 127.0.0.1 with Step Functions execution (child executions included) and
+the in-process Lambda runtime."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import urllib.request
 
 from moto.server import ThreadedMotoServer
 
-from local import lambda_runtime
+from local import lambda_runtime, stepfunctions_engine
 from local.assembly import REGION
 
 ENGINE_CONFIG = {"lambda": {"use_docker": False}, "stepfunctions": {"execute_state_machine": True}}
@@ -24,6 +25,7 @@ def client_environment(url: str) -> dict[str, str]:
 def start(port: int = 0) -> tuple[ThreadedMotoServer, str]:
     """Start moto in this process; handlers invoked by Step Functions run here too. Returns (server, url)."""
     lambda_runtime.install()
+    stepfunctions_engine.install()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
@@ -14,8 +13,7 @@ from tqdm import tqdm
 def run_execution(stepfunctions, state_machine_arn: str, execution_input: dict, poll_seconds: float = 0.01,
                   timeout: float = 300) -> dict:
     """Start one execution and answer its final `describe_execution`."""
-    # moto's server names an unnamed execution "None", so a second one would collide: always name it.
-    arn = stepfunctions.start_execution(stateMachineArn=state_machine_arn, name=str(uuid.uuid4()),
+    arn = stepfunctions.start_execution(stateMachineArn=state_machine_arn,
                                         input=json.dumps(execution_input))["executionArn"]
     deadline = time.monotonic() + timeout
     while (described := stepfunctions.describe_execution(executionArn=arn))["status"] == "RUNNING":

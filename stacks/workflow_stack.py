@@ -22,6 +22,7 @@ LAMBDA_TRANSIENT_ERRORS = ["Lambda.TooManyRequestsException", "Lambda.ServiceExc
                            "Lambda.AWSLambdaException", "Lambda.SdkClientException"]
 LOW_CONFIDENCE_ERROR = "ThresholdConfidenceNotMet"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+BATCH_RESULTS_PREFIX = "batch_results/"
 
 
 class WorkflowStack(Stack):
@@ -67,7 +68,8 @@ class WorkflowStack(Stack):
             "id": "AwsSolutions-IAM5",
             "reason": "X-Ray and CloudWatch Logs delivery actions take no resource; LambdaInvoke grants the "
                       "function's versions (<arn>:*); the batch run reads objects under the bucket, describes and "
-                      "stops its child executions (named at run time) and reads its own map runs.",
+                      "stops its child executions (named at run time) and reads its own map runs; CDK's result "
+                      "writer grants object writes on the bucket, and the definition writes only batch_results/.",
         }], apply_to_children=True)
 
     def _invoke(self, construct_id: str, function) -> tasks.LambdaInvoke:
@@ -90,14 +92,19 @@ class WorkflowStack(Stack):
         return serialize.next(classify).next(filter_low).next(sfn.Succeed(self, "Confident"))
 
     def _batch_definition(self, bucket: s3.IBucket) -> sfn.IChainable:
-        """Start the classification once per image under `$.prefix`, as child executions."""
+        """Start the classification once per image under `$.prefix`, as child executions.
+
+        Each image's outcome (status and inferences, or the error) goes to result files under
+        `batch_results/` rather than into the execution's output, which could not hold millions of them.
+        """
         classify_one = tasks.StepFunctionsStartExecution(
             self, "Classify one image",
             state_machine=self.state_machine,
             integration_pattern=sfn.IntegrationPattern.RUN_JOB,
             associate_with_parent=True,
             input=sfn.TaskInput.from_object({"s3_bucket": bucket.bucket_name, "s3_key": sfn.JsonPath.string_at("$.Key")}),
-            result_selector={"status": sfn.JsonPath.string_at("$.Status"), "output": sfn.JsonPath.object_at("$.Output")},
+            result_selector={"status": sfn.JsonPath.string_at("$.Status"),
+                             "inferences": sfn.JsonPath.list_at("$.Output.inferences")},
             result_path="$.outcome",
         )
         # Every image's outcome is recorded, low confidence included, so one uncertain image never stops the batch.
@@ -112,6 +119,7 @@ class WorkflowStack(Stack):
             item_reader=sfn.S3ObjectsItemReader(bucket=bucket, prefix=sfn.JsonPath.string_at("$.prefix")),
             item_selector={"Key": sfn.JsonPath.string_at("$$.Map.Item.Value.Key")},
             max_concurrency=40,
+            result_writer_v2=sfn.ResultWriterV2(bucket=bucket, prefix=BATCH_RESULTS_PREFIX),
             label="ClassifyPrefix",
         )
         every_image.item_processor(each)

@@ -118,14 +118,20 @@ def test_missing_image_fails_fast_without_retries(deployment, endpoint):
     assert endpoint.requests == []
 
 
-def test_batch_takes_only_images_under_the_prefix(deployment, endpoint):
+def test_batch_classifies_each_image_under_the_prefix_in_a_child_execution(deployment, endpoint):
     put_image(deployment, "batch/a.png")
     put_image(deployment, "batch/b.png")
     boto3.client("s3").put_object(Bucket=deployment.bucket, Key="batch.lst", Body=b"0\t0\tbatch/a.png\n")
+    endpoint.failures = ["ModelNotReadyException"]
     described, events = run(deployment, "classify-prefix", {"prefix": "batch"})
     assert described["status"] == "SUCCEEDED"
-    items = {item.get("Key") or item["s3_key"]: item for item in json.loads(described["output"])}
-    assert items["batch.lst"] == {"s3_key": "batch.lst", "skipped": True}
-    # moto 5.2.5 cannot run the child execution itself (its startExecution.sync:2 sends the task's
-    # PascalCase parameters to boto3 unconverted), so locally each image's outcome is that recorded failure.
-    assert {key for key, item in items.items() if "outcome" in item} == {"batch/a.png", "batch/b.png"}
+    stepfunctions = boto3.client("stepfunctions")
+    children = [stepfunctions.describe_execution(executionArn=e["executionArn"])
+                for e in stepfunctions.list_executions(stateMachineArn=state_machine_arn(deployment, "classify-image"))
+                ["executions"]]
+    children = [c for c in children
+                if json.loads(c["input"]).get("AWS_STEP_FUNCTIONS_STARTED_BY_EXECUTION_ID") == described["executionArn"]]
+    assert sorted(json.loads(c["input"])["s3_key"] for c in children) == ["batch/a.png", "batch/b.png"]
+    assert {c["status"] for c in children} == {"SUCCEEDED"}
+    assert {json.loads(c["output"])["inferences"] == [0.97, 0.03] for c in children} == {True}
+    assert json.loads(described["output"])["ResultWriterDetails"]["Key"].startswith("batch_results/")

@@ -105,3 +105,11 @@ def test_batch_runs_every_image_under_a_prefix_as_child_executions():
     assert child["Parameters"]["Input"]["s3_key.$"] == "$.Key"
     assert child["ResultPath"] == "$.outcome"
     assert child["Catch"] == [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.outcome", "Next": "Record failure"}]
+    assert child["ResultSelector"] == {"status.$": "$.Status", "inferences.$": "$.Output.inferences"}
+
+
+def test_batch_writes_its_results_to_the_bucket_not_its_output():
+    definition = definition_of(synth_stacks()["Workflow"].batch.state_machine)
+    writer = definition["States"][definition["StartAt"]]["ResultWriter"]
+    assert writer["Resource"].endswith(":states:::s3:putObject")
+    assert writer["Parameters"]["Prefix"] == "batch_results/"
