@@ -280,6 +280,19 @@ def test_stage_writes_exact_images_manifests_and_dataset(tmp_path, archive, cifa
     assert sorted(summary.written) == sorted(staged_files(out))
 
 
+def test_extra_classes_are_staged_for_training_only(tmp_path, archive):
+    out = tmp_path / "out"
+    summary = etl.stage(archive, out, ["bicycle", "motorcycle"], extra_classes=["bus"], progress=False)
+    lists = {name: manifest(out, name) for name in ("train.lst", "validation.lst", "test.lst")}
+    assert {label for _, label, _ in lists["train.lst"] + lists["validation.lst"]} == {0, 1, 2}
+    assert {label for _, label, _ in lists["test.lst"]} == {0, 1}
+    assert all("bus" not in path.name for path in (out / "test").iterdir())
+    assert any("bus" in path for _, label, path in lists["train.lst"] if label == 2)
+    assert [c["name"] for c in summary.dataset["classes"]] == ["bicycle", "motorcycle"]
+    assert summary.dataset["extra_classes"] == [{"name": "bus", "label": 2, "cifar_fine_label": 2}]
+    assert summary.dataset["counts"]["test"]["bus"] == 0 < summary.dataset["counts"]["train"]["bus"]
+
+
 def test_png_bytes_and_the_split_are_the_same_every_run_and_follow_the_seed(tmp_path, archive):
     first, again, other_seed = (etl.stage(archive, tmp_path / name, TINY_CLASSES, seed=seed, progress=False)
                                 for name, seed in (("first", 0), ("again", 0), ("other-seed", 1)))
@@ -302,7 +315,8 @@ def test_class_without_images_fails_naming_the_classes_present(tmp_path, archive
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"classes": ["bus", "bus"]}, "classes must be distinct"),
+    ({"classes": ["bus", "bus"]}, "classes and extra classes must be distinct"),
+    ({"extra_classes": ["bicycle"]}, "classes and extra classes must be distinct"),
     ({"validation_fraction": 1.0}, "validation fraction must be at least 0 and below 1"),
 ])
 def test_invalid_options_fail(tmp_path, archive, options, message):

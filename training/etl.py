@@ -1,6 +1,6 @@
 """Stage CIFAR-100 images of chosen classes as PNG files with SageMaker `.lst` manifests.
 
-    python -m training.etl --source ARCHIVE --out DIR [--bucket NAME] [--classes a,b,...]
+    python -m training.etl --source ARCHIVE --out DIR [--bucket NAME] [--classes a,b,...] [--extra-classes c,d,...]
 
 The archive is the official CIFAR-100 python archive or a copy in its format (such as the shared
 vehicles-only one). It is the first of: `--source PATH|URL`, `$SCONES_CIFAR100`, the cached copy
@@ -11,6 +11,8 @@ is already cached is not fetched again.
 The output folder (and, with `--bucket`, the bucket root) gets `train/<cifar name>.png`,
 `test/<cifar name>.png`, `train.lst`, `validation.lst`, `test.lst` and, last, `dataset.json`.
 Validation images are a stratified, seeded part of the training images; they stay under `train/`.
+Extra classes are staged for training only (labels after the classes', no test images): the training
+script learns them alongside to sharpen its features, and serves only the classes.
 Running again writes and uploads only what differs, and completes an interrupted run.
 """
 
@@ -268,19 +270,20 @@ class StageSummary:
 
 
 def stage(source: str | os.PathLike | None, out: str | os.PathLike, classes=DEFAULT_CLASSES,
-          bucket: str | None = None, *, validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+          bucket: str | None = None, *, extra_classes=(), validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
           seed: int = 0, progress: bool = True, s3_client=None) -> StageSummary:
-    """Stage the images of `classes` (labels 0..n-1 in that order) from the archive `source` into the folder
-    `out` and, with `bucket`, to the root of that S3 bucket (through `s3_client`, by default a new boto3 one)."""
-    classes = list(classes)
-    if not classes or len(set(classes)) != len(classes) or "" in classes:
-        raise InvalidOption(f"classes must be distinct, non-empty names; got {','.join(classes)!r}")
+    """Stage the images of `classes` (labels 0..n-1 in that order) and the training images of `extra_classes`
+    (labels n.., no test images) from the archive `source` into the folder `out` and, with `bucket`, to the
+    root of that S3 bucket (through `s3_client`, by default a new boto3 one)."""
+    targets, classes = list(classes), list(classes) + list(extra_classes)
+    if not targets or len(set(classes)) != len(classes) or "" in classes:
+        raise InvalidOption(f"classes and extra classes must be distinct, non-empty names; got {','.join(classes)!r}")
     if not 0 <= validation_fraction < 1:
         raise InvalidOption(f"the validation fraction must be at least 0 and below 1; got {validation_fraction}")
     archive_path = resolve_source(source, progress)
     archive = read_archive(archive_path, progress=progress)
     fine_ids = fine_label_ids(classes, archive, archive_path)
-    splits = split_rows(archive, fine_ids, validation_fraction, seed)
+    splits = split_rows(archive, fine_ids, fine_ids[:len(targets)], validation_fraction, seed)
     images = image_files(splits)
     check_image_names([relative_path for relative_path, _ in images], archive_path)
 
@@ -300,7 +303,9 @@ def stage(source: str | os.PathLike | None, out: str | os.PathLike, classes=DEFA
     dataset = {
         "source": {"name": archive_path.name, "sha256": sha256_of_file(archive_path)},
         "classes": [{"name": name, "label": label, "cifar_fine_label": fine_id}
-                    for label, (name, fine_id) in enumerate(zip(classes, fine_ids))],
+                    for label, (name, fine_id) in enumerate(zip(targets, fine_ids))],
+        "extra_classes": [{"name": name, "label": label, "cifar_fine_label": fine_id}
+                          for label, (name, fine_id) in enumerate(zip(classes, fine_ids)) if label >= len(targets)],
         "validation": {"fraction": validation_fraction, "seed": seed},
         "counts": {split_name: {name: int(np.count_nonzero(split.fine_labels[rows] == fine_id))
                                 for name, fine_id in zip(classes, fine_ids)}
@@ -332,11 +337,11 @@ def fine_label_ids(classes: list[str], archive: Cifar100, archive_path: Path) ->
     return fine_ids
 
 
-def split_rows(archive: Cifar100, fine_ids: list[int], validation_fraction: float,
+def split_rows(archive: Cifar100, fine_ids: list[int], test_ids: list[int], validation_fraction: float,
                seed: int) -> dict[str, tuple[Split, np.ndarray]]:
     """For "train", "validation" and "test": the archive split holding the images of the classes and their
     row numbers in it, in archive order. Validation takes `validation_fraction` of each class's training
-    rows, drawn with `seed`; "train" is the rest."""
+    rows, drawn with `seed`; "train" is the rest; "test" has only the classes of `test_ids`."""
     random = np.random.default_rng(seed)
     validation = []
     for fine_id in fine_ids:
@@ -345,7 +350,7 @@ def split_rows(archive: Cifar100, fine_ids: list[int], validation_fraction: floa
     validation = np.sort(np.concatenate(validation))
     train = np.setdiff1d(np.flatnonzero(np.isin(archive.train.fine_labels, fine_ids)), validation)
     return {"train": (archive.train, train), "validation": (archive.train, validation),
-            "test": (archive.test, np.flatnonzero(np.isin(archive.test.fine_labels, fine_ids)))}
+            "test": (archive.test, np.flatnonzero(np.isin(archive.test.fine_labels, test_ids)))}
 
 
 def image_files(splits: dict[str, tuple[Split, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
@@ -452,6 +457,10 @@ def upload(out: Path, hashes: dict[str, str], bucket: str, s3_client=None, progr
 
 # ----------------------------------------------------------------------------------------- command
 
+def names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.etl", description=__doc__.split("\n\n")[0],
                                      epilog="\n\n".join(__doc__.split("\n\n")[2:]),
@@ -462,12 +471,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket", metavar="NAME", help="also upload to the root of this S3 bucket")
     parser.add_argument("--classes", default=",".join(DEFAULT_CLASSES), metavar="a,b,...",
                         help="CIFAR-100 fine label names, in label order (default: %(default)s)")
+    parser.add_argument("--extra-classes", default="", metavar="c,d,...",
+                        help="classes staged for training only, learnt alongside to sharpen the features")
     parser.add_argument("--validation-fraction", type=float, default=DEFAULT_VALIDATION_FRACTION, metavar="F",
                         help="part of each class's training images kept for validation (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation draw (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
-        summary = stage(args.source, args.out, [name.strip() for name in args.classes.split(",")], args.bucket,
+        summary = stage(args.source, args.out, names(args.classes), args.bucket,
+                        extra_classes=names(args.extra_classes) if args.extra_classes else (),
                         validation_fraction=args.validation_fraction, seed=args.seed, progress=sys.stderr.isatty())
     except (EtlError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
