@@ -56,12 +56,23 @@ class BackgroundService:
         os.kill(info["pid"], signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                os.kill(info["pid"], 0)
-            except ProcessLookupError:
+            if not _alive(info["pid"]):
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
         else:
             os.kill(info["pid"], signal.SIGKILL)
         self.ready_file.unlink(missing_ok=True)
         return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child, which has exited: reap it
+            return False
+    except ChildProcessError:  # started by another process (an earlier `make run`)
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
