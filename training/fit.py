@@ -1,27 +1,62 @@
-"""Fit the model: `python -m training.fit --local --data DIR --out DIR [hyperparameters]`.
+"""Fit the model, on this machine or in SageMaker.
+
+    python -m training.fit --local --data DIR --out DIR [hyperparameters]
+    python -m training.fit --sagemaker [--env dev|prod] [--region R] [--algorithm pytorch|builtin]
 
 `--local` runs `training/train.py` on this machine exactly as SageMaker's PyTorch container runs it
 (hyperparameters as arguments, data through the `SM_CHANNEL_*` variables, all channels pointing at the
 staged data folder) and packs the model directory into `OUT/model.tar.gz` the way SageMaker does;
 metrics.json and the plots land in OUT.
+
+`--sagemaker` starts the deployed training stack's state machine (`scones-<env>-training`, created by
+`make deploy`) with boto3 and follows it: each state it enters and each status change of its training
+job, one line each on stderr; at the end the model artifact's S3 URL on stdout (the state machine also
+records it in the SSM parameter `/scones/<env>/model-data-url`). Data, algorithm and hyperparameters
+are the deployed stack's: the algorithm is chosen at deploy time (`-c training_algorithm=pytorch|builtin`),
+and `--algorithm` only checks that the deployed one is the one wanted.
+
+Exit status: 0 trained; 1 training failed (the reason on one line); 2 nothing started (bad arguments,
+no credentials, stack not deployed, another algorithm deployed, data not staged); 130 interrupted, the
+execution keeps running.
 """
 
+import json
 import os
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError, NoRegionError
+
+from stacks.config import SconesConfig
 from training import train
 
 TRAIN_SCRIPT = Path(train.__file__).resolve()
 MANIFESTS = ("train.lst", "validation.lst")
+ALGORITHMS = ("pytorch", "builtin")
+POLL_SECONDS = 10
+RUNNING = "RUNNING"
 
 
 class FitError(ValueError):
-    """The data folder or a hyperparameter is unusable; the message says which."""
+    """Nothing was trained: the data, a hyperparameter or the deployment is unusable; the message says which."""
 
+
+class TrainingFailed(RuntimeError):
+    """The training ran and failed; the message says why."""
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C while following a SageMaker training; the message says how to stop it."""
+
+
+# ------------------------------------------------------------------------------------------ --local
 
 def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
     """Train on the staged data folder `data_dir`; answers the path of `out_dir/model.tar.gz`."""
@@ -47,7 +82,7 @@ def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
                **{f"SM_CHANNEL_{name.upper()}": str(data_dir) for name in channels}}
         finished = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *arguments], env=env)
         if finished.returncode:
-            raise RuntimeError(f"train.py failed (exit status {finished.returncode})")
+            raise TrainingFailed(f"train.py failed (exit status {finished.returncode})")
         archive = out_dir / "model.tar.gz"
         partial = out_dir / ".model.tar.gz.partial"
         with tarfile.open(partial, "w:gz") as tar:
@@ -57,29 +92,250 @@ def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
     return archive
 
 
+# -------------------------------------------------------------------------------------- --sagemaker
+
+def stack_name(env: str, stack: str) -> str:
+    """`SconesDevTraining` for ("dev", "Training"), as app.py names the stacks."""
+    return f"Scones{env.title()}{stack}"
+
+
+def deploy_command(env: str, stacks: list[str], context: str = "") -> str:
+    context = " ".join(filter(None, [f"-c env={env}" if env != "dev" else "", context]))
+    names = " ".join(stack_name(env, stack) for stack in stacks)
+    return f'make deploy STACKS="{names}"' + (f' CONTEXT="{context}"' if context else "")
+
+
+def find_state_machine(stepfunctions, name: str) -> str | None:
+    """The ARN of the state machine called `name`, or None."""
+    for page in stepfunctions.get_paginator("list_state_machines").paginate():
+        for machine in page["stateMachines"]:
+            if machine["name"] == name:
+                return machine["stateMachineArn"]
+    return None
+
+
+def training_job_parameters(definition: dict) -> dict:
+    """The CreateTrainingJob parameters of the state that trains."""
+    for state in definition["States"].values():
+        if state.get("Type") == "Task" and ":sagemaker:createTrainingJob" in state.get("Resource", ""):
+            return state["Parameters"]
+    raise FitError("the deployed state machine has no SageMaker training step: redeploy the training stack")
+
+
+def algorithm_of(parameters: dict) -> str:
+    """`builtin` or `pytorch`, from the training image: `.../image-classification:1` or `.../pytorch-training:...`."""
+    image = parameters["AlgorithmSpecification"]["TrainingImage"]
+    repository = image.rsplit("/", 1)[-1].split(":")[0]
+    return {"image-classification": "builtin", "pytorch-training": "pytorch"}.get(repository, image)
+
+
+def check_data_staged(s3, parameters: dict) -> None:
+    """Fail before anything starts when a channel's S3 location is empty (the ETL has not been run)."""
+    for channel in parameters["InputDataConfig"]:
+        if channel["ChannelName"] == "code":
+            continue
+        bucket, _, key = channel["DataSource"]["S3DataSource"]["S3Uri"].removeprefix("s3://").partition("/")
+        try:
+            found = s3.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)["KeyCount"]
+        except ClientError:
+            return  # not allowed to look: SageMaker will say so if the data is missing
+        if not found:
+            raise FitError(f"s3://{bucket}/{key} is empty: stage the data first with "
+                           f"`python -m training.etl --out data --bucket {bucket}`")
+
+
+def training_job_name(events: list[dict]) -> str | None:
+    """The newest training job's name (a retry makes a new one), from the history's TaskScheduled events."""
+    scheduled = [event["taskScheduledEventDetails"] for event in events if "taskScheduledEventDetails" in event]
+    names = [json.loads(details["parameters"]).get("TrainingJobName") for details in scheduled
+             if details["resourceType"] == "sagemaker" and details["resource"].startswith("createTrainingJob")]
+    return names[-1] if names else None
+
+
+def training_job_lines(job: dict) -> list[str]:
+    """One line per secondary status the training job went through, with SageMaker's message."""
+    lines = [f"training job {job['TrainingJobName']}: {transition['Status']}: {transition.get('StatusMessage', '')}"
+             for transition in job.get("SecondaryStatusTransitions", [])]
+    return lines or [f"training job {job['TrainingJobName']}: {job['TrainingJobStatus']}"]
+
+
+def follow_execution(stepfunctions, sagemaker, execution_arn: str, say, poll_seconds: float = POLL_SECONDS):
+    """Poll until the execution ends, saying each state entered and each training job change.
+
+    Answers (the final describe_execution, the training job's description or None).
+    """
+    seen_events, job_name, job, job_said = 0, None, None, []
+    while True:
+        described = stepfunctions.describe_execution(executionArn=execution_arn)
+        events = [event for page in stepfunctions.get_paginator("get_execution_history").paginate(
+            executionArn=execution_arn) for event in page["events"]]
+        for event in events[seen_events:]:
+            if "stateEnteredEventDetails" in event:
+                say(f"state {event['stateEnteredEventDetails']['name']}")
+        seen_events = len(events)
+        if training_job_name(events) != job_name:
+            job_name, job, job_said = training_job_name(events), None, []
+        if job_name:
+            try:
+                job = sagemaker.describe_training_job(TrainingJobName=job_name)
+            except ClientError:
+                pass  # scheduled, not created yet
+            else:
+                lines = training_job_lines(job)
+                for index, line in enumerate(lines):
+                    if index >= len(job_said) or job_said[index] != line:
+                        say(line)
+                job_said = lines
+        if described["status"] != RUNNING:
+            return described, job
+        time.sleep(poll_seconds)
+
+
+def failure_reason(stepfunctions, described: dict, job: dict | None) -> str:
+    """Why the execution did not succeed, on one line: the training job's FailureReason when it has one."""
+    if job and job.get("FailureReason"):
+        return f"training job {job['TrainingJobName']} {job['TrainingJobStatus']}: {job['FailureReason']}"
+    error, cause = described.get("error"), described.get("cause")
+    if not (error or cause):
+        history = stepfunctions.get_execution_history(executionArn=described["executionArn"], reverseOrder=True)
+        for event in history["events"]:
+            details = next((value for key, value in event.items()
+                            if key.startswith("execution") and key.endswith("EventDetails")), None)
+            if details and (details.get("error") or details.get("cause")):
+                error, cause = details.get("error"), details.get("cause")
+                break
+    try:  # a failed .sync task's cause is the training job's description, as JSON
+        cause = json.loads(cause).get("FailureReason", cause)
+    except (TypeError, ValueError, AttributeError):
+        pass
+    reason = ": ".join(str(part) for part in (error, cause) if part) or "no reason given"
+    return " ".join(reason.split())[:500]
+
+
+def model_artifact(ssm, described: dict, parameter_name: str) -> str:
+    """The model.tar.gz URL: the execution's output (`$.ModelArtifacts`), else the SSM parameter it wrote."""
+    try:
+        return json.loads(described["output"])["S3ModelArtifacts"]
+    except (KeyError, TypeError, ValueError):
+        return ssm.get_parameter(Name=parameter_name)["Parameter"]["Value"]
+
+
+def fit_sagemaker(env: str = "dev", region: str | None = None, algorithm: str | None = None,
+                  poll_seconds: float = POLL_SECONDS, say=None) -> str:
+    """Start the deployed training state machine of `env`, follow it; answers the model artifact's S3 URL."""
+    config = SconesConfig(env_name=env)
+    started = time.monotonic()
+    say = say or (lambda text: print(f"fit: [{_clock(time.monotonic() - started)}] {text}",
+                                     file=sys.stderr, flush=True))
+    session = boto3.Session(region_name=region)
+    retries = Config(retries={"mode": "standard", "max_attempts": 10})
+    stepfunctions, sagemaker = (session.client(name, config=retries) for name in ("stepfunctions", "sagemaker"))
+
+    name = f"{config.prefix}-training"
+    arn = find_state_machine(stepfunctions, name)
+    if arn is None:
+        raise FitError(f"no state machine {name} in {session.region_name}: deploy the training stack with "
+                       f"`{deploy_command(env, ['Data', 'Training'])}` (see README), "
+                       f"or train on this machine with --local")
+    definition = stepfunctions.describe_state_machine(stateMachineArn=arn)["definition"]
+    parameters = training_job_parameters(json.loads(definition))
+    deployed = algorithm_of(parameters)
+    if algorithm and algorithm != deployed:
+        raise FitError(f"{name} trains {deployed}, not {algorithm}: redeploy it with "
+                       f"`{deploy_command(env, ['Training'], f'-c training_algorithm={algorithm}')}` "
+                       f"(and deploy the endpoint with the same context)")
+    check_data_staged(session.client("s3", config=retries), parameters)
+
+    execution_arn = stepfunctions.start_execution(
+        stateMachineArn=arn, name=f"fit-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}", input="{}",
+    )["executionArn"]
+    try:
+        say(f"started {name} ({deployed}): {execution_arn}")
+        described, job = follow_execution(stepfunctions, sagemaker, execution_arn, say, poll_seconds)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; the execution keeps running, and its training job with it. Stop it with: "
+                          f"aws stepfunctions stop-execution --execution-arn {execution_arn}") from None
+    except (BotoCoreError, ClientError) as error:
+        raise TrainingFailed(f"lost track of the execution ({_aws_error(error)}); it may still be running: "
+                             f"aws stepfunctions describe-execution --execution-arn {execution_arn}") from None
+    if described["status"] != "SUCCEEDED":
+        raise TrainingFailed(f"execution {described['status']}: {failure_reason(stepfunctions, described, job)} "
+                             f"({execution_arn})")
+    say("succeeded; deploy the endpoint with `" + deploy_command(
+        env, ["Endpoint"], "" if deployed == "pytorch" else f"-c training_algorithm={deployed}") + "`")
+    return model_artifact(session.client("ssm", config=retries), described, config.model_parameter_name)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes:02d}:{seconds:02d}"
+
+
+def _aws_error(error: Exception) -> str:
+    """One line for an error of the AWS client."""
+    if isinstance(error, NoCredentialsError):
+        return ("no AWS credentials: configure them (`aws configure`, AWS_PROFILE) and deploy with `make deploy`, "
+                "or train on this machine with --local")
+    if isinstance(error, NoRegionError):
+        return "no AWS region: pass --region or set AWS_REGION"
+    if isinstance(error, EndpointConnectionError):
+        return f"cannot reach AWS: {error}"
+    if isinstance(error, ClientError):
+        return f"AWS refused {error.operation_name}: {error.response['Error'].get('Message', error)}"
+    return str(error)
+
+
+# --------------------------------------------------------------------------------------------- main
+
 def main(argv=None) -> None:
     parser = train.HyperparameterParser(
         prog="python -m training.fit",
-        description="Fit the model: run training/train.py as SageMaker's PyTorch container does, "
-                    "then pack OUT/model.tar.gz.")
-    parser.add_argument("--local", action="store_true", required=True, help="train on this machine")
-    parser.add_argument("--data", type=Path, required=True, metavar="DIR",
-                        help="staged data folder (python -m training.etl)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
-                        help="folder for model.tar.gz, metrics.json and plots")
-    train.add_hyperparameters(parser.add_argument_group("hyperparameters, passed on to training/train.py"))
+        description="Fit the model: run training/train.py here as SageMaker's PyTorch container does and pack "
+                    "OUT/model.tar.gz (--local), or start the deployed training state machine and follow it "
+                    "(--sagemaker).")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", action="store_true", help="train on this machine")
+    where.add_argument("--sagemaker", action="store_true",
+                       help="start the deployed training stack's state machine and wait for it")
+    parser.add_argument("--data", type=Path, metavar="DIR", help="--local: staged data folder (python -m training.etl)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="--local: folder for model.tar.gz, metrics.json and plots")
+    parser.add_argument("--env", choices=("dev", "prod"), default="dev", help="--sagemaker: the deployed environment")
+    parser.add_argument("--region", help="--sagemaker: AWS region (default: the AWS configuration's)")
+    parser.add_argument("--algorithm", choices=ALGORITHMS,
+                        help="pytorch (training/train.py) or builtin (SageMaker's image-classification algorithm, "
+                             "SageMaker only); with --sagemaker, fail unless the deployed stack trains it")
+    train.add_hyperparameters(parser.add_argument_group("hyperparameters (--local), passed on to training/train.py"))
     try:
         args = parser.parse_args(argv)
-        given = {name: getattr(args, name) for name in vars(args)
-                 if name not in ("local", "data", "out") and getattr(args, name) != parser.get_default(name)}
-        archive = fit_local(args.data, args.out, **given)
+        given = {name: getattr(args, name) for name in train.HYPERPARAMETERS
+                 if getattr(args, name) != parser.get_default(name)}
+        if args.local:
+            if args.algorithm == "builtin":
+                raise FitError("the built-in image-classification algorithm runs only in SageMaker: deploy the "
+                               "training stack with -c training_algorithm=builtin and use --sagemaker")
+            if args.data is None or args.out is None:
+                raise FitError("--local needs --data DIR and --out DIR")
+            print(fit_local(args.data, args.out, **given))
+            return
+        if args.data or args.out:
+            raise FitError("--data and --out are for --local: --sagemaker trains on the staged bucket and writes to S3")
+        if given:
+            raise FitError(f"--{next(iter(given))} is for --local: with --sagemaker the hyperparameters are the "
+                           f"deployed stack's (context key `hyperparameters`, see README)")
+        print(fit_sagemaker(args.env, args.region, args.algorithm))
     except (train.HyperparameterError, FitError) as error:
         print(f"fit: error: {error}", file=sys.stderr)
         raise SystemExit(2)
-    except RuntimeError as error:
+    except (BotoCoreError, ClientError) as error:
+        print(f"fit: error: {_aws_error(error)}", file=sys.stderr)
+        raise SystemExit(2)
+    except Interrupted as error:
+        print(f"fit: {error}", file=sys.stderr)
+        raise SystemExit(130)
+    except TrainingFailed as error:
         print(f"fit: error: {error}", file=sys.stderr)
         raise SystemExit(1)
-    print(archive)
 
 
 if __name__ == "__main__":
