@@ -27,7 +27,8 @@ def build(app: cdk.App) -> list[cdk.Stack]:
     monitoring = MonitoringStack(
         app, f"{prefix}Monitoring", state_machine=workflow.state_machine,
         state_machine_log_group_name=workflow.workflow.log_group.log_group_name,
-        functions=[workflow.serialize, workflow.classify, workflow.filter], synthesizer=synthesizer(), **common)
+        functions=[workflow.serialize, workflow.classify, workflow.filter], bucket=data.bucket,
+        capture_key=endpoint.key, synthesizer=synthesizer(), **common)
     stacks = [data, training, endpoint, workflow, monitoring]
 
     for stack in stacks:

@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from monitoring import baseline, report  # noqa: E402
+from monitoring import baseline, checks, report  # noqa: E402
 from monitoring.captures import read_captures  # noqa: E402
 from training import etl  # noqa: E402
 
@@ -84,6 +84,7 @@ def fake_baseline(captures) -> tuple[dict, dict]:
     for statistic, values in (("mean", captures.channel_means), ("std", captures.channel_stds)):
         for channel, name in enumerate(baseline.CHANNELS):
             features.append(baseline.numerical_feature(f"image_{statistic}_{name}", values[:, channel]))
+    features.append(baseline.numerical_feature(checks.BORDER_FEATURE, captures.border_minus_centre))
     features += [baseline.categorical_feature("image_size", captures.sizes),
                  baseline.categorical_feature("image_format", captures.formats)]
     statistics_ = {"version": 0, "dataset": {"item_count": len(top), "image_count": len(top)},

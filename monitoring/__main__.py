@@ -1,22 +1,28 @@
 """python -m monitoring baseline|report: build the baseline, report on captured traffic against it.
 
-    python -m monitoring baseline --model model.tar.gz --data STAGED_DIR --out BASELINE_DIR
-    python -m monitoring report PREFIX --baseline BASELINE_DIR --out REPORT_DIR [--window 1h]
-                                [--since ISO] [--until ISO] [--fail-on-violation] [--no-progress]
+    python -m monitoring baseline --model MODEL --data STAGED_DIR --out BASELINE
+    python -m monitoring report PREFIX --baseline BASELINE --out REPORT_DIR [--window 1h]
+                                [--since ISO] [--until ISO] [--last 1h] [--fail-on-violation] [--no-progress]
+                                [--publish-metrics NAMESPACE --endpoint-name NAME] [--allow-empty]
 
 PREFIX is a folder or s3://bucket/prefix holding capture files (any depth: every hour folder is read).
-Exit status: 0 done, 2 a usage error (one line on stderr), 3 violations found with --fail-on-violation.
+MODEL is a model.tar.gz file or its s3:// URI; BASELINE a folder or an s3://bucket/prefix/.
+Exit status: 0 done, 2 a usage error (one line on stderr), 3 violations found with --fail-on-violation,
+4 the metrics could not be published.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 VIOLATION_EXIT = 3
+PUBLISH_FAILED_EXIT = 4
 
 
 def iso_time(text: str) -> datetime:
@@ -43,45 +49,95 @@ def parser() -> argparse.ArgumentParser:
     commands = main_parser.add_subparsers(dest="command", required=True)
     baseline = commands.add_parser("baseline", help="statistics.json and constraints.json of the model's "
                                                     "validation answers and training images")
-    baseline.add_argument("--model", type=Path, required=True, help="model.tar.gz with code/inference.py")
+    baseline.add_argument("--model", required=True, help="model.tar.gz with code/inference.py (a file or s3://...)")
     baseline.add_argument("--data", type=Path, required=True, help="staged data folder (python -m training.etl)")
-    baseline.add_argument("--out", type=Path, required=True, help="folder for statistics.json, constraints.json")
+    baseline.add_argument("--out", required=True,
+                          help="folder or s3://bucket/prefix/ for statistics.json and constraints.json")
 
     report = commands.add_parser("report", help="check captured records against the baseline, write report.html")
     report.add_argument("captures", help="folder or s3://bucket/prefix of capture files (.jsonl, .jsonl.gz)")
-    report.add_argument("--baseline", type=Path, required=True, help="folder holding statistics.json, constraints.json")
+    report.add_argument("--baseline", required=True,
+                        help="folder or s3://bucket/prefix/ holding statistics.json and constraints.json")
     report.add_argument("--out", type=Path, required=True, help="folder for report.html and the other results")
     report.add_argument("--window", type=window_length, default="1h", help="length of the checked windows: 30m, 1h, 1d... (default 1h)")
     report.add_argument("--since", type=iso_time, help="first inference time read (ISO, UTC unless stated)")
     report.add_argument("--until", type=iso_time, help="end of the inference times read (excluded)")
+    report.add_argument("--last", type=window_length,
+                        help="read only the last whole period of this length ended by --until (default: now), "
+                             "e.g. 1h at 10:10 reads 09:00 to 10:00; instead of --since")
     report.add_argument("--fail-on-violation", action="store_true",
                         help=f"exit with status {VIOLATION_EXIT} when any check is violated")
     report.add_argument("--no-progress", action="store_true", help="no progress bar")
+    report.add_argument("--publish-metrics", metavar="NAMESPACE",
+                        help="put the violations into CloudWatch (DriftViolations in total and per check type, "
+                             "DriftCheckedRecords), dimension EndpointName")
+    report.add_argument("--endpoint-name", help="the EndpointName dimension of the published metrics")
+    report.add_argument("--allow-empty", action="store_true",
+                        help="no capture in the range is a quiet period, not an error: exit 0 (and publish zeros)")
     return main_parser
 
 
+def last_period(length: str, until: datetime | None) -> tuple[datetime, datetime]:
+    """[since, until) of the last whole period of `length` (aligned on the epoch, as the windows are)."""
+    from monitoring.report import window_seconds
+
+    seconds = window_seconds(length)
+    end = (until or datetime.now(timezone.utc)).timestamp()
+    start = (end // seconds - 1) * seconds
+    return datetime.fromtimestamp(start, timezone.utc), datetime.fromtimestamp(start + seconds, timezone.utc)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    command_parser = parser()
+    args = command_parser.parse_args(argv)
+    if args.command == "report":
+        if args.publish_metrics and not args.endpoint_name:
+            command_parser.error("--publish-metrics needs --endpoint-name (the metrics' EndpointName dimension)")
+        if args.last:
+            if args.since:
+                command_parser.error("--last and --since exclude each other")
+            args.since, args.until = last_period(args.last, args.until)
     # Imported here so that --help answers fast; torch and matplotlib take seconds to import.
     from monitoring import baseline, report
-    from monitoring.captures import CaptureError, read_captures
+    from monitoring.captures import CaptureError, NoCaptures, read_captures
 
     try:
         if args.command == "baseline":
             started = time.perf_counter()
-            statistics, constraints = baseline.compute(args.model, args.data)
+            with tempfile.TemporaryDirectory(prefix="scones-model-") as folder:
+                statistics, constraints = baseline.compute(baseline.fetch_model(args.model, Path(folder)), args.data)
             baseline.write(statistics, constraints, args.out)
+            where = args.out.rstrip("/") + "/" if args.out.startswith("s3://") else f"{Path(args.out)}{os.sep}"
             print(f"baseline of {statistics['dataset']['item_count']} validation answers and "
                   f"{statistics['dataset']['image_count']} training images in {time.perf_counter() - started:.1f}s: "
-                  f"{args.out / 'statistics.json'}, {args.out / 'constraints.json'}")
+                  f"{where}statistics.json, {where}constraints.json")
             return 0
         statistics, constraints = baseline.load(args.baseline)
-        captures = read_captures(args.captures, args.since, args.until, progress=not args.no_progress)
-        summary = report.build(captures, statistics, constraints, args.out, args.window, args.captures)
+        try:
+            captures = read_captures(args.captures, args.since, args.until, progress=not args.no_progress)
+            summary = report.build(captures, statistics, constraints, args.out, args.window, args.captures)
+        except NoCaptures as error:
+            if not args.allow_empty:
+                raise
+            summary = {"records": 0, "violations": 0, "results": []}
+            print(f"nothing to check: {error}")
     except (baseline.BaselineError, CaptureError) as error:
         print(f"monitoring: error: {error}", file=sys.stderr)
         return 2
-    print(f"{summary['records']} records, {summary['violations']} violation(s): {args.out / 'report.html'}")
+    if args.publish_metrics:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from monitoring import metrics
+
+        try:
+            metrics.publish(args.publish_metrics, args.endpoint_name, summary)
+        except (BotoCoreError, ClientError) as error:
+            print(f"monitoring: error: cannot publish the metrics to CloudWatch: {error}", file=sys.stderr)
+            return PUBLISH_FAILED_EXIT
+        print(f"published {summary['violations']} violation(s) as {args.publish_metrics}/{metrics.VIOLATIONS} "
+              f"for EndpointName={args.endpoint_name}")
+    if summary["records"]:
+        print(f"{summary['records']} records, {summary['violations']} violation(s): {args.out / 'report.html'}")
     return VIOLATION_EXIT if args.fail_on_violation and summary["violations"] else 0
 
 

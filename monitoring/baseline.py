@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image
 
 from monitoring import checks
-from monitoring.captures import CHANNELS, channel_statistics
+from monitoring import captures
+from monitoring.captures import CHANNELS
 
 SKETCH_K = 2048  # Model Monitor's KLL parameter k; more values than this are kept as k evenly spaced quantiles
 KLL_BUCKETS = 10
@@ -82,16 +83,19 @@ def predict(handler, model, images: list[Path]) -> np.ndarray:
 
 
 def image_statistics(images: list[Path]) -> dict:
-    """Per-image channel means and standard deviations (0..1), sizes and formats, as captures.py computes them."""
-    means, stds, sizes, formats = [], [], [], []
+    """Per-image channel means and standard deviations (0..1), border-minus-centre luminance, sizes and formats,
+    as captures.py computes them."""
+    means, stds, contrasts, sizes, formats = [], [], [], [], []
     for path in images:
         with Image.open(path) as image:
-            mean, std = channel_statistics(np.asarray(image.convert("RGB"))[None])
+            mean, std, contrast = captures.image_statistics(np.asarray(image.convert("RGB"))[None])
             sizes.append(f"{image.width}x{image.height}")
             formats.append(f"{image.format}/{image.mode}")
         means.append(mean[0])
         stds.append(std[0])
-    return {"channel_means": np.array(means), "channel_stds": np.array(stds), "sizes": sizes, "formats": formats}
+        contrasts.append(contrast[0])
+    return {"channel_means": np.array(means), "channel_stds": np.array(stds),
+            "border_minus_centre": np.array(contrasts), "sizes": sizes, "formats": formats}
 
 
 def compute(model_archive: Path, data_dir: Path) -> tuple[dict, dict]:
@@ -109,6 +113,7 @@ def compute(model_archive: Path, data_dir: Path) -> tuple[dict, dict]:
         features.append(numerical_feature(f"image_mean_{name}", training["channel_means"][:, channel]))
     for channel, name in enumerate(CHANNELS):
         features.append(numerical_feature(f"image_std_{name}", training["channel_stds"][:, channel]))
+    features.append(numerical_feature(checks.BORDER_FEATURE, training["border_minus_centre"]))
     features += [categorical_feature("image_size", training["sizes"]),
                  categorical_feature("image_format", training["formats"])]
     statistics = {"version": 0,
@@ -163,17 +168,67 @@ def constraints_of(statistics: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- files
+# A baseline location is a folder or an S3 prefix (s3://bucket/monitoring/baseline/), where the hourly drift
+# job of the monitoring stack reads it.
+BASELINE_FILES = ("statistics.json", "constraints.json")
 
-def write(statistics: dict, constraints: dict, out: Path) -> None:
+
+def _s3_location(location: str) -> tuple[str, str]:
+    bucket, _, prefix = location[5:].partition("/")
+    return bucket, prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def write(statistics: dict, constraints: dict, out: Path | str) -> None:
+    contents = [json.dumps(document, indent=2) + "\n" for document in (statistics, constraints)]
+    if str(out).startswith("s3://"):
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, prefix = _s3_location(str(out))
+        try:
+            for name, content in zip(BASELINE_FILES, contents):
+                boto3.client("s3").put_object(Bucket=bucket, Key=prefix + name, Body=content.encode(),
+                                              ContentType="application/json")
+        except (BotoCoreError, ClientError) as error:
+            raise BaselineError(f"cannot write the baseline to {out}: {error}") from None
+        return
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "statistics.json").write_text(json.dumps(statistics, indent=2) + "\n")
-    (out / "constraints.json").write_text(json.dumps(constraints, indent=2) + "\n")
+    for name, content in zip(BASELINE_FILES, contents):
+        (out / name).write_text(content)
 
 
-def load(baseline_dir: Path) -> tuple[dict, dict]:
-    paths = [baseline_dir / "statistics.json", baseline_dir / "constraints.json"]
+def load(baseline: Path | str) -> tuple[dict, dict]:
+    if str(baseline).startswith("s3://"):
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, prefix = _s3_location(str(baseline))
+        try:
+            return tuple(json.loads(boto3.client("s3").get_object(Bucket=bucket, Key=prefix + name)["Body"].read())
+                         for name in BASELINE_FILES)
+        except (BotoCoreError, ClientError) as error:
+            raise BaselineError(f"no baseline at {baseline} ({error}); build it with `python -m monitoring baseline "
+                                f"... --out {baseline}`") from None
+    paths = [Path(baseline) / name for name in BASELINE_FILES]
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
         raise BaselineError(f"no baseline: {' and '.join(missing)} missing "
                             "(build it with `python -m monitoring baseline`)")
     return tuple(json.loads(path.read_text()) for path in paths)
+
+
+def fetch_model(model: str, folder: Path) -> Path:
+    """The model archive as a local file: `model` itself, or its download into `folder` when it is s3://..."""
+    if not model.startswith("s3://"):
+        return Path(model)
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = model[5:].partition("/")
+    local = folder / "model.tar.gz"
+    try:
+        boto3.client("s3").download_file(bucket, key, str(local))
+    except (BotoCoreError, ClientError) as error:
+        raise BaselineError(f"cannot read the model archive {model}: {error}") from None
+    return local

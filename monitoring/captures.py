@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 CAPTURE_SUFFIXES = (".jsonl", ".jsonl.gz")
 CHANNELS = ("red", "green", "blue")
+LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 weights of red, green, blue
 HOUR_FOLDER = re.compile(r"(?:^|/)(\d{4})/(\d{2})/(\d{2})/(\d{2})/[^/]*$")
 LOWEST_KEPT = 24  # lowest-confidence images kept for the report's grid
 PARALLEL_FILES = 8  # from this many files on, files are read by one process per core
@@ -32,6 +33,11 @@ PARALLEL_FILES = 8  # from this many files on, files are read by one process per
 
 class CaptureError(Exception):
     """A user mistake about the captures (no such prefix, no records); the CLI prints it as one line."""
+
+
+class NoCaptures(CaptureError):
+    """Nothing was captured in the range asked (no capture file, or no record in the files): for a scheduled
+    report over the last hour this is a quiet hour (`--allow-empty`), not a mistake."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class Captures:
     probabilities: np.ndarray  # (N, classes)
     channel_means: np.ndarray  # (N, 3) per-image mean of red, green, blue, 0..1
     channel_stds: np.ndarray  # (N, 3) per-image standard deviation of each channel, 0..1
+    border_minus_centre: np.ndarray  # (N,) per-image luminance of the border band minus that of the centre
     sizes: list[str]  # "32x32"; "" without input
     formats: list[str]  # PIL format and mode, e.g. "PNG/RGB"; "" without input
     failures: list[Failure] = field(default_factory=list)
@@ -83,7 +90,7 @@ def list_capture_files(prefix: str, since: datetime | None = None, until: dateti
         names = [str(path) for path in folder.rglob("*") if path.is_file()]
     files = sorted(name for name in names if name.endswith(CAPTURE_SUFFIXES) and _hour_in_range(name, since, until))
     if not files:
-        raise CaptureError(f"no capture files (*.jsonl, *.jsonl.gz) under {prefix}"
+        raise NoCaptures(f"no capture files (*.jsonl, *.jsonl.gz) under {prefix}"
                            + (" in the time range asked" if since or until else ""))
     return files
 
@@ -213,21 +220,44 @@ def _columns_of(columns: _FileColumns) -> dict:
         if row and len(row) == width:
             probabilities[index] = row
     means, stds = np.full((count, 3), np.nan), np.full((count, 3), np.nan)
+    contrasts = np.full(count, np.nan)
     present = [index for index, pixels in enumerate(columns.pixels) if pixels is not None]
     for shape in {columns.pixels[index].shape for index in present}:  # one stack per image size: vectorised
         rows = [index for index in present if columns.pixels[index].shape == shape]
-        means[rows], stds[rows] = channel_statistics(np.stack([columns.pixels[index] for index in rows]))
+        means[rows], stds[rows], contrasts[rows] = image_statistics(
+            np.stack([columns.pixels[index] for index in rows]))
     return {"times": np.array(columns.times, dtype=float), "probabilities": probabilities,
-            "channel_means": means, "channel_stds": stds, "sizes": columns.sizes, "formats": columns.formats}
+            "channel_means": means, "channel_stds": stds, "border_minus_centre": contrasts,
+            "sizes": columns.sizes, "formats": columns.formats}
 
 
-def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image channel means and standard deviations (0..1) of uint8 RGB images (N, height, width, 3)."""
+def border_centre_weights(height: int, width: int) -> np.ndarray:
+    """Pixel weights (height * width) whose dot product with an image is its border mean minus its centre mean.
+
+    The border is the band of an eighth of each side along the four edges (4 pixels of 32), the centre the
+    middle half of each side (16 x 16 of 32 x 32). Photos of a vehicle have it in the middle, before a
+    background that is mostly lighter (sky, road, a studio's white); colour inversion turns that around, while
+    it leaves the channel means of such images (near 0.5) and their spreads almost where they were.
+    """
+    band_y, band_x = max(1, height // 8), max(1, width // 8)
+    border = np.ones((height, width), dtype=bool)
+    border[band_y:height - band_y, band_x:width - band_x] = False
+    centre = np.zeros((height, width), dtype=bool)
+    centre[height // 4:height - height // 4, width // 4:width - width // 4] = True
+    weights = border / border.sum() - centre / max(1, centre.sum())
+    return weights.astype(np.float32).ravel()
+
+
+def image_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image channel means and standard deviations (0..1, (N, 3) each) of uint8 RGB images
+    (N, height, width, 3), and the luminance (ITU-R BT.601) of their border minus that of their centre (N,)."""
+    count, height, width = images.shape[:3]
     # Channels first and contiguous: reducing the last axis is several times faster than a strided one.
-    pixels = images.reshape(len(images), -1, 3).transpose(0, 2, 1).astype(np.float32) / 255
+    pixels = images.reshape(count, -1, 3).transpose(0, 2, 1).astype(np.float32) / 255
     means = pixels.mean(axis=2)
+    contrasts = (pixels @ border_centre_weights(height, width)) @ LUMINANCE
     deviations = pixels - means[:, :, None]
-    return means, np.sqrt(np.einsum("ncp,ncp->nc", deviations, deviations) / pixels.shape[2])
+    return means, np.sqrt(np.einsum("ncp,ncp->nc", deviations, deviations) / pixels.shape[2]), contrasts
 
 
 def _lowest_of(columns: _FileColumns) -> list[LowConfidence]:
@@ -278,6 +308,8 @@ def _merged(results: list, file_count: int) -> Captures:
         else np.empty((0, 0)),
         channel_means=np.concatenate([part["channel_means"] for part in columns]) if columns else np.empty((0, 3)),
         channel_stds=np.concatenate([part["channel_stds"] for part in columns]) if columns else np.empty((0, 3)),
+        border_minus_centre=np.concatenate([part["border_minus_centre"] for part in columns]) if columns
+        else np.empty(0),
         sizes=[size for part in columns for size in part["sizes"]],
         formats=[kind for part in columns for kind in part["formats"]],
         failures=[failure for result in results for failure in result[1]],
@@ -287,6 +319,7 @@ def _merged(results: list, file_count: int) -> Captures:
     order = np.argsort(captures.times, kind="stable")
     captures.times, captures.probabilities = captures.times[order], captures.probabilities[order]
     captures.channel_means, captures.channel_stds = captures.channel_means[order], captures.channel_stds[order]
+    captures.border_minus_centre = captures.border_minus_centre[order]
     captures.sizes = [captures.sizes[index] for index in order]
     captures.formats = [captures.formats[index] for index in order]
     return captures

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from monitoring import checks  # noqa: E402
-from monitoring.captures import Captures, CaptureError  # noqa: E402
+from monitoring.captures import Captures, CaptureError, NoCaptures  # noqa: E402
 
 WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 GRID_COLUMNS = 8
@@ -62,8 +62,9 @@ def build(captures: Captures, statistics: dict, constraints: dict, out: Path, wi
           source: str = "") -> dict:
     """Check every window, write the report files under `out`; answers summary.json's content."""
     if not len(captures):
-        raise CaptureError(f"no capture records could be read under {source}"
-                           + (f" ({len(captures.failures)} unreadable)" if captures.failures else ""))
+        if not captures.failures:
+            raise NoCaptures(f"no capture records under {source} in the time range asked")
+        raise CaptureError(f"no capture records could be read under {source} ({len(captures.failures)} unreadable)")
     checker = checks.Checker(statistics, constraints)
     windows = windows_of(captures.times, window_seconds(window))
     results = [result for each in windows for result in checker.window(captures, each.rows, each.label)]

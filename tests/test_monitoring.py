@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import boto3
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from local import aws  # noqa: E402
 from local.endpoint import CaptureSpec, EndpointServer, EndpointSpec  # noqa: E402
 from monitoring import checks  # noqa: E402
-from monitoring.__main__ import main as monitoring_main  # noqa: E402
+from monitoring.__main__ import last_period, main as monitoring_main  # noqa: E402
 from monitoring.captures import read_captures  # noqa: E402
 from training import etl  # noqa: E402
 from training.fit import fit_local  # noqa: E402
@@ -37,6 +38,7 @@ BUCKET = "scones-monitoring-tests"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 IMAGE_MEANS = {f"image_mean_{channel}" for channel in ("red", "green", "blue")}
 IMAGE_STDS = {f"image_std_{channel}" for channel in ("red", "green", "blue")}
+BORDER = "image_border_minus_centre"
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -94,6 +96,7 @@ def captured(model, staged, other_vehicles):
             "clean": staged_test_images(staged),
             "dark": altered(staged_test_images(staged), lambda pixels: pixels * 0.5),
             "noisy": altered(staged_test_images(staged), lambda pixels: pixels + noise.normal(0, 25, pixels.shape)),
+            "inverted": altered(staged_test_images(staged), lambda pixels: 255 - pixels),
         }
         for label, name in enumerate(OTHER_CLASSES):
             traffic[name] = [(other_vehicles / line.split("\t")[2]).read_bytes()
@@ -136,7 +139,10 @@ def test_baseline_follows_model_monitor_shapes(baseline_dir):
     assert statistics["dataset"] == {"item_count": 100, "image_count": 900}
     names = [feature["name"] for feature in statistics["features"]]
     assert names == ["prediction", "top_probability", "low_confidence", *sorted(IMAGE_MEANS, key=names.index),
-                     *sorted(IMAGE_STDS, key=names.index), "image_size", "image_format"]
+                     *sorted(IMAGE_STDS, key=names.index), BORDER, "image_size", "image_format"]
+    border = checks.feature(statistics, BORDER)["numerical_statistics"]
+    # Photos of vehicles: the border (sky, road, backdrop) is mostly lighter than the middle.
+    assert border["common"]["num_present"] == 900 and 0.05 < border["mean"] < 0.2
     top = checks.feature(statistics, "top_probability")["numerical_statistics"]
     assert top["common"]["num_present"] == 100 and 0.5 <= top["min"] <= top["mean"] <= top["max"] <= 1
     assert sum(bucket["count"] for bucket in top["distribution"]["kll"]["buckets"]) == 100
@@ -154,12 +160,14 @@ def test_in_distribution_traffic_gives_no_violation(captured, baseline_dir, tmp_
     assert violated(summary) == set(), summary["checks"]
     statuses = {row["feature_name"]: row["status"] for row in summary["checks"]}
     assert statuses["top_probability"] == statuses["image_mean_red"] == statuses["prediction"] == "OK"
+    assert statuses[BORDER] == "OK"
     assert json.loads((tmp_path / "constraint_violations.json").read_text()) == {"violations": []}
 
 
 @pytest.mark.parametrize("kind, expected", [
     ("dark", IMAGE_MEANS | IMAGE_STDS),
     ("noisy", IMAGE_STDS),
+    ("inverted", {BORDER}),
     ("tank", {"image_std_green", "image_std_blue"}),
     ("rocket", {"image_mean_blue"}),
 ])
@@ -173,9 +181,129 @@ def test_drifted_traffic_names_what_moved(captured, baseline_dir, tmp_path, kind
         assert re.search(r"p=[0-9.e-]+", violation["description"])
 
 
+def test_inverted_images_are_named_by_their_border_and_centre(captured, baseline_dir, tmp_path):
+    summary = report(captured["inverted"], baseline_dir, tmp_path)
+    (row,) = [row for row in summary["checks"] if row["feature_name"] == BORDER]
+    assert row["status"] == "VIOLATION"
+    shares = re.search(r"border brighter than the centre in (\d+)% of images \(baseline (\d+)%\)", row["description"])
+    assert shares and int(shares[1]) < 50 < int(shares[2]), row["description"]
+    # The channel means of inverted CIFAR images barely move: the new statistic is what catches inversion.
+    assert not violated(summary) & IMAGE_MEANS, summary["checks"]
+
+
+def test_a_baseline_without_the_border_feature_skips_that_check_only(captured, baseline_dir, tmp_path):
+    old = tmp_path / "old-baseline"
+    old.mkdir()
+    statistics = json.loads((baseline_dir / "statistics.json").read_text())
+    statistics["features"] = [entry for entry in statistics["features"] if entry["name"] != BORDER]
+    (old / "statistics.json").write_text(json.dumps(statistics))
+    shutil.copy(baseline_dir / "constraints.json", old / "constraints.json")
+    summary = report(captured["inverted"], old, tmp_path / "out")
+    rows = {row["feature_name"]: row for row in summary["checks"]}
+    assert rows[BORDER]["status"] == "SKIPPED" and "rebuild it" in rows[BORDER]["description"]
+    assert rows["image_mean_red"]["status"] != "SKIPPED"
+
+
 def test_other_vehicles_move_the_answers_or_the_images(captured, baseline_dir, tmp_path):
     summary = report(captured["tractor"], baseline_dir, tmp_path)
     assert violated(summary) & {"top_probability", "low_confidence", "prediction", *IMAGE_MEANS, *IMAGE_STDS}
+
+
+# ------------------------------------------------------------------ metrics, as the hourly drift job publishes them
+
+def published(endpoint_name: str) -> dict[tuple, tuple[float, float]]:
+    """What moto's CloudWatch holds for the endpoint: {(metric, check type or None): (maximum, sample count)}.
+
+    Each series is read with its exact dimensions. moto matches dimensions as a subset (CloudWatch matches them
+    exactly), so the total's sample count also counts the per-check-type points; its maximum is still the total.
+    """
+    cloudwatch = boto3.client("cloudwatch")
+    now = datetime.now(timezone.utc)
+    found = {}
+    for series in cloudwatch.list_metrics(Namespace="Scones", Dimensions=[
+            {"Name": "EndpointName", "Value": endpoint_name}])["Metrics"]:
+        points = cloudwatch.get_metric_statistics(
+            Namespace="Scones", MetricName=series["MetricName"], Dimensions=series["Dimensions"],
+            StartTime=now - timedelta(hours=1), EndTime=now + timedelta(minutes=5), Period=3600,
+            Statistics=["Maximum", "SampleCount"])["Datapoints"]
+        check_type = next((d["Value"] for d in series["Dimensions"] if d["Name"] == "CheckType"), None)
+        found[series["MetricName"], check_type] = (max(p["Maximum"] for p in points),
+                                                   sum(p["SampleCount"] for p in points))
+    return found
+
+
+@pytest.mark.parametrize("kind", ["dark", "clean"])
+def test_report_publishes_its_violations_to_cloudwatch(captured, baseline_dir, tmp_path, kind):
+    summary = report(captured[kind], baseline_dir, tmp_path, "--publish-metrics", "Scones",
+                     "--endpoint-name", f"scones-{kind}-published")
+    metrics = published(f"scones-{kind}-published")
+    by_type = {check_type: sum(1 for result in summary["results"] if result["status"] == "VIOLATION"
+                               and result["constraint_check_type"] == check_type)
+               for check_type in ("baseline_drift_check", "data_type_check", "categorical_values_check",
+                                  "parse_failure_check")}
+    assert metrics == {("DriftViolations", None): (summary["violations"], 5),
+                       **{("DriftViolations", check_type): (count, 1) for check_type, count in by_type.items()},
+                       ("DriftCheckedRecords", None): (100, 1)}
+    assert (summary["violations"] > 0) == (kind == "dark"), summary["checks"]
+
+
+def test_a_quiet_hour_publishes_zeros_only_when_allowed(captured, baseline_dir, tmp_path):
+    quiet = [captured["clean"], "--baseline", str(baseline_dir), "--no-progress", "--last", "1h",
+             "--until", "2020-01-01T10:10:00Z", "--publish-metrics", "Scones", "--endpoint-name", "scones-quiet"]
+    finished = subprocess.run([sys.executable, "-m", "monitoring", "report", *quiet, "--out", str(tmp_path / "a")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 2 and "no capture files" in finished.stderr and "time range" in finished.stderr
+    assert published("scones-quiet") == {}
+    assert monitoring_main(["report", *quiet, "--out", str(tmp_path / "b"), "--allow-empty"]) == 0
+    assert published("scones-quiet") == {("DriftViolations", None): (0, 5), ("DriftCheckedRecords", None): (0, 1),
+                                         **{("DriftViolations", check_type): (0, 1) for check_type in (
+                                             "baseline_drift_check", "data_type_check", "categorical_values_check",
+                                             "parse_failure_check")}}
+
+
+def test_a_failed_publication_fails_the_run_with_status_4(capture_folder, baseline_dir, tmp_path):
+    unreachable = {**os.environ, "AWS_ENDPOINT_URL_CLOUDWATCH": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1",
+                   "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    finished = subprocess.run([sys.executable, "-m", "monitoring", "report", str(capture_folder), "--baseline",
+                               str(baseline_dir), "--out", str(tmp_path / "out"), "--no-progress", "--publish-metrics",
+                               "Scones", "--endpoint-name", "scones-dev"], cwd=ROOT, env=unreachable,
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 4, finished.stderr
+    assert finished.stderr.count("\n") == 1 and "cannot publish the metrics to CloudWatch" in finished.stderr
+    assert (tmp_path / "out" / "report.html").is_file()  # the report itself was written
+
+
+def test_publishing_needs_the_endpoint_name(baseline_dir, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        monitoring_main(["report", str(tmp_path), "--baseline", str(baseline_dir), "--out", str(tmp_path),
+                         "--publish-metrics", "Scones"])
+    assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("until, since_, until_", [
+    ("2026-11-25T10:10:00.123Z", "2026-11-25T09:00:00+00:00", "2026-11-25T10:00:00+00:00"),
+    ("2026-11-25T10:00:00Z", "2026-11-25T09:00:00+00:00", "2026-11-25T10:00:00+00:00"),
+    ("2026-11-25T00:59:59Z", "2026-11-24T23:00:00+00:00", "2026-11-25T00:00:00+00:00"),
+])
+def test_last_hour_is_the_whole_hour_before_the_run(until, since_, until_):
+    from monitoring.__main__ import iso_time
+    assert [moment.isoformat() for moment in last_period("1h", iso_time(until))] == [since_, until_]
+
+
+def test_baseline_goes_to_s3_in_one_command_and_the_report_reads_it_there(captured, model, staged, baseline_dir,
+                                                                            tmp_path):
+    boto3.client("s3").upload_file(str(model), BUCKET, "models/job-1/output/model.tar.gz")
+    location = f"s3://{BUCKET}/monitoring/baseline/"
+    assert monitoring_main(["baseline", "--model", f"s3://{BUCKET}/models/job-1/output/model.tar.gz",
+                            "--data", str(staged), "--out", location]) == 0
+    keys = [entry["Key"] for entry in boto3.client("s3").list_objects_v2(
+        Bucket=BUCKET, Prefix="monitoring/baseline/")["Contents"]]
+    assert sorted(keys) == ["monitoring/baseline/constraints.json", "monitoring/baseline/statistics.json"]
+    uploaded = json.loads(boto3.client("s3").get_object(Bucket=BUCKET, Key=keys[1])["Body"].read())
+    assert uploaded == json.loads((baseline_dir / "statistics.json").read_text())
+    from_s3 = report(captured["inverted"], location, tmp_path / "s3")
+    from_folder = report(captured["inverted"], baseline_dir, tmp_path / "folder")
+    assert from_s3["checks"] == from_folder["checks"] and BORDER in violated(from_s3)
 
 
 def test_command_exits_3_on_violation_and_prints_the_report_path(captured, baseline_dir, tmp_path):
@@ -292,6 +420,7 @@ def test_reader_takes_what_sagemaker_writes(capture_folder):
     np.testing.assert_allclose(captures.times - captures.times[0], [0, 0.512, 2.0], atol=1e-6)
     np.testing.assert_allclose(captures.channel_means[0], [200 / 255, 30 / 255, 30 / 255], atol=1e-4)
     np.testing.assert_allclose(captures.channel_stds[0], 0, atol=1e-4)
+    np.testing.assert_allclose(captures.border_minus_centre, 0, atol=1e-4)  # plain colours: no contrast
     assert [kept.confidence for kept in captures.lowest] == [0.6, 0.9388836622238159, 0.999988]
 
 
@@ -336,6 +465,21 @@ def test_user_mistakes_give_one_line_errors(baseline_dir, tmp_path, arguments, m
 
 
 # --------------------------------------------------------------------------------------- statistics
+
+def test_border_minus_centre_is_the_border_band_less_the_middle_half():
+    from monitoring.captures import image_statistics
+    image = np.full((32, 32, 3), 200, dtype=np.uint8)  # light everywhere...
+    image[8:24, 8:24] = 40  # ...but a dark middle half
+    image[4:8, 4:28] = 0  # between border band and centre: counted in neither
+    means, stds, contrast = image_statistics(np.stack([image, 255 - image]))
+    np.testing.assert_allclose(contrast, [(200 - 40) / 255, -(200 - 40) / 255], rtol=1e-5)
+    np.testing.assert_allclose(means[1], 1 - means[0], rtol=1e-5)  # inversion mirrors the means...
+    np.testing.assert_allclose(stds[1], stds[0], rtol=1e-5)  # ...and keeps the spreads
+    red = np.zeros((48, 64, 3), dtype=np.uint8)
+    red[:6] = (255, 0, 0)  # a red top band, 48 // 8 = 6 rows of the border
+    border_pixels = 48 * 64 - (48 - 12) * (64 - 16)
+    assert image_statistics(red[None])[2][0] == pytest.approx(0.299 * 6 * 64 / border_pixels, rel=1e-5)
+
 
 def test_statistics_match_their_textbook_values():
     assert checks.chi_square_sf(3.841459, 1) == pytest.approx(0.05, abs=1e-6)
