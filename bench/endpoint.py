@@ -1,14 +1,18 @@
 """Benchmark of the local SageMaker endpoint (local/endpoint.py): latency and throughput with data capture on.
 
-Run: `.venv/bin/python bench/endpoint.py`. It starts moto's server and the endpoint server as separate processes,
-as `make run` does, and sends real CIFAR-100 bicycle and motorcycle images (the PNGs `training.etl` stages, from
-the validation and test splits) over keep-alive HTTP connections to the SageMaker Runtime path. Two models are
-served: a 2-epoch fit by `training.fit` (the real handler, training/train.py) and the tiny Pillow model of the
-tests. For each, with capture on (100%, input and output, as the stack configures it) and, for reference, off:
-latency p50/p99 at concurrency 1 and throughput at concurrency 16, 3 repeats each, medians reported. Every
-answered request's capture record is counted in S3 at the end. Results go to bench/results/endpoint.json.
+Run: `.venv/bin/python bench/endpoint.py` (options: --help). It starts moto's server and the endpoint servers as
+separate processes, as `make run` does, and sends real CIFAR-100 bicycle and motorcycle images (the PNGs
+`training.etl` stages, from the validation and test splits) over keep-alive HTTP connections to the SageMaker
+Runtime path. Two models are served: a 2-epoch fit by `training.fit` (the real handler, training/train.py) and
+the tiny Pillow model of the tests. Each is served twice at once, with capture on (100%, input and output, as the
+stack configures it) and, for reference, off; the two are measured back to back, alternately, so that both see
+the same load from the rest of the machine: latency p50/p99 at concurrency 1 and throughput at concurrency 16,
+medians of the repeats, each run with the 1-minute load average before it. Every answered request's capture
+record is counted in S3 once the servers have stopped (stopping uploads what is spooled). Results go to
+bench/results/endpoint.json.
 """
 
+import argparse
 import http.client
 import importlib.util
 import json
@@ -37,7 +41,7 @@ FIT = {"epochs": 2}
 RESULTS = ROOT / "bench" / "results" / "endpoint.json"
 BUCKET = "scones-bench"
 CLASSES = ("bicycle", "motorcycle")
-REPEATS = 3
+REPEATS = 5
 LATENCY_REQUESTS = 500
 CONCURRENCY = 16
 THROUGHPUT_REQUESTS = 3200
@@ -73,7 +77,8 @@ class EndpointProcess:
         ready_file = work / f"{spec.name}.ready"
         ready_file.unlink(missing_ok=True)
         self.process = subprocess.Popen([sys.executable, "-m", "local.endpoint", "--spec", str(spec_file),
-                                         "--port", "0", "--ready-file", str(ready_file)],
+                                         "--port", "0", "--spool-dir", str(work / "spool"),
+                                         "--ready-file", str(ready_file)],
                                         cwd=ROOT, env={**os.environ, "TMPDIR": str(work)}, stdout=subprocess.DEVNULL)
         wait_until(lambda: ready_file.exists() or self.process.poll() is not None, "the endpoint server")
         if self.process.poll() is not None:
@@ -85,8 +90,10 @@ class EndpointProcess:
         self.path = f"/endpoints/{spec.name}/invocations"
 
     def stop(self) -> None:
+        """SIGTERM: the server answers the requests in progress and uploads its spooled captures."""
         self.process.terminate()
-        self.process.wait()
+        if self.process.wait() != 0:
+            raise SystemExit(f"bench: the endpoint server exited with status {self.process.returncode}")
 
 
 def send_all(port: int, path: str, images: list[bytes], latencies: list[float]) -> int:
@@ -104,17 +111,16 @@ def send_all(port: int, path: str, images: list[bytes], latencies: list[float]) 
     return answered
 
 
-def latency_run(endpoint: EndpointProcess, images: list[bytes]) -> tuple[dict, int]:
+def latency_run(endpoint: EndpointProcess, images: list[bytes], requests: int) -> tuple[dict, int]:
     latencies = []
-    answered = send_all(endpoint.port, endpoint.path, [images[i % len(images)] for i in range(LATENCY_REQUESTS)],
-                        latencies)
+    answered = send_all(endpoint.port, endpoint.path, [images[i % len(images)] for i in range(requests)], latencies)
     milliseconds = sorted(1000 * latency for latency in latencies)
     p99 = milliseconds[int(0.99 * len(milliseconds)) - 1]
     return {"p50_ms": statistics.median(milliseconds), "p99_ms": p99}, answered
 
 
-def throughput_run(endpoint: EndpointProcess, images: list[bytes]) -> tuple[dict, int]:
-    per_thread = THROUGHPUT_REQUESTS // CONCURRENCY
+def throughput_run(endpoint: EndpointProcess, images: list[bytes], requests: int) -> tuple[dict, int]:
+    per_thread = requests // CONCURRENCY
     answered, latencies = [0] * CONCURRENCY, [[] for _ in range(CONCURRENCY)]
 
     def client(number: int) -> None:
@@ -132,10 +138,6 @@ def throughput_run(endpoint: EndpointProcess, images: list[bytes]) -> tuple[dict
     return {"requests_per_second": sum(answered) / seconds, "p50_ms": statistics.median(all_latencies)}, sum(answered)
 
 
-def count_objects(s3, prefix: str) -> int:
-    return sum(page["KeyCount"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix))
-
-
 def count_records(s3, prefix: str) -> tuple[int, int]:
     """(objects, lines) stored under prefix."""
     objects = lines = 0
@@ -146,43 +148,44 @@ def count_records(s3, prefix: str) -> tuple[int, int]:
     return objects, lines
 
 
-def bench_model(name: str, archive: Path, images: list[bytes], s3, work: Path, log) -> dict:
-    result = {}
-    for capture_on in (True, False):
-        prefix = f"data_capture-{name}"
-        capture = (CaptureSpec(f"s3://{BUCKET}/{prefix}", json_content_types=("application/json",))
-                   if capture_on else None)
-        endpoint = EndpointProcess(EndpointSpec(f"bench-{name}", archive, capture), work)
-        try:
-            answered = send_all(endpoint.port, endpoint.path, images[:200], [])  # warm-up
-            latency_runs, throughput_runs = [], []
-            for _ in range(REPEATS):
-                figures, count = latency_run(endpoint, images)
-                latency_runs.append(figures)
-                answered += count
-                objects_before = count_objects(s3, prefix) if capture_on else 0
-                figures, count = throughput_run(endpoint, images)
-                if capture_on:
-                    figures["records_per_object"] = count / (count_objects(s3, prefix) - objects_before)
-                throughput_runs.append(figures)
-                answered += count
-        finally:
+def bench_model(key: str, archive: Path, images: list[bytes], s3, work: Path, args, log) -> dict:
+    prefix = f"data_capture-{key}"
+    specs = {"capture_on": EndpointSpec(f"bench-{key}", archive,
+                                        CaptureSpec(f"s3://{BUCKET}/{prefix}", json_content_types=("application/json",))),
+             "capture_off": EndpointSpec(f"bench-{key}-off", archive)}
+    endpoints, answered = {}, dict.fromkeys(specs, 0)
+    runs = {name: {"concurrency_1": [], f"concurrency_{CONCURRENCY}": []} for name in specs}
+    try:
+        for name, spec in specs.items():
+            endpoints[name] = EndpointProcess(spec, work)
+            answered[name] += send_all(endpoints[name].port, endpoints[name].path, images[:200], [])  # warm-up
+        for _ in range(args.repeats):
+            for name, endpoint in endpoints.items():  # back to back, so that both see the same machine
+                for level, run, requests in (("concurrency_1", latency_run, args.latency_requests),
+                                             (f"concurrency_{CONCURRENCY}", throughput_run, args.throughput_requests)):
+                    load = os.getloadavg()[0]
+                    figures, count = run(endpoint, images, requests)
+                    runs[name][level].append({**figures, "load_average_1min": load})
+                    answered[name] += count
+    finally:
+        for endpoint in endpoints.values():
             endpoint.stop()
-        figures = {
-            "concurrency_1": {key: statistics.median(run[key] for run in latency_runs) for key in latency_runs[0]},
-            f"concurrency_{CONCURRENCY}": {key: statistics.median(run[key] for run in throughput_runs)
-                                           for key in throughput_runs[0]},
-            "runs": {"concurrency_1": latency_runs, f"concurrency_{CONCURRENCY}": throughput_runs},
-        }
-        if capture_on:
+    result = {}
+    for name, levels in runs.items():
+        figures = {level: {figure: statistics.median(run[figure] for run in level_runs) for figure in level_runs[0]}
+                   for level, level_runs in levels.items()}
+        figures["runs"] = levels
+        if name == "capture_on":
             objects, records = count_records(s3, prefix)
-            figures["capture"] = {"answered": answered, "records": records, "objects": objects}
-            if records != answered:
-                raise SystemExit(f"bench: {answered} requests answered but {records} capture records stored")
-        result["capture_on" if capture_on else "capture_off"] = figures
-        log(f"{name} capture {'on' if capture_on else 'off'}: "
-            f"p50 {figures['concurrency_1']['p50_ms']:.2f} ms, p99 {figures['concurrency_1']['p99_ms']:.2f} ms, "
-            f"{figures[f'concurrency_{CONCURRENCY}']['requests_per_second']:.0f} req/s at {CONCURRENCY}")
+            figures["capture"] = {"answered": answered[name], "records": records, "objects": objects,
+                                  "records_per_object": records / max(objects, 1)}
+            if records != answered[name]:
+                raise SystemExit(f"bench: {answered[name]} requests answered but {records} capture records stored")
+        result[name] = figures
+        log(f"{key} {name.replace('_', ' ')}: p50 {figures['concurrency_1']['p50_ms']:.2f} ms, "
+            f"p99 {figures['concurrency_1']['p99_ms']:.2f} ms, "
+            f"{figures[f'concurrency_{CONCURRENCY}']['requests_per_second']:.0f} req/s at {CONCURRENCY} "
+            f"(load average {figures['concurrency_1']['load_average_1min']:.1f})")
     return result
 
 
@@ -208,6 +211,18 @@ def machine() -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=REPEATS, help=f"runs of each measure (default {REPEATS})")
+    parser.add_argument("--latency-requests", type=int, default=LATENCY_REQUESTS,
+                        help=f"requests of a concurrency-1 run (default {LATENCY_REQUESTS})")
+    parser.add_argument("--throughput-requests", type=int, default=THROUGHPUT_REQUESTS,
+                        help=f"requests of a concurrency-{CONCURRENCY} run (default {THROUGHPUT_REQUESTS})")
+    parser.add_argument("--model", type=Path,
+                        help=f"serve this model.tar.gz instead of fitting one ({FIT} with training.fit)")
+    parser.add_argument("--output", type=Path, default=RESULTS,
+                        help=f"where the results go (default {RESULTS.relative_to(ROOT)})")
+    args = parser.parse_args()
+
     def log(message):
         print(f"bench: {message}", file=sys.stderr, flush=True)
 
@@ -226,10 +241,12 @@ def main() -> None:
             etl.stage(CIFAR, work / "data", CLASSES, progress=False)
             images = staged_images(work / "data")
             log(f"{len(images)} CIFAR images of {', '.join(CLASSES)} as PNG, "
-                f"{statistics.mean(map(len, images)):.0f} bytes on average; fitting {FIT} with training.fit")
-            models = {"training.fit, 2 epochs": fit.fit_local(work / "data", work / "fit", **FIT),
+                f"{statistics.mean(map(len, images)):.0f} bytes on average"
+                + ("" if args.model else f"; fitting {FIT} with training.fit"))
+            trained = args.model or fit.fit_local(work / "data", work / "fit", **FIT)
+            models = {"training.fit, 2 epochs" if not args.model else str(args.model): trained,
                       "tiny (tests' Pillow model)": tiny_model(work)}
-            figures = {name: bench_model(key, archive, images, s3, work, log)
+            figures = {name: bench_model(key, archive, images, s3, work, args, log)
                        for (name, archive), key in zip(models.items(), ("trained", "tiny"))}
     finally:
         moto.terminate()
@@ -238,12 +255,15 @@ def main() -> None:
     report = {
         "what": "local SageMaker endpoint (local/endpoint.py) as its own process, capture to moto's S3 server "
                 "(its own process); client: http.client keep-alive connections in the bench process, "
-                f"CIFAR-100 validation and test images of {' and '.join(CLASSES)} as PNG; medians of {REPEATS} repeats",
+                f"CIFAR-100 validation and test images of {' and '.join(CLASSES)} as PNG; capture on and off "
+                f"served at once and measured alternately; medians of {args.repeats} repeats",
+        "command": " ".join(["bench/endpoint.py", *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine(),
-        # Other work on the machine competes for its 2 cores: the 1-minute load average before and after.
+        # Other work on the machine competes for its 2 cores: the 1-minute load average before and after
+        # (and before each run, in "runs").
         "load_average": {"before": load_before[0], "after": os.getloadavg()[0]},
-        "requests": {"concurrency_1": LATENCY_REQUESTS, f"concurrency_{CONCURRENCY}": THROUGHPUT_REQUESTS},
+        "requests": {"concurrency_1": args.latency_requests, f"concurrency_{CONCURRENCY}": args.throughput_requests},
         "goal": GOAL,
         "goal_met_with_capture_on": {name: {
             "p50_ms_at_concurrency_1": model["capture_on"]["concurrency_1"]["p50_ms"]
@@ -253,9 +273,9 @@ def main() -> None:
             for name, model in figures.items()},
         "models": figures,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    log(f"wrote {RESULTS.relative_to(ROOT)}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {args.output}")
 
 
 def _answers(port: int) -> bool:

@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -161,7 +162,8 @@ class LocalRun:
             self.endpoint.stop()
             spec_file.write_text(spec_json)
             port = runtime_url.rsplit(":", 1)[1]
-            self.endpoint.start(["-m", "local.endpoint", "--spec", str(spec_file), "--port", port])
+            self.endpoint.start(["-m", "local.endpoint", "--spec", str(spec_file), "--port", port,
+                                 "--spool-dir", str(self.state_dir / "capture-spool")])
             say("endpoint", f"serving {', '.join(spec.name for spec in specs)} at {runtime_url} with data capture")
         return [spec.name for spec in specs]
 
@@ -225,6 +227,9 @@ def up(state_dir: Path, assembly_dir: Path, env_name: str, concurrency: int) -> 
 
     metrics_file = state_dir / "model" / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    if endpoints:  # the endpoint uploads its spooled captures every 0.2 s: have the last ones uploaded now
+        urllib.request.urlopen(urllib.request.Request(f"{info['sagemaker_runtime']}/local/upload-captures",
+                                                      data=b"", method="POST"), timeout=60).close()
     captured = count_captured(bucket, f"data_capture/{endpoints[0]}/") if endpoints else 0
     summary = summarise(executions, labels, metrics, captured)
     if endpoints:
