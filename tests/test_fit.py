@@ -69,6 +69,9 @@ def test_metrics_record_curves_test_results_and_calibration(fitted):
             "validation_accuracy"} <= set(metrics["history"][0])
     assert metrics["hyperparameters"]["width"] == QUICK["width"] and metrics["seed"] == 0
     assert metrics["train_seconds"] > 0
+    # bfloat16 "auto" trains in float32 where bfloat16 would be emulated (over 10x slower on such CPUs)
+    native_bfloat16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert metrics["precision"] == ("bfloat16" if native_bfloat16 else "float32")
     test = metrics["test"]
     assert metrics["classes"] == list(CLASSES)
     assert metrics["train_images"] == 900 + 450 + 50  # the extra class's validation images train too
@@ -132,6 +135,7 @@ def test_fit_is_deterministic_for_a_seed(fitted, data_dir, tmp_path):
     (["--epochs", "0"], "argument --epochs: 0 is outside the valid range [1, 1000]"),
     (["--learning_rate", "fast"], "argument --learning_rate: 'fast' is not a float; valid range [1e-06, 10.0]"),
     (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    (["--bfloat16", "yes"], "argument --bfloat16: 'yes' is not one of auto, 1, 0"),
 ])
 def test_bad_hyperparameters_give_one_line_errors(data_dir, tmp_path, arguments, message):
     finished = run_fit("--local", "--data", str(data_dir), "--out", str(tmp_path), *arguments)

@@ -163,7 +163,15 @@ def _bounded(kind, low, high):
     return parse
 
 
-# name: (type, default, low, high, help); SageMaker passes each as `--name value`.
+def _one_of(choices):
+    def parse(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+    return parse
+
+
+# name: (type, default, low, high, help), or for a choice (str, default, choices, None, help); SageMaker passes each as `--name value`.
 HYPERPARAMETERS = {
     "epochs": (int, 40, 1, 1000, "passes over the training images"),
     "batch_size": (int, 128, 1, 4096, "images per step"),
@@ -173,7 +181,9 @@ HYPERPARAMETERS = {
     "width": (int, 16, 4, 256, "channels of the first layer; deeper layers have 2x, 4x, 8x"),
     "cutout": (int, 8, 0, IMAGE_SIZE, "side of the square erased from each training image (0: none)"),
     "flip_tta": (int, 1, 0, 1, "1: average the predictions of each image and its mirror image"),
-    "bfloat16": (int, 1, 0, 1, "1: train in bfloat16 autocast (fast on CPUs with AVX512-BF16 and on GPUs)"),
+    "bfloat16": (str, "auto", ("auto", "1", "0"), None,
+                 "1: train in bfloat16 autocast; auto: where the GPU or CPU computes bfloat16 natively "
+                 "(a CPU without AVX512-BF16 or AMX emulates it, over 10x slower than float32)"),
     "target_weight": (float, 3.0, 0.1, 100.0, "loss weight of the target classes relative to the others learnt alongside"),
     "target_classes": (int, 2, 2, 100, "labels 0..N-1 are the classes served; further labels are learnt alongside"),
     "target_accuracy": (float, 0.99, 0.5, 1.0, "accuracy wanted on accepted answers; sets the threshold"),
@@ -183,9 +193,13 @@ HYPERPARAMETERS = {
 
 def add_hyperparameters(parser) -> None:
     for name, (kind, default, low, high, help_text) in HYPERPARAMETERS.items():
-        parser.add_argument(f"--{name}", type=_bounded(kind, low, high),
-                            default=default, metavar=kind.__name__.upper(),
-                            help=f"{help_text} (default {default}, range [{low}, {high}])")
+        if kind is str:
+            parser.add_argument(f"--{name}", type=_one_of(low), default=default, metavar="|".join(low),
+                                help=f"{help_text} (default {default})")
+        else:
+            parser.add_argument(f"--{name}", type=_bounded(kind, low, high),
+                                default=default, metavar=kind.__name__.upper(),
+                                help=f"{help_text} (default {default}, range [{low}, {high}])")
 
 
 def parse_hyperparameters(argv) -> argparse.Namespace:
@@ -284,7 +298,15 @@ def evaluate(model, images: np.ndarray, num_classes: int, flip_tta: bool, device
                           for batch in np.array_split(images, max(1, math.ceil(len(images) / 500)))])
 
 
-def train(args, data, num_classes: int, device) -> tuple[Classifier, list[dict]]:
+def use_bfloat16(setting: str, device) -> bool:
+    if setting != "auto":
+        return setting == "1"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def train(args, data, num_classes: int, device, bfloat16: bool) -> tuple[Classifier, list[dict]]:
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     train_images, train_labels = torch.as_tensor(data["train"][0]), torch.as_tensor(data["train"][1])
@@ -317,7 +339,7 @@ def train(args, data, num_classes: int, device) -> tuple[Classifier, list[dict]]
             batch = order[step * batch_size:(step + 1) * batch_size]
             inputs = augment(train_images[batch], generator, args.cutout).to(device)
             labels = train_labels[batch].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.bfloat16)):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
                 logits = model(inputs)
             loss = F.cross_entropy(logits.float(), labels, weight=class_weights, label_smoothing=args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -522,16 +544,18 @@ def main(argv=None) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, on a GPU
     torch.use_deterministic_algorithms(True, warn_only=True)  # a few CUDA kernels have no deterministic variant
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bfloat16 = use_bfloat16(args.bfloat16, device)
 
     loading = time.perf_counter()
     num_classes = args.target_classes
     data, classes = load_data(num_classes)
     log(f"{len(data['train'][0])} training, {len(data['validation'][0])} validation, "
         f"{len(data['test'][0]) if 'test' in data else 0} test images loaded in "
-        f"{time.perf_counter() - loading:.1f}s; classes {classes}; device {device}")
+        f"{time.perf_counter() - loading:.1f}s; classes {classes}; device {device}, "
+        f"{'bfloat16' if bfloat16 else 'float32'}")
 
     started, cpu_started = time.perf_counter(), time.process_time()
-    model, history = train(args, data, num_classes, device)
+    model, history = train(args, data, num_classes, device, bfloat16)
     train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     model.eval()
     flip_tta = bool(args.flip_tta)
@@ -551,6 +575,7 @@ def main(argv=None) -> None:
                   f"crop+flip{'+cutout' if args.cutout else ''} augmentation, "
                   f"{'flip test-time augmentation, ' if flip_tta else ''}temperature scaling",
         "device": str(device),
+        "precision": "bfloat16" if bfloat16 else "float32",
         "train_images": len(data["train"][0]),
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,  # a steadier measure than wall time on a shared machine
