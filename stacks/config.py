@@ -68,6 +68,7 @@ class SconesConfig:
     alarm_email: str | None = None
     low_confidence_alarm_percent: float = 40.0
     expect_traffic: bool = False
+    batch_tolerated_failure_percent: float = 5.0
 
     @property
     def prefix(self) -> str:
@@ -111,6 +112,7 @@ class SconesConfig:
             alarm_email=_optional(get, "alarm_email", r"[^@\s]+@[^@\s]+\.[^@\s]+"),
             low_confidence_alarm_percent=_float(get, "low_confidence_alarm_percent", 40.0, 0.0, 100.0),
             expect_traffic=_bool(get, "expect_traffic", False),
+            batch_tolerated_failure_percent=_float(get, "batch_tolerated_failure_percent", 5.0, 0.0, 100.0),
         )
 
 

@@ -21,6 +21,10 @@ TRANSIENT_ENDPOINT_ERRORS = [
 LAMBDA_TRANSIENT_ERRORS = ["Lambda.TooManyRequestsException", "Lambda.ServiceException",
                            "Lambda.AWSLambdaException", "Lambda.SdkClientException"]
 LOW_CONFIDENCE_ERROR = "ThresholdConfidenceNotMet"
+# What the batch's startExecution.sync:2 raises: the child ran and failed, or could not be started for now.
+CHILD_FAILED_ERROR = "States.TaskFailed"
+START_TRANSIENT_ERRORS = ["StepFunctions.ExecutionLimitExceededException", "StepFunctions.SdkClientException",
+                          "StepFunctions.AWSStepFunctionsException"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BATCH_RESULTS_PREFIX = "batch_results/"
 
@@ -55,7 +59,7 @@ class WorkflowStack(Stack):
 
         self.batch = LoggedStateMachine(
             self, "Batch", config=config, name="classify-prefix",
-            definition=self._batch_definition(bucket), timeout=Duration.hours(24))
+            definition=self._batch_definition(bucket, config), timeout=Duration.hours(24))
         bucket.grant_read(self.batch.state_machine)
         self.state_machine.grant_start_execution(self.batch.state_machine)
 
@@ -91,11 +95,14 @@ class WorkflowStack(Stack):
             errors=[LOW_CONFIDENCE_ERROR])
         return serialize.next(classify).next(filter_low).next(sfn.Succeed(self, "Confident"))
 
-    def _batch_definition(self, bucket: s3.IBucket) -> sfn.IChainable:
+    def _batch_definition(self, bucket: s3.IBucket, config: SconesConfig) -> sfn.IChainable:
         """Start the classification once per image under `$.prefix`, as child executions.
 
         Each image's outcome (status and inferences, or the error) goes to result files under
         `batch_results/` rather than into the execution's output, which could not hold millions of them.
+        A child that ran and failed (low confidence, not an image) is an outcome, recorded like a success;
+        an image whose classification could not run at all (its start still refused after retries, denied,
+        timed out) fails its item, and more than `batch_tolerated_failure_percent` of those fail the batch.
         """
         classify_one = tasks.StepFunctionsStartExecution(
             self, "Classify one image",
@@ -107,8 +114,9 @@ class WorkflowStack(Stack):
                              "inferences": sfn.JsonPath.list_at("$.Output.inferences")},
             result_path="$.outcome",
         )
-        # Every image's outcome is recorded, low confidence included, so one uncertain image never stops the batch.
-        classify_one.add_catch(sfn.Pass(self, "Record failure"), errors=["States.ALL"], result_path="$.outcome")
+        classify_one.add_retry(errors=START_TRANSIENT_ERRORS, interval=Duration.seconds(2), max_attempts=5,
+                               backoff_rate=2, jitter_strategy=sfn.JitterType.FULL)
+        classify_one.add_catch(sfn.Pass(self, "Record failure"), errors=[CHILD_FAILED_ERROR], result_path="$.outcome")
         is_image = sfn.Condition.or_(*(sfn.Condition.string_matches("$.Key", f"*{suffix}")
                                        for suffix in IMAGE_SUFFIXES))
         skip = sfn.Pass(self, "Skip non-image", parameters={"s3_key": sfn.JsonPath.string_at("$.Key"),
@@ -119,6 +127,7 @@ class WorkflowStack(Stack):
             item_reader=sfn.S3ObjectsItemReader(bucket=bucket, prefix=sfn.JsonPath.string_at("$.prefix")),
             item_selector={"Key": sfn.JsonPath.string_at("$$.Map.Item.Value.Key")},
             max_concurrency=40,
+            tolerated_failure_percentage=config.batch_tolerated_failure_percent,
             result_writer_v2=sfn.ResultWriterV2(bucket=bucket, prefix=BATCH_RESULTS_PREFIX),
             label="ClassifyPrefix",
         )

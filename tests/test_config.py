@@ -54,6 +54,7 @@ def test_builtin_gets_the_classic_hyperparameters_with_overrides():
     ({"alarm_email": "ops"}, "'alarm_email'"),
     ({"model_data_url": "https://bucket/model.tar.gz"}, "'model_data_url'"),
     ({"removal_policy": "snapshot"}, "'removal_policy'"),
+    ({"batch_tolerated_failure_percent": "101"}, "'batch_tolerated_failure_percent'"),
 ])
 def test_invalid_values_fail_naming_the_key(context, key):
     with pytest.raises(ConfigError, match=key):

@@ -121,6 +121,7 @@ def test_missing_image_fails_fast_without_retries(deployment, endpoint):
 def test_batch_classifies_each_image_under_the_prefix_in_a_child_execution(deployment, endpoint):
     put_image(deployment, "batch/a.png")
     put_image(deployment, "batch/b.png")
+    boto3.client("s3").put_object(Bucket=deployment.bucket, Key="batch/c.png", Body=b"not a PNG")
     boto3.client("s3").put_object(Bucket=deployment.bucket, Key="batch.lst", Body=b"0\t0\tbatch/a.png\n")
     endpoint.failures = ["ModelNotReadyException"]
     described, events = run(deployment, "classify-prefix", {"prefix": "batch"})
@@ -131,7 +132,10 @@ def test_batch_classifies_each_image_under_the_prefix_in_a_child_execution(deplo
                 ["executions"]]
     children = [c for c in children
                 if json.loads(c["input"]).get("AWS_STEP_FUNCTIONS_STARTED_BY_EXECUTION_ID") == described["executionArn"]]
-    assert sorted(json.loads(c["input"])["s3_key"] for c in children) == ["batch/a.png", "batch/b.png"]
-    assert {c["status"] for c in children} == {"SUCCEEDED"}
-    assert {json.loads(c["output"])["inferences"] == [0.97, 0.03] for c in children} == {True}
+    by_key = {json.loads(c["input"])["s3_key"]: c for c in children}
+    assert sorted(by_key) == ["batch/a.png", "batch/b.png", "batch/c.png"]
+    assert [by_key[key]["status"] for key in sorted(by_key)] == ["SUCCEEDED", "SUCCEEDED", "FAILED"]
+    assert by_key["batch/c.png"]["error"] == "NotAnImage"  # recorded as its outcome; the batch goes on
+    assert [json.loads(by_key[key]["output"])["inferences"] for key in ("batch/a.png", "batch/b.png")] == \
+        [[0.97, 0.03], [0.97, 0.03]]
     assert json.loads(described["output"])["ResultWriterDetails"]["Key"].startswith("batch_results/")

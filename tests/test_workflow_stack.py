@@ -95,6 +95,7 @@ def test_batch_runs_every_image_under_a_prefix_as_child_executions():
     assert every["ItemReader"]["Resource"].endswith(":states:::s3:listObjectsV2")
     assert every["ItemReader"]["Parameters"]["Prefix.$"] == "$.prefix"
     assert every["MaxConcurrency"] == 40
+    assert every["ToleratedFailurePercentage"] == 5
     assert every["ItemSelector"] == {"Key.$": "$$.Map.Item.Value.Key"}
     inner = every["ItemProcessor"]["States"]
     choice = inner[every["ItemProcessor"]["StartAt"]]
@@ -104,7 +105,11 @@ def test_batch_runs_every_image_under_a_prefix_as_child_executions():
     assert child["Resource"].endswith(":states:::states:startExecution.sync:2")
     assert child["Parameters"]["Input"]["s3_key.$"] == "$.Key"
     assert child["ResultPath"] == "$.outcome"
-    assert child["Catch"] == [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.outcome", "Next": "Record failure"}]
+    # a child that ran and failed is an outcome; a classification that could not run counts against the tolerance
+    assert child["Catch"] == [{"ErrorEquals": ["States.TaskFailed"], "ResultPath": "$.outcome", "Next": "Record failure"}]
+    assert child["Retry"][0]["ErrorEquals"] == ["StepFunctions.ExecutionLimitExceededException",
+                                                "StepFunctions.SdkClientException",
+                                                "StepFunctions.AWSStepFunctionsException"]
     assert child["ResultSelector"] == {"status.$": "$.Status", "inferences.$": "$.Output.inferences"}
 
 
