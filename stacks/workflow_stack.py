@@ -29,6 +29,19 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BATCH_RESULTS_PREFIX = "batch_results/"
 
 
+class PrefixResultWriter(sfn.ResultWriterV2):
+    """The Map's result writer, allowed to write under its own prefix only (CDK's allows the whole bucket)."""
+
+    def __init__(self, bucket: s3.IBucket, prefix: str) -> None:
+        super().__init__(bucket=bucket, prefix=prefix)
+        self._objects = bucket.arn_for_objects(f"{prefix}*")
+
+    def provide_policy_statements(self) -> list[iam.PolicyStatement]:
+        return [iam.PolicyStatement(
+            actions=["s3:PutObject", "s3:GetObject", "s3:ListMultipartUploadParts", "s3:AbortMultipartUpload"],
+            resources=[self._objects])]
+
+
 class WorkflowStack(Stack):
     def __init__(self, scope: Construct, construct_id: str, *, config: SconesConfig, bucket: s3.IBucket,
                  **kwargs) -> None:
@@ -60,7 +73,6 @@ class WorkflowStack(Stack):
         self.batch = LoggedStateMachine(
             self, "Batch", config=config, name="classify-prefix",
             definition=self._batch_definition(bucket, config), timeout=Duration.hours(24))
-        bucket.grant_read(self.batch.state_machine)
         self.state_machine.grant_start_execution(self.batch.state_machine)
 
         NagSuppressions.add_resource_suppressions(self.serialize.role, [{
@@ -71,9 +83,8 @@ class WorkflowStack(Stack):
         NagSuppressions.add_resource_suppressions([self.workflow, self.batch], [{
             "id": "AwsSolutions-IAM5",
             "reason": "X-Ray and CloudWatch Logs delivery actions take no resource; LambdaInvoke grants the "
-                      "function's versions (<arn>:*); the batch run reads objects under the bucket, describes and "
-                      "stops its child executions (named at run time) and reads its own map runs; CDK's result "
-                      "writer grants object writes on the bucket, and the definition writes only batch_results/.",
+                      "function's versions (<arn>:*); the batch run describes and stops its child executions (named "
+                      "at run time), reads its own map runs and writes its result files under batch_results/.",
         }], apply_to_children=True)
 
     def _invoke(self, construct_id: str, function) -> tasks.LambdaInvoke:
@@ -128,7 +139,7 @@ class WorkflowStack(Stack):
             item_selector={"Key": sfn.JsonPath.string_at("$$.Map.Item.Value.Key")},
             max_concurrency=40,
             tolerated_failure_percentage=config.batch_tolerated_failure_percent,
-            result_writer_v2=sfn.ResultWriterV2(bucket=bucket, prefix=BATCH_RESULTS_PREFIX),
+            result_writer_v2=PrefixResultWriter(bucket, BATCH_RESULTS_PREFIX),
             label="ClassifyPrefix",
         )
         every_image.item_processor(each)

@@ -1,3 +1,5 @@
+import json
+
 from aws_cdk.assertions import Match
 
 from conftest import definition_of, synth_stacks, template
@@ -118,3 +120,15 @@ def test_batch_writes_its_results_to_the_bucket_not_its_output():
     writer = definition["States"][definition["StartAt"]]["ResultWriter"]
     assert writer["Resource"].endswith(":states:::s3:putObject")
     assert writer["Parameters"]["Prefix"] == "batch_results/"
+
+
+def test_batch_role_lists_the_bucket_and_writes_only_under_batch_results():
+    statements = _policy_statements(template("Workflow"), "BatchStateMachine")
+    s3_access = sorted((sorted([s["Action"]] if isinstance(s["Action"], str) else s["Action"]), s["Resource"])
+                       for s in statements if "s3:" in json.dumps(s["Action"]))
+    assert [actions for actions, _ in s3_access] == [
+        ["s3:AbortMultipartUpload", "s3:GetObject", "s3:ListMultipartUploadParts", "s3:PutObject"],
+        ["s3:ListBucket"]]
+    writes, listing = (resource for _, resource in s3_access)
+    assert writes["Fn::Join"][1][-1] == "/batch_results/*"
+    assert "*" not in json.dumps(listing)  # the bucket itself
