@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from aws_cdk import ArnFormat, Duration, RemovalPolicy, Stack
+from aws_cdk import ArnFormat, Aws, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
@@ -52,7 +52,7 @@ class SageMakerRole(Construct):
         ))
         self.role.add_to_policy(iam.PolicyStatement(
             actions=["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
-            resources=[f"arn:aws:ecr:*:*:repository/{name}" for name in repositories],
+            resources=[f"arn:{Aws.PARTITION}:ecr:{Aws.REGION}:*:repository/{name}" for name in repositories],
         ))
         self.role.add_to_policy(iam.PolicyStatement(
             actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],

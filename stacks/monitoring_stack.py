@@ -113,7 +113,8 @@ class DriftJob(Construct):
             iam.PolicyStatement(
                 sid="ReadCapturesAndBaseline", actions=["s3:GetObject"],
                 resources=[bucket.arn_for_objects(f"{captures}*"), bucket.arn_for_objects(f"{BASELINE_PREFIX}*")]),
-            iam.PolicyStatement(sid="DecryptCaptures", actions=["kms:Decrypt"], resources=[capture_key.key_arn]),
+            iam.PolicyStatement(sid="DecryptCaptures", actions=["kms:Decrypt"], resources=[capture_key.key_arn],
+                                conditions={"StringEquals": {"kms:ViaService": f"s3.{Aws.REGION}.amazonaws.com"}}),
             iam.PolicyStatement(sid="WriteReports", actions=["s3:PutObject"],
                                 resources=[bucket.arn_for_objects(f"{REPORTS_PREFIX}*")]),
             iam.PolicyStatement(

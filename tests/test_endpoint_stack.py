@@ -66,7 +66,8 @@ def test_model_role_reads_models_and_writes_captures_only():
          "Resource": {"Fn::Join": ["", [DATA_BUCKET_ARN, "/data_capture/*"]]}},
     ]
     ecr = next(s for s in statements if "ecr:BatchGetImage" in _actions(s))
-    assert ecr["Resource"] == "arn:aws:ecr:*:*:repository/pytorch-inference"
+    assert ecr["Resource"] == {"Fn::Join": ["", [
+        "arn:", {"Ref": "AWS::Partition"}, ":ecr:", {"Ref": "AWS::Region"}, ":*:repository/pytorch-inference"]]}
 
 
 def _actions(statement) -> list[str]:
