@@ -423,9 +423,16 @@ class PredictionBatcher:
                 data = waiting.data
                 groups.setdefault((data.shape, data.dtype, data.device), []).append(waiting)
             for group in groups.values():
-                self._predict(group)
-                for waiting in group:
-                    waiting.done.set()
+                try:
+                    self._predict(group)
+                except BaseException as error:  # even predict_fn calling sys.exit() must not stop the batcher
+                    failure = error if isinstance(error, Exception) else RuntimeError(f"predict_fn raised {error!r}")
+                    for waiting in group:
+                        if waiting.prediction is None and waiting.error is None:
+                            waiting.error = failure
+                finally:
+                    for waiting in group:
+                        waiting.done.set()
 
     def _waiting(self, most: int) -> list[_Waiting]:
         taken = []

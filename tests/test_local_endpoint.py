@@ -674,3 +674,20 @@ def test_a_model_fitted_by_training_fit_is_served(serve, runtime, tmp_path):
     assert len(probabilities) == 2 and sum(probabilities) == pytest.approx(1, abs=1e-5)
     status, answer = post(server.port, "/endpoints/fitted/invocations", b"not an image")
     assert (status, json.loads(answer)["OriginalStatusCode"]) == (424, 400)
+
+
+def test_a_predict_fn_that_exits_fails_its_request_and_the_batcher_answers_the_next():
+    torch = pytest.importorskip("torch", reason="the batcher batches torch tensors")
+
+    def predict_fn(data, model):
+        if data.sum() < 0:
+            sys.exit(3)
+        return data * 2
+
+    batcher = endpoint_module.PredictionBatcher(predict_fn, model=None, name="exits")
+    try:
+        with pytest.raises(RuntimeError, match=r"predict_fn raised SystemExit\(3\)"):
+            batcher.predict(torch.full((1, 2), -1.0))
+        assert batcher.predict(torch.ones(1, 2)).tolist() == [[2.0, 2.0]]
+    finally:
+        batcher.close()
