@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -228,8 +229,12 @@ def up(state_dir: Path, assembly_dir: Path, env_name: str, concurrency: int) -> 
     metrics_file = state_dir / "model" / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     if endpoints:  # the endpoint uploads its spooled captures every 0.2 s: have the last ones uploaded now
-        urllib.request.urlopen(urllib.request.Request(f"{info['sagemaker_runtime']}/local/upload-captures",
-                                                      data=b"", method="POST"), timeout=60).close()
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"{info['sagemaker_runtime']}/local/upload-captures",
+                                                          data=b"", method="POST"), timeout=60).close()
+        except urllib.error.URLError as error:
+            say("capture", f"the endpoint did not upload its last captures ({error}); they follow within a second "
+                           "while it runs, or when `make stop` stops it")
     captured = count_captured(bucket, f"data_capture/{endpoints[0]}/") if endpoints else 0
     summary = summarise(executions, labels, metrics, captured)
     if endpoints:

@@ -61,6 +61,9 @@ class BackgroundService:
             time.sleep(0.05)
         else:
             os.kill(info["pid"], signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while _alive(info["pid"]) and time.monotonic() < deadline:  # gone before its port or spool is reused
+                time.sleep(0.05)
         self.ready_file.unlink(missing_ok=True)
         return True
 

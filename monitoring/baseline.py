@@ -9,6 +9,7 @@ Monitor's container does; their defaults and the reasons for them are in `monito
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 import tempfile
 import uuid
@@ -195,7 +196,9 @@ def write(statistics: dict, constraints: dict, out: Path | str) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, content in zip(BASELINE_FILES, contents):
-        (out / name).write_text(content)
+        partial = out / f".{name}.partial"
+        partial.write_text(content)
+        os.replace(partial, out / name)
 
 
 def load(baseline: Path | str) -> tuple[dict, dict]:

@@ -26,7 +26,7 @@ from local import aws  # noqa: E402
 from local.endpoint import CaptureSpec, EndpointServer, EndpointSpec  # noqa: E402
 from monitoring import checks  # noqa: E402
 from monitoring.__main__ import last_period, main as monitoring_main  # noqa: E402
-from monitoring.captures import read_captures  # noqa: E402
+from monitoring.captures import list_capture_files, read_captures  # noqa: E402
 from training import etl  # noqa: E402
 from training.fit import fit_local  # noqa: E402
 
@@ -493,3 +493,13 @@ def test_statistics_match_their_textbook_values():
     assert checks.population_stability_index(same, same) == 0
     assert checks.population_stability_index(shifted, same) > 0.2
     assert checks.one_sided_proportion_test(0.5, 100, 0.3, 100) == pytest.approx(0.0019, abs=2e-4)
+
+
+def test_a_time_range_lists_its_hour_folders_and_the_one_before_only(tmp_path):
+    for hour in (7, 8, 9, 10):
+        folder = tmp_path / "AllTraffic" / "2026" / "11" / "25" / f"{hour:02d}"
+        folder.mkdir(parents=True)
+        (folder / "59-59-999-capture.jsonl").write_text("")
+    since, until = datetime(2026, 11, 25, 9, tzinfo=timezone.utc), datetime(2026, 11, 25, 10, tzinfo=timezone.utc)
+    hours = [Path(name).parent.name for name in list_capture_files(str(tmp_path), since, until)]
+    assert hours == ["08", "09"]  # a file begun at 08:59 may hold records of 09:xx; 10:00 is past the range
