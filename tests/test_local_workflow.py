@@ -136,6 +136,7 @@ def test_batch_classifies_each_image_under_the_prefix_in_a_child_execution(deplo
     assert sorted(by_key) == ["batch/a.png", "batch/b.png", "batch/c.png"]
     assert [by_key[key]["status"] for key in sorted(by_key)] == ["SUCCEEDED", "SUCCEEDED", "FAILED"]
     assert by_key["batch/c.png"]["error"] == "NotAnImage"  # recorded as its outcome; the batch goes on
+    assert endpoint.failures == [] and len(endpoint.requests) == 3  # one child's classify retried, then answered
     assert [json.loads(by_key[key]["output"])["inferences"] for key in ("batch/a.png", "batch/b.png")] == \
         [[0.97, 0.03], [0.97, 0.03]]
     assert json.loads(described["output"])["ResultWriterDetails"]["Key"].startswith("batch_results/")

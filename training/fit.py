@@ -138,7 +138,7 @@ def check_data_staged(s3, parameters: dict) -> None:
         try:
             found = s3.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)["KeyCount"]
         except ClientError:
-            return  # not allowed to look: SageMaker will say so if the data is missing
+            continue  # not allowed to look: SageMaker will say so if the data is missing
         if not found:
             raise FitError(f"s3://{bucket}/{key} is empty: stage the data first with "
                            f"`python -m training.etl --out data --bucket {bucket}`")
