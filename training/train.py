@@ -13,8 +13,9 @@ The model answers the probabilities of the target classes, labels 0..target_clas
 e.g. `[p_bicycle, p_motorcycle]`, with a temperature fitted on their validation images. Images of further
 labels in the manifests (other classes staged after the targets, e.g. `python -m training.etl --classes
 bicycle,motorcycle,bus,...`) are learnt alongside as more outputs of the same network, their loss
-weighted below the targets' (`--target_weight`): they sharpen its features, and their validation images
-join the training set, as only the target classes are validated.
+weighted below the targets' (`--target_weight`) and a share of them drawn afresh for each epoch
+(`--extra_fraction`): they sharpen its features, and their validation images join the training set, as only
+the target classes are validated.
 """
 
 import argparse
@@ -173,7 +174,7 @@ def _one_of(choices):
 
 # name: (type, default, low, high, help), or for a choice (str, default, choices, None, help); SageMaker passes each as `--name value`.
 HYPERPARAMETERS = {
-    "epochs": (int, 40, 1, 1000, "passes over the training images"),
+    "epochs": (int, 48, 1, 1000, "passes over the target classes' training images"),
     "batch_size": (int, 128, 1, 4096, "images per step"),
     "learning_rate": (float, 0.2, 1e-6, 10.0, "peak of the one-cycle learning rate (SGD, Nesterov momentum)"),
     "weight_decay": (float, 5e-4, 0.0, 1.0, "L2 penalty on convolution and linear weights"),
@@ -185,6 +186,8 @@ HYPERPARAMETERS = {
                  "1: train in bfloat16 autocast; auto: where the GPU or CPU computes bfloat16 natively "
                  "(a CPU without AVX512-BF16 or AMX emulates it, over 10x slower than float32)"),
     "target_weight": (float, 3.0, 0.1, 100.0, "loss weight of the target classes relative to the others learnt alongside"),
+    "extra_fraction": (float, 0.25, 0.0, 1.0,
+                       "share of the other classes' training images drawn afresh for each epoch"),
     "target_classes": (int, 2, 2, 100, "labels 0..N-1 are the classes served; further labels are learnt alongside"),
     "target_accuracy": (float, 0.99, 0.5, 1.0, "accuracy wanted on accepted answers; sets the threshold"),
     "seed": (int, 0, 0, 2**31 - 1, "seed of initialisation, shuffling and augmentation"),
@@ -322,8 +325,12 @@ def train(args, data, num_classes: int, device, bfloat16: bool) -> tuple[Classif
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=args.learning_rate, momentum=0.9, nesterov=True)
-    batch_size = min(args.batch_size, len(train_images))
-    steps_per_epoch = len(train_images) // batch_size
+    target_rows = torch.nonzero(train_labels < num_classes).flatten()
+    extra_rows = torch.nonzero(train_labels >= num_classes).flatten()
+    extras_per_epoch = round(args.extra_fraction * len(extra_rows))
+    epoch_size = len(target_rows) + extras_per_epoch
+    batch_size = min(args.batch_size, epoch_size)
+    steps_per_epoch = epoch_size // batch_size
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.learning_rate, epochs=args.epochs,
                                                    steps_per_epoch=steps_per_epoch, pct_start=0.25)
     validation_images, validation_labels = data["validation"][0], torch.as_tensor(data["validation"][1])
@@ -332,7 +339,8 @@ def train(args, data, num_classes: int, device, bfloat16: bool) -> tuple[Classif
     started = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         model.train()
-        order = torch.randperm(len(train_images), generator=generator)
+        rows = torch.cat([target_rows, extra_rows[torch.randperm(len(extra_rows), generator=generator)[:extras_per_epoch]]])
+        order = rows[torch.randperm(len(rows), generator=generator)]
         loss_sum = correct = seen = 0
         lr = schedule.get_last_lr()[0]
         for step in range(steps_per_epoch):
@@ -350,7 +358,8 @@ def train(args, data, num_classes: int, device, bfloat16: bool) -> tuple[Classif
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(batch)
         logits = evaluate(model, validation_images, num_classes, bool(args.flip_tta), device)
-        record = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+        record = {"epoch": epoch, "lr": lr, "images": seen, "train_loss": loss_sum / seen,
+                  "train_accuracy": correct / seen,
                   "validation_loss": F.cross_entropy(logits, validation_labels).item(),
                   "validation_accuracy": (logits.argmax(1) == validation_labels).float().mean().item(),
                   "seconds": time.perf_counter() - started}
@@ -571,7 +580,8 @@ def main(argv=None) -> None:
         "seed": args.seed,
         "hyperparameters": vars(args),
         "recipe": f"ResNet-9-style convnet (width {args.width}), SGD Nesterov, one-cycle LR, label smoothing, "
-                  f"{model.head.out_features} classes learnt (targets weighted {args.target_weight:g}x), "
+                  f"{model.head.out_features} classes learnt (targets weighted {args.target_weight:g}x, "
+                  f"{args.extra_fraction:.0%} of the others' images drawn each epoch), "
                   f"crop+flip{'+cutout' if args.cutout else ''} augmentation, "
                   f"{'flip test-time augmentation, ' if flip_tta else ''}temperature scaling",
         "device": str(device),
