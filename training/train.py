@@ -174,7 +174,7 @@ def _one_of(choices):
 
 # name: (type, default, low, high, help), or for a choice (str, default, choices, None, help); SageMaker passes each as `--name value`.
 HYPERPARAMETERS = {
-    "epochs": (int, 45, 1, 1000, "passes over the target classes' training images"),
+    "epochs": (int, 42, 1, 1000, "passes over the target classes' training images"),
     "batch_size": (int, 128, 1, 4096, "images per step"),
     "learning_rate": (float, 0.2, 1e-6, 10.0, "peak of the one-cycle learning rate (SGD, Nesterov momentum)"),
     "weight_decay": (float, 5e-4, 0.0, 1.0, "L2 penalty on convolution and linear weights"),
