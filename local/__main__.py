@@ -255,6 +255,7 @@ scones on this machine
   accuracy of accepted      {summary['accepted_accuracy']}
   execution latency         p50 {summary['latency_ms_p50']} ms, p99 {summary['latency_ms_p99']} ms
   captured records          {summary['captured_records']} under s3://{bucket}/data_capture/{endpoints[0] if endpoints else ''}
+  model report              {state_dir / 'model' / 'report.html'}
   capture report            {summary.get('capture_report', 'none (no endpoint)')}
   summary                   {state_dir / 'summary.json'}
   stop everything           make stop   (or: python -m local down)

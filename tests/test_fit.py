@@ -1,8 +1,10 @@
 """training.fit and training/train.py: a short real fit, its artifacts, and the model served by its own handler."""
 
+import base64
 import importlib.util
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -92,6 +94,15 @@ def test_plots_are_png_files(fitted):
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         with Image.open(path) as image:
             image.verify()
+
+
+def test_the_report_embeds_every_plot_and_states_the_test_accuracy(fitted):
+    page = (fitted["out"] / "report.html").read_text()
+    embedded = [base64.b64decode(data) for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+    assert embedded == [(fitted["out"] / f"{name}.png").read_bytes() for name in train.PICTURES]
+    accuracy = fitted["metrics"]["test"]["accuracy"]
+    assert f"<th>test accuracy</th><td>{accuracy:.1%} of 100 images</td>" in page
+    assert not list(fitted["out"].glob(".report*")), "temporary files left behind"
 
 
 def load_handler(model_dir: Path):
