@@ -424,6 +424,14 @@ def channel_stats(rows: np.ndarray) -> dict[str, list[float]]:
             "std": [float(channels[:, channel].std() / 255) for channel in range(3)]}
 
 
+def _staged_keys(s3, bucket: str) -> set[str]:
+    """The keys at the bucket root and under the image folders, from one listing each."""
+    listings = [("", "/")] + [(f"{folder}/", "") for folder in sorted(set(IMAGE_FOLDERS.values()))]
+    return {entry["Key"] for prefix, delimiter in listings
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter=delimiter)
+            for entry in page.get("Contents", [])}
+
+
 def upload(out: Path, hashes: dict[str, str], bucket: str, s3_client=None, progress: bool = True) -> list[str]:
     """Upload the staged files to the same keys at the bucket root, dataset.json last, skipping objects
     whose `sha256` metadata already matches; answers the keys uploaded."""
@@ -434,18 +442,20 @@ def upload(out: Path, hashes: dict[str, str], bucket: str, s3_client=None, progr
     s3 = s3_client or boto3.client("s3", config=Config(max_pool_connections=UPLOAD_WORKERS))
 
     def upload_file(key: str) -> bool:
-        try:
-            if s3.head_object(Bucket=bucket, Key=key)["Metadata"].get("sha256") == hashes[key]:
-                return False
-        except ClientError as error:
-            if error.response["Error"]["Code"] not in ("404", "NoSuchKey"):
-                raise
+        if key in present:
+            try:
+                if s3.head_object(Bucket=bucket, Key=key)["Metadata"].get("sha256") == hashes[key]:
+                    return False
+            except ClientError as error:
+                if error.response["Error"]["Code"] not in ("404", "NoSuchKey"):
+                    raise
         s3.put_object(Bucket=bucket, Key=key, Body=(out / key).read_bytes(), Metadata={"sha256": hashes[key]},
                       ContentType=CONTENT_TYPES[Path(key).suffix])
         return True
 
     keys = sorted(key for key in hashes if key != DATASET_FILE)
     try:
+        present = _staged_keys(s3, bucket)  # only these need a look at their checksum
         with ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
             uploaded = [key for key, was_uploaded in zip(keys, tqdm(
                 pool.map(upload_file, keys), total=len(keys), desc=f"upload to s3://{bucket}", unit="file",
