@@ -90,8 +90,8 @@ def tuning() -> dict:
     """Timings behind etl.PNG_COMPRESS_LEVEL and etl.WRITE_THREADS, on the images of all ten classes."""
     chosen_level = etl.PNG_COMPRESS_LEVEL
     archive = etl.read_archive(SOURCE)
-    images = etl.image_files(etl.split_rows(archive, etl.fine_label_ids(VEHICLES, archive, SOURCE),
-                                            etl.DEFAULT_VALIDATION_FRACTION, seed=0))
+    fine_ids = etl.fine_label_ids(VEHICLES, archive, SOURCE)
+    images = etl.image_files(etl.split_rows(archive, fine_ids, fine_ids, etl.DEFAULT_VALIDATION_FRACTION, seed=0))
     levels = {}
     for level in COMPRESS_LEVELS:
         elapsed, size = time_png_encoding(images, level)
