@@ -82,7 +82,7 @@ def list_capture_files(prefix: str, since: datetime | None = None, until: dateti
     """Every capture file under `prefix` (a folder or s3://bucket/key-prefix) that may hold records in range."""
     if prefix.startswith("s3://"):
         bucket, _, key_prefix = prefix[5:].partition("/")
-        names = [f"s3://{bucket}/{key}" for key in _s3_keys(bucket, key_prefix)]
+        names = [f"s3://{bucket}/{key}" for key in _s3_keys(bucket, key_prefix, since, until)]
     else:
         folder = Path(prefix)
         if not folder.is_dir():
@@ -95,15 +95,48 @@ def list_capture_files(prefix: str, since: datetime | None = None, until: dateti
     return files
 
 
-def _s3_keys(bucket: str, key_prefix: str) -> list[str]:
+def _s3_keys(bucket: str, key_prefix: str, since: datetime | None, until: datetime | None) -> list[str]:
+    """The keys under `key_prefix`, folder by folder: date folders (YYYY/MM/DD/HH/) wholly outside the range
+    are not listed, so an hourly run lists a few folders, not the whole retention period."""
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
+    paginator = boto3.client("s3").get_paginator("list_objects_v2")
+    keys, folders = [], [(key_prefix, ())]
     try:
-        pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix)
-        return [entry["Key"] for page in pages for entry in page.get("Contents", [])]
+        while folders:
+            folder, date = folders.pop()
+            for page in paginator.paginate(Bucket=bucket, Prefix=folder, Delimiter="/"):
+                keys += [entry["Key"] for entry in page.get("Contents", [])]
+                for common in page.get("CommonPrefixes", []):
+                    name = common["Prefix"][len(folder):-1]
+                    inner = date + (int(name),) if _is_date_part(name, date) else ()
+                    if not inner or _overlaps(inner, since, until):
+                        folders.append((common["Prefix"], inner))
     except (BotoCoreError, ClientError) as error:
         raise CaptureError(f"cannot list s3://{bucket}/{key_prefix}: {error}") from None
+    return keys
+
+
+def _is_date_part(name: str, date: tuple[int, ...]) -> bool:
+    """Whether a folder named `name` below the date folders `date` is the next of year, month, day, hour."""
+    return name.isdigit() and len(date) < 4 and len(name) == (4 if not date else 2)
+
+
+def _overlaps(date: tuple[int, ...], since: datetime | None, until: datetime | None) -> bool:
+    """Whether the period a date folder covers (a year, month, day or hour) may hold records in range."""
+    try:
+        start = datetime(*date, *(1,) * max(0, 3 - len(date)), tzinfo=timezone.utc)
+    except ValueError:  # not a date after all (month 13): list it
+        return True
+    if len(date) == 1:
+        end = start.replace(year=start.year + 1)
+    elif len(date) == 2:
+        end = (start + timedelta(days=32)).replace(day=1)
+    else:
+        end = start + (timedelta(days=1) if len(date) == 3 else timedelta(hours=1))
+    # a file begun in the hour before `since` may hold its records
+    return (since is None or end + timedelta(hours=1) > since) and (until is None or start < until)
 
 
 def _hour_in_range(name: str, since: datetime | None, until: datetime | None) -> bool:

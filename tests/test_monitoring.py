@@ -503,3 +503,29 @@ def test_a_time_range_lists_its_hour_folders_and_the_one_before_only(tmp_path):
     since, until = datetime(2026, 11, 25, 9, tzinfo=timezone.utc), datetime(2026, 11, 25, 10, tzinfo=timezone.utc)
     hours = [Path(name).parent.name for name in list_capture_files(str(tmp_path), since, until)]
     assert hours == ["08", "09"]  # a file begun at 08:59 may hold records of 09:xx; 10:00 is past the range
+
+
+def test_an_s3_time_range_lists_only_the_date_folders_that_may_hold_it(monkeypatch):
+    from moto import mock_aws
+
+    with mock_aws():
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="captures")
+        hours = ["2025/01/01/00", "2026/10/25/09", "2026/11/24/09", "2026/11/25/08", "2026/11/25/09", "2026/11/25/10"]
+        for hour in hours:
+            s3.put_object(Bucket="captures", Key=f"data_capture/e/AllTraffic/{hour}/59-59-999-x.jsonl", Body=b"")
+        listed = []
+        boto3.setup_default_session()  # a session of its own, dropped below, for the listing hook
+        boto3.DEFAULT_SESSION.events.register(
+            "provide-client-params.s3.ListObjectsV2", lambda params, **_: listed.append(params["Prefix"]))
+        since, until = datetime(2026, 11, 25, 9, tzinfo=timezone.utc), datetime(2026, 11, 25, 10, tzinfo=timezone.utc)
+        try:
+            files = list_capture_files("s3://captures/data_capture/e/", since, until)
+        finally:
+            boto3.DEFAULT_SESSION = None
+    assert [name.split("AllTraffic/")[1][:13] for name in files] == ["2026/11/25/08", "2026/11/25/09"]
+    # the endpoint, variant, year, month and day folders, then the two hours: not 2025, October, the 24th or 10:00
+    assert sorted(listed) == sorted(f"data_capture/e/{folder}" for folder in (
+        "", "AllTraffic/", "AllTraffic/2026/", "AllTraffic/2026/11/", "AllTraffic/2026/11/25/",
+        "AllTraffic/2026/11/25/08/", "AllTraffic/2026/11/25/09/"))
