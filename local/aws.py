@@ -3,11 +3,13 @@ the in-process Lambda runtime."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import urllib.request
 
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication
 from moto.server import ThreadedMotoServer
 
 from local import lambda_runtime, stepfunctions_engine
@@ -22,10 +24,21 @@ def client_environment(url: str) -> dict[str, str]:
             "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION}
 
 
+def _route_hosts_once() -> None:
+    """moto 5.2.5 finds the backend of every request's host under one lock that all requests share, by
+    listing moto's package folder and matching hundreds of URL patterns: concurrent requests queue there.
+    The answer depends on the host alone, so each host is routed once."""
+    route = DomainDispatcherApplication.get_backend_for_host
+    if getattr(route, "cache_info", None):
+        return
+    DomainDispatcherApplication.get_backend_for_host = functools.lru_cache(maxsize=None)(route)
+
+
 def start(port: int = 0) -> tuple[ThreadedMotoServer, str]:
     """Start moto in this process; handlers invoked by Step Functions run here too. Returns (server, url)."""
     lambda_runtime.install()
     stepfunctions_engine.install()
+    _route_hosts_once()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -1,5 +1,5 @@
-"""Three fixes to moto 5.2.5's Step Functions engine, so that the batch definition parses and can start its
-child executions.
+"""Fixes to moto 5.2.5's Step Functions engine: three so that the batch definition parses and can start its
+child executions, two for speed.
 
 - An execution started without a name gets a UUID, as in AWS; moto names it "None", so the second
   unnamed execution of a state machine fails with ExecutionAlreadyExists.
@@ -10,19 +10,39 @@ child executions.
 - moto's grammar takes a `ToleratedFailurePercentage` only with a decimal point (`5.0`) and refuses the
   integer (`5`) that CDK writes and AWS accepts; the parser gets integers there as `N.0`, the same JSON number.
   (moto does not apply the tolerance: it parses it and warns.)
+- The engine parses the definition again for every execution, with ANTLR in pure Python: at 8 executions
+  at a time that was most of the local AWS's CPU. Each definition is parsed once; an execution's state lives
+  in its own Environment, the parsed program holds none (its components' heap keys, which name that state,
+  are given out at parse time so that concurrent first executions cannot race for them).
+- The engine builds a new boto3 client, with a new connection, for every task it runs (7 ms each here, three
+  per classification); each service's client is built once and shared, as boto3 clients are thread-safe.
 
 `install()` patches the engine in this process; the definitions it runs are not touched.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 
 import botocore.session
+from moto.core.models import botocore_stubber
+from moto.settings import moto_server_port
+from moto.stepfunctions.parser.asl.component.component import Component
+from moto.stepfunctions.parser.asl.component.eval_component import EvalComponent
+from moto.stepfunctions.parser.asl.component.state.exec.state_map.item_reader.eval import (
+    resource_eval_s3 as item_reader_s3,
+)
+from moto.stepfunctions.parser.asl.component.state.exec.state_map.result_writer.resource_eval import (
+    resource_eval_s3 as result_writer_s3,
+)
+from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils
+from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import state_task_service_sfn
 from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_sfn import (
     StateTaskServiceSfn,
 )
+from moto.stepfunctions.parser.asl.utils.boto_client import boto_client_for
 from moto.stepfunctions.parser.asl.parse.asl_parser import AmazonStateLanguageParser
 from moto.stepfunctions.parser.models import StepFunctionsParserBackend
 
@@ -33,6 +53,29 @@ _INTEGER_PERCENTAGE = re.compile(r'("ToleratedFailurePercentage"\s*:\s*)(\d+)(?=
 
 def _operation(task: StateTaskServiceSfn, action: str | None):
     return _model.operation_model(_operations[(action or task.resource.api_action).replace("_", "").lower()])
+
+
+def _give_heap_keys(value, seen: set[int]) -> None:
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _give_heap_keys(item, seen)
+    elif isinstance(value, Component) and id(value) not in seen:
+        seen.add(id(value))
+        if isinstance(value, EvalComponent):
+            value.heap_key  # noqa: B018 - assigned on first read
+        for attribute in vars(value).values():
+            _give_heap_keys(attribute, seen)
+
+
+@functools.cache
+def _shared_client(region, service, port, in_process):
+    return boto_client_for(region, service)
+
+
+def shared_client(region, service, state_credentials=None):
+    # moto 5.2.5's boto_client_for ignores state_credentials, and answers a client for either the server at
+    # MOTO_PORT or, inside `mock_aws`, moto in this process
+    return _shared_client(region, service, moto_server_port(), botocore_stubber.enabled)
 
 
 def install() -> None:
@@ -52,11 +95,16 @@ def install() -> None:
     def from_boto_response(self, response, boto_service_name=None, service_action_name=None):
         self._from_boto_response(response, _operation(self, service_action_name).output_shape)
 
-    def parse_integer_percentages(definition):
-        return parse(_INTEGER_PERCENTAGE.sub(r"\1\2.0", definition))
+    @functools.lru_cache(maxsize=256)
+    def parse_once(definition):
+        program, tree = parse(_INTEGER_PERCENTAGE.sub(r"\1\2.0", definition))
+        _give_heap_keys(program, set())
+        return program, tree
 
-    AmazonStateLanguageParser.parse = staticmethod(parse_integer_percentages)
+    AmazonStateLanguageParser.parse = staticmethod(parse_once)
     StepFunctionsParserBackend.start_execution = start_named_execution
     StateTaskServiceSfn._normalise_parameters = to_boto_request
     StateTaskServiceSfn._normalise_response = from_boto_response
+    for module in (lambda_eval_utils, state_task_service_sfn, item_reader_s3, result_writer_s3):
+        module.boto_client_for = shared_client
     StepFunctionsParserBackend._scones_installed = True
