@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -111,8 +112,19 @@ def model_fn(model_dir):
     architecture = settings["architecture"]
     model = Classifier(architecture["num_outputs"], architecture["width"], settings["mean"], settings["std"])
     model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
-    model.to(memory_format=torch.channels_last).eval()
-    return {"model": model, "settings": settings}
+    return {"model": frozen(model.to(memory_format=torch.channels_last).eval()), "settings": settings}
+
+
+def frozen(model: Classifier) -> torch.jit.ScriptModule:
+    """The model as a frozen TorchScript graph, batch norm folded into the convolutions. Besides being faster, a
+    prediction is one call into C++ that lets go of the GIL once, where the eager model takes it back after each
+    of its ~40 operations and waits each time for the server's other busy threads."""
+    example = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE).contiguous(memory_format=torch.channels_last)
+    # TorchScript is deprecated for torch.compile, which needs a C++ compiler where the model is served and
+    # compiles for seconds; TorchScript runs in every PyTorch container SageMaker has.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.freeze(torch.jit.trace(model, example))
 
 
 def input_fn(request_body, content_type):
