@@ -694,6 +694,10 @@ class _Handler(BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-"):
         pass  # errors are logged with their message by _error; successes are not logged
 
+    def log_error(self, format, *args):
+        if not format.startswith("Request timed out"):  # an idle keep-alive connection was closed: routine
+            super().log_error(format, *args)
+
 
 class _PooledHTTPServer(HTTPServer):
     """An HTTPServer whose connections are served by a fixed pool of threads, so a flood cannot exhaust memory:
