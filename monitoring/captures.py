@@ -143,10 +143,7 @@ def _hour_in_range(name: str, since: datetime | None, until: datetime | None) ->
     """False only for a file in an hour folder wholly outside [since, until); a file named after its first
     record may hold records of the next hour, so the hour before `since` is kept."""
     match = HOUR_FOLDER.search(name)
-    if not match:
-        return True
-    hour = datetime(*map(int, match.groups()), tzinfo=timezone.utc)
-    return (since is None or hour + timedelta(hours=2) > since) and (until is None or hour < until)
+    return not match or _overlaps(tuple(map(int, match.groups())), since, until)
 
 
 def _read_bytes(name: str) -> bytes:
