@@ -383,7 +383,8 @@ class PredictionBatcher:
     It takes the inputs that input_fn answers as a torch tensor holding a batch of one (the PyTorch container's
     convention): predict_fn gets those waiting concatenated along the first dimension, and each input gets back
     its row, a batch of one, as predict_fn would answer for it alone. No input waits for others to come: a lone
-    request is predicted alone, and the requests that arrive while a batch runs form the next one. Batching stops
+    request is predicted alone, on its own thread (a hand-off to the batching thread costs a millisecond or two
+    here), and the requests that arrive while the model is busy form the next batch. Batching stops
     for good, each input then predicted alone, once predict_fn is seen not to batch: its first batch's answer is
     checked against those for each input alone, and a batch it fails on while each input alone succeeds counts.
     """
@@ -393,6 +394,7 @@ class PredictionBatcher:
         self._model = model
         self._name = name
         self._queue: queue.SimpleQueue[_Waiting | None] = queue.SimpleQueue()
+        self._model_lock = threading.Lock()  # held while predict_fn runs: one batch at a time
         self._batching = True
         self._checked = False  # a batch's answer was found equal to the answers for its inputs alone
         self._thread = threading.Thread(target=self._run, name=f"predict-{name}", daemon=True)
@@ -406,8 +408,14 @@ class PredictionBatcher:
     def predict(self, data):
         """predict_fn's answer for `data`; raises what predict_fn raised for it."""
         waiting = _Waiting(data)
-        self._queue.put(waiting)
-        waiting.done.wait()
+        if self._model_lock.acquire(blocking=False):
+            try:
+                self._predict_group([waiting])
+            finally:
+                self._model_lock.release()
+        else:
+            self._queue.put(waiting)
+            waiting.done.wait()
         if waiting.error is not None:
             raise waiting.error
         return waiting.prediction
@@ -418,21 +426,25 @@ class PredictionBatcher:
 
     def _run(self) -> None:
         while (first := self._queue.get()) is not None:
-            groups = {}  # inputs of one shape and type are stacked together
-            for waiting in [first, *self._waiting(MAX_BATCH_SIZE - 1)]:
-                data = waiting.data
-                groups.setdefault((data.shape, data.dtype, data.device), []).append(waiting)
-            for group in groups.values():
-                try:
-                    self._predict(group)
-                except BaseException as error:  # even predict_fn calling sys.exit() must not stop the batcher
-                    failure = error if isinstance(error, Exception) else RuntimeError(f"predict_fn raised {error!r}")
-                    for waiting in group:
-                        if waiting.prediction is None and waiting.error is None:
-                            waiting.error = failure
-                finally:
-                    for waiting in group:
-                        waiting.done.set()
+            with self._model_lock:
+                groups = {}  # inputs of one shape and type are stacked together
+                for waiting in [first, *self._waiting(MAX_BATCH_SIZE - 1)]:
+                    data = waiting.data
+                    groups.setdefault((data.shape, data.dtype, data.device), []).append(waiting)
+                for group in groups.values():
+                    self._predict_group(group)
+
+    def _predict_group(self, group: list[_Waiting]) -> None:
+        try:
+            self._predict(group)
+        except BaseException as error:  # even predict_fn calling sys.exit() must fail only its own requests
+            failure = error if isinstance(error, Exception) else RuntimeError(f"predict_fn raised {error!r}")
+            for waiting in group:
+                if waiting.prediction is None and waiting.error is None:
+                    waiting.error = failure
+        finally:
+            for waiting in group:
+                waiting.done.set()
 
     def _waiting(self, most: int) -> list[_Waiting]:
         taken = []
