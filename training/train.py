@@ -19,6 +19,7 @@ the target classes are validated.
 """
 
 import argparse
+import copy
 import io
 import json
 import math
@@ -91,6 +92,19 @@ def target_logits(model: Classifier, images: torch.Tensor, num_classes: int, fli
     return logits[:, :num_classes].float().view(2, len(images), num_classes).mean(0)
 
 
+class MirrorAveraged(nn.Module):
+    """The model's logits averaged with those of the mirror images, the two passes run in parallel once traced
+    (torch.jit.fork runs the second on one of PyTorch's inter-op threads)."""
+
+    def __init__(self, model: Classifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        mirrored = torch.jit.fork(self.model, images.flip(3).contiguous(memory_format=torch.channels_last))
+        return (self.model(images) + torch.jit.wait(mirrored)) / 2
+
+
 # ------------------------------------------------------------------------------------------- serving
 
 def to_pixels(image: Image.Image) -> np.ndarray:
@@ -112,10 +126,11 @@ def model_fn(model_dir):
     architecture = settings["architecture"]
     model = Classifier(architecture["num_outputs"], architecture["width"], settings["mean"], settings["std"])
     model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
-    return {"model": frozen(model.to(memory_format=torch.channels_last).eval()), "settings": settings}
+    model = model.to(memory_format=torch.channels_last).eval()
+    return {"model": frozen(MirrorAveraged(model) if settings["flip_tta"] else model), "settings": settings}
 
 
-def frozen(model: Classifier) -> torch.jit.ScriptModule:
+def frozen(model: nn.Module) -> torch.jit.ScriptModule:
     """The model as a frozen TorchScript graph, batch norm folded into the convolutions. Besides being faster, a
     prediction is one call into C++ that lets go of the GIL once, where the eager model takes it back after each
     of its ~40 operations and waits each time for the server's other busy threads."""
@@ -124,7 +139,7 @@ def frozen(model: Classifier) -> torch.jit.ScriptModule:
     # compiles for seconds; TorchScript runs in every PyTorch container SageMaker has.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.jit.freeze(torch.jit.trace(model, example))
+        return torch.jit.freeze(torch.jit.trace(model.eval(), example))
 
 
 def input_fn(request_body, content_type):
@@ -142,7 +157,7 @@ def input_fn(request_body, content_type):
 def predict_fn(data, model):
     settings = model["settings"]
     with torch.no_grad():
-        logits = target_logits(model["model"], data, len(settings["classes"]), settings["flip_tta"])
+        logits = model["model"](data.contiguous(memory_format=torch.channels_last))[:, :len(settings["classes"])]
     return torch.softmax(logits / settings["temperature"], dim=1)
 
 
@@ -197,6 +212,8 @@ HYPERPARAMETERS = {
     "bfloat16": (str, "auto", ("auto", "1", "0"), None,
                  "1: train in bfloat16 autocast; auto: where the GPU or CPU computes bfloat16 natively "
                  "(a CPU without AVX512-BF16 or AMX emulates it, over 10x slower than float32)"),
+    "weight_average": (float, 0.99, 0.0, 0.9999,
+                       "decay of the moving average of the weights kept as the model, updated each step (0: the last weights)"),
     "target_weight": (float, 3.0, 0.1, 100.0, "loss weight of the target classes relative to the others learnt alongside"),
     "extra_fraction": (float, 0.25, 0.0, 1.0,
                        "share of the other classes' training images drawn afresh for each epoch"),
@@ -343,6 +360,7 @@ def train(args, data, num_classes: int, device, bfloat16: bool) -> tuple[Classif
     epoch_size = len(target_rows) + extras_per_epoch
     batch_size = min(args.batch_size, epoch_size)
     steps_per_epoch = epoch_size // batch_size
+    averaged = copy.deepcopy(model)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.learning_rate, epochs=args.epochs,
                                                    steps_per_epoch=steps_per_epoch, pct_start=0.25)
     validation_images, validation_labels = data["validation"][0], torch.as_tensor(data["validation"][1])
@@ -366,10 +384,11 @@ def train(args, data, num_classes: int, device, bfloat16: bool) -> tuple[Classif
             loss.backward()
             optimizer.step()
             schedule.step()
+            update_average(averaged, model, args.weight_average, len(history) * steps_per_epoch + step)
             loss_sum += loss.item() * len(batch)
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(batch)
-        logits = evaluate(model, validation_images, num_classes, bool(args.flip_tta), device)
+        logits = evaluate(averaged, validation_images, num_classes, bool(args.flip_tta), device)
         record = {"epoch": epoch, "lr": lr, "images": seen, "train_loss": loss_sum / seen,
                   "train_accuracy": correct / seen,
                   "validation_loss": F.cross_entropy(logits, validation_labels).item(),
@@ -379,7 +398,19 @@ def train(args, data, num_classes: int, device, bfloat16: bool) -> tuple[Classif
         log(f"epoch {epoch:3d}/{args.epochs}  lr {lr:.4f}  train loss {record['train_loss']:.4f} "
             f"acc {record['train_accuracy']:.3f}  validation loss {record['validation_loss']:.4f} "
             f"acc {record['validation_accuracy']:.3f}  {record['seconds']:.0f}s")
-    return model, history
+    return averaged, history
+
+
+def update_average(averaged: Classifier, model: Classifier, decay: float, step: int) -> None:
+    """One step of the exponential moving average of the weights and batch-norm statistics. The decay is lower
+    for the first steps, so that the initial weights do not linger in the average of a short run."""
+    decay = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for kept, current in zip(averaged.state_dict().values(), model.state_dict().values()):
+            if kept.dtype.is_floating_point:
+                kept.lerp_(current, 1 - decay)
+            else:
+                kept.copy_(current)
 
 
 # ------------------------------------------------------------------------------------------ calibration
@@ -638,6 +669,7 @@ def main(argv=None) -> None:
                   f"{model.head.out_features} classes learnt (targets weighted {args.target_weight:g}x, "
                   f"{args.extra_fraction:.0%} of the others' images drawn each epoch), "
                   f"crop+flip{'+cutout' if args.cutout else ''} augmentation, "
+                  f"{f'moving average of the weights (decay {args.weight_average:g}), ' if args.weight_average else ''}"
                   f"{'flip test-time augmentation, ' if flip_tta else ''}temperature scaling",
         "device": str(device),
         "precision": "bfloat16" if bfloat16 else "float32",
