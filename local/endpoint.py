@@ -15,7 +15,7 @@ Requests that arrive while the model is busy are predicted together: for a model
 tensor holding a batch of one, as the container's convention has it, one thread runs predict_fn on the inputs
 waiting, concatenated, and gives each request its row (see PredictionBatcher; a predict_fn seen not to answer a
 batch row by row gets its inputs one at a time). SageMaker's model server serves concurrent requests with
-several worker processes; here one process with one inference thread serves them by batching.
+several worker processes; here one process serves them by batching, one batch at a time.
 
 Data capture writes Model Monitor's JSON Lines records to `<destination>/{endpoint}/AllTraffic/YYYY/MM/DD/HH/`
 in S3 (boto3 honours `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`). Like SageMaker, it uploads files of records in
@@ -378,7 +378,7 @@ class _Waiting:
 
 
 class PredictionBatcher:
-    """Runs a model's predict_fn on batches: every input waiting when the inference thread is free, stacked.
+    """Runs a model's predict_fn on batches: every input waiting when the model is free, stacked.
 
     It takes the inputs that input_fn answers as a torch tensor holding a batch of one (the PyTorch container's
     convention): predict_fn gets those waiting concatenated along the first dimension, and each input gets back

@@ -198,3 +198,19 @@ def test_images_are_found_where_sagemaker_puts_them(data_dir):
     as_downloaded = train.load_split(data_dir / "train", data_dir / "validation.lst")
     assert len(as_staged[0]) == 150
     assert (as_staged[0] == as_downloaded[0]).all() and (as_staged[1] == as_downloaded[1]).all()
+
+
+def test_the_weight_average_forgets_the_first_steps_and_decay_0_keeps_the_last_weights():
+    model = train.Classifier(2, 4, [0.5] * 3, [0.25] * 3)
+    start = {name: value.clone() for name, value in model.state_dict().items()}
+    averaged = train.Classifier(2, 4, [0.5] * 3, [0.25] * 3)
+    averaged.load_state_dict(start)
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+
+    train.update_average(averaged, model, 0.99, step=0)  # the first step's decay is 0.1, not 0.99
+    assert torch.allclose(averaged.head.bias, start["head.bias"] + 0.9)
+    train.update_average(averaged, model, 0.99, step=10_000)
+    assert torch.allclose(averaged.head.bias, start["head.bias"] + 0.9 + 0.1 * 0.01)
+    train.update_average(averaged, model, 0.0, step=10_000)
+    assert all(torch.equal(value, model.state_dict()[name]) for name, value in averaged.state_dict().items())
