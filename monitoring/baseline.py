@@ -196,9 +196,14 @@ def write(statistics: dict, constraints: dict, out: Path | str) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, content in zip(BASELINE_FILES, contents):
-        partial = out / f".{name}.partial"
-        partial.write_text(content)
-        os.replace(partial, out / name)
+        write_file(out / name, content.encode())
+
+
+def write_file(path: Path, content: bytes) -> None:
+    """Write under a temporary name and rename, so that `path` is never left half-written."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(content)
+    os.replace(partial, path)
 
 
 def load(baseline: Path | str) -> tuple[dict, dict]:

@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from monitoring import checks  # noqa: E402
+from monitoring.baseline import write_file  # noqa: E402
 from monitoring.captures import Captures, CaptureError, NoCaptures  # noqa: E402
 
 WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -72,7 +73,7 @@ def build(captures: Captures, statistics: dict, constraints: dict, out: Path, wi
     violations = [result.as_violation() for result in results if result.status == "VIOLATION"]
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "constraint_violations.json").write_text(json.dumps({"violations": violations}, indent=2) + "\n")
+    write_file(out / "constraint_violations.json", (json.dumps({"violations": violations}, indent=2) + "\n").encode())
     pictures = {
         "top_probability_histogram.png": plot_top_probability(captures, statistics),
         "confidence_over_time.png": plot_confidence_over_time(captures, checker.threshold),
@@ -81,14 +82,14 @@ def build(captures: Captures, statistics: dict, constraints: dict, out: Path, wi
         "lowest_confidence_images.png": plot_lowest_images(captures, checker.classes),
     }
     for name, png in pictures.items():
-        (out / name).write_bytes(png)
+        write_file(out / name, png)
     summary = {"source": source, "window": window, "records": len(captures), "files": captures.files,
                "unreadable_records": len(captures.failures),
                "first_record": iso(captures.times.min()), "last_record": iso(captures.times.max()),
                "windows": len(windows), "violations": len(violations),
                "checks": summary_rows(results), "results": [asdict(result) for result in results]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "report.html").write_text(render_html(summary, pictures))
+    write_file(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    write_file(out / "report.html", render_html(summary, pictures).encode())
     return summary
 
 
