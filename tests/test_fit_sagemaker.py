@@ -165,15 +165,19 @@ def test_unstaged_data_fails_before_starting(aws, capsys):
 
 def test_ctrl_c_leaves_the_execution_running_and_says_how_to_stop_it(aws, monkeypatch):
     monkeypatch.setenv("SF_EXECUTION_HISTORY_TYPE", "SUCCESS")  # the execution stays RUNNING
-    process = subprocess.Popen([sys.executable, "-m", "training.fit", "--sagemaker"], cwd=ROOT, text=True,
+    # Python keeps SIGINT ignored when it starts with it ignored, as in a job a shell started in the background
+    # (`make test &`): the child is given Python's own handler so that the test does not depend on how it is run.
+    fit = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+           "runpy.run_module('training.fit', run_name='__main__', alter_sys=True)")
+    process = subprocess.Popen([sys.executable, "-c", fit, "--sagemaker"], cwd=ROOT, text=True,
                                env={**os.environ, **aws["environment"]}, stderr=subprocess.PIPE)
     try:
         first = process.stderr.readline()
         assert f"started {STATE_MACHINE} (pytorch): " in first, first
         execution_arn = first.rsplit(": ", 1)[1].strip()
         process.send_signal(signal.SIGINT)
-        rest = process.stderr.read()
-        assert process.wait(timeout=20) == 130
+        _, rest = process.communicate(timeout=20)
+        assert process.returncode == 130
     finally:
         process.kill()
     assert rest.splitlines()[-1] == ("fit: interrupted; the execution keeps running, and its training job with it. "
