@@ -83,15 +83,6 @@ class Classifier(nn.Module):
         return self.head(self.features((images - self.mean) / self.std)) * LOGIT_SCALE
 
 
-def target_logits(model: Classifier, images: torch.Tensor, num_classes: int, flip_tta: bool) -> torch.Tensor:
-    """Logits of the target classes in float32, averaged with the mirrored image when `flip_tta`."""
-    if not flip_tta:
-        return model(images.contiguous(memory_format=torch.channels_last))[:, :num_classes].float()
-    # one call on the images and their mirrors: a batch twice the size is cheaper than two calls
-    logits = model(torch.cat([images, images.flip(3)]).contiguous(memory_format=torch.channels_last))
-    return logits[:, :num_classes].float().view(2, len(images), num_classes).mean(0)
-
-
 class MirrorAveraged(nn.Module):
     """The model's logits averaged with those of the mirror images, the two passes run in parallel once traced
     (torch.jit.fork runs the second on one of PyTorch's inter-op threads)."""
@@ -103,6 +94,12 @@ class MirrorAveraged(nn.Module):
     def forward(self, images):
         mirrored = torch.jit.fork(self.model, images.flip(3).contiguous(memory_format=torch.channels_last))
         return (self.model(images) + torch.jit.wait(mirrored)) / 2
+
+
+def target_logits(model: Classifier, images: torch.Tensor, num_classes: int, flip_tta: bool) -> torch.Tensor:
+    """Logits of the target classes in float32, averaged with the mirrored image's when `flip_tta`, as served."""
+    served = MirrorAveraged(model) if flip_tta else model
+    return served(images.contiguous(memory_format=torch.channels_last))[:, :num_classes].float()
 
 
 # ------------------------------------------------------------------------------------------- serving
