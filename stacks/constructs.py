@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from aws_cdk import ArnFormat, Aws, Duration, RemovalPolicy, Stack
+from aws_cdk import ArnFormat, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
@@ -42,7 +42,7 @@ class SageMakerRole(Construct):
     Data access is granted by the caller, per bucket prefix.
     """
 
-    def __init__(self, scope: Construct, construct_id: str, *, description: str, repositories: list[str]) -> None:
+    def __init__(self, scope: Construct, construct_id: str, *, description: str, repository_arns: list[str]) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
         self.role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
@@ -52,7 +52,7 @@ class SageMakerRole(Construct):
         ))
         self.role.add_to_policy(iam.PolicyStatement(
             actions=["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
-            resources=[f"arn:{Aws.PARTITION}:ecr:{Aws.REGION}:*:repository/{name}" for name in repositories],
+            resources=repository_arns,
         ))
         self.role.add_to_policy(iam.PolicyStatement(
             actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
@@ -61,8 +61,7 @@ class SageMakerRole(Construct):
         ))
         NagSuppressions.add_resource_suppressions(self.role, [{
             "id": "AwsSolutions-IAM5",
-            "reason": "ecr:GetAuthorizationToken and cloudwatch:PutMetricData take no resource; the SageMaker images "
-                      "live in AWS-owned accounts that differ by region; log streams are named by SageMaker at run "
+            "reason": "ecr:GetAuthorizationToken and cloudwatch:PutMetricData take no resource; log streams are named by SageMaker at run "
                       "time; bucket wildcards are the key prefixes this role was granted.",
         }], apply_to_children=True)
 

@@ -12,7 +12,7 @@ from constructs import Construct
 from stacks.config import SconesConfig
 from stacks.constructs import SageMakerRole
 from stacks.data_stack import CAPTURE_PREFIX
-from stacks.images import image_uri, repository
+from stacks.images import image_uri, repository_arn
 from stacks.training_stack import MODEL_PREFIX
 
 VARIANT_NAME = "AllTraffic"
@@ -24,7 +24,7 @@ class EndpointStack(Stack):
         super().__init__(scope, construct_id, **kwargs)
         algorithm = config.training_algorithm
         role = SageMakerRole(self, "ModelRole", description="scones endpoint: read models, write captures",
-                             repositories=[repository(algorithm, "inference")]).role
+                             repository_arns=[repository_arn(self, algorithm, "inference")]).role
         role.add_to_policy(iam.PolicyStatement(actions=["s3:GetObject"],
                                                resources=[bucket.arn_for_objects(f"{MODEL_PREFIX}*")]))
         role.add_to_policy(iam.PolicyStatement(actions=["s3:PutObject"],

@@ -5,7 +5,7 @@ deploy time in a CfnMapping built from the SDK's bundled registry tables; a stac
 gets the literal URI.
 """
 
-from aws_cdk import Aws, CfnMapping, Stack, Token
+from aws_cdk import Aws, CfnMapping, Fn, Stack, Token
 from sagemaker.core import image_uris
 
 # 2.6 is the newest PyTorch inference image; training uses the same release so the weights load unchanged.
@@ -42,6 +42,10 @@ def image_uri(stack: Stack, algorithm: str, purpose: str) -> str:
     return mapping.find_in_map(Aws.REGION, "uri")
 
 
-def repository(algorithm: str, purpose: str) -> str:
-    """The ECR repository name of the image, for IAM."""
-    return "image-classification" if algorithm == "builtin" else f"pytorch-{purpose}"
+def repository_arn(stack: Stack, algorithm: str, purpose: str) -> str:
+    """The ARN of the image's ECR repository, for IAM: in the AWS-owned account of the image URI, which differs
+    by region (the URI's first label)."""
+    uri = image_uri(stack, algorithm, purpose)
+    account = uri.split(".")[0] if not Token.is_unresolved(uri) else Fn.select(0, Fn.split(".", uri))
+    name = "image-classification" if algorithm == "builtin" else f"pytorch-{purpose}"
+    return f"arn:{Aws.PARTITION}:ecr:{Aws.REGION}:{account}:repository/{name}"

@@ -27,7 +27,7 @@ from stacks.config import SconesConfig
 from stacks.constructs import LoggedStateMachine
 from stacks.data_stack import CAPTURE_PREFIX
 from stacks.endpoint_stack import VARIANT_NAME
-from stacks.images import image_uri, repository
+from stacks.images import image_uri, repository_arn
 
 # The filter Lambda's Embedded Metric Format output (lambdas/filter_inferences/index.py).
 METRIC_NAMESPACE = "Scones"
@@ -91,13 +91,12 @@ class DriftJob(Construct):
         self.role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
                              description=f"scones drift job: read {captures} and the baseline, write reports, "
                                          f"put {METRIC_NAMESPACE} metrics")
-        image_repository = repository("pytorch", "training")
         statements = [
             iam.PolicyStatement(sid="PullImage", actions=["ecr:GetAuthorizationToken"], resources=["*"]),
             iam.PolicyStatement(
                 sid="PullImageLayers",
                 actions=["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
-                resources=[f"arn:{Aws.PARTITION}:ecr:{Aws.REGION}:*:repository/{image_repository}"]),
+                resources=[repository_arn(stack, "pytorch", "training")]),
             iam.PolicyStatement(
                 sid="WriteJobLogs",
                 actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
@@ -128,13 +127,11 @@ class DriftJob(Construct):
         NagSuppressions.add_resource_suppressions(self.role, [{
             "id": "AwsSolutions-IAM5",
             "reason": "ecr:GetAuthorizationToken takes no resource and cloudwatch:PutMetricData none either (it is "
-                      "held to the Scones namespace by a condition); the PyTorch image lives in AWS-owned accounts "
-                      "that differ by region; SageMaker names the job's log streams at run time; the S3 wildcards "
+                      "held to the Scones namespace by a condition); SageMaker names the job's log streams at run time; the S3 wildcards "
                       "are the three key prefixes the job reads or writes: this endpoint's captures, the baseline, "
                       "the reports.",
             "appliesTo": [
                 "Resource::*",
-                f"Resource::arn:<AWS::Partition>:ecr:<AWS::Region>:*:repository/{image_repository}",
                 _nag_regex(f"^Resource::arn:<AWS::Partition>:logs:.+:log-group:"
                            f"{re.escape(PROCESSING_JOBS_LOG_GROUP)}:\\*$"),
                 _nag_regex(f"^Resource::.*/({re.escape(captures)}|{re.escape(BASELINE_PREFIX)}|"

@@ -14,7 +14,7 @@ from constructs import Construct
 
 from stacks.config import SconesConfig
 from stacks.constructs import LoggedStateMachine, SageMakerRole
-from stacks.images import image_uri, repository
+from stacks.images import image_uri, repository_arn
 
 TRAINING_SCRIPT = Path(__file__).resolve().parent.parent / "training" / "train.py"
 MODEL_PREFIX = "models/"
@@ -50,7 +50,7 @@ class TrainingStack(Stack):
         algorithm = config.training_algorithm
         self.role = SageMakerRole(
             self, "SageMakerRole", description="scones training jobs and the models they produce",
-            repositories=sorted({repository(algorithm, "training"), repository(algorithm, "inference")}),
+            repository_arns=list(dict.fromkeys(repository_arn(self, algorithm, purpose) for purpose in ("training", "inference"))),
         ).role
 
         script = s3_assets.Asset(self, "TrainingScript", path=str(TRAINING_SCRIPT))

@@ -66,8 +66,20 @@ def test_model_role_reads_models_and_writes_captures_only():
          "Resource": {"Fn::Join": ["", [DATA_BUCKET_ARN, "/data_capture/*"]]}},
     ]
     ecr = next(s for s in statements if "ecr:BatchGetImage" in _actions(s))
+    image_account = {"Fn::Select": [0, {"Fn::Split": [".", {"Fn::FindInMap": [
+        "PytorchInferenceImage", {"Ref": "AWS::Region"}, "uri"]}]}]}
     assert ecr["Resource"] == {"Fn::Join": ["", [
-        "arn:", {"Ref": "AWS::Partition"}, ":ecr:", {"Ref": "AWS::Region"}, ":*:repository/pytorch-inference"]]}
+        "arn:", {"Ref": "AWS::Partition"}, ":ecr:", {"Ref": "AWS::Region"}, ":", image_account,
+        ":repository/pytorch-inference"]]}
+
+
+def test_model_role_pulls_only_from_the_account_that_owns_the_image_in_a_pinned_region():
+    statements = [statement for policy in template("Endpoint", region="eu-west-1", account="111111111111")
+                  .find_resources("AWS::IAM::Policy").values()
+                  for statement in policy["Properties"]["PolicyDocument"]["Statement"]]
+    ecr = next(s for s in statements if "ecr:BatchGetImage" in _actions(s))
+    assert ecr["Resource"] == {"Fn::Join": ["", [
+        "arn:", {"Ref": "AWS::Partition"}, ":ecr:", {"Ref": "AWS::Region"}, ":763104351884:repository/pytorch-inference"]]}
 
 
 def _actions(statement) -> list[str]:

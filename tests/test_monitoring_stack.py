@@ -113,6 +113,9 @@ def _render(value):
         return argument
     if function == "Fn::FindInMap":
         return f"<map {argument[0]}>"
+    if function == "Fn::Select" and set(argument[1]) == {"Fn::Split"}:
+        separator, text = argument[1]["Fn::Split"]
+        return f"<{_render(text)} split at {separator!r}, item {argument[0]}>"
     if function == "Fn::ImportValue":
         for marker, name in (("Data666C94C7Arn", "<bucket arn>"), ("Data666C94C7", "<bucket>"),
                              ("EndpointKey", "<endpoint key arn>")):
@@ -225,7 +228,8 @@ def test_the_job_role_reads_captures_and_baseline_writes_reports_and_puts_scones
         {"Sid": "PullImage", "Action": "ecr:GetAuthorizationToken", "Effect": "Allow", "Resource": "*"},
         {"Sid": "PullImageLayers", "Effect": "Allow",
          "Action": ["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
-         "Resource": "arn:<AWS::Partition>:ecr:<AWS::Region>:*:repository/pytorch-training"},
+         "Resource": "arn:<AWS::Partition>:ecr:<AWS::Region>:<<map PytorchTrainingImage> split at '.', item 0>:"
+                     "repository/pytorch-training"},
         {"Sid": "WriteJobLogs", "Effect": "Allow",
          "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:DescribeLogStreams", "logs:PutLogEvents"],
          "Resource": "arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:"
