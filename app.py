@@ -4,7 +4,7 @@
 import aws_cdk as cdk
 from cdk_nag import AwsSolutionsChecks
 
-from stacks.config import SconesConfig
+from stacks.config import SconesConfig, stack_name
 from stacks.data_stack import DataStack
 from stacks.endpoint_stack import EndpointStack
 from stacks.monitoring_stack import MonitoringStack
@@ -15,17 +15,17 @@ from stacks.workflow_stack import WorkflowStack
 def build(app: cdk.App) -> list[cdk.Stack]:
     config = SconesConfig.from_context(app.node.try_get_context)
     env = cdk.Environment(account=config.account, region=config.region)
-    prefix = config.prefix.title().replace("-", "")
     # No bootstrap-version rule: the same templates deploy to the local emulation (see local/).
     synthesizer = lambda: cdk.DefaultStackSynthesizer(generate_bootstrap_version_rule=False)  # noqa: E731
     common = dict(config=config, env=env)
+    name = lambda stack: stack_name(config.env_name, stack)  # noqa: E731
 
-    data = DataStack(app, f"{prefix}Data", synthesizer=synthesizer(), **common)
-    training = TrainingStack(app, f"{prefix}Training", bucket=data.bucket, synthesizer=synthesizer(), **common)
-    endpoint = EndpointStack(app, f"{prefix}Endpoint", bucket=data.bucket, synthesizer=synthesizer(), **common)
-    workflow = WorkflowStack(app, f"{prefix}Workflow", bucket=data.bucket, synthesizer=synthesizer(), **common)
+    data = DataStack(app, name("Data"), synthesizer=synthesizer(), **common)
+    training = TrainingStack(app, name("Training"), bucket=data.bucket, synthesizer=synthesizer(), **common)
+    endpoint = EndpointStack(app, name("Endpoint"), bucket=data.bucket, synthesizer=synthesizer(), **common)
+    workflow = WorkflowStack(app, name("Workflow"), bucket=data.bucket, synthesizer=synthesizer(), **common)
     monitoring = MonitoringStack(
-        app, f"{prefix}Monitoring", state_machine=workflow.state_machine,
+        app, name("Monitoring"), state_machine=workflow.state_machine,
         state_machine_log_group_name=workflow.workflow.log_group.log_group_name,
         functions=[workflow.serialize, workflow.classify, workflow.filter], bucket=data.bucket,
         capture_key=endpoint.key, synthesizer=synthesizer(), **common)

@@ -28,6 +28,7 @@ from local.assembly import read_assembly
 from local.deploy import LocalDeployment, UnresolvedReference
 from local.executions import percentile, run_executions
 from local.services import BackgroundService, ServiceFailed
+from stacks.config import stack_name
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar-100-python-vehicles.tar.gz"
@@ -96,7 +97,7 @@ class LocalRun:
         return self.deployment
 
     def stack(self, short: str) -> str:
-        return f"Scones{self.env_name.title()}{short}"
+        return stack_name(self.env_name, short)
 
     def stage(self, bucket: str):
         from training import etl

@@ -175,7 +175,7 @@ BASELINE_FILES = ("statistics.json", "constraints.json")
 
 
 def _s3_location(location: str) -> tuple[str, str]:
-    bucket, _, prefix = location[5:].partition("/")
+    bucket, prefix = captures.split_s3_uri(location)
     return bucket, prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
 
@@ -233,7 +233,7 @@ def fetch_model(model: str, folder: Path) -> Path:
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket, _, key = model[5:].partition("/")
+    bucket, key = captures.split_s3_uri(model)
     local = folder / "model.tar.gz"
     try:
         boto3.client("s3").download_file(bucket, key, str(local))

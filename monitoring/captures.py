@@ -78,10 +78,16 @@ class Captures:
 
 # --------------------------------------------------------------------------------------------- locations
 
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """("bucket", "key/prefix") of "s3://bucket/key/prefix"."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
 def list_capture_files(prefix: str, since: datetime | None = None, until: datetime | None = None) -> list[str]:
     """Every capture file under `prefix` (a folder or s3://bucket/key-prefix) that may hold records in range."""
     if prefix.startswith("s3://"):
-        bucket, _, key_prefix = prefix[5:].partition("/")
+        bucket, key_prefix = split_s3_uri(prefix)
         names = [f"s3://{bucket}/{key}" for key in _s3_keys(bucket, key_prefix, since, until)]
     else:
         folder = Path(prefix)
@@ -150,7 +156,7 @@ def _read_bytes(name: str) -> bytes:
     if name.startswith("s3://"):
         import boto3
 
-        bucket, _, key = name[5:].partition("/")
+        bucket, key = split_s3_uri(name)
         content = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
     else:
         content = Path(name).read_bytes()

@@ -44,6 +44,11 @@ class ConfigError(ValueError):
     """A context value is missing or invalid; the message names the key."""
 
 
+def stack_name(env_name: str, stack: str) -> str:
+    """The CloudFormation stack name app.py gives a stack, e.g. `SconesDevTraining` for ("dev", "Training")."""
+    return f"Scones{env_name.title()}{stack}"
+
+
 @dataclass(frozen=True)
 class SconesConfig:
     env_name: str = "dev"

@@ -34,7 +34,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError, NoRegionError
 
-from stacks.config import SconesConfig
+from stacks.config import SconesConfig, stack_name
 from training import train
 
 TRAIN_SCRIPT = Path(train.__file__).resolve()
@@ -93,11 +93,6 @@ def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
 
 
 # -------------------------------------------------------------------------------------- --sagemaker
-
-def stack_name(env: str, stack: str) -> str:
-    """`SconesDevTraining` for ("dev", "Training"), as app.py names the stacks."""
-    return f"Scones{env.title()}{stack}"
-
 
 def deploy_command(env: str, stacks: list[str], context: str = "") -> str:
     context = " ".join(filter(None, [f"-c env={env}" if env != "dev" else "", context]))
