@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from training import etl  # noqa: E402
 from training.fit import fit_local  # noqa: E402
 
-ARCHIVE = Path("/work/shared/data/cifar-100-python-vehicles.tar.gz")
+ARCHIVE = ROOT.parent / "shared" / "data" / "cifar-100-python-vehicles.tar.gz"
 RESULTS = ROOT / "bench" / "results" / "train.json"
 CLASSES = ("bicycle", "motorcycle")
 # The other vehicle classes of the archive, staged after the targets: the default recipe learns them alongside.
@@ -96,6 +96,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "recipe": metrics["recipe"],
         "hyperparameters": hyperparameters,
+        "precision": metrics["precision"],
         "staged_classes": list(CLASSES + EXTRA_CLASSES),
         "train_images": metrics["train_images"],
         "runs": runs,

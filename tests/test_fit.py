@@ -146,6 +146,7 @@ def test_fit_is_deterministic_for_a_seed(fitted, data_dir, tmp_path):
 
 @pytest.mark.parametrize("arguments, message", [
     (["--epochs", "0"], "argument --epochs: 0 is outside the valid range [1, 1000]"),
+    (["--epochs", "many"], "argument --epochs: 'many' is not an int or auto; valid range [1, 1000]"),
     (["--learning_rate", "fast"], "argument --learning_rate: 'fast' is not a float; valid range [1e-06, 10.0]"),
     (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
     (["--bfloat16", "yes"], "argument --bfloat16: 'yes' is not one of auto, 1, 0"),
