@@ -77,8 +77,11 @@ def test_metrics_record_curves_test_results_and_calibration(fitted):
     test = metrics["test"]
     assert metrics["classes"] == list(CLASSES)
     assert metrics["train_images"] == 900 + 450 + 50  # the extra class's validation images train too
-    # each epoch: every target image and a quarter of the extra class's, in whole batches
-    assert metrics["history"][0]["images"] == (900 + round(0.25 * 500)) // QUICK["batch_size"] * QUICK["batch_size"]
+    # each epoch: every target image and a share of the extra class's (by default, by precision), in whole batches
+    extra_fraction = train.AUTO[metrics["precision"]]["extra_fraction"]
+    assert metrics["hyperparameters"]["extra_fraction"] == extra_fraction
+    batch_size = QUICK["batch_size"]
+    assert metrics["history"][0]["images"] == (900 + round(extra_fraction * 500)) // batch_size * batch_size
     assert test["images"] == 100 and len(test["predictions"]) == 100
     assert set(test["per_class"]) == set(CLASSES)
     assert {"precision", "recall"} == set(test["per_class"]["bicycle"])
