@@ -26,14 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.train import ARCHIVE, CLASSES, EXTRA_CLASSES  # noqa: E402
-from training import etl  # noqa: E402
+from training import etl, train  # noqa: E402
 from training.fit import fit_local  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "recipes.json"
 FOLDS = 10
-DEFAULT_RECIPES = ("float32_default=--epochs 42 --extra_fraction 0.25", "longer=--epochs 100 --extra_fraction 0.25",
-                   "all_extras=--epochs 42 --extra_fraction 1.0",
-                   "bfloat16_default=--epochs 70 --extra_fraction 0.5")
+DEFAULT_RECIPES = tuple(f"{name}=--epochs {epochs} --extra_fraction {share}" for name, epochs, share in (
+    ("float32_default", *train.AUTO["float32"].values()), ("longer", 100, 0.25), ("all_extras", 42, 1.0),
+    ("bfloat16_default", *train.AUTO["bfloat16"].values())))
 
 
 def recipe(text: str) -> tuple[str, dict]:
@@ -47,13 +47,12 @@ def recipe(text: str) -> tuple[str, dict]:
 def make_folds(data: Path, work: Path, count: int) -> list[Path]:
     """Folders holding a fold's manifests (its 100 target images as the validation split, every other image
     for training) and links to the staged images."""
-    rows = [line.split("\t")[1:] for manifest in ("train.lst", "validation.lst")
-            for line in (data / manifest).read_text().splitlines()]
-    by_class = {label: sorted(path for row_label, path in rows if row_label == label) for label in ("0", "1")}
+    rows = [row for manifest in ("train.lst", "validation.lst") for row in train.read_manifest(data / manifest)]
+    by_class = {label: sorted(path for row_label, path in rows if row_label == label) for label in (0, 1)}
     shuffle = random.Random(12345)
     for paths in by_class.values():
         shuffle.shuffle(paths)
-    size = len(by_class["0"]) // FOLDS
+    size = len(by_class[0]) // FOLDS
     folders = []
     for fold in range(count):
         held = {path for paths in by_class.values() for path in paths[fold * size:(fold + 1) * size]}
