@@ -33,14 +33,14 @@ import boto3
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from local.__main__ import SHARED_ARCHIVE  # noqa: E402
 from local.endpoint import CaptureSpec, EndpointSpec, spec_to_json  # noqa: E402
 from training import etl, fit  # noqa: E402
 
-CIFAR = ROOT.parent / "shared" / "data" / "cifar-100-python-vehicles.tar.gz"
 FIT = {"epochs": 2}
 RESULTS = ROOT / "bench" / "results" / "endpoint.json"
 BUCKET = "scones-bench"
-CLASSES = ("bicycle", "motorcycle")
+CLASSES = etl.DEFAULT_CLASSES
 REPEATS = 5
 LATENCY_REQUESTS = 500
 CONCURRENCY = 16
@@ -238,7 +238,7 @@ def main() -> None:
         s3.create_bucket(Bucket=BUCKET)
         with tempfile.TemporaryDirectory(prefix="scones-bench-") as directory:
             work = Path(directory)
-            etl.stage(CIFAR, work / "data", CLASSES, progress=False)
+            etl.stage(SHARED_ARCHIVE, work / "data", CLASSES, progress=False)
             images = staged_images(work / "data")
             log(f"{len(images)} CIFAR images of {', '.join(CLASSES)} as PNG, "
                 f"{statistics.mean(map(len, images)):.0f} bytes on average"

@@ -25,9 +25,10 @@ import PIL
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from local.__main__ import SHARED_ARCHIVE  # noqa: E402
 from training import etl  # noqa: E402
 
-SOURCE = Path(os.environ.get("SCONES_CIFAR100", "/work/shared/data/cifar-100-python-vehicles.tar.gz"))
+SOURCE = Path(os.environ.get("SCONES_CIFAR100", SHARED_ARCHIVE))
 RESULTS = ROOT / "bench" / "results" / "etl.json"
 REPEATS = 5
 VEHICLES = ["bicycle", "bus", "motorcycle", "pickup_truck", "train",
@@ -120,9 +121,7 @@ def main() -> int:
     }
     results["machine"]["load_average_after"] = [round(load, 2) for load in os.getloadavg()]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    partial = RESULTS.with_name(RESULTS.name + ".tmp")
-    partial.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(partial, RESULTS)
+    etl.write_file(RESULTS, (json.dumps(results, indent=2) + "\n").encode())
 
     for case, figures in command.items():
         print(f"{case}: {figures['fresh_median_s']:.2f} s (goal < {figures['goal_s']:.0f} s, "

@@ -24,11 +24,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from local.__main__ import SHARED_ARCHIVE  # noqa: E402
 from monitoring import baseline, checks, report  # noqa: E402
 from monitoring.captures import read_captures  # noqa: E402
 from training import etl  # noqa: E402
 
-SOURCE = Path(os.environ.get("SCONES_CIFAR100", "/work/shared/data/cifar-100-python-vehicles.tar.gz"))
+SOURCE = Path(os.environ.get("SCONES_CIFAR100", SHARED_ARCHIVE))
 RESULTS = ROOT / "bench" / "results" / "monitor.json"
 RECORDS = 50_000
 HOURS = 10

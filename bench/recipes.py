@@ -1,6 +1,7 @@
 """Compare training recipes by cross-validation: `.venv/bin/python bench/recipes.py [RECIPE ...]`.
 
-A recipe is `NAME=HYPERPARAMETERS`, e.g. `'long=--epochs 100'`; without any, the four of the README's table.
+A recipe is `NAME=HYPERPARAMETERS`, e.g. `'long=--epochs 100'`; without any, the float32 and bfloat16 defaults
+(`train.AUTO`) and the two others of the README's first cross-validation table.
 Stages the shared archive's ten vehicle classes with `training.etl`, deals the 1000 bicycle and motorcycle
 images of its training and validation splits into 10 stratified folds of 100, and fits each recipe with
 `training.fit` once per fold (`--folds`, default the first 6; the seed is the fold's number), that fold as the
@@ -25,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.train import ARCHIVE, CLASSES, EXTRA_CLASSES  # noqa: E402
+from local.__main__ import EXTRA_CLASSES, SHARED_ARCHIVE  # noqa: E402
 from training import etl, train  # noqa: E402
 from training.fit import fit_local  # noqa: E402
 
@@ -88,7 +89,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="scones-bench-recipes-") as work:
         data = Path(work) / "data"
-        etl.stage(ARCHIVE, data, CLASSES + EXTRA_CLASSES, progress=False)
+        etl.stage(SHARED_ARCHIVE, data, etl.DEFAULT_CLASSES + EXTRA_CLASSES, progress=False)
         folders = make_folds(data, Path(work), args.folds)
         for name, hyperparameters in recipes:
             started = time.perf_counter()
@@ -105,9 +106,7 @@ def main() -> None:
                       f"motorcycle training images (folds of 100, {args.folds} of {FOLDS})",
               "command": shlex.join(["bench/recipes.py", *sys.argv[1:]]),
               "jobs": args.jobs, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "recipes": results}
-    partial = args.output.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(output, indent=2) + "\n")
-    os.replace(partial, args.output)
+    etl.write_file(args.output, (json.dumps(output, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -24,14 +24,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from local.__main__ import EXTRA_CLASSES, SHARED_ARCHIVE  # noqa: E402
 from training import etl  # noqa: E402
 from training.fit import fit_local  # noqa: E402
 
-ARCHIVE = ROOT.parent / "shared" / "data" / "cifar-100-python-vehicles.tar.gz"
 RESULTS = ROOT / "bench" / "results" / "train.json"
-CLASSES = ("bicycle", "motorcycle")
-# The other vehicle classes of the archive, staged after the targets: the default recipe learns them alongside.
-EXTRA_CLASSES = ("bus", "lawn_mower", "pickup_truck", "rocket", "streetcar", "tank", "tractor", "train")
 SEEDS = (0, 1, 2)
 
 
@@ -81,7 +78,7 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = "1"  # read by each fit's train.py
     with tempfile.TemporaryDirectory(prefix="scones-bench-train-") as work:
         data = Path(work) / "data"
-        etl.stage(ARCHIVE, data, CLASSES + EXTRA_CLASSES, progress=False)
+        etl.stage(SHARED_ARCHIVE, data, etl.DEFAULT_CLASSES + EXTRA_CLASSES, progress=False)
         with ThreadPoolExecutor(jobs) as pool:
             fitted = list(pool.map(lambda seed: run_seed(data, Path(work) / f"seed{seed}", seed), SEEDS))
     runs = [run for run, _ in fitted]
@@ -97,7 +94,7 @@ def main() -> None:
         "recipe": metrics["recipe"],
         "hyperparameters": hyperparameters,
         "precision": metrics["precision"],
-        "staged_classes": list(CLASSES + EXTRA_CLASSES),
+        "staged_classes": list(etl.DEFAULT_CLASSES + EXTRA_CLASSES),
         "train_images": metrics["train_images"],
         "runs": runs,
         "test_accuracy_mean": statistics.mean(accuracies),
@@ -108,9 +105,7 @@ def main() -> None:
         "machine": machine(),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    partial = RESULTS.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(partial, RESULTS)
+    etl.write_file(RESULTS, (json.dumps(results, indent=2) + "\n").encode())
     print(json.dumps({key: results[key] for key in ("test_accuracy_mean", "test_accuracy_min",
                                                     "train_seconds_median", "test_coverage_at_threshold_mean")}))
 
