@@ -26,10 +26,10 @@ from numpy._core.multiarray import _reconstruct
 from numpy.testing._private.utils import runstring
 from PIL import Image
 
+from local.__main__ import SHARED_ARCHIVE as SHARED
 from training import etl
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path("/work/shared/data/cifar-100-python-vehicles.tar.gz")
 needs_shared = pytest.mark.skipif(not SHARED.is_file(), reason=f"the shared CIFAR-100 copy is not at {SHARED}")
 
 # "rocket" is in the tiny meta but has no images.

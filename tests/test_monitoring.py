@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from local import aws  # noqa: E402
+from local.__main__ import SHARED_ARCHIVE as ARCHIVE  # noqa: E402
 from local.endpoint import CaptureSpec, EndpointServer, EndpointSpec  # noqa: E402
 from monitoring import checks  # noqa: E402
 from monitoring.__main__ import last_period, main as monitoring_main  # noqa: E402
@@ -30,7 +31,6 @@ from monitoring.captures import list_capture_files, read_captures  # noqa: E402
 from training import etl  # noqa: E402
 from training.fit import fit_local  # noqa: E402
 
-ARCHIVE = Path("/work/shared/data/cifar-100-python-vehicles.tar.gz")
 CLASSES = ("bicycle", "motorcycle")
 OTHER_CLASSES = ("tank", "tractor", "rocket")
 QUICK = {"epochs": 2, "width": 8, "batch_size": 32}  # about 20 s here; validation accuracy about 0.8
