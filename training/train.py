@@ -208,7 +208,7 @@ HYPERPARAMETERS = {
     "batch_size": (int, 128, 1, 4096, "images per step"),
     "learning_rate": (float, 0.2, 1e-6, 10.0, "peak of the one-cycle learning rate (SGD, Nesterov momentum)"),
     "weight_decay": (float, 5e-4, 0.0, 1.0, "L2 penalty on convolution and linear weights"),
-    "label_smoothing": (float, 0.1, 0.0, 0.5, "label smoothing of the cross-entropy loss"),
+    "label_smoothing": (float, 0.0, 0.0, 0.5, "label smoothing of the cross-entropy loss"),
     "width": (int, 16, 4, 256, "channels of the first layer; deeper layers have 2x, 4x, 8x"),
     "cutout": (int, 8, 0, IMAGE_SIZE, "side of the square erased from each training image (0: none)"),
     "flip_tta": (int, 1, 0, 1, "1: average the predictions of each image and its mirror image"),
@@ -675,7 +675,8 @@ def main(argv=None) -> None:
         "classes": classes,
         "seed": args.seed,
         "hyperparameters": vars(args),
-        "recipe": f"ResNet-9-style convnet (width {args.width}), SGD Nesterov, one-cycle LR, label smoothing, "
+        "recipe": f"ResNet-9-style convnet (width {args.width}), SGD Nesterov, one-cycle LR, "
+                  f"{f'label smoothing {args.label_smoothing:g}, ' if args.label_smoothing else ''}"
                   f"{model.head.out_features} classes learnt (targets weighted {args.target_weight:g}x, "
                   f"{args.extra_fraction:.0%} of the others' images drawn each epoch), "
                   f"crop+flip{'+cutout' if args.cutout else ''} augmentation, "
