@@ -28,6 +28,7 @@ from local.assembly import read_assembly
 from local.deploy import LocalDeployment, UnresolvedReference
 from local.executions import percentile, run_executions
 from local.services import BackgroundService, ServiceFailed
+from monitoring.captures import split_s3_uri
 from stacks.config import stack_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,7 +151,7 @@ class LocalRun:
             variant = config["ProductionVariants"][0]
             model = resources["Model"][variant["ModelName"]]
             model_url = model["PrimaryContainer"]["ModelDataUrl"]
-            bucket, key = model_url.removeprefix("s3://").split("/", 1)
+            bucket, key = split_s3_uri(model_url)
             local_model = self.state_dir / "endpoint" / name / "model.tar.gz"
             local_model.parent.mkdir(parents=True, exist_ok=True)
             boto3.client("s3").download_file(bucket, key, str(local_model))

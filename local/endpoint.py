@@ -60,6 +60,8 @@ from urllib.parse import quote, unquote, urlsplit
 
 import boto3
 
+from monitoring.captures import split_s3_uri
+
 VARIANT_NAME = "AllTraffic"
 ACCOUNT_ID = "123456789012"  # moto's default account; the real service names the caller's in "not found" errors
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # SageMaker's InvokeEndpoint limit
@@ -267,7 +269,7 @@ class CaptureSpool:
     """
 
     def __init__(self, spec: CaptureSpec, endpoint_name: str, directory: Path):
-        self._bucket, _, prefix = spec.destination[len("s3://"):].partition("/")
+        self._bucket, prefix = split_s3_uri(spec.destination)
         self._prefix = "/".join(part for part in (prefix.strip("/"), endpoint_name, VARIANT_NAME) if part)
         self._encryption = ({"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": spec.kms_key_id}
                             if spec.kms_key_id else {})

@@ -34,6 +34,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError, NoRegionError
 
+from monitoring.captures import split_s3_uri
 from stacks.config import SconesConfig, stack_name
 from training import train
 
@@ -129,7 +130,7 @@ def check_data_staged(s3, parameters: dict) -> None:
     for channel in parameters["InputDataConfig"]:
         if channel["ChannelName"] == "code":
             continue
-        bucket, _, key = channel["DataSource"]["S3DataSource"]["S3Uri"].removeprefix("s3://").partition("/")
+        bucket, key = split_s3_uri(channel["DataSource"]["S3DataSource"]["S3Uri"])
         try:
             found = s3.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)["KeyCount"]
         except ClientError:
