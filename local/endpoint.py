@@ -89,7 +89,7 @@ class CaptureSpec:
     kms_key_id: str | None = None  # KmsKeyId: captures are written with SSE-KMS under this key
 
     def __post_init__(self):
-        if not self.destination.startswith("s3://") or not self.destination[5:].strip("/"):
+        if not self.destination.startswith("s3://") or not split_s3_uri(self.destination)[0]:
             raise ValueError(f"capture destination {self.destination!r} is not an s3://bucket[/prefix] URI")
         if not 0 <= self.sampling_percentage <= 100:
             raise ValueError(f"sampling percentage {self.sampling_percentage} is outside 0..100")

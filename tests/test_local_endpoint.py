@@ -600,8 +600,9 @@ def test_specs_come_from_the_endpoint_config_and_round_trip_through_json(tiny_mo
     assert CaptureSpec.from_data_capture_config({"EnableCapture": False}) is None
     spec = EndpointSpec("scones", tiny_model, capture)
     assert spec_from_json(json.loads(json.dumps(spec_to_json(spec)))) == spec
-    with pytest.raises(ValueError):
-        CaptureSpec("https://bucket.s3.amazonaws.com/x")
+    for not_a_bucket_uri in ("https://bucket.s3.amazonaws.com/x", "s3:///data_capture", "s3://"):
+        with pytest.raises(ValueError, match="is not an s3://bucket"):
+            CaptureSpec(not_a_bucket_uri)
 
 
 def test_every_answered_request_has_its_record_after_sigkill_under_load(s3, tiny_model, tmp_path):
