@@ -196,6 +196,12 @@ def test_temperature_minimises_validation_loss():
     assert loss(temperature) <= min(loss(temperature * 0.9), loss(temperature * 1.1), loss(1.0))
 
 
+def test_temperature_is_left_at_1_when_every_validation_answer_is_right():
+    """Else the loss keeps falling as the temperature does, and the served probabilities would all be near 1."""
+    logits = torch.tensor([[4.0, -4.0], [3.0, -3.0], [-2.0, 2.0], [0.5, -0.5]])
+    assert train.fit_temperature(logits, torch.tensor([0, 0, 1, 0])) == 1.0
+
+
 def test_images_are_found_where_sagemaker_puts_them(data_dir):
     """On SageMaker the `train` channel may hold `x.png` where the manifest says `train/x.png`."""
     as_staged = train.load_split(data_dir, data_dir / "validation.lst")

@@ -423,7 +423,11 @@ def update_average(averaged: Classifier, model: Classifier, decay: float, step: 
 # ------------------------------------------------------------------------------------------ calibration
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature minimising the negative log-likelihood, searched on a log grid (deterministic)."""
+    """The temperature minimising the negative log-likelihood, searched on a log grid (deterministic). When every
+    answer is right the likelihood only grows as the temperature falls, and the search would end at the grid's
+    floor with every probability near 1: the logits are then left as they are (temperature 1)."""
+    if bool((logits.argmax(1) == labels).all()):
+        return 1.0
     candidates = torch.logspace(-2, 2, 801)
     losses = torch.stack([F.cross_entropy(logits / t, labels) for t in candidates])
     return float(candidates[losses.argmin()])
