@@ -1,0 +1,3 @@
+from local.endpoint import main
+
+main()
