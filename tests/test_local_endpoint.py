@@ -29,9 +29,10 @@ from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 from PIL import Image, ImageStat
 
-import local.endpoint as endpoint_module
+import local.endpoint.capture as capture_module
 from local.endpoint import (MAX_PAYLOAD_BYTES, CaptureError, CaptureSpec, CaptureSpool, EndpointServer,
                             EndpointSpec, spec_from_json, spec_to_json)
+from local.endpoint.batching import PredictionBatcher
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "scones-endpoint-tests"
@@ -467,7 +468,7 @@ def test_a_record_that_cannot_be_written_whole_fails_its_request_with_503(s3, ti
 
 
 def test_records_are_stored_under_the_hour_of_their_inference(s3, tmp_path, monkeypatch):
-    monkeypatch.setattr(endpoint_module, "UPLOAD_INTERVAL_SECONDS", 60)  # uploaded on close only
+    monkeypatch.setattr(capture_module, "UPLOAD_INTERVAL_SECONDS", 60)  # uploaded on close only
     destination = new_destination()
     spool = CaptureSpool(CaptureSpec(destination), "scones", tmp_path / "spool")
     with pytest.raises(RuntimeError, match="another endpoint server"):
@@ -685,7 +686,7 @@ def test_a_predict_fn_that_exits_fails_its_request_and_the_batcher_answers_the_n
             sys.exit(3)
         return data * 2
 
-    batcher = endpoint_module.PredictionBatcher(predict_fn, model=None, name="exits")
+    batcher = PredictionBatcher(predict_fn, model=None, name="exits")
     try:
         with pytest.raises(RuntimeError, match=r"predict_fn raised SystemExit\(3\)"):
             batcher.predict(torch.full((1, 2), -1.0))

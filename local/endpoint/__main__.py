@@ -1,3 +1,3 @@
-from local.endpoint import main
+from local.endpoint.cli import main
 
 main()
