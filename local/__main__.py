@@ -31,12 +31,7 @@ from local.services import BackgroundService, ServiceFailed
 from monitoring.captures import split_s3_uri
 from stacks.config import stack_name
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar-100-python-vehicles.tar.gz"
 MODEL_PARAMETER = "/scones/{env}/model-data-url"
-# The archive's other vehicle classes, staged for training only: learnt alongside bicycle and motorcycle,
-# they sharpen the model's features (bench/train.py measures the recipe with them).
-EXTRA_CLASSES = ("bus", "lawn_mower", "pickup_truck", "rocket", "streetcar", "tank", "tractor", "train")
 
 
 def free_port() -> int:
@@ -103,8 +98,9 @@ class LocalRun:
     def stage(self, bucket: str):
         from training import etl
 
-        source = os.environ.get("SCONES_CIFAR100") or (SHARED_ARCHIVE if SHARED_ARCHIVE.exists() else None)
-        summary = etl.stage(source, self.state_dir / "data", bucket=bucket, extra_classes=EXTRA_CLASSES)
+        shared = etl.SHARED_ARCHIVE
+        source = os.environ.get("SCONES_CIFAR100") or (shared if shared.exists() else None)
+        summary = etl.stage(source, self.state_dir / "data", bucket=bucket, extra_classes=etl.VEHICLE_EXTRA_CLASSES)
         say("data", summary.report().replace("\n", "; "))
         return summary
 
