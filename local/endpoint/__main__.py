@@ -1,3 +1,5 @@
+import sys
+
 from local.endpoint.cli import main
 
-main()
+sys.exit(main())

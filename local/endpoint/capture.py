@@ -34,6 +34,10 @@ class CaptureError(Exception):
     """A capture record could not be stored."""
 
 
+class SpoolBusy(RuntimeError):
+    """Another endpoint server spools captures in the folder."""
+
+
 def capture_record(spec: CaptureSpec, request: bytes, request_type: str, answer: bytes, answer_type: str,
                    inference_id: str | None, inference_time: datetime) -> dict:
     """One Model Monitor capture record, its keys in the order SageMaker writes them."""
@@ -93,7 +97,7 @@ class CaptureSpool:
             fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._owner.close()
-            raise RuntimeError(f"another endpoint server spools captures in {directory}") from None
+            raise SpoolBusy(f"another endpoint server spools captures in {directory}") from None
         self._spool: tuple[int, str] | None = None  # the open spool file: its descriptor and hour
         self._write_lock = threading.Lock()
         self._upload_lock = threading.Lock()

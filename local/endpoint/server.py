@@ -323,7 +323,10 @@ class EndpointServer:
                 if spec.name in self._endpoints:
                     raise ValueError(f"two endpoints are named {spec.name}")
                 self._endpoints[spec.name] = Endpoint(spec, inference_slots, self._spool_dir)
-            self._httpd = _PooledHTTPServer((host, port), self._endpoints, workers)
+            try:
+                self._httpd = _PooledHTTPServer((host, port), self._endpoints, workers)
+            except OSError as error:
+                raise OSError(error.errno, f"cannot listen on {host}:{port}: {error.strerror}") from None
         except BaseException:
             self._close_endpoints()
             raise
