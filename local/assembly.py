@@ -23,6 +23,7 @@ class Stack:
     name: str
     template: dict
     assets: dict[str, Path]  # S3 object key in the template -> the asset's file or folder in cdk.out
+    tags: dict[str, str] = field(default_factory=dict)  # the stack's tags, e.g. {"environment": "dev"}
 
     @property
     def resources(self) -> dict[str, dict]:
@@ -45,7 +46,7 @@ def read_assembly(outdir: Path) -> list[Stack]:
                     for destination in entry["destinations"].values():
                         assets[destination["objectKey"]] = outdir / entry["source"]["path"]
         template = json.loads((outdir / artifact["properties"]["templateFile"]).read_text())
-        stacks.append(Stack(name, template, assets))
+        stacks.append(Stack(name, template, assets, artifact["properties"].get("tags", {})))
     return stacks
 
 
