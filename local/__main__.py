@@ -22,7 +22,7 @@ from pathlib import Path
 import boto3
 
 from local import aws
-from local.assembly import read_assembly
+from local.assembly import AssemblyError, read_assembly
 from local.deploy import LocalDeployment, UnresolvedReference
 from local.executions import percentile, run_executions
 from local.services import BackgroundService, ServiceFailed
@@ -32,10 +32,6 @@ from training.etl import EtlError
 
 MODEL_PARAMETER = "/scones/{env}/model-data-url"
 STACKS = ("Data", "Training", "Workflow", "Endpoint", "Monitoring")  # what `up` deploys, by short name
-
-
-class AssemblyMismatch(Exception):
-    """The cloud assembly does not hold the stacks `up` deploys."""
 
 
 def free_port() -> int:
@@ -172,10 +168,10 @@ class LocalRun:
 
 def assembly_env(stacks, assembly_dir: Path, requested: str | None) -> str:
     """The environment whose stacks `up` deploys: the requested one, else the one the assembly holds (app.py tags
-    each stack with it). Raises AssemblyMismatch, saying what to do, if the assembly lacks some of its stacks."""
+    each stack with it). Raises AssemblyError, saying what to do, if the assembly lacks some of its stacks."""
     held = sorted({stack.tags["environment"] for stack in stacks if "environment" in stack.tags})
     if requested is None and len(held) > 1:
-        raise AssemblyMismatch(f"{assembly_dir} holds the stacks of {' and '.join(held)}: pass --env")
+        raise AssemblyError(f"{assembly_dir} holds the stacks of {' and '.join(held)}: pass --env")
     env_name = requested or (held[0] if held else "dev")
     missing = [stack_name(env_name, short) for short in STACKS]
     missing = [name for name in missing if name not in {stack.name for stack in stacks}]
@@ -184,9 +180,9 @@ def assembly_env(stacks, assembly_dir: Path, requested: str | None) -> str:
     synth = "make synth" if env_name == "dev" else f'make synth CONTEXT="-c env={env_name}"'
     if held and env_name not in held:
         holds = " and ".join(f"Scones{env.title()}*" for env in held)
-        raise AssemblyMismatch(f"{assembly_dir} holds {holds}, not the {env_name} stacks: pass "
+        raise AssemblyError(f"{assembly_dir} holds {holds}, not the {env_name} stacks: pass "
                                f"{' or '.join(f'--env {env}' for env in held)}, or run `{synth}` to synthesize them")
-    raise AssemblyMismatch(f"{assembly_dir} has no {', '.join(missing)}: run `{synth}` to synthesize them")
+    raise AssemblyError(f"{assembly_dir} has no {', '.join(missing)}: run `{synth}` to synthesize them")
 
 
 def summarise(executions: list[dict], labels: dict[str, int], metrics: dict, captured: int) -> dict:
@@ -319,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.assembly / "manifest.json").exists():
                 raise FileNotFoundError(f"no cloud assembly at {args.assembly}: run `make synth` first")
             up(args.state_dir.resolve(), args.assembly.resolve(), args.env, args.concurrency)
-    except (OSError, ServiceFailed, UnresolvedReference, AssemblyMismatch, EtlError) as error:
+    except (OSError, ServiceFailed, UnresolvedReference, AssemblyError, EtlError) as error:
         print(f"local: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

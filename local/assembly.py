@@ -14,6 +14,10 @@ PSEUDO = {"AWS::AccountId": ACCOUNT, "AWS::Region": REGION, "AWS::Partition": "a
           "AWS::URLSuffix": "amazonaws.com", "AWS::NoValue": None}
 
 
+class AssemblyError(Exception):
+    """The cloud assembly cannot be read, or lacks stacks that are needed."""
+
+
 class UnresolvedReference(KeyError):
     """A template refers to something the local deployment has not created."""
 
@@ -32,7 +36,10 @@ class Stack:
 
 def read_assembly(outdir: Path) -> list[Stack]:
     """The stacks of a cloud assembly, in dependency order."""
-    manifest = json.loads((outdir / "manifest.json").read_text())
+    try:
+        manifest = json.loads((outdir / "manifest.json").read_text())
+    except json.JSONDecodeError as error:
+        raise AssemblyError(f"{outdir / 'manifest.json'} is not JSON ({error}): run `make synth` again") from None
     artifacts = manifest["artifacts"]
     stacks = []
     for name, artifact in artifacts.items():

@@ -151,3 +151,16 @@ def test_up_runs_the_environment_the_assembly_holds_and_a_failure_stops_the_loca
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", int(url[1])), timeout=5).close()
     assert not (tmp_path / "state" / "aws.json").exists()
+
+
+def test_up_on_a_cut_short_or_partial_assembly_says_to_synthesize_again(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text('{"artifacts": {')
+    assert main(["up", "--assembly", str(tmp_path), "--state-dir", str(tmp_path / "state")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"local: error: {tmp_path / 'manifest.json'} is not JSON (")
+    assert err.endswith("): run `make synth` again\n") and err.count("\n") == 1
+    (tmp_path / "manifest.json").write_text('{"artifacts": {}}')
+    assert main(["up", "--assembly", str(tmp_path), "--state-dir", str(tmp_path / "state")]) == 2
+    assert capsys.readouterr().err == (f"local: error: {tmp_path} has no SconesDevData, SconesDevTraining, "
+                                       "SconesDevWorkflow, SconesDevEndpoint, SconesDevMonitoring: "
+                                       "run `make synth` to synthesize them\n")
