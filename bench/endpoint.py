@@ -253,7 +253,7 @@ def main() -> None:
         moto.wait()
 
     report = {
-        "what": "local SageMaker endpoint (local/endpoint.py) as its own process, capture to moto's S3 server "
+        "what": "local SageMaker endpoint (local/endpoint/) as its own process, capture to moto's S3 server "
                 "(its own process); client: http.client keep-alive connections in the bench process, "
                 f"CIFAR-100 validation and test images of {' and '.join(CLASSES)} as PNG; capture on and off "
                 f"served at once and measured alternately; medians of {args.repeats} repeats",
