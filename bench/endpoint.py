@@ -1,4 +1,4 @@
-"""Benchmark of the local SageMaker endpoint (local/endpoint.py): latency and throughput with data capture on.
+"""Benchmark of the local SageMaker endpoint (local/endpoint/): latency and throughput with data capture on.
 
 Run: `.venv/bin/python bench/endpoint.py` (options: --help). It starts moto's server and the endpoint servers as
 separate processes, as `make run` does, and sends real CIFAR-100 bicycle and motorcycle images (the PNGs
@@ -33,7 +33,7 @@ import boto3
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from local.__main__ import SHARED_ARCHIVE  # noqa: E402
+from training.etl import SHARED_ARCHIVE  # noqa: E402
 from local.endpoint import CaptureSpec, EndpointSpec, spec_to_json  # noqa: E402
 from training import etl, fit  # noqa: E402
 
@@ -253,7 +253,7 @@ def main() -> None:
         moto.wait()
 
     report = {
-        "what": "local SageMaker endpoint (local/endpoint.py) as its own process, capture to moto's S3 server "
+        "what": "local SageMaker endpoint (local/endpoint/) as its own process, capture to moto's S3 server "
                 "(its own process); client: http.client keep-alive connections in the bench process, "
                 f"CIFAR-100 validation and test images of {' and '.join(CLASSES)} as PNG; capture on and off "
                 f"served at once and measured alternately; medians of {args.repeats} repeats",

@@ -25,7 +25,7 @@ import PIL
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from local.__main__ import SHARED_ARCHIVE  # noqa: E402
+from training.etl import SHARED_ARCHIVE  # noqa: E402
 from training import etl  # noqa: E402
 
 SOURCE = Path(os.environ.get("SCONES_CIFAR100", SHARED_ARCHIVE))

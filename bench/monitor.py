@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from local.__main__ import SHARED_ARCHIVE  # noqa: E402
+from training.etl import SHARED_ARCHIVE  # noqa: E402
 from monitoring import baseline, checks, report  # noqa: E402
 from monitoring.captures import read_captures  # noqa: E402
 from training import etl  # noqa: E402

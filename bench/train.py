@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from local.__main__ import EXTRA_CLASSES, SHARED_ARCHIVE  # noqa: E402
+from training.etl import SHARED_ARCHIVE, VEHICLE_EXTRA_CLASSES as EXTRA_CLASSES  # noqa: E402
 from training import etl  # noqa: E402
 from training.fit import fit_local  # noqa: E402
 

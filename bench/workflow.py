@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from local import aws  # noqa: E402
-from local.__main__ import SHARED_ARCHIVE  # noqa: E402
+from training.etl import SHARED_ARCHIVE  # noqa: E402
 from local.assembly import read_assembly  # noqa: E402
 from local.endpoint import CaptureSpec, EndpointServer, EndpointSpec  # noqa: E402
 from local.deploy import LocalDeployment  # noqa: E402

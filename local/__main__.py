@@ -12,10 +12,8 @@ import argparse
 import hashlib
 import json
 import os
-import signal
 import socket
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,38 +22,22 @@ from pathlib import Path
 import boto3
 
 from local import aws
-from local.assembly import read_assembly
+from local.assembly import AssemblyError, read_assembly
 from local.deploy import LocalDeployment, UnresolvedReference
 from local.executions import percentile, run_executions
 from local.services import BackgroundService, ServiceFailed
 from monitoring.captures import split_s3_uri
 from stacks.config import stack_name
+from training.etl import EtlError
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar-100-python-vehicles.tar.gz"
 MODEL_PARAMETER = "/scones/{env}/model-data-url"
-# The archive's other vehicle classes, staged for training only: learnt alongside bicycle and motorcycle,
-# they sharpen the model's features (bench/train.py measures the recipe with them).
-EXTRA_CLASSES = ("bus", "lawn_mower", "pickup_truck", "rocket", "streetcar", "tank", "tractor", "train")
+STACKS = ("Data", "Training", "Workflow", "Endpoint", "Monitoring")  # what `up` deploys, by short name
 
 
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def serve_aws(port: int, ready_file: Path) -> None:
-    """The background process: moto plus the in-process Lambda runtime, until SIGTERM."""
-    server, url = aws.start(port)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    partial = ready_file.with_name(f".{ready_file.name}.partial")
-    partial.write_text(json.dumps({"pid": os.getpid(), "url": url,
-                                   "sagemaker_runtime": os.environ["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"]}))
-    partial.replace(ready_file)
-    stop.wait()
-    server.stop()
 
 
 def say(step: str, text: str) -> None:
@@ -65,13 +47,15 @@ def say(step: str, text: str) -> None:
 class LocalRun:
     """The steps of `up`, each timed into `self.timings`."""
 
-    def __init__(self, state_dir: Path, assembly_dir: Path, env_name: str) -> None:
+    def __init__(self, state_dir: Path, assembly_dir: Path, env_name: str | None = None) -> None:
+        """`env_name` None: the environment the assembly was synthesized for."""
         self.state_dir = state_dir
-        self.env_name = env_name
         self.timings: dict[str, float] = {}
         self.aws = BackgroundService("aws", state_dir)
         self.endpoint = BackgroundService("endpoint", state_dir)
+        self.started: list[BackgroundService] = []  # by this run, to be stopped if it fails
         self.stacks = {stack.name: stack for stack in read_assembly(assembly_dir)}
+        self.env_name = assembly_env(self.stacks.values(), assembly_dir, env_name)
         self.deployment = LocalDeployment()
 
     def timed(self, name: str, step, *args):
@@ -86,8 +70,9 @@ class LocalRun:
             say("aws", f"reusing the local AWS at {info['url']} (pid {info['pid']})")
         else:
             runtime_url = f"http://127.0.0.1:{free_port()}"
-            info = self.aws.start(["-m", "local", "serve-aws", "--port", str(free_port())],
+            info = self.aws.start(["-m", "local.aws", "--port", str(free_port())],
                                   env={"AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": runtime_url})
+            self.started.append(self.aws)
             say("aws", f"started the local AWS (moto, Step Functions engine, in-process Lambdas) at {info['url']}")
         os.environ.update(aws.client_environment(info["url"]))
         return info
@@ -103,8 +88,9 @@ class LocalRun:
     def stage(self, bucket: str):
         from training import etl
 
-        source = os.environ.get("SCONES_CIFAR100") or (SHARED_ARCHIVE if SHARED_ARCHIVE.exists() else None)
-        summary = etl.stage(source, self.state_dir / "data", bucket=bucket, extra_classes=EXTRA_CLASSES)
+        shared = etl.SHARED_ARCHIVE
+        source = os.environ.get("SCONES_CIFAR100") or (shared if shared.exists() else None)
+        summary = etl.stage(source, self.state_dir / "data", bucket=bucket, extra_classes=etl.VEHICLE_EXTRA_CLASSES)
         say("data", summary.report().replace("\n", "; "))
         return summary
 
@@ -167,8 +153,36 @@ class LocalRun:
             port = runtime_url.rsplit(":", 1)[1]
             self.endpoint.start(["-m", "local.endpoint", "--spec", str(spec_file), "--port", port,
                                  "--spool-dir", str(self.state_dir / "capture-spool")])
+            self.started.append(self.endpoint)
             say("endpoint", f"serving {', '.join(spec.name for spec in specs)} at {runtime_url} with data capture")
         return [spec.name for spec in specs]
+
+    def stop_started(self) -> None:
+        """After a failure: stop the services this run started. Those an earlier run started stay up for reuse."""
+        for service in reversed(self.started):
+            if service.stop():
+                say(service.name, "stopped: this run started it and failed")
+        if self.aws.info() or self.endpoint.info():
+            say("stop", "the services an earlier run started are still up for the next one; `make stop` stops them")
+
+
+def assembly_env(stacks, assembly_dir: Path, requested: str | None) -> str:
+    """The environment whose stacks `up` deploys: the requested one, else the one the assembly holds (app.py tags
+    each stack with it). Raises AssemblyError, saying what to do, if the assembly lacks some of its stacks."""
+    held = sorted({stack.tags["environment"] for stack in stacks if "environment" in stack.tags})
+    if requested is None and len(held) > 1:
+        raise AssemblyError(f"{assembly_dir} holds the stacks of {' and '.join(held)}: pass --env")
+    env_name = requested or (held[0] if held else "dev")
+    missing = [stack_name(env_name, short) for short in STACKS]
+    missing = [name for name in missing if name not in {stack.name for stack in stacks}]
+    if not missing:
+        return env_name
+    synth = "make synth" if env_name == "dev" else f'make synth CONTEXT="-c env={env_name}"'
+    if held and env_name not in held:
+        holds = " and ".join(f"Scones{env.title()}*" for env in held)
+        raise AssemblyError(f"{assembly_dir} holds {holds}, not the {env_name} stacks: pass "
+                               f"{' or '.join(f'--env {env}' for env in held)}, or run `{synth}` to synthesize them")
+    raise AssemblyError(f"{assembly_dir} has no {', '.join(missing)}: run `{synth}` to synthesize them")
 
 
 def summarise(executions: list[dict], labels: dict[str, int], metrics: dict, captured: int) -> dict:
@@ -204,9 +218,19 @@ def count_captured(bucket: str, prefix: str) -> int:
     return count
 
 
-def up(state_dir: Path, assembly_dir: Path, env_name: str, concurrency: int) -> dict:
+def up(state_dir: Path, assembly_dir: Path, env_name: str | None, concurrency: int) -> dict:
     state_dir.mkdir(parents=True, exist_ok=True)
     run = LocalRun(state_dir, assembly_dir, env_name)
+    say("assembly", f"the {run.env_name} stacks of {assembly_dir}")
+    try:
+        return run_up(run, concurrency)
+    except BaseException:
+        run.stop_started()
+        raise
+
+
+def run_up(run: LocalRun, concurrency: int) -> dict:
+    state_dir = run.state_dir
     info = run.timed("aws", run.start_aws)
     deployment = run.timed("deploy_data", run.deploy, [run.stack("Data")])
     bucket = next(bucket["Ref"] for logical_id, bucket in deployment.created(run.stack("Data"), "AWS::S3::Bucket").items()
@@ -276,27 +300,34 @@ def main(argv: list[str] | None = None) -> int:
     up_parser = commands.add_parser("up", help="run the whole workflow locally (make run)")
     down_parser = commands.add_parser("down", help="stop the local services (make stop)")
     for sub in (up_parser, down_parser):
-        sub.add_argument("--state-dir", type=Path, default=Path(".scones"), help="where local state lives")
-    up_parser.add_argument("--assembly", type=Path, default=Path("cdk.out"), help="the synthesized cloud assembly")
-    up_parser.add_argument("--env", default="dev", help="the environment the assembly was synthesized for")
-    up_parser.add_argument("--concurrency", type=int, default=8, help="executions running at once")
-    serve = commands.add_parser("serve-aws", help=argparse.SUPPRESS)
-    serve.add_argument("--port", type=int, required=True)
-    serve.add_argument("--ready-file", type=Path, required=True)
+        sub.add_argument("--state-dir", type=Path, default=Path(".scones"),
+                         help="where local state lives (default: %(default)s)")
+    up_parser.add_argument("--assembly", type=Path, default=Path("cdk.out"),
+                           help="the synthesized cloud assembly (default: %(default)s)")
+    up_parser.add_argument("--env", help="the environment whose stacks to run (default: the one the assembly holds)")
+    up_parser.add_argument("--concurrency", type=positive_int, default=8,
+                           help="executions running at once (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "serve-aws":
-            serve_aws(args.port, args.ready_file)
-        elif args.command == "down":
+        if args.command == "down":
             down(args.state_dir)
         else:
             if not (args.assembly / "manifest.json").exists():
                 raise FileNotFoundError(f"no cloud assembly at {args.assembly}: run `make synth` first")
             up(args.state_dir.resolve(), args.assembly.resolve(), args.env, args.concurrency)
-    except (FileNotFoundError, ServiceFailed, UnresolvedReference) as error:
+    except (OSError, ServiceFailed, UnresolvedReference, AssemblyError, EtlError) as error:
         print(f"local: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("local: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
 
 
 if __name__ == "__main__":

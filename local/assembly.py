@@ -14,6 +14,10 @@ PSEUDO = {"AWS::AccountId": ACCOUNT, "AWS::Region": REGION, "AWS::Partition": "a
           "AWS::URLSuffix": "amazonaws.com", "AWS::NoValue": None}
 
 
+class AssemblyError(Exception):
+    """The cloud assembly cannot be read, or lacks stacks that are needed."""
+
+
 class UnresolvedReference(KeyError):
     """A template refers to something the local deployment has not created."""
 
@@ -23,6 +27,7 @@ class Stack:
     name: str
     template: dict
     assets: dict[str, Path]  # S3 object key in the template -> the asset's file or folder in cdk.out
+    tags: dict[str, str] = field(default_factory=dict)  # the stack's tags, e.g. {"environment": "dev"}
 
     @property
     def resources(self) -> dict[str, dict]:
@@ -31,7 +36,10 @@ class Stack:
 
 def read_assembly(outdir: Path) -> list[Stack]:
     """The stacks of a cloud assembly, in dependency order."""
-    manifest = json.loads((outdir / "manifest.json").read_text())
+    try:
+        manifest = json.loads((outdir / "manifest.json").read_text())
+    except json.JSONDecodeError as error:
+        raise AssemblyError(f"{outdir / 'manifest.json'} is not JSON ({error}): run `make synth` again") from None
     artifacts = manifest["artifacts"]
     stacks = []
     for name, artifact in artifacts.items():
@@ -45,7 +53,7 @@ def read_assembly(outdir: Path) -> list[Stack]:
                     for destination in entry["destinations"].values():
                         assets[destination["objectKey"]] = outdir / entry["source"]["path"]
         template = json.loads((outdir / artifact["properties"]["templateFile"]).read_text())
-        stacks.append(Stack(name, template, assets))
+        stacks.append(Stack(name, template, assets, artifact["properties"].get("tags", {})))
     return stacks
 
 

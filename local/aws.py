@@ -1,13 +1,21 @@
 """The local AWS: moto's server on 127.0.0.1 with Step Functions execution (child executions included) and
-the in-process Lambda runtime."""
+the in-process Lambda runtime.
+
+`python -m local.aws --port N --ready-file FILE` serves it until SIGTERM: the background process `python -m local up`
+starts.
+"""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import logging
 import os
+import signal
+import threading
 import urllib.request
+from pathlib import Path
 
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication
 from moto.server import ThreadedMotoServer
@@ -51,3 +59,24 @@ def start(port: int = 0) -> tuple[ThreadedMotoServer, str]:
                                      headers={"Content-Type": "application/json"}, method="POST")
     urllib.request.urlopen(request, timeout=10).close()
     return server, url
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m local.aws", description="Serve the local AWS until SIGTERM.")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--ready-file", type=Path, required=True,
+                        help='once serving, write {"pid", "url", "sagemaker_runtime"} here')
+    args = parser.parse_args(argv)
+    server, url = start(args.port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    partial = args.ready_file.with_name(f".{args.ready_file.name}.partial")
+    partial.write_text(json.dumps({"pid": os.getpid(), "url": url,
+                                   "sagemaker_runtime": os.environ["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"]}))
+    partial.replace(args.ready_file)
+    stop.wait()
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ from numpy._core.multiarray import _reconstruct
 from numpy.testing._private.utils import runstring
 from PIL import Image
 
-from local.__main__ import SHARED_ARCHIVE as SHARED
+from training.etl import SHARED_ARCHIVE as SHARED
 from training import etl
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from local.__main__ import SHARED_ARCHIVE as ARCHIVE  # noqa: E402
+from training.etl import SHARED_ARCHIVE as ARCHIVE  # noqa: E402
 from training import etl, train  # noqa: E402
 from training.fit import FitError, fit_local  # noqa: E402
 

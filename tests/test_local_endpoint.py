@@ -29,9 +29,10 @@ from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 from PIL import Image, ImageStat
 
-import local.endpoint as endpoint_module
+import local.endpoint.capture as capture_module
 from local.endpoint import (MAX_PAYLOAD_BYTES, CaptureError, CaptureSpec, CaptureSpool, EndpointServer,
                             EndpointSpec, spec_from_json, spec_to_json)
+from local.endpoint.batching import PredictionBatcher
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "scones-endpoint-tests"
@@ -467,7 +468,7 @@ def test_a_record_that_cannot_be_written_whole_fails_its_request_with_503(s3, ti
 
 
 def test_records_are_stored_under_the_hour_of_their_inference(s3, tmp_path, monkeypatch):
-    monkeypatch.setattr(endpoint_module, "UPLOAD_INTERVAL_SECONDS", 60)  # uploaded on close only
+    monkeypatch.setattr(capture_module, "UPLOAD_INTERVAL_SECONDS", 60)  # uploaded on close only
     destination = new_destination()
     spool = CaptureSpool(CaptureSpec(destination), "scones", tmp_path / "spool")
     with pytest.raises(RuntimeError, match="another endpoint server"):
@@ -685,10 +686,47 @@ def test_a_predict_fn_that_exits_fails_its_request_and_the_batcher_answers_the_n
             sys.exit(3)
         return data * 2
 
-    batcher = endpoint_module.PredictionBatcher(predict_fn, model=None, name="exits")
+    batcher = PredictionBatcher(predict_fn, model=None, name="exits")
     try:
         with pytest.raises(RuntimeError, match=r"predict_fn raised SystemExit\(3\)"):
             batcher.predict(torch.full((1, 2), -1.0))
         assert batcher.predict(torch.ones(1, 2)).tolist() == [[2.0, 2.0]]
     finally:
         batcher.close()
+
+
+def run_server_cli(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "local.endpoint", *arguments], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_the_server_refuses_a_port_in_use_in_one_line(tmp_path):
+    spec_file = tmp_path / "endpoints.json"
+    spec_file.write_text(json.dumps({"endpoints": []}))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_server_cli("--spec", str(spec_file), "--spool-dir", str(tmp_path / "spool"), "--port", str(port))
+    assert result.returncode == 2
+    assert result.stderr == f"local.endpoint: error: [Errno 98] cannot listen on 127.0.0.1:{port}: " \
+                            "Address already in use\n"
+
+
+@pytest.mark.parametrize("spec_text", [None, "not json", '{"endpoints": [{"name": "no-model"}]}'])
+def test_the_server_refuses_a_missing_or_malformed_spec_file_in_one_line(tmp_path, spec_text):
+    spec_file = tmp_path / "endpoints.json"
+    if spec_text is not None:
+        spec_file.write_text(spec_text)
+    result = run_server_cli("--spec", str(spec_file), "--spool-dir", str(tmp_path / "spool"), "--port", "0")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"local.endpoint: error: {spec_file} is not a readable endpoint spec file: ")
+    assert result.stderr.count("\n") == 1
+
+
+def test_the_server_refuses_no_workers_or_a_port_out_of_range(tmp_path):
+    for option, value in [("--workers", "0"), ("--port", "70000"), ("--port", "-1")]:
+        result = run_server_cli("--spec", "endpoints.json", "--spool-dir", str(tmp_path), option, value)
+        assert result.returncode == 2
+        assert f"argument {option}: '{value}' is not a whole number from" in result.stderr
+        assert "Traceback" not in result.stderr

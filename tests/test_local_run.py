@@ -3,6 +3,11 @@ stacks deployed into them), under a fault: the endpoint stopped in the middle of
 
 import io
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -11,8 +16,8 @@ import boto3
 import pytest
 from PIL import Image
 
-from conftest import assembly_directory
-from local.__main__ import MODEL_PARAMETER, LocalRun
+from conftest import ROOT, assembly_directory
+from local.__main__ import MODEL_PARAMETER, LocalRun, main
 from local.executions import run_execution
 
 # A model whose inference.py always answers a confident bicycle: the fault, not the model, is under test.
@@ -93,3 +98,69 @@ def test_executions_retry_through_an_endpoint_restart_and_complete(local_run):
     # The executions in flight while the endpoint was down failed to connect, were retried, and completed.
     assert retried, "no execution ran while the endpoint was down"
     assert {error for errors in retried for error in errors} <= {"EndpointConnectionError", "ConnectionClosedError"}
+
+
+def test_help_lists_only_the_user_commands(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "{up,down}" in out
+    assert "SUPPRESS" not in out and "serve" not in out
+
+
+def test_up_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["up", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: .scones)", "(default: cdk.out)", "(default: 8)", "(default: the one the assembly holds)"):
+        assert default in out
+
+
+def test_up_without_a_cloud_assembly_says_to_synthesize_one(tmp_path, capsys):
+    assert main(["up", "--assembly", str(tmp_path / "cdk.out"), "--state-dir", str(tmp_path / "state")]) == 2
+    assert capsys.readouterr().err == f"local: error: no cloud assembly at {tmp_path / 'cdk.out'}: run `make synth` first\n"
+
+
+def test_up_refuses_a_concurrency_below_one_before_starting_anything(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["up", "--concurrency", "0"])
+    assert exited.value.code == 2
+    assert "argument --concurrency: '0' is not a positive whole number" in capsys.readouterr().err
+
+
+def test_up_asked_for_dev_on_a_prod_assembly_says_what_it_holds_and_starts_nothing(tmp_path, capsys):
+    prod = assembly_directory(env="prod")
+    capsys.readouterr()  # what the synthesis printed
+    assert main(["up", "--assembly", str(prod), "--env", "dev", "--state-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"local: error: {prod} holds SconesProd*, not the dev stacks: pass --env prod, "
+                                       "or run `make synth` to synthesize them\n")
+    assert not (tmp_path / "aws.json").exists()
+
+
+def test_up_runs_the_environment_the_assembly_holds_and_a_failure_stops_the_local_aws_it_started(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "local", "up", "--assembly", str(assembly_directory(env="prod")),
+                             "--state-dir", str(tmp_path / "state")], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "SCONES_CIFAR100": str(tmp_path / "missing.tar.gz")}, timeout=300)
+    # The prod stacks' data bucket was deployed (no KeyError: 'SconesDevData'); staging then failed, in one line.
+    assert "[assembly] the prod stacks" in result.stdout
+    assert result.returncode == 2
+    assert result.stderr == f"local: error: no archive at {tmp_path / 'missing.tar.gz'}\n"
+    assert "[aws] stopped: this run started it and failed" in result.stdout
+    url = re.search(r"started the local AWS .* at http://127.0.0.1:(\d+)", result.stdout)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", int(url[1])), timeout=5).close()
+    assert not (tmp_path / "state" / "aws.json").exists()
+
+
+def test_up_on_a_cut_short_or_partial_assembly_says_to_synthesize_again(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text('{"artifacts": {')
+    assert main(["up", "--assembly", str(tmp_path), "--state-dir", str(tmp_path / "state")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"local: error: {tmp_path / 'manifest.json'} is not JSON (")
+    assert err.endswith("): run `make synth` again\n") and err.count("\n") == 1
+    (tmp_path / "manifest.json").write_text('{"artifacts": {}}')
+    assert main(["up", "--assembly", str(tmp_path), "--state-dir", str(tmp_path / "state")]) == 2
+    assert capsys.readouterr().err == (f"local: error: {tmp_path} has no SconesDevData, SconesDevTraining, "
+                                       "SconesDevWorkflow, SconesDevEndpoint, SconesDevMonitoring: "
+                                       "run `make synth` to synthesize them\n")

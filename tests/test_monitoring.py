@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from local import aws  # noqa: E402
-from local.__main__ import SHARED_ARCHIVE as ARCHIVE  # noqa: E402
+from training.etl import SHARED_ARCHIVE as ARCHIVE  # noqa: E402
 from local.endpoint import CaptureSpec, EndpointServer, EndpointSpec  # noqa: E402
 from monitoring import checks  # noqa: E402
 from monitoring.__main__ import last_period, main as monitoring_main  # noqa: E402

@@ -1,0 +1,5 @@
+import sys
+
+from local.endpoint.cli import main
+
+sys.exit(main())
