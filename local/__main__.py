@@ -271,6 +271,14 @@ def run_up(run: LocalRun, concurrency: int) -> dict:
     return summary
 
 
+def _relative_to_cwd(path) -> str:
+    """A path under the working directory as a relative one (`.scones/summary.json`), others as given."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def print_summary(summary: dict, bucket: str, endpoints: list[str], state_dir: Path) -> None:
     failed = ", ".join(f"{count} {error}" for error, count in summary["failed_by_error"].items()) or "none"
     accuracy = summary["model_test_accuracy"]
@@ -281,9 +289,9 @@ scones on this machine
   accuracy of accepted      {summary['accepted_accuracy']}
   execution latency         p50 {summary['latency_ms_p50']} ms, p99 {summary['latency_ms_p99']} ms
   captured records          {summary['captured_records']} under s3://{bucket}/data_capture/{endpoints[0] if endpoints else ''}
-  model report              {state_dir / 'model' / 'report.html'}
-  capture report            {summary.get('capture_report', 'none (no endpoint)')}
-  summary                   {state_dir / 'summary.json'}
+  model report              {_relative_to_cwd(state_dir / 'model' / 'report.html')}
+  capture report            {_relative_to_cwd(summary['capture_report']) if 'capture_report' in summary else 'none (no endpoint)'}
+  summary                   {_relative_to_cwd(state_dir / 'summary.json')}
   stop everything           make stop   (or: python -m local down)
 """)
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, assembly_directory
-from local.__main__ import MODEL_PARAMETER, LocalRun, main
+from local.__main__ import MODEL_PARAMETER, LocalRun, main, print_summary
 from local.executions import run_execution
 
 # A model whose inference.py always answers a confident bicycle: the fault, not the model, is under test.
@@ -164,3 +164,16 @@ def test_up_on_a_cut_short_or_partial_assembly_says_to_synthesize_again(tmp_path
     assert capsys.readouterr().err == (f"local: error: {tmp_path} has no SconesDevData, SconesDevTraining, "
                                        "SconesDevWorkflow, SconesDevEndpoint, SconesDevMonitoring: "
                                        "run `make synth` to synthesize them\n")
+
+
+def test_the_summary_shows_the_reports_under_the_working_folder_as_relative_paths(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    state_dir = tmp_path / ".scones"
+    summary = {"failed_by_error": {}, "model_test_accuracy": 0.9, "executions": 1, "succeeded": 1,
+               "accepted_accuracy": 1.0, "latency_ms_p50": 1, "latency_ms_p99": 1, "captured_records": 1,
+               "capture_report": str(state_dir / "report" / "report.html")}
+    print_summary(summary, "bucket", ["scones-dev"], state_dir)
+    printed = capsys.readouterr().out
+    assert "model report              .scones/model/report.html\n" in printed
+    assert "capture report            .scones/report/report.html\n" in printed
+    assert "summary                   .scones/summary.json\n" in printed
