@@ -13,11 +13,7 @@ CAPTURE_PREFIX = "data_capture/"
 class DataStack(Stack):
     def __init__(self, scope: Construct, construct_id: str, *, config: SconesConfig, **kwargs) -> None:
         super().__init__(scope, construct_id, **kwargs)
-        destroy = config.removal_policy == "destroy"
-        removal = dict(
-            removal_policy=RemovalPolicy.DESTROY if destroy else RemovalPolicy.RETAIN,
-            auto_delete_objects=destroy,
-        )
+        removal = dict(removal_policy=config.removal, auto_delete_objects=config.removal == RemovalPolicy.DESTROY)
         self.access_log_bucket = s3.Bucket(
             self, "AccessLogs",
             encryption=s3.BucketEncryption.S3_MANAGED,

@@ -1,6 +1,6 @@
 """The real-time SageMaker endpoint, capturing every request and answer to the bucket."""
 
-from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import Duration, Stack
 from aws_cdk import aws_applicationautoscaling as appscaling
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
@@ -34,7 +34,7 @@ class EndpointStack(Stack):
             self, "EndpointKey",
             description="scones endpoint volumes and captured data",
             enable_key_rotation=True,
-            removal_policy=RemovalPolicy.DESTROY if config.removal_policy == "destroy" else RemovalPolicy.RETAIN,
+            removal_policy=config.removal,
         )
         self.key.grant_encrypt_decrypt(role)
 

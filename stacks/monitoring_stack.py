@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import jsii
-from aws_cdk import ArnFormat, Aws, BundlingOptions, DockerImage, Duration, ILocalBundling, RemovalPolicy, Stack
+from aws_cdk import ArnFormat, Aws, BundlingOptions, DockerImage, Duration, ILocalBundling, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as actions
 from aws_cdk import aws_events as events
@@ -246,8 +246,7 @@ class MonitoringStack(Stack):
         answered = scones_metric(TOP_PROBABILITY, statistic="SampleCount")
 
         key = kms.Key(self, "AlarmTopicKey", description="scones alarm topic", enable_key_rotation=True,
-                      removal_policy=RemovalPolicy.DESTROY if config.removal_policy == "destroy"
-                      else RemovalPolicy.RETAIN)
+                      removal_policy=config.removal)
         key.grant(iam.ServicePrincipal("cloudwatch.amazonaws.com"), "kms:Decrypt", "kms:GenerateDataKey*")
         self.topic = sns.Topic(self, "Alarms", display_name=f"{config.prefix} alarms", master_key=key,
                                enforce_ssl=True)
