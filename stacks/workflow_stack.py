@@ -26,6 +26,9 @@ CHILD_FAILED_ERROR = "States.TaskFailed"
 START_TRANSIENT_ERRORS = ["StepFunctions.ExecutionLimitExceededException", "StepFunctions.SdkClientException",
                           "StepFunctions.AWSStepFunctionsException"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# The CloudWatch namespace of the filter's metrics (given to it as METRIC_NAMESPACE), which the monitoring
+# stack's dashboard and alarms read and the drift job publishes to.
+METRIC_NAMESPACE = "Scones"
 BATCH_RESULTS_PREFIX = "batch_results/"
 
 
@@ -62,7 +65,8 @@ class WorkflowStack(Stack):
 
         self.filter = PythonFunction(
             self, "FilterInferences", config=config, name="filter_inferences",
-            environment={"THRESHOLD": str(config.threshold), "ENDPOINT_NAME": config.endpoint_name},
+            environment={"THRESHOLD": str(config.threshold), "ENDPOINT_NAME": config.endpoint_name,
+                         "METRIC_NAMESPACE": METRIC_NAMESPACE},
             timeout=Duration.seconds(10)).function
 
         self.workflow = LoggedStateMachine(

@@ -8,7 +8,8 @@ from stacks.workflow_stack import TRANSIENT_ENDPOINT_ERRORS
 FUNCTIONS = {
     "serialize_image_data": ("SerializeImageData", {}),
     "classify_image": ("ClassifyImage", {"ENDPOINT_NAME": "scones-dev"}),
-    "filter_inferences": ("FilterInferences", {"THRESHOLD": "0.93", "ENDPOINT_NAME": "scones-dev"}),
+    "filter_inferences": ("FilterInferences", {"THRESHOLD": "0.93", "ENDPOINT_NAME": "scones-dev",
+                                               "METRIC_NAMESPACE": "Scones"}),
 }
 
 
@@ -34,7 +35,8 @@ def test_lambdas_runtime_handler_environment_timeout_tracing():
 def test_threshold_and_endpoint_name_come_from_context():
     template("Workflow", threshold="0.8", endpoint_name="bikes").has_resource_properties(
         "AWS::Lambda::Function", {"Handler": "filter_inferences.index.handler",
-                                  "Environment": {"Variables": {"THRESHOLD": "0.8", "ENDPOINT_NAME": "bikes"}}})
+                                  "Environment": {"Variables": {"THRESHOLD": "0.8", "ENDPOINT_NAME": "bikes",
+                                                                "METRIC_NAMESPACE": "Scones"}}})
 
 
 def test_each_lambda_role_has_exactly_its_own_data_access():
