@@ -1,6 +1,6 @@
 """The bucket every part of the workflow reads and writes."""
 
-from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import CfnOutput, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_s3 as s3
 from cdk_nag import NagSuppressions
 from constructs import Construct
@@ -46,3 +46,7 @@ class DataStack(Stack):
             ],
             **removal,
         )
+
+        CfnOutput(self, "BucketName", value=self.bucket.bucket_name,
+                  description="The data bucket: stage the training data into it (training.etl --bucket), put "
+                              "photos to classify in it.")

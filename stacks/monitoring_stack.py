@@ -1,7 +1,7 @@
 """What a team needs to run the workflow: a dashboard, alarms that reach people through SNS, and the hourly
 drift job (stacks/drift_job.py) that checks the endpoint's captures against the model's baseline."""
 
-from aws_cdk import Duration, Stack
+from aws_cdk import Aws, CfnOutput, Duration, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as actions
 from aws_cdk import aws_iam as iam
@@ -171,3 +171,9 @@ class MonitoringStack(Stack):
                 self.drift.state_machine.metric_succeeded(period=ONE_HOUR), drift_failed, drift_timed_out]),
         )
         self.dashboard = dashboard
+
+        CfnOutput(self, "DashboardUrl", description="The CloudWatch dashboard: endpoint, executions, confidence, drift.",
+                  value=f"https://console.aws.amazon.com/cloudwatch/home?region={Aws.REGION}"
+                        f"#dashboards:name={dashboard.dashboard_name}")
+        CfnOutput(self, "AlarmTopicArn", value=self.topic.topic_arn,
+                  description="The SNS topic every alarm notifies: subscribe to it to hear of failures and drift.")

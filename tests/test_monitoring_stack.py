@@ -122,3 +122,15 @@ def test_drift_alarms_read_what_the_report_publishes():
         "failed": ("ExecutionsFailed", [{"Name": "StateMachineArn", "Value": {"Ref": machine}}], 3600),
         "timedout": ("ExecutionsTimedOut", [{"Name": "StateMachineArn", "Value": {"Ref": machine}}], 3600)}
     assert failed["Threshold"] == 1 and failed["AlarmActions"] == [{"Ref": topic}]
+
+
+def test_outputs_link_the_dashboard_and_the_alarm_topic():
+    monitoring = template("Monitoring")
+    (topic,) = monitoring.find_resources("AWS::SNS::Topic")
+    (dashboard,) = monitoring.find_resources("AWS::CloudWatch::Dashboard")
+    outputs = monitoring.find_outputs("*")
+    assert outputs["AlarmTopicArn"]["Value"] == {"Ref": topic}
+    assert outputs["DashboardUrl"]["Value"] == {"Fn::Join": ["", [
+        "https://console.aws.amazon.com/cloudwatch/home?region=", {"Ref": "AWS::Region"}, "#dashboards:name=",
+        {"Ref": dashboard}]]}
+    assert all(len(outputs[name]["Description"]) > 30 for name in ("AlarmTopicArn", "DashboardUrl"))

@@ -134,3 +134,19 @@ def test_batch_role_lists_the_bucket_and_writes_only_under_batch_results():
     writes, listing = (resource for _, resource in s3_access)
     assert writes["Fn::Join"][1][-1] == "/batch_results/*"
     assert "*" not in json.dumps(listing)  # the bucket itself
+
+
+def test_outputs_name_both_state_machines_and_link_the_classify_one_in_the_console():
+    stack = synth_stacks()["Workflow"]
+    outputs = template("Workflow").find_outputs("*")
+    classify, batch = (stack.get_logical_id(machine.node.default_child)
+                       for machine in (stack.state_machine, stack.batch.state_machine))
+    assert outputs["ClassifyStateMachineArn"]["Value"] == {"Ref": classify}
+    assert outputs["ClassifyPrefixStateMachineArn"]["Value"] == {"Ref": batch}
+    assert outputs["ClassifyConsoleUrl"]["Value"] == {"Fn::Join": ["", [
+        "https://console.aws.amazon.com/states/home?region=", {"Ref": "AWS::Region"}, "#/statemachines/view/",
+        {"Ref": classify}]]}
+    assert '{"s3_bucket": "<bucket>", "s3_key": "<key>"}' in outputs["ClassifyStateMachineArn"]["Description"]
+    assert '{"prefix": "<prefix>"}' in outputs["ClassifyPrefixStateMachineArn"]["Description"]
+    assert "console" in outputs["ClassifyConsoleUrl"]["Description"]
+
