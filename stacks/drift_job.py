@@ -116,9 +116,9 @@ class DriftJob(Construct):
         NagSuppressions.add_resource_suppressions(self.role, [{
             "id": "AwsSolutions-IAM5",
             "reason": "ecr:GetAuthorizationToken takes no resource and cloudwatch:PutMetricData none either (it is "
-                      "held to the metric namespace by a condition); SageMaker names the job's log streams at run time; the S3 wildcards "
-                      "are the three key prefixes the job reads or writes: this endpoint's captures, the baseline, "
-                      "the reports.",
+                      "held to the metric namespace by a condition); SageMaker names the job's log streams at run "
+                      "time; the S3 wildcards are the three key prefixes the job reads or writes: this endpoint's "
+                      "captures, the baseline, the reports.",
             "appliesTo": [
                 "Resource::*",
                 _nag_regex(f"^Resource::arn:<AWS::Partition>:logs:.+:log-group:"

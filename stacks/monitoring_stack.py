@@ -172,7 +172,8 @@ class MonitoringStack(Stack):
         )
         self.dashboard = dashboard
 
-        CfnOutput(self, "DashboardUrl", description="The CloudWatch dashboard: endpoint, executions, confidence, drift.",
+        CfnOutput(self, "DashboardUrl",
+                  description="The CloudWatch dashboard: endpoint, executions, confidence, drift.",
                   value=f"https://console.aws.amazon.com/cloudwatch/home?region={Aws.REGION}"
                         f"#dashboards:name={dashboard.dashboard_name}")
         CfnOutput(self, "AlarmTopicArn", value=self.topic.topic_arn,

@@ -273,7 +273,8 @@ def test_the_packaged_monitoring_runs_from_its_zip(tmp_path):
 
 
 def test_the_drift_job_alone_has_no_unsuppressed_cdk_nag_finding():
-    findings = Annotations.from_stack(_built()[0]).find_error("/Test/Drift/*", Match.string_like_regexp("AwsSolutions-.*"))
+    findings = Annotations.from_stack(_built()[0]).find_error("/Test/Drift/*",
+                                                             Match.string_like_regexp("AwsSolutions-.*"))
     assert [f"{f.id}: {f.entry.data}" for f in findings] == []
 
 
