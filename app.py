@@ -1,19 +1,30 @@
 #!/usr/bin/env python3
 """The scones CDK app: `npx cdk synth`, `npx cdk deploy --all` (see README)."""
 
-import aws_cdk as cdk
-from cdk_nag import AwsSolutionsChecks
+import os
+import sys
 
-from stacks.config import SconesConfig, stack_name
-from stacks.data_stack import DataStack
-from stacks.endpoint_stack import EndpointStack
-from stacks.monitoring_stack import MonitoringStack
-from stacks.training_stack import TrainingStack
-from stacks.workflow_stack import WorkflowStack
+# Set before jsii starts. Its Node runtime warns at every start that Node 20, which these machines run, has reached
+# end of life: a warning about support, not behaviour, that reaches the user as eleven byte-string lines.
+os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
+# Each synth warning would otherwise point at a line of jsii's bundled JavaScript, not at this app's code
+# (`cdk synth --debug` keeps the traces).
+if not os.environ.get("CDK_DEBUG"):
+    os.environ.setdefault("CDK_DISABLE_STACK_TRACE", "1")
+
+import aws_cdk as cdk  # noqa: E402
+from cdk_nag import AwsSolutionsChecks  # noqa: E402
+
+from stacks.config import ConfigError, SconesConfig, stack_name  # noqa: E402
+from stacks.data_stack import DataStack  # noqa: E402
+from stacks.endpoint_stack import EndpointStack  # noqa: E402
+from stacks.monitoring_stack import MonitoringStack  # noqa: E402
+from stacks.training_stack import TrainingStack  # noqa: E402
+from stacks.workflow_stack import WorkflowStack  # noqa: E402
 
 
 def build(app: cdk.App) -> list[cdk.Stack]:
-    config = SconesConfig.from_context(app.node.try_get_context)
+    config = SconesConfig.from_context(app.node.get_all_context())
     env = cdk.Environment(account=config.account, region=config.region)
     # No bootstrap-version rule: the same templates deploy to the local emulation (see local/).
     synthesizer = lambda: cdk.DefaultStackSynthesizer(generate_bootstrap_version_rule=False)  # noqa: E731
@@ -38,7 +49,14 @@ def build(app: cdk.App) -> list[cdk.Stack]:
     return stacks
 
 
-if __name__ == "__main__":
+def main() -> None:
     app = cdk.App()
-    build(app)
+    try:
+        build(app)
+    except ConfigError as error:  # one line naming the key; a traceback would only bury it
+        sys.exit(f"scones: {error}")
     app.synth()
+
+
+if __name__ == "__main__":
+    main()

@@ -31,6 +31,7 @@ from local.endpoint import CaptureSpec, EndpointServer, EndpointSpec  # noqa: E4
 from local.deploy import LocalDeployment  # noqa: E402
 from local.executions import percentile, run_executions  # noqa: E402
 from training import etl, fit  # noqa: E402
+from stacks.workflow_stack import METRIC_NAMESPACE  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "workflow.json"
 REPEATS = 3
@@ -87,7 +88,7 @@ def main() -> None:
     capture = CaptureSpec(destination=f"s3://{bucket}/data_capture")
     with EndpointServer([EndpointSpec(name="scones-dev", model_data=model, capture=capture)]) as endpoint:
         os.environ["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"] = endpoint.url
-        os.environ.update({"ENDPOINT_NAME": "scones-dev", "THRESHOLD": "0.93"})
+        os.environ.update({"ENDPOINT_NAME": "scones-dev", "THRESHOLD": "0.93", "METRIC_NAMESPACE": METRIC_NAMESPACE})
         deployment.deploy(stacks["SconesDevWorkflow"])
         machine = next(m["Ref"] for m in deployment.created("SconesDevWorkflow", "AWS::StepFunctions::StateMachine")
                        .values() if m["Name"].endswith("-classify-image"))

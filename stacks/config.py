@@ -1,16 +1,23 @@
-"""One typed configuration for every stack, read from cdk.json context.
+"""One typed configuration for every stack, read from the CDK context.
 
-Every key can be overridden on the command line: `npx cdk synth -c env=prod -c threshold=0.9`.
-Invalid values fail at synth with a ConfigError naming the key.
+Every default is written once, in a field of `SconesConfig` below, with what the key means (the README's
+configuration table is rendered from them: `config_table()`). Any key can be given on the command line
+(`npx cdk synth -c env=prod -c threshold=0.9`) or kept in `cdk.json`'s `context`. Invalid values and unknown
+keys fail at synth with a ConfigError naming the key.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
+if TYPE_CHECKING:
+    from aws_cdk import RemovalPolicy
+
+ENVIRONMENTS = ("dev", "prod")
 ALGORITHMS = ("pytorch", "builtin")
 REMOVAL_POLICIES = ("destroy", "retain")
 CIFAR100_FINE_LABELS = (
@@ -44,36 +51,157 @@ class ConfigError(ValueError):
     """A context value is missing or invalid; the message names the key."""
 
 
+# Context keys that belong to the CDK, not to this app: feature flags (`@aws-cdk/...`), what the CLI injects
+# (`aws:cdk:enable-path-metadata`, `aws:cdk:bundling-stacks`...), `cdk-...` keys, `acknowledged-issue-numbers`
+# (`cdk acknowledge`), and cached lookups in cdk.context.json (`availability-zones:account=...:region=...`).
+CDK_KEY_PREFIXES = ("@", "aws:cdk:", "cdk-")
+CDK_KEYS = {"acknowledged-issue-numbers"}
+
+
 def stack_name(env_name: str, stack: str) -> str:
     """The CloudFormation stack name app.py gives a stack, e.g. `SconesDevTraining` for ("dev", "Training")."""
     return f"Scones{env_name.title()}{stack}"
 
 
+# ------------------------------------------------------------------------------ reading one context value
+# Each reader takes the key (for its error message) and the given value: a string from `-c`, or any JSON
+# value from cdk.json, never None or "" (those mean "not given": the field keeps its default).
+
+def _one_of(*choices: str) -> Callable[[str, Any], str]:
+    def read(key: str, value: Any) -> str:
+        if value not in choices:
+            raise ConfigError(f"context key '{key}': {value!r} is not one of {', '.join(choices)}")
+        return value
+    return read
+
+
+def _matching(pattern: str) -> Callable[[str, Any], str]:
+    def read(key: str, value: Any) -> str:
+        if not re.fullmatch(pattern, str(value)):
+            raise ConfigError(f"context key '{key}': {value!r} does not match {pattern}")
+        return str(value)
+    return read
+
+
+def _number(convert: type, low: float, high: float | None = None) -> Callable[[str, Any], Any]:
+    def read(key: str, value: Any):
+        try:
+            number = convert(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"context key '{key}': {value!r} is not a {convert.__name__}") from None
+        if number < low or (high is not None and number > high):
+            raise ConfigError(f"context key '{key}': {number} is outside [{low}, {high if high is not None else '∞'}]")
+        return number
+    return read
+
+
+def _boolean(key: str, value: Any) -> bool:
+    if str(value).lower() not in ("true", "false"):
+        raise ConfigError(f"context key '{key}': {value!r} is not true or false")
+    return str(value).lower() == "true"
+
+
+def _class_names(key: str, value: Any) -> tuple[str, ...]:
+    names = tuple(str(name).strip() for name in (value.split(",") if isinstance(value, str) else value))
+    unknown = [name for name in names if name not in CIFAR100_FINE_LABELS]
+    if unknown:
+        raise ConfigError(f"context key '{key}': unknown CIFAR-100 class {', '.join(unknown)}; "
+                          f"valid names: {', '.join(CIFAR100_FINE_LABELS)}")
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ConfigError(f"context key '{key}': give at least two distinct class names")
+    return names
+
+
+def _json_object(key: str, value: Any) -> dict[str, str]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ConfigError(f"context key '{key}': not a JSON object, e.g. '{{\"epochs\": 30}}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"context key '{key}': must be a JSON object of name to value")
+    for name, setting in value.items():
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)) or isinstance(setting, (dict, list)):
+            raise ConfigError(f"context key '{key}': {name!r}={setting!r} is not a name=scalar pair")
+    return {name: str(setting) for name, setting in value.items()}
+
+
+INSTANCE_TYPE = _matching(r"ml\.[a-z0-9]+\.[0-9]*x?large|ml\.[a-z0-9]+\.(medium|small)")
+
+
+def _setting(default: Any, meaning: str, read: Callable[[str, Any], Any], *, key: str | None = None,
+             varies_with: str | None = None):
+    """A configuration field: its default, what it means, how a context value is read, and its context key
+    when that is not the field's name. `varies_with` names the field a derived default (None here, computed
+    in `__post_init__`) depends on, so that the table shows it for each choice of that field."""
+    metadata = {"meaning": meaning, "read": read, "key": key, "varies_with": varies_with}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class SconesConfig:
-    env_name: str = "dev"
-    account: str | None = None
-    region: str | None = None
-    classes: tuple[str, ...] = ("bicycle", "motorcycle")
-    endpoint_name: str = "scones-dev"
-    endpoint_instance_type: str = "ml.m5.large"
-    endpoint_instance_count: int = 1
-    endpoint_max_instances: int = 2
-    invocations_per_instance_target: int = 600
-    capture_sampling_percentage: int = 100
-    capture_retention_days: int = 30
-    threshold: float = 0.93
-    training_algorithm: str = "pytorch"
-    training_instance_type: str = "ml.m5.xlarge"
-    training_max_runtime_minutes: int = 60
-    training_images: int = 900
-    hyperparameters: Mapping[str, str] = field(default_factory=dict)
-    model_data_url: str | None = None
-    removal_policy: str = "destroy"
-    alarm_email: str | None = None
-    low_confidence_alarm_percent: float = 40.0
-    expect_traffic: bool = False
-    batch_tolerated_failure_percent: float = 5.0
+    env_name: str = _setting(
+        "dev", "`dev` or `prod`: names, and the removal policy's default", _one_of(*ENVIRONMENTS), key="env")
+    account: str | None = _setting(
+        None, "pin the stacks to an account; unset, they are environment-agnostic", _matching(r"\d{12}"))
+    region: str | None = _setting(
+        None, "pin the stacks to a region; unset, they are environment-agnostic",
+        _matching(r"[a-z]{2}(-[a-z]+)+-\d"))
+    classes: tuple[str, ...] = _setting(
+        ("bicycle", "motorcycle"), "CIFAR-100 fine label names, in label order", _class_names)
+    endpoint_name: str | None = _setting(
+        None, "the endpoint the classify Lambda calls", _matching(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}"),
+        varies_with="env_name")
+    endpoint_instance_type: str = _setting("ml.m5.large", "the endpoint's instance type", INSTANCE_TYPE)
+    endpoint_instance_count: int = _setting(1, "instances the endpoint starts with (and scales in to)", _number(int, 1))
+    endpoint_max_instances: int = _setting(2, "instances auto scaling may scale out to", _number(int, 1))
+    invocations_per_instance_target: int = _setting(
+        600, "target tracking value (invocations per instance per minute)", _number(int, 1))
+    capture_sampling_percentage: int = _setting(
+        100, "share of requests captured (what the hourly drift job checks)", _number(int, 0, 100))
+    capture_retention_days: int = _setting(30, "lifecycle of `data_capture/`", _number(int, 1))
+    threshold: float = _setting(
+        0.93, "the filter's confidence threshold (the training writes a calibrated one beside the model)",
+        _number(float, 0.0, 1.0))
+    training_algorithm: str = _setting(
+        "pytorch", "`pytorch` (script mode, `training/train.py`) or `builtin` (SageMaker's image-classification "
+        "algorithm with the classic hyperparameters: ResNet-152 from scratch, 30 epochs)", _one_of(*ALGORITHMS))
+    training_instance_type: str | None = _setting(
+        None, "training instance", INSTANCE_TYPE, varies_with="training_algorithm")
+    training_max_runtime_minutes: int = _setting(
+        60, "the training job's stopping condition", _number(int, 1, 28 * 24 * 60))
+    training_images: int = _setting(900, "`num_training_samples` for the built-in algorithm", _number(int, 1))
+    hyperparameters: Mapping[str, str] = _setting(
+        {}, "JSON object merged over the algorithm's defaults", _json_object)
+    model_data_url: str | None = _setting(
+        None, "an `s3://.../model.tar.gz` for the endpoint instead of the SSM parameter",
+        _matching(r"s3://[a-z0-9.\-]{3,63}/.+\.tar\.gz"))
+    removal_policy: str | None = _setting(
+        None, "what deleting a stack does to buckets, logs and keys", _one_of(*REMOVAL_POLICIES),
+        varies_with="env_name")
+    alarm_email: str | None = _setting(None, "where alarms go (monitoring)", _matching(r"[^@\s]+@[^@\s]+\.[^@\s]+"))
+    low_confidence_alarm_percent: float = _setting(
+        40.0, "alarm when more than this share of an hour's answers is below the threshold",
+        _number(float, 0.0, 100.0))
+    expect_traffic: bool = _setting(False, "also alarm on an hour without invocations", _boolean)
+    batch_tolerated_failure_percent: float = _setting(
+        5.0, "share of images under a prefix that may fail to be classified at all before the batch fails",
+        _number(float, 0.0, 100.0))
+
+    def __post_init__(self) -> None:
+        """The defaults that depend on other fields, and the built-in algorithm's hyperparameters."""
+        derived = {
+            "endpoint_name": self.endpoint_name or f"scones-{self.env_name}",
+            "training_instance_type": self.training_instance_type or (
+                "ml.m5.xlarge" if self.training_algorithm == "pytorch" else "ml.p3.2xlarge"),
+            "removal_policy": self.removal_policy or ("retain" if self.env_name == "prod" else "destroy"),
+            "hyperparameters": _hyperparameters(self.hyperparameters, self.training_algorithm, len(self.classes),
+                                                self.training_images),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
     @property
     def prefix(self) -> str:
@@ -85,131 +213,93 @@ class SconesConfig:
         """SSM parameter where the training state machine records the newest model artifact."""
         return f"/scones/{self.env_name}/model-data-url"
 
+    @property
+    def removal(self) -> "RemovalPolicy":
+        """`removal_policy` as the CDK's RemovalPolicy, for every bucket, log group and key."""
+        from aws_cdk import RemovalPolicy  # here: training.fit reads this config without starting the CDK
+
+        return RemovalPolicy.DESTROY if self.removal_policy == "destroy" else RemovalPolicy.RETAIN
+
     @classmethod
-    def from_context(cls, get: Callable[[str], Any]) -> "SconesConfig":
-        """Build from `node.try_get_context`; values from `-c` arrive as strings."""
-        env_name = _choice(get, "env", ("dev", "prod"), "dev")
-        algorithm = _choice(get, "training_algorithm", ALGORITHMS, "pytorch")
-        classes = _classes(get("classes"))
-        training_images = _int(get, "training_images", 900, 1)
-        return cls(
-            env_name=env_name,
-            account=_optional(get, "account", r"\d{12}"),
-            region=_optional(get, "region", r"[a-z]{2}(-[a-z]+)+-\d"),
-            classes=classes,
-            endpoint_name=_optional(get, "endpoint_name", r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}") or f"scones-{env_name}",
-            endpoint_instance_type=_instance_type(get, "endpoint_instance_type", "ml.m5.large"),
-            endpoint_instance_count=_int(get, "endpoint_instance_count", 1, 1),
-            endpoint_max_instances=_int(get, "endpoint_max_instances", 2, 1),
-            invocations_per_instance_target=_int(get, "invocations_per_instance_target", 600, 1),
-            capture_sampling_percentage=_int(get, "capture_sampling_percentage", 100, 0, 100),
-            capture_retention_days=_int(get, "capture_retention_days", 30, 1),
-            threshold=_float(get, "threshold", 0.93, 0.0, 1.0),
-            training_algorithm=algorithm,
-            training_instance_type=_instance_type(
-                get, "training_instance_type", "ml.m5.xlarge" if algorithm == "pytorch" else "ml.p3.2xlarge"
-            ),
-            training_max_runtime_minutes=_int(get, "training_max_runtime_minutes", 60, 1, 28 * 24 * 60),
-            training_images=training_images,
-            hyperparameters=_hyperparameters(get("hyperparameters"), algorithm, len(classes), training_images),
-            model_data_url=_optional(get, "model_data_url", r"s3://[a-z0-9.\-]{3,63}/.+\.tar\.gz"),
-            removal_policy=_choice(get, "removal_policy", REMOVAL_POLICIES, "retain" if env_name == "prod" else "destroy"),
-            alarm_email=_optional(get, "alarm_email", r"[^@\s]+@[^@\s]+\.[^@\s]+"),
-            low_confidence_alarm_percent=_float(get, "low_confidence_alarm_percent", 40.0, 0.0, 100.0),
-            expect_traffic=_bool(get, "expect_traffic", False),
-            batch_tolerated_failure_percent=_float(get, "batch_tolerated_failure_percent", 5.0, 0.0, 100.0),
-        )
+    def from_context(cls, context: Mapping[str, Any]) -> "SconesConfig":
+        """Build from the CDK context (`app.node.get_all_context()`); values from `-c` arrive as strings.
 
-
-def _given(get: Callable[[str], Any], key: str) -> Any:
-    value = get(key)
-    return None if value in (None, "") else value
-
-
-def _choice(get, key: str, choices: tuple[str, ...], default: str) -> str:
-    value = _given(get, key) or default
-    if value not in choices:
-        raise ConfigError(f"context key '{key}': {value!r} is not one of {', '.join(choices)}")
-    return value
-
-
-def _optional(get, key: str, pattern: str) -> str | None:
-    value = _given(get, key)
-    if value is not None and not re.fullmatch(pattern, str(value)):
-        raise ConfigError(f"context key '{key}': {value!r} does not match {pattern}")
-    return None if value is None else str(value)
-
-
-def _bool(get, key: str, default: bool) -> bool:
-    value = _given(get, key)
-    if value is None:
-        return default
-    if str(value).lower() not in ("true", "false"):
-        raise ConfigError(f"context key '{key}': {value!r} is not true or false")
-    return str(value).lower() == "true"
-
-
-def _instance_type(get, key: str, default: str) -> str:
-    return _optional(get, key, r"ml\.[a-z0-9]+\.[0-9]*x?large|ml\.[a-z0-9]+\.(medium|small)") or default
-
-
-def _number(get, key: str, default, convert, low, high):
-    value = _given(get, key)
-    if value is None:
-        return default
-    try:
-        number = convert(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"context key '{key}': {value!r} is not a {convert.__name__}") from None
-    if number < low or (high is not None and number > high):
-        raise ConfigError(f"context key '{key}': {number} is outside [{low}, {high if high is not None else '∞'}]")
-    return number
-
-
-def _int(get, key: str, default: int, low: int, high: int | None = None) -> int:
-    return _number(get, key, default, int, low, high)
-
-
-def _float(get, key: str, default: float, low: float, high: float) -> float:
-    return _number(get, key, default, float, low, high)
-
-
-def _classes(value: Any) -> tuple[str, ...]:
-    if value in (None, ""):
-        return ("bicycle", "motorcycle")
-    names = value.split(",") if isinstance(value, str) else list(value)
-    names = tuple(str(name).strip() for name in names)
-    unknown = [name for name in names if name not in CIFAR100_FINE_LABELS]
-    if unknown:
-        raise ConfigError(f"context key 'classes': unknown CIFAR-100 class {', '.join(unknown)}; "
-                          f"valid names: {', '.join(CIFAR100_FINE_LABELS)}")
-    if len(names) < 2 or len(set(names)) != len(names):
-        raise ConfigError("context key 'classes': give at least two distinct class names")
-    return names
-
-
-def _hyperparameters(value: Any, algorithm: str, num_classes: int, training_images: int) -> dict[str, str]:
-    if value in (None, ""):
+        Keys that are neither a setting below nor the CDK's own are refused, naming the closest setting."""
+        check_keys(context)
         given = {}
-    elif isinstance(value, str):
-        try:
-            given = json.loads(value)
-        except json.JSONDecodeError:
-            raise ConfigError("context key 'hyperparameters': not a JSON object, e.g. '{\"epochs\": 30}'") from None
-    else:
-        given = value
-    if not isinstance(given, dict):
-        raise ConfigError("context key 'hyperparameters': must be a JSON object of name to value")
-    for name, setting in given.items():
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)) or isinstance(setting, (dict, list)):
-            raise ConfigError(f"context key 'hyperparameters': {name!r}={setting!r} is not a name=scalar pair")
-    if algorithm == "builtin":
-        unknown = sorted(set(given) - BUILTIN_HYPERPARAMETER_NAMES)
-        if unknown:
-            raise ConfigError(f"context key 'hyperparameters': {', '.join(unknown)} not known to the built-in "
-                              f"image-classification algorithm; known: {', '.join(sorted(BUILTIN_HYPERPARAMETER_NAMES))}")
-        defaults = {**BUILTIN_HYPERPARAMETERS, "num_classes": str(num_classes),
-                    "num_training_samples": str(training_images)}
-    else:
-        defaults = {}
-    return {**defaults, **{name: str(setting) for name, setting in given.items()}}
+        for setting in fields(cls):
+            key = context_key(setting)
+            value = context.get(key)
+            if value not in (None, ""):
+                given[setting.name] = setting.metadata["read"](key, value)
+        return cls(**given)
+
+
+def context_key(setting) -> str:
+    """The context key of a SconesConfig field: its name, or the key its metadata gives (`env`)."""
+    return setting.metadata["key"] or setting.name
+
+
+def context_keys() -> list[str]:
+    return [context_key(setting) for setting in fields(SconesConfig)]
+
+
+def check_keys(keys: Iterable[str]) -> None:
+    """Refuse a context key that is neither a setting nor the CDK's, suggesting the closest setting."""
+    valid = context_keys()
+    for key in keys:
+        if key in valid or key in CDK_KEYS or key.startswith(CDK_KEY_PREFIXES) or ":" in key:
+            continue
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"the keys are {', '.join(valid)}"
+        raise ConfigError(f"unknown context key '{key}'; {hint}")
+
+
+def _hyperparameters(given: Mapping[str, str], algorithm: str, num_classes: int,
+                     training_images: int) -> dict[str, str]:
+    if algorithm != "builtin":
+        return dict(given)
+    unknown = sorted(set(given) - BUILTIN_HYPERPARAMETER_NAMES)
+    if unknown:
+        raise ConfigError(f"context key 'hyperparameters': {', '.join(unknown)} not known to the built-in "
+                          f"image-classification algorithm; known: {', '.join(sorted(BUILTIN_HYPERPARAMETER_NAMES))}")
+    return {**BUILTIN_HYPERPARAMETERS, "num_classes": str(num_classes), "num_training_samples": str(training_images),
+            **given}
+
+
+# ----------------------------------------------------------------------------- the README's configuration table
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, tuple):
+        return f"`{','.join(value)}`"
+    if isinstance(value, dict):
+        return f"`{json.dumps(value)}`"
+    return f"`{value}`"
+
+
+def _default_shown(setting) -> str:
+    """The default as the table shows it; a derived one for each choice of the field it varies with."""
+    default = SconesConfig()
+    basis = setting.metadata["varies_with"]
+    if basis is None:
+        return _shown(getattr(default, setting.name))
+    choices = {"env_name": ENVIRONMENTS, "training_algorithm": ALGORITHMS}[basis]
+    others = [f"`{choice}`: {_shown(getattr(SconesConfig(**{basis: choice}), setting.name))}"
+              for choice in choices if choice != getattr(default, basis)]
+    return f"{_shown(getattr(default, setting.name))} ({'; '.join(others)})"
+
+
+def config_table() -> str:
+    """The configuration as a Markdown table: key | default | meaning, one row per context key."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{context_key(setting)}` | {_default_shown(setting)} | {setting.metadata['meaning']} |"
+             for setting in fields(SconesConfig)]
+    return "\n".join(rows) + "\n"

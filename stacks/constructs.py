@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from aws_cdk import ArnFormat, Duration, RemovalPolicy, Stack
+from aws_cdk import ArnFormat, Duration, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
@@ -23,7 +23,7 @@ class LoggedStateMachine(Construct):
             self, "Logs",
             log_group_name=f"/aws/vendedlogs/states/{config.prefix}-{name}",
             retention=logs.RetentionDays.ONE_MONTH,
-            removal_policy=RemovalPolicy.DESTROY if config.removal_policy == "destroy" else RemovalPolicy.RETAIN,
+            removal_policy=config.removal,
         )
         self.state_machine = sfn.StateMachine(
             self, "StateMachine",
@@ -82,7 +82,7 @@ class PythonFunction(Construct):
         self.log_group = logs.LogGroup(
             self, "Logs",
             retention=logs.RetentionDays.ONE_MONTH,
-            removal_policy=RemovalPolicy.DESTROY if config.removal_policy == "destroy" else RemovalPolicy.RETAIN,
+            removal_policy=config.removal,
         )
         self.role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
                              description=f"scones {name} Lambda")

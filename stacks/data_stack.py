@@ -1,6 +1,6 @@
 """The bucket every part of the workflow reads and writes."""
 
-from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import CfnOutput, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_s3 as s3
 from cdk_nag import NagSuppressions
 from constructs import Construct
@@ -13,11 +13,7 @@ CAPTURE_PREFIX = "data_capture/"
 class DataStack(Stack):
     def __init__(self, scope: Construct, construct_id: str, *, config: SconesConfig, **kwargs) -> None:
         super().__init__(scope, construct_id, **kwargs)
-        destroy = config.removal_policy == "destroy"
-        removal = dict(
-            removal_policy=RemovalPolicy.DESTROY if destroy else RemovalPolicy.RETAIN,
-            auto_delete_objects=destroy,
-        )
+        removal = dict(removal_policy=config.removal, auto_delete_objects=config.removal == RemovalPolicy.DESTROY)
         self.access_log_bucket = s3.Bucket(
             self, "AccessLogs",
             encryption=s3.BucketEncryption.S3_MANAGED,
@@ -50,3 +46,7 @@ class DataStack(Stack):
             ],
             **removal,
         )
+
+        CfnOutput(self, "BucketName", value=self.bucket.bucket_name,
+                  description="The data bucket: stage the training data into it (training.etl --bucket), put "
+                              "photos to classify in it.")

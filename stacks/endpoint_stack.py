@@ -1,6 +1,6 @@
 """The real-time SageMaker endpoint, capturing every request and answer to the bucket."""
 
-from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import CfnOutput, Duration, Stack
 from aws_cdk import aws_applicationautoscaling as appscaling
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
@@ -34,7 +34,7 @@ class EndpointStack(Stack):
             self, "EndpointKey",
             description="scones endpoint volumes and captured data",
             enable_key_rotation=True,
-            removal_policy=RemovalPolicy.DESTROY if config.removal_policy == "destroy" else RemovalPolicy.RETAIN,
+            removal_policy=config.removal,
         )
         self.key.grant_encrypt_decrypt(role)
 
@@ -95,3 +95,9 @@ class EndpointStack(Stack):
             scale_in_cooldown=Duration.minutes(5),
             scale_out_cooldown=Duration.minutes(1),
         )
+
+        CfnOutput(self, "EndpointName", value=self.endpoint.attr_endpoint_name,
+                  description="The SageMaker endpoint the classify Lambda calls.")
+        CfnOutput(self, "ModelDataUrl", value=model_data_url,
+                  description="The model.tar.gz the endpoint serves (the SSM parameter's value at deploy time "
+                              "unless model_data_url was given).")

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import jsii
-from aws_cdk import Aws, Duration, Size, Stack
+from aws_cdk import Aws, CfnOutput, Duration, Size, Stack
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_s3_assets as s3_assets
@@ -137,6 +137,12 @@ class TrainingStack(Stack):
             "reason": "CDK's SageMaker tasks grant sagemaker:*TrainingJob on training-job/<prefix>* and the events "
                       "rule of the .sync integration; job and model names are generated per execution.",
         }], apply_to_children=True)
+
+        CfnOutput(self, "TrainingStateMachineArn", value=self.state_machine.state_machine_arn,
+                  description="Trains a model on the staged data and records it: start it with {} "
+                              "(or python -m training.fit --sagemaker).")
+        CfnOutput(self, "ModelParameterName", value=config.model_parameter_name,
+                  description="The SSM parameter holding the newest model's S3 URL, which the endpoint serves.")
 
     def _channel(self, name: str, bucket: s3.IBucket, key: str, config: SconesConfig) -> tasks.Channel:
         return tasks.Channel(

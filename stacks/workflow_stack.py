@@ -1,6 +1,6 @@
 """The three Lambdas and the state machines that chain them: one image, and every image under a prefix."""
 
-from aws_cdk import Duration, Stack
+from aws_cdk import Aws, CfnOutput, Duration, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_stepfunctions as sfn
@@ -26,6 +26,9 @@ CHILD_FAILED_ERROR = "States.TaskFailed"
 START_TRANSIENT_ERRORS = ["StepFunctions.ExecutionLimitExceededException", "StepFunctions.SdkClientException",
                           "StepFunctions.AWSStepFunctionsException"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# The CloudWatch namespace of the filter's metrics (given to it as METRIC_NAMESPACE), which the monitoring
+# stack's dashboard and alarms read and the drift job publishes to.
+METRIC_NAMESPACE = "Scones"
 BATCH_RESULTS_PREFIX = "batch_results/"
 
 
@@ -62,7 +65,8 @@ class WorkflowStack(Stack):
 
         self.filter = PythonFunction(
             self, "FilterInferences", config=config, name="filter_inferences",
-            environment={"THRESHOLD": str(config.threshold), "ENDPOINT_NAME": config.endpoint_name},
+            environment={"THRESHOLD": str(config.threshold), "ENDPOINT_NAME": config.endpoint_name,
+                         "METRIC_NAMESPACE": METRIC_NAMESPACE},
             timeout=Duration.seconds(10)).function
 
         self.workflow = LoggedStateMachine(
@@ -74,6 +78,16 @@ class WorkflowStack(Stack):
             self, "Batch", config=config, name="classify-prefix",
             definition=self._batch_definition(bucket, config), timeout=Duration.hours(24))
         self.state_machine.grant_start_execution(self.batch.state_machine)
+
+        CfnOutput(self, "ClassifyStateMachineArn", value=self.state_machine.state_machine_arn,
+                  description='Classifies one photo: start it with {"s3_bucket": "<bucket>", "s3_key": "<key>"}.')
+        CfnOutput(self, "ClassifyPrefixStateMachineArn", value=self.batch.state_machine.state_machine_arn,
+                  description='Classifies every photo under a prefix: start it with {"prefix": "<prefix>"}; '
+                              f"results go to {BATCH_RESULTS_PREFIX} in the bucket.")
+        CfnOutput(self, "ClassifyConsoleUrl", description="The classify state machine in the Step Functions "
+                                                          "console, to start an execution and follow it.",
+                  value=f"https://console.aws.amazon.com/states/home?region={Aws.REGION}"
+                        f"#/statemachines/view/{self.state_machine.state_machine_arn}")
 
         NagSuppressions.add_resource_suppressions(self.serialize.role, [{
             "id": "AwsSolutions-IAM5",

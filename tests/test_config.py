@@ -1,10 +1,17 @@
+import json
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 
-from stacks.config import ConfigError, SconesConfig
+from conftest import ROOT
+from stacks.config import ConfigError, SconesConfig, config_table
 
 
 def config(**context) -> SconesConfig:
-    return SconesConfig.from_context(context.get)
+    return SconesConfig.from_context(context)
 
 
 def test_defaults_are_the_classic_project_on_pytorch():
@@ -59,3 +66,79 @@ def test_builtin_gets_the_classic_hyperparameters_with_overrides():
 def test_invalid_values_fail_naming_the_key(context, key):
     with pytest.raises(ConfigError, match=key):
         config(**context)
+
+
+def test_a_misspelt_key_is_refused_naming_the_closest_key():
+    with pytest.raises(ConfigError, match=r"^unknown context key 'threshhold'; did you mean 'threshold'\?$"):
+        config(threshhold="0.5")
+    with pytest.raises(ConfigError, match=r"did you mean 'capture_sampling_percentage'\?$"):
+        config(**{"capture-sampling-percentage": "0"})
+
+
+def test_an_unknown_key_with_no_close_one_is_refused_listing_the_keys():
+    with pytest.raises(ConfigError, match=r"^unknown context key 'colour'; the keys are env, account, region, "):
+        config(colour="red")
+
+
+def test_the_cdks_own_context_keys_are_accepted():
+    """What `npx cdk synth` puts in the context besides ours: feature flags, CLI settings, cached lookups."""
+    cdk_keys = {"@aws-cdk/core:checkSecretUsage": True, "aws:cdk:enable-path-metadata": True,
+                "aws:cdk:bundling-stacks": ["**"], "@aws-cdk/core:failSynthOnValidationErrors": False,
+                "acknowledged-issue-numbers": [32775], "cdk-migrate": True,
+                "availability-zones:account=123456789012:region=eu-west-1": ["eu-west-1a"]}
+    assert config(**cdk_keys) == SconesConfig()
+
+
+def test_cdk_json_holds_only_cdk_feature_flags():
+    context = json.loads((ROOT / "cdk.json").read_text())["context"]
+    assert context and all(key.startswith("@aws-cdk/") for key in context)
+
+
+def test_derived_defaults_follow_the_environment_and_algorithm():
+    assert (SconesConfig(env_name="prod").endpoint_name, SconesConfig(env_name="prod").removal_policy) == (
+        "scones-prod", "retain")
+    assert SconesConfig(endpoint_name="bikes", removal_policy="destroy", env_name="prod").removal_policy == "destroy"
+    assert SconesConfig(training_algorithm="builtin").training_instance_type == "ml.p3.2xlarge"
+
+
+def test_removal_is_the_cdk_removal_policy():
+    from aws_cdk import RemovalPolicy
+
+    assert (config().removal, config(env="prod").removal) == (RemovalPolicy.DESTROY, RemovalPolicy.RETAIN)
+    assert config(env="prod", removal_policy="destroy").removal == RemovalPolicy.DESTROY
+
+
+def test_config_table_has_one_row_per_key_with_its_default():
+    rows = config_table().splitlines()
+    assert rows[:2] == ["| key | default | meaning |", "|---|---|---|"]
+    assert len(rows) == 2 + 23
+    assert "| `threshold` | 0.93 | the filter's confidence threshold" in config_table()
+    assert "| `removal_policy` | `destroy` (`prod`: `retain`) |" in config_table()
+    assert "| `training_instance_type` | `ml.m5.xlarge` (`builtin`: `ml.p3.2xlarge`) |" in config_table()
+    assert "| `classes` | `bicycle,motorcycle` |" in config_table()
+
+
+def test_readme_configuration_table_is_the_rendered_one():
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(r"<!-- config-table -->\n(.*?)<!-- /config-table -->", readme, re.S)
+    assert found, "README.md has no <!-- config-table --> ... <!-- /config-table --> markers"
+    assert found.group(1) == config_table(), (
+        "README's configuration table is stale: paste `python -c 'from stacks.config import config_table; "
+        "print(config_table(), end=\"\")'` between the markers")
+
+
+def _synth(*context: str) -> subprocess.CompletedProcess:
+    """`app.py` as `npx cdk synth -c ...` runs it, in an environment without the Makefile's JSII_ settings."""
+    environment = {name: value for name, value in os.environ.items() if not name.startswith(("JSII_", "CDK_"))}
+    environment["CDK_CONTEXT_JSON"] = json.dumps(dict(pair.split("=", 1) for pair in context))
+    return subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("context, message", [
+    (["threshold=2"], "scones: context key 'threshold': 2.0 is outside [0.0, 1.0]\n"),
+    (["threshhold=0.5"], "scones: unknown context key 'threshhold'; did you mean 'threshold'?\n"),
+])
+def test_the_app_answers_a_config_error_with_one_line_and_no_traceback_or_node_warning(context, message):
+    run = _synth(*context)
+    assert (run.returncode, run.stderr, run.stdout) == (1, message, "")

@@ -40,3 +40,12 @@ def test_dev_destroys_its_buckets_and_prod_retains_them():
     prod = template("Data", env="prod")
     assert {b["DeletionPolicy"] for b in prod.find_resources("AWS::S3::Bucket").values()} == {"Retain"}
     assert prod.find_resources("Custom::S3AutoDeleteObjects") == {}
+
+
+def test_output_names_the_data_bucket():
+    data = template("Data")
+    (bucket,) = data.find_resources("AWS::S3::Bucket", {"Properties": {"VersioningConfiguration": Match.any_value()}})
+    output = data.find_outputs("BucketName")["BucketName"]
+    assert output["Value"] == {"Ref": bucket}
+    assert "training.etl --bucket" in output["Description"]
+

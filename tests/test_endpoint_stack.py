@@ -84,3 +84,16 @@ def test_model_role_pulls_only_from_the_account_that_owns_the_image_in_a_pinned_
 
 def _actions(statement) -> list[str]:
     return statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+
+
+def test_outputs_name_the_endpoint_and_the_model_it_serves():
+    endpoint = template("Endpoint")
+    (endpoint_id,) = endpoint.find_resources("AWS::SageMaker::Endpoint")
+    (model,) = endpoint.find_resources("AWS::SageMaker::Model").values()
+    outputs = endpoint.find_outputs("*")
+    assert outputs["EndpointName"]["Value"] == {"Fn::GetAtt": [endpoint_id, "EndpointName"]}
+    assert outputs["ModelDataUrl"]["Value"] == model["Properties"]["PrimaryContainer"]["ModelDataUrl"]
+    assert outputs["ModelDataUrl"]["Value"]["Ref"].startswith("SsmParameterValuesconesdevmodeldataurl")
+    given = "s3://models-bucket/run-1/model.tar.gz"
+    assert template("Endpoint", model_data_url=given).find_outputs("ModelDataUrl")["ModelDataUrl"]["Value"] == given
+

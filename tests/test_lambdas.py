@@ -73,6 +73,7 @@ def lambda_environment(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("ENDPOINT_NAME", ENDPOINT)
+    monkeypatch.setenv("METRIC_NAMESPACE", "SconesTest")
     serialize.s3_client.cache_clear()
     classify.sagemaker_runtime.cache_clear()
     yield
@@ -357,18 +358,26 @@ def test_filter_prints_one_embedded_metric_line(capsys, inferences, expected):
     metadata = record.pop("_aws")
     assert isinstance(metadata["Timestamp"], int)
     assert metadata["CloudWatchMetrics"] == [
-        {"Namespace": "Scones", "Dimensions": [["EndpointName"]],
+        {"Namespace": "SconesTest", "Dimensions": [["EndpointName"]],
          "Metrics": [{"Name": "TopProbability", "Unit": "None"}, {"Name": "LowConfidence", "Unit": "Count"}]},
-        {"Namespace": "Scones", "Dimensions": [["EndpointName", "PredictedClass"]],
+        {"Namespace": "SconesTest", "Dimensions": [["EndpointName", "PredictedClass"]],
          "Metrics": [{"Name": "Predictions", "Unit": "Count"}]},
     ]
     assert record == {"EndpointName": ENDPOINT, "Predictions": 1, **expected}
 
 
 def test_filter_metric_names_are_the_exported_constants():
-    assert (filter_step.METRIC_NAMESPACE, filter_step.ENDPOINT_DIMENSION, filter_step.CLASS_DIMENSION,
-            filter_step.TOP_PROBABILITY_METRIC, filter_step.LOW_CONFIDENCE_METRIC, filter_step.PREDICTIONS_METRIC) == (
-        "Scones", "EndpointName", "PredictedClass", "TopProbability", "LowConfidence", "Predictions")
+    assert (filter_step.ENDPOINT_DIMENSION, filter_step.CLASS_DIMENSION, filter_step.TOP_PROBABILITY_METRIC,
+            filter_step.LOW_CONFIDENCE_METRIC, filter_step.PREDICTIONS_METRIC) == (
+        "EndpointName", "PredictedClass", "TopProbability", "LowConfidence", "Predictions")
+
+
+def test_filter_without_a_metric_namespace_fails_naming_the_variable(monkeypatch, capsys):
+    monkeypatch.delenv("METRIC_NAMESPACE")
+    name, message = failure(filter_step.handler, {"inferences": [0.04, 0.96]})
+    assert name == "InvalidConfiguration"
+    assert message.startswith("The environment variable METRIC_NAMESPACE is not set")
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("event", [{"s3_key": "moto.png"}, {"inferences": []}, {"body": {"inferences": "[]"}}])

@@ -62,3 +62,14 @@ def test_user_hyperparameters_reach_the_job():
     _, job = training_job_parameters(hyperparameters='{"epochs": 12, "lr": 0.01}')
     assert job["HyperParameters"]["epochs"] == "12"
     assert job["HyperParameters"]["lr"] == "0.01"
+
+
+def test_outputs_name_the_training_state_machine_and_the_model_parameter():
+    stack = synth_stacks()["Training"]
+    outputs = template("Training").find_outputs("*")
+    assert outputs["TrainingStateMachineArn"]["Value"] == {
+        "Ref": stack.get_logical_id(stack.state_machine.node.default_child)}
+    assert outputs["ModelParameterName"]["Value"] == "/scones/dev/model-data-url"
+    assert "training.fit --sagemaker" in outputs["TrainingStateMachineArn"]["Description"]
+    assert "SSM parameter" in outputs["ModelParameterName"]["Description"]
+

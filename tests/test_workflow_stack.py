@@ -8,7 +8,8 @@ from stacks.workflow_stack import TRANSIENT_ENDPOINT_ERRORS
 FUNCTIONS = {
     "serialize_image_data": ("SerializeImageData", {}),
     "classify_image": ("ClassifyImage", {"ENDPOINT_NAME": "scones-dev"}),
-    "filter_inferences": ("FilterInferences", {"THRESHOLD": "0.93", "ENDPOINT_NAME": "scones-dev"}),
+    "filter_inferences": ("FilterInferences", {"THRESHOLD": "0.93", "ENDPOINT_NAME": "scones-dev",
+                                               "METRIC_NAMESPACE": "Scones"}),
 }
 
 
@@ -34,7 +35,8 @@ def test_lambdas_runtime_handler_environment_timeout_tracing():
 def test_threshold_and_endpoint_name_come_from_context():
     template("Workflow", threshold="0.8", endpoint_name="bikes").has_resource_properties(
         "AWS::Lambda::Function", {"Handler": "filter_inferences.index.handler",
-                                  "Environment": {"Variables": {"THRESHOLD": "0.8", "ENDPOINT_NAME": "bikes"}}})
+                                  "Environment": {"Variables": {"THRESHOLD": "0.8", "ENDPOINT_NAME": "bikes",
+                                                                "METRIC_NAMESPACE": "Scones"}}})
 
 
 def test_each_lambda_role_has_exactly_its_own_data_access():
@@ -132,3 +134,19 @@ def test_batch_role_lists_the_bucket_and_writes_only_under_batch_results():
     writes, listing = (resource for _, resource in s3_access)
     assert writes["Fn::Join"][1][-1] == "/batch_results/*"
     assert "*" not in json.dumps(listing)  # the bucket itself
+
+
+def test_outputs_name_both_state_machines_and_link_the_classify_one_in_the_console():
+    stack = synth_stacks()["Workflow"]
+    outputs = template("Workflow").find_outputs("*")
+    classify, batch = (stack.get_logical_id(machine.node.default_child)
+                       for machine in (stack.state_machine, stack.batch.state_machine))
+    assert outputs["ClassifyStateMachineArn"]["Value"] == {"Ref": classify}
+    assert outputs["ClassifyPrefixStateMachineArn"]["Value"] == {"Ref": batch}
+    assert outputs["ClassifyConsoleUrl"]["Value"] == {"Fn::Join": ["", [
+        "https://console.aws.amazon.com/states/home?region=", {"Ref": "AWS::Region"}, "#/statemachines/view/",
+        {"Ref": classify}]]}
+    assert '{"s3_bucket": "<bucket>", "s3_key": "<key>"}' in outputs["ClassifyStateMachineArn"]["Description"]
+    assert '{"prefix": "<prefix>"}' in outputs["ClassifyPrefixStateMachineArn"]["Description"]
+    assert "console" in outputs["ClassifyConsoleUrl"]["Description"]
+

@@ -1,7 +1,7 @@
 """Step 3: let the inference through when the model is confident enough; record metrics either way.
 
 Each call prints one CloudWatch Embedded Metric Format line, which CloudWatch Logs turns into metrics in
-the namespace `Scones`:
+the namespace the workflow stack gives as METRIC_NAMESPACE:
 - `TopProbability` (no unit) and `LowConfidence` (Count: 1 below the threshold, else 0), by `EndpointName`;
 - `Predictions` (Count, always 1) by `EndpointName` and `PredictedClass`, the class index as a string
   ("0" bicycle, "1" motorcycle): its sum per `PredictedClass` graphs the class mix.
@@ -14,7 +14,6 @@ import time
 from common import (InvalidConfiguration, InvalidEvent, NoInferences, ThresholdConfidenceNotMet, answer,
                     as_probabilities, image_location, read_body, setting)
 
-METRIC_NAMESPACE = "Scones"
 ENDPOINT_DIMENSION = "EndpointName"
 CLASS_DIMENSION = "PredictedClass"
 TOP_PROBABILITY_METRIC = "TopProbability"
@@ -34,15 +33,16 @@ def threshold() -> float:
     return value
 
 
-def metric_line(endpoint_name: str, predicted_class: int, top_probability: float, low_confidence: bool) -> str:
+def metric_line(namespace: str, endpoint_name: str, predicted_class: int, top_probability: float,
+                low_confidence: bool) -> str:
     return json.dumps({
         "_aws": {
             "Timestamp": int(time.time() * 1000),
             "CloudWatchMetrics": [
-                {"Namespace": METRIC_NAMESPACE, "Dimensions": [[ENDPOINT_DIMENSION]],
+                {"Namespace": namespace, "Dimensions": [[ENDPOINT_DIMENSION]],
                  "Metrics": [{"Name": TOP_PROBABILITY_METRIC, "Unit": "None"},
                              {"Name": LOW_CONFIDENCE_METRIC, "Unit": "Count"}]},
-                {"Namespace": METRIC_NAMESPACE, "Dimensions": [[ENDPOINT_DIMENSION, CLASS_DIMENSION]],
+                {"Namespace": namespace, "Dimensions": [[ENDPOINT_DIMENSION, CLASS_DIMENSION]],
                  "Metrics": [{"Name": PREDICTIONS_METRIC, "Unit": "Count"}]},
             ],
         },
@@ -65,10 +65,11 @@ def handler(event, context):
                            "class probabilities.")
     minimum = threshold()
     endpoint_name = setting("ENDPOINT_NAME")
+    namespace = setting("METRIC_NAMESPACE")
     top_probability = max(inferences)
     predicted_class = inferences.index(top_probability)
     low_confidence = top_probability < minimum
-    print(metric_line(endpoint_name, predicted_class, top_probability, low_confidence))
+    print(metric_line(namespace, endpoint_name, predicted_class, top_probability, low_confidence))
     if low_confidence:
         raise ThresholdConfidenceNotMet(
             f"THRESHOLD_CONFIDENCE_NOT_MET: the top probability {top_probability:g} (class {predicted_class}) "
