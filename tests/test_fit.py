@@ -4,6 +4,7 @@ import base64
 import importlib.util
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from local.__main__ import SHARED_ARCHIVE as ARCHIVE  # noqa: E402
-from training import etl, train  # noqa: E402
+from training import etl, report, sourcedir, train  # noqa: E402
 from training.fit import FitError, fit_local  # noqa: E402
 
 CLASSES = ("bicycle", "motorcycle")
@@ -55,7 +56,6 @@ def test_archive_holds_the_model_in_sagemaker_layout(fitted):
     with tarfile.open(fitted["archive"]) as tar:
         names = set(tar.getnames())
     assert {"model.pt", "model.json", "metrics.json", "code/inference.py"} <= names
-    assert (fitted["model_dir"] / "code" / "inference.py").read_bytes() == (ROOT / "training" / "train.py").read_bytes()
     settings = json.loads((fitted["model_dir"] / "model.json").read_text())
     assert settings["classes"] == list(CLASSES)
     assert settings["threshold"] == fitted["metrics"]["threshold"]
@@ -102,16 +102,46 @@ def test_plots_are_png_files(fitted):
 def test_the_report_embeds_every_plot_and_states_the_test_accuracy(fitted):
     page = (fitted["out"] / "report.html").read_text()
     embedded = [base64.b64decode(data) for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
-    assert embedded == [(fitted["out"] / f"{name}.png").read_bytes() for name in train.PICTURES]
+    assert embedded == [(fitted["out"] / f"{name}.png").read_bytes() for name in report.PICTURES]
     accuracy = fitted["metrics"]["test"]["accuracy"]
     assert f"<th>test accuracy</th><td>{accuracy:.1%} of 100 images</td>" in page
     assert not list(fitted["out"].glob(".report*")), "temporary files left behind"
 
 
+def test_the_model_code_is_only_what_serves(fitted):
+    """code/ holds the handler and the network it loads; training, the report and matplotlib stay out."""
+    with tarfile.open(fitted["archive"]) as tar:
+        code = sorted(name for name in tar.getnames() if name.startswith("code/"))
+    assert code == ["code/inference.py", "code/model.py"]
+    for name in ("inference.py", "model.py"):
+        assert (fitted["model_dir"] / "code" / name).read_bytes() == (ROOT / "training" / name).read_bytes()
+    served = ("import json, sys; sys.path.insert(0, 'code'); import inference; "
+              "model = inference.model_fn('.'); "
+              "print(inference.output_fn(inference.predict_fn(inference.input_fn(open(sys.argv[1], 'rb').read(), "
+              "'image/png'), model), 'application/json')[0]); "
+              "print(json.dumps(sorted(name for name in sys.modules if name.split('.')[0] in "
+              "('matplotlib', 'training', 'train', 'report'))))")
+    image = fitted["out"] / "training_curves.png"  # any PNG
+    finished = subprocess.run([sys.executable, "-c", served, str(image)], cwd=fitted["model_dir"],
+                              env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0, finished.stderr
+    answer, imported = finished.stdout.splitlines()
+    assert len(json.loads(answer)) == 2
+    assert json.loads(imported) == []
+
+
 def load_handler(model_dir: Path):
-    spec = importlib.util.spec_from_file_location("served_inference", model_dir / "code" / "inference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """code/inference.py imported as the serving container imports it: code/ on the path, beside model.py."""
+    code = str(model_dir / "code")
+    sys.path.insert(0, code)
+    sys.modules.pop("model", None)
+    try:
+        spec = importlib.util.spec_from_file_location("served_inference", model_dir / "code" / "inference.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(code)
+        sys.modules.pop("model", None)
     return module
 
 
@@ -172,6 +202,14 @@ def test_missing_data_gives_one_line_errors(tmp_path):
     assert finished.returncode == 2
     assert finished.stderr == f"fit: error: data folder {tmp_path} has no validation.lst " \
                               "(stage it with `python -m training.etl`)\n"
+
+
+def test_the_source_directory_packs_the_same_bytes_each_time(tmp_path):
+    first, second = sourcedir.pack(tmp_path / "a.tar.gz"), sourcedir.pack(tmp_path / "b.tar.gz")
+    assert first.read_bytes() == second.read_bytes()
+    with tarfile.open(first) as tar:
+        assert tar.getnames() == ["train.py", "model.py", "inference.py"]
+        assert all(tar.extractfile(name).read() == (ROOT / "training" / name).read_bytes() for name in tar.getnames())
 
 
 def test_help_lists_the_hyperparameters():
