@@ -6,6 +6,8 @@ import io
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -202,6 +204,100 @@ def test_missing_data_gives_one_line_errors(tmp_path):
     assert finished.returncode == 2
     assert finished.stderr == f"fit: error: data folder {tmp_path} has no validation.lst " \
                               "(stage it with `python -m training.etl`)\n"
+
+
+def test_data_that_is_a_file_is_named_a_file_not_missing(tmp_path):
+    finished = run_fit("--local", "--data", "README.md", "--out", str(tmp_path))
+    assert finished.returncode == 2
+    assert finished.stderr == "fit: error: data folder README.md is a file, not a folder: pass the folder " \
+                              "`python -m training.etl --out DIR` staged\n"
+
+
+def without_root_privileges(command: list[str]) -> list[str]:
+    """The command run without the capability to write where permissions forbid it, when the tests run as root."""
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: a read-only folder cannot be made")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+
+
+@pytest.mark.parametrize("where", ["folder", "subfolder"])
+def test_a_read_only_out_folder_gives_one_line_and_writes_nothing(data_dir, tmp_path, where):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    out = read_only if where == "folder" else read_only / "models"
+    try:
+        finished = subprocess.run(without_root_privileges([sys.executable, "-m", "training.fit", "--local", "--data",
+                                                           str(data_dir), "--out", str(out), "--epochs", "1"]),
+                                  cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        read_only.chmod(0o755)
+    assert finished.returncode == 2
+    assert finished.stderr == f"fit: error: cannot write to {out} (Permission denied): choose another --out " \
+                              "folder or make this one writable\n"
+    assert list(read_only.iterdir()) == []
+
+
+def test_an_out_that_is_a_file_is_refused(data_dir, tmp_path):
+    (tmp_path / "model").write_text("not a folder")
+    finished = run_fit("--local", "--data", str(data_dir), "--out", str(tmp_path / "model"))
+    assert finished.returncode == 2
+    assert finished.stderr == f"fit: error: --out {tmp_path / 'model'} is a file, not a folder: choose a folder " \
+                              "for the model and its report\n"
+
+
+def copy_of_the_data(data_dir: Path, destination: Path) -> Path:
+    shutil.copytree(data_dir, destination, symlinks=True)
+    return destination
+
+
+def test_bad_data_files_give_one_line_errors_from_the_training_script(data_dir, tmp_path):
+    data = copy_of_the_data(data_dir, tmp_path / "data")
+    first_image = (data / "validation.lst").read_text().splitlines()[0].split("\t")[-1]
+    (data / first_image).unlink()
+    (data / first_image).write_bytes(b"not a png")
+    finished = run_fit("--local", "--data", str(data), "--out", str(tmp_path / "out"), *quick_arguments())
+    assert finished.returncode == 1
+    assert "Traceback" not in finished.stderr
+    assert finished.stderr.splitlines()[-2:] == [
+        f"train.py: error: {data / first_image} (listed in {data / 'validation.lst'}) is not a readable image: "
+        f"cannot identify image file '{data / first_image}'",
+        "fit: error: train.py failed (exit status 1)"]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == []
+
+    (data / "validation.lst").write_text("0\tbicycle\ttrain/x.png\n")
+    finished = run_fit("--local", "--data", str(data), "--out", str(tmp_path / "out"), *quick_arguments())
+    assert finished.returncode == 1
+    assert f"train.py: error: {data / 'validation.lst'}:1: label 'bicycle' is not a number\n" in finished.stderr
+    assert "Traceback" not in finished.stderr
+
+
+def quick_arguments() -> list[str]:
+    return [f"--{name}={value}" for name, value in QUICK.items()]
+
+
+def test_an_interrupted_fit_exits_130_in_one_line_and_writes_nothing(data_dir, tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: fit and the training script it runs."""
+    out = tmp_path / "out"
+    fit = subprocess.Popen([sys.executable, "-m", "training.fit", "--local", "--data", str(data_dir), "--out", str(out),
+                            "--epochs", "50", "--width", "8"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        lines = []
+        for line in fit.stderr:
+            lines.append(line)
+            if line.startswith("epoch "):
+                break
+        os.killpg(fit.pid, signal.SIGINT)
+        rest = fit.stderr.read()
+        assert fit.wait(timeout=60) == 130
+    finally:
+        fit.kill()
+    assert "Traceback" not in rest
+    assert rest.splitlines()[-1] == f"fit: interrupted; nothing was written to {out}"
+    assert list(out.iterdir()) == []
 
 
 def test_the_source_directory_packs_the_same_bytes_each_time(tmp_path):

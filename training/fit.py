@@ -17,8 +17,8 @@ are the deployed stack's: the algorithm is chosen at deploy time (`-c training_a
 and `--algorithm` only checks that the deployed one is the one wanted.
 
 Exit status: 0 trained; 1 training failed (the reason on one line); 2 nothing started (bad arguments,
-no credentials, stack not deployed, another algorithm deployed, data not staged); 130 interrupted, the
-execution keeps running.
+no credentials, stack not deployed, another algorithm deployed, data not staged, OUT not writable);
+130 interrupted (with --sagemaker the execution keeps running).
 """
 
 import json
@@ -55,7 +55,7 @@ class TrainingFailed(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-    """Ctrl-C while following a SageMaker training; the message says how to stop it."""
+    """Ctrl-C during a fit; the message says what became of it."""
 
 
 # ------------------------------------------------------------------------------------------ --local
@@ -68,8 +68,11 @@ def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     stage = "(stage it with `python -m training.etl`)"
-    if not data_dir.is_dir():
+    if not data_dir.exists():
         raise FitError(f"data folder {data_dir} does not exist {stage}")
+    if not data_dir.is_dir():
+        raise FitError(f"data folder {data_dir} is a file, not a folder: pass the folder `python -m training.etl "
+                       f"--out DIR` staged")
     missing = [name for name in MANIFESTS if not (data_dir / name).is_file()]
     if missing:
         raise FitError(f"data folder {data_dir} has no {' or '.join(missing)} {stage}")
@@ -78,8 +81,14 @@ def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
         train.parse_hyperparameters(arguments)
     except train.HyperparameterError as error:
         raise FitError(str(error)) from None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".fit-")).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FitError(f"--out {out_dir} is a file, not a folder: choose a folder for the model and its report")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".fit-")).resolve()
+    except OSError as error:
+        raise FitError(f"cannot write to {out_dir} ({error.strerror}): choose another --out folder "
+                       f"or make this one writable") from None
 
     try:
         model_dir, output_dir = work / "model", work / "output"
@@ -90,16 +99,22 @@ def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
         env = {**{name: value for name, value in os.environ.items() if not name.startswith("SM_")},
                "SM_MODEL_DIR": str(model_dir), "SM_OUTPUT_DATA_DIR": str(output_dir),
                **{f"SM_CHANNEL_{name.upper()}": str(data_dir.resolve()) for name in channels}}
-        finished = subprocess.run([sys.executable, script.name, *arguments], cwd=script.parent, env=env)
+        try:
+            finished = subprocess.run([sys.executable, script.name, *arguments], cwd=script.parent, env=env)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; nothing was written to {out_dir}") from None
         if finished.returncode:
             raise TrainingFailed(f"train.py failed (exit status {finished.returncode})")
-        report.write(output_dir, data_dir)
-        with tarfile.open(work / "model.tar.gz", "w:gz") as tar:
-            for path in sorted(model_dir.iterdir()):
-                tar.add(path, arcname=path.name)
-        for path in sorted(output_dir.iterdir()):
-            os.replace(path, out_dir / path.name)
-        os.replace(work / "model.tar.gz", out_dir / "model.tar.gz")
+        try:
+            report.write(output_dir, data_dir)
+            with tarfile.open(work / "model.tar.gz", "w:gz") as tar:
+                for path in sorted(model_dir.iterdir()):
+                    tar.add(path, arcname=path.name)
+            for path in sorted(output_dir.iterdir()):
+                os.replace(path, out_dir / path.name)
+            os.replace(work / "model.tar.gz", out_dir / "model.tar.gz")
+        except OSError as error:
+            raise TrainingFailed(f"could not write the model and its report into {out_dir}: {error}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out_dir / "model.tar.gz"

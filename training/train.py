@@ -154,7 +154,11 @@ def read_manifest(path: Path) -> list[tuple[int, str]]:
             fields = line.split("\t")
             if len(fields) < 3:
                 raise SystemExit(f"train.py: error: {path}:{number}: not `index<TAB>label<TAB>path`")
-            rows.append((int(float(fields[1])), fields[-1]))
+            try:
+                label = int(float(fields[1]))
+            except ValueError:
+                raise SystemExit(f"train.py: error: {path}:{number}: label {fields[1]!r} is not a number") from None
+            rows.append((label, fields[-1]))
     return rows
 
 
@@ -168,8 +172,11 @@ def load_split(image_dir: Path, manifest: Path) -> tuple[np.ndarray, np.ndarray,
             path = image_dir / Path(relative).name
         if not path.is_file():
             raise SystemExit(f"train.py: error: {relative} (listed in {manifest}) is not in {image_dir}")
-        with Image.open(path) as image:
-            images[index] = to_pixels(image)
+        try:
+            with Image.open(path) as image:
+                images[index] = to_pixels(image)
+        except (OSError, SyntaxError, ValueError) as error:
+            raise SystemExit(f"train.py: error: {path} (listed in {manifest}) is not a readable image: {error}") from None
     return images, np.array([label for label, _ in rows], dtype=np.int64), [relative for _, relative in rows]
 
 
@@ -188,7 +195,10 @@ def class_names(num_classes: int, search_dirs) -> list[str]:
     for directory in search_dirs:
         path = directory / "dataset.json"
         if path.is_file():
-            classes = json.loads(path.read_text()).get("classes")
+            try:
+                classes = json.loads(path.read_text()).get("classes")
+            except (ValueError, AttributeError):
+                raise SystemExit(f"train.py: error: {path} is not the JSON object `python -m training.etl` writes") from None
             if classes:
                 named = [(entry["label"], entry["name"]) if isinstance(entry, dict) else (index, entry)
                          for index, entry in enumerate(classes)]
@@ -413,6 +423,11 @@ def main(argv=None) -> None:
         raise SystemExit(2)
     model_dir = Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
     output_dir = Path(os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"))
+    for directory in (model_dir, output_dir):  # before training, not after it
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SystemExit(f"train.py: error: cannot create {directory}: {error.strerror}")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, on a GPU
     torch.use_deterministic_algorithms(True, warn_only=True)  # a few CUDA kernels have no deterministic variant
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -475,8 +490,6 @@ def main(argv=None) -> None:
     log(f"trained in {train_seconds:.1f}s; validation accuracy {metrics['validation']['accuracy']:.3f}, "
         f"temperature {temperature:.3f}")
 
-    model_dir.mkdir(parents=True, exist_ok=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.to("cpu").state_dict(), model_dir / "model.pt")
     settings = {"classes": classes, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
                 "image_size": IMAGE_SIZE, "architecture": model.architecture(),
@@ -490,4 +503,7 @@ def main(argv=None) -> None:
         (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: whoever pressed it knows; no traceback
+        raise SystemExit(130) from None
