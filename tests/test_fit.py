@@ -267,11 +267,28 @@ def test_bad_data_files_give_one_line_errors_from_the_training_script(data_dir, 
         "fit: error: train.py failed (exit status 1)"]
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == []
 
-    (data / "validation.lst").write_text("0\tbicycle\ttrain/x.png\n")
+    for content, message in (
+            ("0\tbicycle\ttrain/x.png\n", f"{data / 'validation.lst'}:1: label 'bicycle' is not a number 0 or above"),
+            ("0\t-1\ttrain/x.png\n", f"{data / 'validation.lst'}:1: label '-1' is not a number 0 or above"),
+            ("\x89PNG\r\n\x1a\n\xff\xfe", f"{data / 'validation.lst'} is not a text manifest"),
+            ("", f"{data / 'validation.lst'} lists no images of the target classes, on which the temperature and "
+                 "threshold are fitted")):
+        (data / "validation.lst").write_bytes(content.encode("latin-1"))
+        finished = run_fit("--local", "--data", str(data), "--out", str(tmp_path / "out"), *quick_arguments())
+        assert finished.returncode == 1
+        assert "Traceback" not in finished.stderr
+        assert finished.stderr.splitlines()[-2] == f"train.py: error: {message}"
+
+
+def test_a_test_manifest_without_target_images_means_no_test_metrics(data_dir, tmp_path):
+    data = copy_of_the_data(data_dir, tmp_path / "data")
+    (data / "test.lst").write_text("")
     finished = run_fit("--local", "--data", str(data), "--out", str(tmp_path / "out"), *quick_arguments())
-    assert finished.returncode == 1
-    assert f"train.py: error: {data / 'validation.lst'}:1: label 'bicycle' is not a number\n" in finished.stderr
-    assert "Traceback" not in finished.stderr
+    assert finished.returncode == 0, finished.stderr
+    assert f"{data / 'test.lst'} lists no images of the target classes: no test metrics\n" in finished.stderr
+    assert "test" not in json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        "metrics.json", "model.tar.gz", "report.html", "training_curves.png"]
 
 
 def quick_arguments() -> list[str]:

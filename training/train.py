@@ -148,8 +148,12 @@ def channel(name: str, required: bool = True) -> Path | None:
 
 def read_manifest(path: Path) -> list[tuple[int, str]]:
     """(label, relative image path) rows of a SageMaker `.lst` manifest: `index<TAB>label<TAB>path`."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise SystemExit(f"train.py: error: {path} is not a text manifest") from None
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             fields = line.split("\t")
             if len(fields) < 3:
@@ -157,7 +161,9 @@ def read_manifest(path: Path) -> list[tuple[int, str]]:
             try:
                 label = int(float(fields[1]))
             except ValueError:
-                raise SystemExit(f"train.py: error: {path}:{number}: label {fields[1]!r} is not a number") from None
+                label = -1
+            if label < 0:
+                raise SystemExit(f"train.py: error: {path}:{number}: label {fields[1]!r} is not a number 0 or above")
             rows.append((label, fields[-1]))
     return rows
 
@@ -408,10 +414,17 @@ def load_data(num_classes: int) -> tuple[dict, list[str]]:
     data = {"train": concatenate(load_split(image_dir, train_lst / "train.lst"), subset(validation, num_classes, False)),
             "validation": subset(validation, num_classes)}
     if test_dir and test_lst and (test_lst / "test.lst").is_file():
-        data["test"] = subset(load_split(test_dir, test_lst / "test.lst"), num_classes)
+        test = subset(load_split(test_dir, test_lst / "test.lst"), num_classes)
+        if len(test[1]):
+            data["test"] = test
+        else:
+            log(f"{test_lst / 'test.lst'} lists no images of the target classes: no test metrics")
     missing = sorted(set(range(num_classes)) - set(data["train"][1].tolist()) - set(data["validation"][1].tolist()))
     if missing:
         raise SystemExit(f"train.py: error: no training or validation images of target labels {missing}")
+    if not len(data["validation"][1]):
+        raise SystemExit(f"train.py: error: {validation_lst / 'validation.lst'} lists no images of the target "
+                         f"classes, on which the temperature and threshold are fitted")
     return data, class_names(num_classes, [train_lst, image_dir, validation_lst])
 
 
