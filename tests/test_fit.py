@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from local.__main__ import SHARED_ARCHIVE as ARCHIVE  # noqa: E402
-from training import etl, report, sourcedir, train  # noqa: E402
+from training import calibration, etl, report, sourcedir, train  # noqa: E402
 from training.fit import FitError, fit_local  # noqa: E402
 
 CLASSES = ("bicycle", "motorcycle")
@@ -321,7 +321,7 @@ def test_the_source_directory_packs_the_same_bytes_each_time(tmp_path):
     first, second = sourcedir.pack(tmp_path / "a.tar.gz"), sourcedir.pack(tmp_path / "b.tar.gz")
     assert first.read_bytes() == second.read_bytes()
     with tarfile.open(first) as tar:
-        assert tar.getnames() == ["train.py", "model.py", "inference.py"]
+        assert tar.getnames() == ["train.py", "model.py", "inference.py", "calibration.py"]
         assert all(tar.extractfile(name).read() == (ROOT / "training" / name).read_bytes() for name in tar.getnames())
 
 
@@ -334,15 +334,15 @@ def test_help_lists_the_hyperparameters():
 def test_threshold_is_the_lowest_confidence_keeping_the_target_accuracy():
     probabilities = torch.tensor([[0.95, 0.05], [0.1, 0.9], [0.2, 0.8], [0.7, 0.3]])
     labels = torch.tensor([0, 1, 0, 0])  # the 0.8-confident answer is wrong
-    assert train.choose_threshold(probabilities, labels, 0.99) == pytest.approx(0.9)
-    assert train.choose_threshold(probabilities, labels, 0.75) == pytest.approx(0.7)
-    assert train.selective(probabilities, labels, 0.9) == {"threshold": 0.9, "coverage": 0.5, "accuracy": 1.0}
+    assert calibration.choose_threshold(probabilities, labels, 0.99) == pytest.approx(0.9)
+    assert calibration.choose_threshold(probabilities, labels, 0.75) == pytest.approx(0.7)
+    assert calibration.selective(probabilities, labels, 0.9) == {"threshold": 0.9, "coverage": 0.5, "accuracy": 1.0}
 
 
 def test_temperature_minimises_validation_loss():
     logits = torch.tensor([[4.0, -4.0], [3.0, -3.0], [-2.0, 2.0], [2.0, -2.0]])
     labels = torch.tensor([0, 0, 1, 1])
-    temperature = train.fit_temperature(logits, labels)
+    temperature = calibration.fit_temperature(logits, labels)
     loss = lambda t: torch.nn.functional.cross_entropy(logits / t, labels).item()  # noqa: E731
     assert loss(temperature) <= min(loss(temperature * 0.9), loss(temperature * 1.1), loss(1.0))
 
@@ -350,7 +350,7 @@ def test_temperature_minimises_validation_loss():
 def test_temperature_is_left_at_1_when_every_validation_answer_is_right():
     """Else the loss keeps falling as the temperature does, and the served probabilities would all be near 1."""
     logits = torch.tensor([[4.0, -4.0], [3.0, -3.0], [-2.0, 2.0], [0.5, -0.5]])
-    assert train.fit_temperature(logits, torch.tensor([0, 0, 1, 0])) == 1.0
+    assert calibration.fit_temperature(logits, torch.tensor([0, 0, 1, 0])) == 1.0
 
 
 def test_images_are_found_where_sagemaker_puts_them(data_dir):

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from training.calibration import CALIBRATION_BINS
 from training.inference import to_pixels
-from training.train import CALIBRATION_BINS
 
 PICTURES = {"training_curves": "Training curves", "confusion_matrix": "Confusion matrix (test split)",
             "reliability_diagram": "Reliability diagram (test split)",

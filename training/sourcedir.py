@@ -14,7 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ENTRY_POINT = "train.py"
-FILES = (ENTRY_POINT, "model.py", "inference.py")
+FILES = (ENTRY_POINT, "model.py", "inference.py", "calibration.py")
 
 
 def copy(directory: Path) -> Path:
