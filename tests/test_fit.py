@@ -375,3 +375,18 @@ def test_the_weight_average_forgets_the_first_steps_and_decay_0_keeps_the_last_w
     assert torch.allclose(averaged.head.bias, start["head.bias"] + 0.9 + 0.1 * 0.01)
     train.update_average(averaged, model, 0.0, step=10_000)
     assert all(torch.equal(value, model.state_dict()[name]) for name, value in averaged.state_dict().items())
+
+
+def test_the_training_script_says_in_one_line_when_it_cannot_create_its_model_folder(data_dir, tmp_path):
+    """Run as SageMaker runs it, from a copy of the source directory; checked before training, not after."""
+    script = sourcedir.copy(tmp_path / "code")
+    (tmp_path / "file").write_text("")
+    env = {**os.environ, "SM_MODEL_DIR": str(tmp_path / "file" / "model"), "SM_OUTPUT_DATA_DIR": str(tmp_path / "out"),
+           **{f"SM_CHANNEL_{name.upper()}": str(data_dir) for name in ("train", "train_lst", "validation",
+                                                                        "validation_lst")}}
+    finished = subprocess.run([sys.executable, script.name, *quick_arguments()], cwd=script.parent, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 1
+    assert finished.stderr.splitlines()[-1] == f"train.py: error: cannot create {tmp_path / 'file' / 'model'}: " \
+                                               "Not a directory"
+    assert "epoch" not in finished.stderr

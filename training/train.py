@@ -387,11 +387,6 @@ def main(argv=None) -> None:
         raise SystemExit(2)
     model_dir = Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
     output_dir = Path(os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"))
-    for directory in (model_dir, output_dir):  # before training, not after it
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise SystemExit(f"train.py: error: cannot create {directory}: {error.strerror}")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, on a GPU
     torch.use_deterministic_algorithms(True, warn_only=True)  # a few CUDA kernels have no deterministic variant
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -407,6 +402,12 @@ def main(argv=None) -> None:
         f"{len(data['test'][0]) if 'test' in data else 0} test images loaded in "
         f"{time.perf_counter() - loading:.1f}s; classes {classes}; device {device}, "
         f"{'bfloat16' if bfloat16 else 'float32'}")
+
+    for directory in (model_dir, output_dir):  # after the data is found, before training
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SystemExit(f"train.py: error: cannot create {directory}: {error.strerror}")
 
     started, cpu_started = time.perf_counter(), time.process_time()
     model, history = train(args, data, num_classes, device, bfloat16)
