@@ -279,6 +279,15 @@ def test_bad_data_files_give_one_line_errors_from_the_training_script(data_dir, 
         assert "Traceback" not in finished.stderr
         assert finished.stderr.splitlines()[-2] == f"train.py: error: {message}"
 
+    shutil.copyfile(data_dir / "validation.lst", data / "validation.lst")
+    (data / first_image).write_bytes((data_dir / first_image).read_bytes())
+    (data / "dataset.json").write_text("[1, 2")
+    finished = run_fit("--local", "--data", str(data), "--out", str(tmp_path / "out"), *quick_arguments())
+    assert finished.returncode == 1
+    assert "Traceback" not in finished.stderr
+    assert finished.stderr.splitlines()[-2] == \
+        f"train.py: error: {data / 'dataset.json'} is not the JSON object `python -m training.etl` writes"
+
 
 def test_a_test_manifest_without_target_images_means_no_test_metrics(data_dir, tmp_path):
     data = copy_of_the_data(data_dir, tmp_path / "data")
