@@ -3,7 +3,7 @@
 Run: `.venv/bin/python bench/endpoint.py` (options: --help). It starts moto's server and the endpoint servers as
 separate processes, as `make run` does, and sends real CIFAR-100 bicycle and motorcycle images (the PNGs
 `training.etl` stages, from the validation and test splits) over keep-alive HTTP connections to the SageMaker
-Runtime path. Two models are served: a 2-epoch fit by `training.fit` (the real handler, training/train.py) and
+Runtime path. Two models are served: a 2-epoch fit by `training.fit` (the real handler, training/inference.py) and
 the tiny Pillow model of the tests. Each is served twice at once, with capture on (100%, input and output, as the
 stack configures it) and, for reference, off; the two are measured back to back, alternately, so that both see
 the same load from the rest of the machine: latency p50/p99 at concurrency 1 and throughput at concurrency 16,

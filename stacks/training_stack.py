@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import jsii
-from aws_cdk import Aws, CfnOutput, Duration, Size, Stack
+from aws_cdk import Aws, CfnOutput, Duration, Size, Stack, Stage
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_s3_assets as s3_assets
@@ -15,10 +15,11 @@ from constructs import Construct
 from stacks.config import SconesConfig
 from stacks.constructs import LoggedStateMachine, SageMakerRole
 from stacks.images import image_uri, repository_arn
+from training import sourcedir
 
-TRAINING_SCRIPT = Path(__file__).resolve().parent.parent / "training" / "train.py"
 MODEL_PREFIX = "models/"
-# Where SageMaker puts the `code` channel; the PyTorch container's toolkit runs the script from there.
+# Where SageMaker puts the `code` channel; the PyTorch container's toolkit extracts the source archive found
+# there (`sagemaker_submit_directory`) and runs `sagemaker_program` from it.
 CODE_CHANNEL_DIR = "/opt/ml/input/data/code"
 
 
@@ -53,9 +54,10 @@ class TrainingStack(Stack):
             repository_arns=list(dict.fromkeys(repository_arn(self, algorithm, purpose) for purpose in ("training", "inference"))),
         ).role
 
-        script = s3_assets.Asset(self, "TrainingScript", path=str(TRAINING_SCRIPT))
+        # A folder asset would arrive as a zip, which the container does not extract: ship SageMaker's tar.gz.
+        archive = sourcedir.pack(Path(Stage.of(self).outdir) / "training-sourcedir.tar.gz")
+        script = s3_assets.Asset(self, "TrainingScript", path=str(archive))
         script.grant_read(self.role)
-        program = script.s3_object_key.rsplit("/", 1)[-1]
 
         image = tasks.DockerImage.from_registry(image_uri(self, algorithm, "training"))
         hyperparameters = dict(config.hyperparameters)
@@ -73,7 +75,9 @@ class TrainingStack(Stack):
                     s3_data_type=tasks.S3DataType.S3_PREFIX,
                 )),
             ))
-            hyperparameters.update(sagemaker_program=program, sagemaker_submit_directory=CODE_CHANNEL_DIR,
+            archive_name = script.s3_object_key.rsplit("/", 1)[-1]
+            hyperparameters.update(sagemaker_program=sourcedir.ENTRY_POINT,
+                                   sagemaker_submit_directory=f"{CODE_CHANNEL_DIR}/{archive_name}",
                                    sagemaker_region=Aws.REGION)
 
         train = tasks.SageMakerCreateTrainingJob(

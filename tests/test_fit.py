@@ -4,7 +4,10 @@ import base64
 import importlib.util
 import io
 import json
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -18,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from training.etl import SHARED_ARCHIVE as ARCHIVE  # noqa: E402
-from training import etl, train  # noqa: E402
+from training import calibration, etl, report, sourcedir, train  # noqa: E402
 from training.fit import FitError, fit_local  # noqa: E402
 
 CLASSES = ("bicycle", "motorcycle")
@@ -55,7 +58,6 @@ def test_archive_holds_the_model_in_sagemaker_layout(fitted):
     with tarfile.open(fitted["archive"]) as tar:
         names = set(tar.getnames())
     assert {"model.pt", "model.json", "metrics.json", "code/inference.py"} <= names
-    assert (fitted["model_dir"] / "code" / "inference.py").read_bytes() == (ROOT / "training" / "train.py").read_bytes()
     settings = json.loads((fitted["model_dir"] / "model.json").read_text())
     assert settings["classes"] == list(CLASSES)
     assert settings["threshold"] == fitted["metrics"]["threshold"]
@@ -102,16 +104,46 @@ def test_plots_are_png_files(fitted):
 def test_the_report_embeds_every_plot_and_states_the_test_accuracy(fitted):
     page = (fitted["out"] / "report.html").read_text()
     embedded = [base64.b64decode(data) for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
-    assert embedded == [(fitted["out"] / f"{name}.png").read_bytes() for name in train.PICTURES]
+    assert embedded == [(fitted["out"] / f"{name}.png").read_bytes() for name in report.PICTURES]
     accuracy = fitted["metrics"]["test"]["accuracy"]
     assert f"<th>test accuracy</th><td>{accuracy:.1%} of 100 images</td>" in page
     assert not list(fitted["out"].glob(".report*")), "temporary files left behind"
 
 
+def test_the_model_code_is_only_what_serves(fitted):
+    """code/ holds the handler and the network it loads; training, the report and matplotlib stay out."""
+    with tarfile.open(fitted["archive"]) as tar:
+        code = sorted(name for name in tar.getnames() if name.startswith("code/"))
+    assert code == ["code/inference.py", "code/model.py"]
+    for name in ("inference.py", "model.py"):
+        assert (fitted["model_dir"] / "code" / name).read_bytes() == (ROOT / "training" / name).read_bytes()
+    served = ("import json, sys; sys.path.insert(0, 'code'); import inference; "
+              "model = inference.model_fn('.'); "
+              "print(inference.output_fn(inference.predict_fn(inference.input_fn(open(sys.argv[1], 'rb').read(), "
+              "'image/png'), model), 'application/json')[0]); "
+              "print(json.dumps(sorted(name for name in sys.modules if name.split('.')[0] in "
+              "('matplotlib', 'training', 'train', 'report'))))")
+    image = fitted["out"] / "training_curves.png"  # any PNG
+    finished = subprocess.run([sys.executable, "-c", served, str(image)], cwd=fitted["model_dir"],
+                              env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0, finished.stderr
+    answer, imported = finished.stdout.splitlines()
+    assert len(json.loads(answer)) == 2
+    assert json.loads(imported) == []
+
+
 def load_handler(model_dir: Path):
-    spec = importlib.util.spec_from_file_location("served_inference", model_dir / "code" / "inference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """code/inference.py imported as the serving container imports it: code/ on the path, beside model.py."""
+    code = str(model_dir / "code")
+    sys.path.insert(0, code)
+    sys.modules.pop("model", None)
+    try:
+        spec = importlib.util.spec_from_file_location("served_inference", model_dir / "code" / "inference.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(code)
+        sys.modules.pop("model", None)
     return module
 
 
@@ -174,6 +206,134 @@ def test_missing_data_gives_one_line_errors(tmp_path):
                               "(stage it with `python -m training.etl`)\n"
 
 
+def test_data_that_is_a_file_is_named_a_file_not_missing(tmp_path):
+    finished = run_fit("--local", "--data", "README.md", "--out", str(tmp_path))
+    assert finished.returncode == 2
+    assert finished.stderr == "fit: error: data folder README.md is a file, not a folder: pass the folder " \
+                              "`python -m training.etl --out DIR` staged\n"
+
+
+def without_root_privileges(command: list[str]) -> list[str]:
+    """The command run without the capability to write where permissions forbid it, when the tests run as root."""
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: a read-only folder cannot be made")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+
+
+@pytest.mark.parametrize("where", ["folder", "subfolder"])
+def test_a_read_only_out_folder_gives_one_line_and_writes_nothing(data_dir, tmp_path, where):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    out = read_only if where == "folder" else read_only / "models"
+    try:
+        finished = subprocess.run(without_root_privileges([sys.executable, "-m", "training.fit", "--local", "--data",
+                                                           str(data_dir), "--out", str(out), "--epochs", "1"]),
+                                  cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        read_only.chmod(0o755)
+    assert finished.returncode == 2
+    assert finished.stderr == f"fit: error: cannot write to {out} (Permission denied): choose another --out " \
+                              "folder or make this one writable\n"
+    assert list(read_only.iterdir()) == []
+
+
+def test_an_out_that_is_a_file_is_refused(data_dir, tmp_path):
+    (tmp_path / "model").write_text("not a folder")
+    finished = run_fit("--local", "--data", str(data_dir), "--out", str(tmp_path / "model"))
+    assert finished.returncode == 2
+    assert finished.stderr == f"fit: error: --out {tmp_path / 'model'} is a file, not a folder: choose a folder " \
+                              "for the model and its report\n"
+
+
+def copy_of_the_data(data_dir: Path, destination: Path) -> Path:
+    shutil.copytree(data_dir, destination, symlinks=True)
+    return destination
+
+
+def test_bad_data_files_give_one_line_errors_from_the_training_script(data_dir, tmp_path):
+    data = copy_of_the_data(data_dir, tmp_path / "data")
+    first_image = (data / "validation.lst").read_text().splitlines()[0].split("\t")[-1]
+    (data / first_image).unlink()
+    (data / first_image).write_bytes(b"not a png")
+    finished = run_fit("--local", "--data", str(data), "--out", str(tmp_path / "out"), *quick_arguments())
+    assert finished.returncode == 1
+    assert "Traceback" not in finished.stderr
+    assert finished.stderr.splitlines()[-2:] == [
+        f"train.py: error: {data / first_image} (listed in {data / 'validation.lst'}) is not a readable image: "
+        f"cannot identify image file '{data / first_image}'",
+        "fit: error: train.py failed (exit status 1)"]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == []
+
+    for content, message in (
+            ("0\tbicycle\ttrain/x.png\n", f"{data / 'validation.lst'}:1: label 'bicycle' is not a number 0 or above"),
+            ("0\t-1\ttrain/x.png\n", f"{data / 'validation.lst'}:1: label '-1' is not a number 0 or above"),
+            ("\x89PNG\r\n\x1a\n\xff\xfe", f"{data / 'validation.lst'} is not a text manifest"),
+            ("", f"{data / 'validation.lst'} lists no images of the target classes, on which the temperature and "
+                 "threshold are fitted")):
+        (data / "validation.lst").write_bytes(content.encode("latin-1"))
+        finished = run_fit("--local", "--data", str(data), "--out", str(tmp_path / "out"), *quick_arguments())
+        assert finished.returncode == 1
+        assert "Traceback" not in finished.stderr
+        assert finished.stderr.splitlines()[-2] == f"train.py: error: {message}"
+
+    shutil.copyfile(data_dir / "validation.lst", data / "validation.lst")
+    (data / first_image).write_bytes((data_dir / first_image).read_bytes())
+    (data / "dataset.json").write_text("[1, 2")
+    finished = run_fit("--local", "--data", str(data), "--out", str(tmp_path / "out"), *quick_arguments())
+    assert finished.returncode == 1
+    assert "Traceback" not in finished.stderr
+    assert finished.stderr.splitlines()[-2] == \
+        f"train.py: error: {data / 'dataset.json'} is not the JSON object `python -m training.etl` writes"
+
+
+def test_a_test_manifest_without_target_images_means_no_test_metrics(data_dir, tmp_path):
+    data = copy_of_the_data(data_dir, tmp_path / "data")
+    (data / "test.lst").write_text("")
+    finished = run_fit("--local", "--data", str(data), "--out", str(tmp_path / "out"), *quick_arguments())
+    assert finished.returncode == 0, finished.stderr
+    assert f"{data / 'test.lst'} lists no images of the target classes: no test metrics\n" in finished.stderr
+    assert "test" not in json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        "metrics.json", "model.tar.gz", "report.html", "training_curves.png"]
+
+
+def quick_arguments() -> list[str]:
+    return [f"--{name}={value}" for name, value in QUICK.items()]
+
+
+def test_an_interrupted_fit_exits_130_in_one_line_and_writes_nothing(data_dir, tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: fit and the training script it runs."""
+    out = tmp_path / "out"
+    fit = subprocess.Popen([sys.executable, "-m", "training.fit", "--local", "--data", str(data_dir), "--out", str(out),
+                            "--epochs", "50", "--width", "8"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        lines = []
+        for line in fit.stderr:
+            lines.append(line)
+            if line.startswith("epoch "):
+                break
+        os.killpg(fit.pid, signal.SIGINT)
+        rest = fit.stderr.read()
+        assert fit.wait(timeout=60) == 130
+    finally:
+        fit.kill()
+    assert "Traceback" not in rest
+    assert rest.splitlines()[-1] == f"fit: interrupted; nothing was written to {out}"
+    assert list(out.iterdir()) == []
+
+
+def test_the_source_directory_packs_the_same_bytes_each_time(tmp_path):
+    first, second = sourcedir.pack(tmp_path / "a.tar.gz"), sourcedir.pack(tmp_path / "b.tar.gz")
+    assert first.read_bytes() == second.read_bytes()
+    with tarfile.open(first) as tar:
+        assert tar.getnames() == ["train.py", "model.py", "inference.py", "calibration.py"]
+        assert all(tar.extractfile(name).read() == (ROOT / "training" / name).read_bytes() for name in tar.getnames())
+
+
 def test_help_lists_the_hyperparameters():
     finished = run_fit("--help")
     assert finished.returncode == 0
@@ -183,15 +343,15 @@ def test_help_lists_the_hyperparameters():
 def test_threshold_is_the_lowest_confidence_keeping_the_target_accuracy():
     probabilities = torch.tensor([[0.95, 0.05], [0.1, 0.9], [0.2, 0.8], [0.7, 0.3]])
     labels = torch.tensor([0, 1, 0, 0])  # the 0.8-confident answer is wrong
-    assert train.choose_threshold(probabilities, labels, 0.99) == pytest.approx(0.9)
-    assert train.choose_threshold(probabilities, labels, 0.75) == pytest.approx(0.7)
-    assert train.selective(probabilities, labels, 0.9) == {"threshold": 0.9, "coverage": 0.5, "accuracy": 1.0}
+    assert calibration.choose_threshold(probabilities, labels, 0.99) == pytest.approx(0.9)
+    assert calibration.choose_threshold(probabilities, labels, 0.75) == pytest.approx(0.7)
+    assert calibration.selective(probabilities, labels, 0.9) == {"threshold": 0.9, "coverage": 0.5, "accuracy": 1.0}
 
 
 def test_temperature_minimises_validation_loss():
     logits = torch.tensor([[4.0, -4.0], [3.0, -3.0], [-2.0, 2.0], [2.0, -2.0]])
     labels = torch.tensor([0, 0, 1, 1])
-    temperature = train.fit_temperature(logits, labels)
+    temperature = calibration.fit_temperature(logits, labels)
     loss = lambda t: torch.nn.functional.cross_entropy(logits / t, labels).item()  # noqa: E731
     assert loss(temperature) <= min(loss(temperature * 0.9), loss(temperature * 1.1), loss(1.0))
 
@@ -199,7 +359,7 @@ def test_temperature_minimises_validation_loss():
 def test_temperature_is_left_at_1_when_every_validation_answer_is_right():
     """Else the loss keeps falling as the temperature does, and the served probabilities would all be near 1."""
     logits = torch.tensor([[4.0, -4.0], [3.0, -3.0], [-2.0, 2.0], [0.5, -0.5]])
-    assert train.fit_temperature(logits, torch.tensor([0, 0, 1, 0])) == 1.0
+    assert calibration.fit_temperature(logits, torch.tensor([0, 0, 1, 0])) == 1.0
 
 
 def test_images_are_found_where_sagemaker_puts_them(data_dir):
@@ -224,3 +384,18 @@ def test_the_weight_average_forgets_the_first_steps_and_decay_0_keeps_the_last_w
     assert torch.allclose(averaged.head.bias, start["head.bias"] + 0.9 + 0.1 * 0.01)
     train.update_average(averaged, model, 0.0, step=10_000)
     assert all(torch.equal(value, model.state_dict()[name]) for name, value in averaged.state_dict().items())
+
+
+def test_the_training_script_says_in_one_line_when_it_cannot_create_its_model_folder(data_dir, tmp_path):
+    """Run as SageMaker runs it, from a copy of the source directory; checked before training, not after."""
+    script = sourcedir.copy(tmp_path / "code")
+    (tmp_path / "file").write_text("")
+    env = {**os.environ, "SM_MODEL_DIR": str(tmp_path / "file" / "model"), "SM_OUTPUT_DATA_DIR": str(tmp_path / "out"),
+           **{f"SM_CHANNEL_{name.upper()}": str(data_dir) for name in ("train", "train_lst", "validation",
+                                                                        "validation_lst")}}
+    finished = subprocess.run([sys.executable, script.name, *quick_arguments()], cwd=script.parent, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 1
+    assert finished.stderr.splitlines()[-1] == f"train.py: error: cannot create {tmp_path / 'file' / 'model'}: " \
+                                               "Not a directory"
+    assert "epoch" not in finished.stderr

@@ -26,8 +26,9 @@ def test_pytorch_script_mode_job():
     assert all(uri(name).startswith("s3://") for name in channels)
     assert uri("train").endswith("/train") and uri("train_lst").endswith("/train.lst")
     assert uri("validation_lst").endswith("/validation.lst")
-    assert job["HyperParameters"]["sagemaker_submit_directory"] == "/opt/ml/input/data/code"
-    assert job["HyperParameters"]["sagemaker_program"].endswith(".py")
+    submit_directory = job["HyperParameters"]["sagemaker_submit_directory"]
+    assert submit_directory.startswith("/opt/ml/input/data/code/") and submit_directory.endswith(".gz")
+    assert job["HyperParameters"]["sagemaker_program"] == "train.py"
     assert job["ResourceConfig"]["InstanceType"] == "ml.m5.xlarge"
     assert job["OutputDataConfig"]["S3OutputPath"].startswith("s3://")
     assert job["OutputDataConfig"]["S3OutputPath"].endswith("/models/")

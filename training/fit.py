@@ -4,9 +4,10 @@
     python -m training.fit --sagemaker [--env dev|prod] [--region R] [--algorithm pytorch|builtin]
 
 `--local` runs `training/train.py` on this machine exactly as SageMaker's PyTorch container runs it
-(hyperparameters as arguments, data through the `SM_CHANNEL_*` variables, all channels pointing at the
-staged data folder) and packs the model directory into `OUT/model.tar.gz` the way SageMaker does;
-metrics.json and the plots land in OUT.
+(from a copy of the source directory, `training.sourcedir`; hyperparameters as arguments, data through the
+`SM_CHANNEL_*` variables, all channels pointing at the staged data folder) and packs the model directory
+into `OUT/model.tar.gz` the way SageMaker does; metrics.json, the plots and report.html (`training.report`)
+land in OUT, each file only once complete.
 
 `--sagemaker` starts the deployed training stack's state machine (`scones-<env>-training`, created by
 `make deploy`) with boto3 and follows it: each state it enters and each status change of its training
@@ -16,12 +17,13 @@ are the deployed stack's: the algorithm is chosen at deploy time (`-c training_a
 and `--algorithm` only checks that the deployed one is the one wanted.
 
 Exit status: 0 trained; 1 training failed (the reason on one line); 2 nothing started (bad arguments,
-no credentials, stack not deployed, another algorithm deployed, data not staged); 130 interrupted, the
-execution keeps running.
+no credentials, stack not deployed, another algorithm deployed, data not staged, OUT not writable);
+130 interrupted (with --sagemaker the execution keeps running).
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -36,9 +38,8 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 
 from monitoring.captures import split_s3_uri
 from stacks.config import SconesConfig, stack_name
-from training import train
+from training import report, sourcedir, train
 
-TRAIN_SCRIPT = Path(train.__file__).resolve()
 MANIFESTS = ("train.lst", "validation.lst")
 ALGORITHMS = ("pytorch", "builtin")
 POLL_SECONDS = 10
@@ -54,43 +55,69 @@ class TrainingFailed(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-    """Ctrl-C while following a SageMaker training; the message says how to stop it."""
+    """Ctrl-C during a fit; the message says what became of it."""
 
 
 # ------------------------------------------------------------------------------------------ --local
 
 def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
-    """Train on the staged data folder `data_dir`; answers the path of `out_dir/model.tar.gz`."""
+    """Train on the staged data folder `data_dir`; answers the path of `out_dir/model.tar.gz`.
+
+    Everything is written in a temporary folder inside `out_dir` and moved into place once complete, so a
+    failed or interrupted fit leaves nothing half-written under a final name.
+    """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    stage = "(stage it with `python -m training.etl`)"
+    if not data_dir.exists():
+        raise FitError(f"data folder {data_dir} does not exist {stage}")
     if not data_dir.is_dir():
-        raise FitError(f"data folder {data_dir} does not exist (stage it with `python -m training.etl`)")
+        raise FitError(f"data folder {data_dir} is a file, not a folder: pass the folder `python -m training.etl "
+                       f"--out DIR` staged")
     missing = [name for name in MANIFESTS if not (data_dir / name).is_file()]
     if missing:
-        raise FitError(f"data folder {data_dir} has no {' or '.join(missing)} (stage it with `python -m training.etl`)")
+        raise FitError(f"data folder {data_dir} has no {' or '.join(missing)} {stage}")
     arguments = [f"--{name}={value}" for name, value in hyperparameters.items()]
     try:
         train.parse_hyperparameters(arguments)
     except train.HyperparameterError as error:
         raise FitError(str(error)) from None
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FitError(f"--out {out_dir} is a file, not a folder: choose a folder for the model and its report")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".fit-")).resolve()
+    except OSError as error:
+        raise FitError(f"cannot write to {out_dir} ({error.strerror}): choose another --out folder "
+                       f"or make this one writable") from None
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".model-") as model_dir:
+    try:
+        model_dir, output_dir = work / "model", work / "output"
+        script = sourcedir.copy(work / "code")
         channels = ["train", "train_lst", "validation", "validation_lst"]
         if (data_dir / "test.lst").is_file():
             channels += ["test", "test_lst"]
         env = {**{name: value for name, value in os.environ.items() if not name.startswith("SM_")},
-               "SM_MODEL_DIR": model_dir, "SM_OUTPUT_DATA_DIR": str(out_dir),
-               **{f"SM_CHANNEL_{name.upper()}": str(data_dir) for name in channels}}
-        finished = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *arguments], env=env)
+               "SM_MODEL_DIR": str(model_dir), "SM_OUTPUT_DATA_DIR": str(output_dir),
+               **{f"SM_CHANNEL_{name.upper()}": str(data_dir.resolve()) for name in channels}}
+        try:
+            finished = subprocess.run([sys.executable, script.name, *arguments], cwd=script.parent, env=env)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; nothing was written to {out_dir}") from None
         if finished.returncode:
             raise TrainingFailed(f"train.py failed (exit status {finished.returncode})")
-        archive = out_dir / "model.tar.gz"
-        partial = out_dir / ".model.tar.gz.partial"
-        with tarfile.open(partial, "w:gz") as tar:
-            for path in sorted(Path(model_dir).iterdir()):
-                tar.add(path, arcname=path.name)
-        os.replace(partial, archive)
-    return archive
+        try:
+            report.write(output_dir, data_dir)
+            with tarfile.open(work / "model.tar.gz", "w:gz") as tar:
+                for path in sorted(model_dir.iterdir()):
+                    tar.add(path, arcname=path.name)
+            for path in sorted(output_dir.iterdir()):
+                os.replace(path, out_dir / path.name)
+            os.replace(work / "model.tar.gz", out_dir / "model.tar.gz")
+        except OSError as error:
+            raise TrainingFailed(f"could not write the model and its report into {out_dir}: {error}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out_dir / "model.tar.gz"
 
 
 # -------------------------------------------------------------------------------------- --sagemaker

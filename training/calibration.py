@@ -1,0 +1,57 @@
+"""Calibration of the served probabilities on validation data: the temperature, the confidence threshold at
+which accepted answers are right often enough, and the measures the metrics and the model report show."""
+
+import torch
+import torch.nn.functional as F
+
+CALIBRATION_BINS = 10
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature minimising the negative log-likelihood, searched on a log grid (deterministic). When every
+    answer is right the likelihood only grows as the temperature falls, and the search would end at the grid's
+    floor with every probability near 1: the logits are then left as they are (temperature 1)."""
+    if bool((logits.argmax(1) == labels).all()):
+        return 1.0
+    candidates = torch.logspace(-2, 2, 801)
+    losses = torch.stack([F.cross_entropy(logits / t, labels) for t in candidates])
+    return float(candidates[losses.argmin()])
+
+
+def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
+    confidence, predicted = probabilities.max(1)
+    correct = (predicted == labels).float()
+    bins = torch.clamp((confidence * CALIBRATION_BINS).long(), max=CALIBRATION_BINS - 1)
+    error = 0.0
+    for b in range(CALIBRATION_BINS):
+        inside = bins == b
+        if inside.any():
+            error += inside.float().mean().item() * abs(correct[inside].mean().item() - confidence[inside].mean().item())
+    return error
+
+
+def choose_threshold(probabilities: torch.Tensor, labels: torch.Tensor, target_accuracy: float) -> float:
+    """The lowest confidence threshold at which answers at or above it are right often enough (1.0 if none)."""
+    confidence, predicted = probabilities.max(1)
+    for threshold in sorted(set(confidence.tolist())):
+        accepted = confidence >= threshold
+        if (predicted[accepted] == labels[accepted]).float().mean().item() >= target_accuracy:
+            return threshold
+    return 1.0
+
+
+def selective(probabilities: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict:
+    """Share of answers at or above `threshold` (coverage) and their accuracy."""
+    confidence, predicted = probabilities.max(1)
+    accepted = confidence >= threshold
+    return {"threshold": threshold, "coverage": accepted.float().mean().item(),
+            "accuracy": (predicted[accepted] == labels[accepted]).float().mean().item() if accepted.any() else None}
+
+
+def class_report(predicted: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    report = {}
+    for label, name in enumerate(classes):
+        true_positives = ((predicted == label) & (labels == label)).sum().item()
+        report[name] = {"precision": true_positives / max(1, (predicted == label).sum().item()),
+                        "recall": true_positives / max(1, (labels == label).sum().item())}
+    return report
