@@ -33,6 +33,7 @@ import local.endpoint.capture as capture_module
 from local.endpoint import (MAX_PAYLOAD_BYTES, CaptureError, CaptureSpec, CaptureSpool, EndpointServer,
                             EndpointSpec, spec_from_json, spec_to_json)
 from local.endpoint.batching import PredictionBatcher
+from local.endpoint.handler import load_inference_handler
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "scones-endpoint-tests"
@@ -730,3 +731,15 @@ def test_the_server_refuses_no_workers_or_a_port_out_of_range(tmp_path):
         assert result.returncode == 2
         assert f"argument {option}: '{value}' is not a whole number from" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_two_models_in_one_process_each_import_their_own_sibling_modules(tmp_path):
+    for name, answer in (("old", 0.25), ("new", 0.75)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "network.py").write_text(f"ANSWER = {answer}\n")
+        (tmp_path / name / "inference.py").write_text(
+            "import network\n\ndef model_fn(model_dir):\n    return network.ANSWER\n")
+    old = load_inference_handler(tmp_path / "old", "scones_test_old_inference")
+    new = load_inference_handler(tmp_path / "new", "scones_test_new_inference")
+    assert (old.model_fn(None), new.model_fn(None)) == (0.25, 0.75)
+    assert "network" not in sys.modules

@@ -47,7 +47,14 @@ def default_output_fn(prediction, accept):
 
 
 def load_inference_handler(code_dir: Path, module_name: str) -> InferenceHandler:
-    """Import `code_dir/inference.py` as `module_name`, with `code_dir` on sys.path while it imports."""
+    """Import `code_dir/inference.py` as `module_name`, with `code_dir` on sys.path while it imports.
+
+    The modules it imports from `code_dir` (such as `model.py`) are its own: a second model served by the
+    same process imports its own siblings, not the first one's from sys.modules.
+    """
+    siblings = {path.stem for path in code_dir.glob("*.py")} | {path.name for path in code_dir.iterdir() if path.is_dir()}
+    is_sibling = lambda name: name.split(".")[0] in siblings  # noqa: E731
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if is_sibling(name)}
     module_spec = importlib.util.spec_from_file_location(module_name, code_dir / "inference.py")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
@@ -59,6 +66,9 @@ def load_inference_handler(code_dir: Path, module_name: str) -> InferenceHandler
         raise
     finally:
         sys.path.remove(str(code_dir))
+        for name in [name for name in sys.modules if is_sibling(name)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
     return _handler_of(module)
 
 
