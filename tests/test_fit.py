@@ -21,6 +21,8 @@ from local.__main__ import SHARED_ARCHIVE as ARCHIVE  # noqa: E402
 from training import etl, train  # noqa: E402
 from training.fit import FitError, fit_local  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 CLASSES = ("bicycle", "motorcycle")
 EXTRA_CLASS = "bus"  # staged after the targets: learnt alongside, never served
 QUICK = {"epochs": 1, "width": 8, "batch_size": 32}

@@ -33,6 +33,8 @@ import local.endpoint as endpoint_module
 from local.endpoint import (MAX_PAYLOAD_BYTES, CaptureError, CaptureSpec, CaptureSpool, EndpointServer,
                             EndpointSpec, spec_from_json, spec_to_json)
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "scones-endpoint-tests"
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"

@@ -31,6 +31,8 @@ from monitoring.captures import list_capture_files, read_captures  # noqa: E402
 from training import etl  # noqa: E402
 from training.fit import fit_local  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 CLASSES = ("bicycle", "motorcycle")
 OTHER_CLASSES = ("tank", "tractor", "rocket")
 QUICK = {"epochs": 2, "width": 8, "batch_size": 32}  # about 20 s here; validation accuracy about 0.8
