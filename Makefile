@@ -12,7 +12,10 @@ CONTEXT ?=
 # What `make deploy` deploys, e.g. `make deploy STACKS=SconesDevEndpoint`.
 STACKS ?= --all
 
-.PHONY: install chromium synth lint test run deploy stop clean
+.PHONY: help install chromium synth lint test test-fast run deploy stop clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,31 +26,35 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-install: $(VENV)/.installed node_modules/.installed
+install: $(VENV)/.installed node_modules/.installed ## the Python venv and the pinned CDK CLI
 
-# Headless Chromium for the report's browser test (Debian's package); without it that test skips, saying so.
-chromium:
+chromium: ## headless Chromium (Debian's) for the report's browser test, which skips without it
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
 		echo "could not install chromium: the browser test will skip"
 
-synth: install
+synth: install ## cdk synth into cdk.out (dev) and cdk.out.prod
 	$(CDK) synth -q --no-notices -o cdk.out $(CONTEXT)
 	$(CDK) synth -q --no-notices -o cdk.out.prod -c env=prod $(CONTEXT)
 
-lint: synth
+lint: synth ## ruff, ruff format --check, cfn-lint of the templates
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/cfn-lint cdk.out/*.template.json cdk.out.prod/*.template.json
 
-test: lint chromium
+test: lint chromium ## lint and every test (what CI runs)
 	$(PY) -m pytest -q
 
-run: synth
+test-fast: install ## the tests not marked slow: synth, config, handlers, constructs (under a minute)
+	$(PY) -m pytest -q -m "not slow"
+
+run: synth ## the whole workflow on this machine (moto, local endpoint)
 	$(PY) -m local up
 
-deploy: install
+deploy: install ## cdk deploy to your AWS account
 	$(CDK) deploy $(STACKS) --no-notices $(CONTEXT)
 
-stop: install
+stop: install ## stop what `make run` left running
 	$(PY) -m local down
 
-clean:
+clean: ## remove synth output and caches
 	rm -rf cdk.out cdk.out.prod .pytest_cache

@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{statistics['dataset']['image_count']} training images in {time.perf_counter() - started:.1f}s: "
                   f"{where}statistics.json, {where}constraints.json")
             return 0
+        report.prepare_out(args.out)
         statistics, constraints = baseline.load(args.baseline)
         try:
             captures = read_captures(args.captures, args.since, args.until, progress=not args.no_progress)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             summary = {"records": 0, "violations": 0, "results": []}
             print(f"nothing to check: {error}")
-    except (baseline.BaselineError, CaptureError) as error:
+    except (baseline.BaselineError, CaptureError, report.ReportError) as error:
         print(f"monitoring: error: {error}", file=sys.stderr)
         return 2
     if args.publish_metrics:

@@ -13,6 +13,7 @@ import os
 import tarfile
 import tempfile
 import uuid
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +40,22 @@ def manifest_images(data_dir: Path, manifest: str, labels: int) -> list[Path]:
     if not path.is_file():
         raise BaselineError(f"no {manifest} in {data_dir} (stage the data with `python -m training.etl`)")
     images = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         fields = line.split("\t")
-        if len(fields) >= 3 and int(float(fields[1])) < labels:
+        if len(fields) < 3:
+            continue
+        try:
+            label = int(float(fields[1]))
+        except ValueError:
+            raise BaselineError(f"{path}:{number}: the label {fields[1]!r} is not a number (lines are index, label "
+                                "and path, tab-separated, as `python -m training.etl` stages them)") from None
+        if label < labels:
             images.append(data_dir / fields[-1])
     if not images:
         raise BaselineError(f"{path} lists no images of the model's classes")
+    missing = [image for image in images if not image.is_file()]
+    if missing:
+        raise BaselineError(f"{path} lists {len(missing)} image(s) that are not there, such as {missing[0]}")
     return images
 
 
@@ -55,8 +66,12 @@ def load_model(model_archive: Path):
     if not model_archive.is_file():
         raise BaselineError(f"no model archive {model_archive}")
     with tempfile.TemporaryDirectory(prefix="scones-baseline-") as model_dir:
-        with tarfile.open(model_archive) as archive:
-            archive.extractall(model_dir, filter="data")
+        try:
+            with tarfile.open(model_archive) as archive:
+                archive.extractall(model_dir, filter="data")
+        except (tarfile.TarError, EOFError, zlib.error, OSError):
+            raise BaselineError(f"{model_archive} is not a model archive (the model.tar.gz that training "
+                                "writes)") from None
         settings_path = Path(model_dir, "model.json")
         if not Path(model_dir, "code", "inference.py").is_file() or not settings_path.is_file():
             raise BaselineError(f"{model_archive} has no code/inference.py or model.json")
@@ -194,9 +209,12 @@ def write(statistics: dict, constraints: dict, out: Path | str) -> None:
             raise BaselineError(f"cannot write the baseline to {out}: {error}") from None
         return
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, content in zip(BASELINE_FILES, contents):
-        write_file(out / name, content.encode())
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, content in zip(BASELINE_FILES, contents):
+            write_file(out / name, content.encode())
+    except OSError as error:
+        raise BaselineError(f"cannot write the baseline into {out}: {error.strerror or error}") from None
 
 
 def write_file(path: Path, content: bytes) -> None:
@@ -213,17 +231,36 @@ def load(baseline: Path | str) -> tuple[dict, dict]:
 
         bucket, prefix = _s3_location(str(baseline))
         try:
-            return tuple(json.loads(boto3.client("s3").get_object(Bucket=bucket, Key=prefix + name)["Body"].read())
-                         for name in BASELINE_FILES)
+            texts = [boto3.client("s3").get_object(Bucket=bucket, Key=prefix + name)["Body"].read()
+                     for name in BASELINE_FILES]
         except (BotoCoreError, ClientError) as error:
             raise BaselineError(f"no baseline at {baseline} ({error}); build it with `python -m monitoring baseline "
                                 f"... --out {baseline}`") from None
+        return _parsed(texts, [f"s3://{bucket}/{prefix}{name}" for name in BASELINE_FILES])
     paths = [Path(baseline) / name for name in BASELINE_FILES]
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
         raise BaselineError(f"no baseline: {' and '.join(missing)} missing "
                             "(build it with `python -m monitoring baseline`)")
-    return tuple(json.loads(path.read_text()) for path in paths)
+    return _parsed([path.read_bytes() for path in paths], [str(path) for path in paths])
+
+
+def _parsed(texts: list[bytes], names: list[str]) -> tuple[dict, dict]:
+    """statistics.json and constraints.json, refused in one line unless `python -m monitoring baseline` wrote them
+    (a Model Monitor baseline of a tabular dataset has the same file names but not the model's classes)."""
+    documents = []
+    for text, name in zip(texts, names):
+        try:
+            documents.append(json.loads(text))
+        except ValueError as error:
+            raise BaselineError(f"{name} is not JSON ({error})") from None
+    statistics, constraints = documents
+    model = constraints.get("model") if isinstance(constraints, dict) else None
+    if not (isinstance(statistics, dict) and "features" in statistics and isinstance(model, dict)
+            and {"classes", "threshold"} <= model.keys() and "features" in constraints):
+        raise BaselineError(f"{names[0]} and {names[1]} are not a baseline of this model's answers "
+                            "(build one with `python -m monitoring baseline`)")
+    return statistics, constraints
 
 
 def fetch_model(model: str, folder: Path) -> Path:

@@ -7,6 +7,7 @@ import html
 import io
 import json
 import re
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -25,6 +26,23 @@ from monitoring.captures import Captures, CaptureError, NoCaptures  # noqa: E402
 
 WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 GRID_COLUMNS = 8
+
+
+class ReportError(Exception):
+    """The report cannot be written where asked; the CLI prints it as one line."""
+
+
+def prepare_out(out: Path) -> None:
+    """Create the report folder and try writing in it, so that a folder one cannot write to fails at once, not
+    after the captures were read. A trial file, not the permission bits: root ignores those, not a read-only mount."""
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"cannot write the report into {out}: it is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise ReportError(f"cannot write the report into {out}: {error.strerror or error}") from None
 
 
 @dataclass(frozen=True)
@@ -67,6 +85,8 @@ def build(captures: Captures, statistics: dict, constraints: dict, out: Path, wi
             raise NoCaptures(f"no capture records under {source} in the time range asked")
         raise CaptureError(f"no capture records could be read under {source} ({len(captures.failures)} unreadable)")
     checker = checks.Checker(statistics, constraints)
+    if not captures.probabilities.shape[1]:  # the endpoint captured its input only: no answer to check or plot
+        captures.probabilities = np.full((len(captures), len(checker.classes)), np.nan)
     windows = windows_of(captures.times, window_seconds(window))
     results = [result for each in windows for result in checker.window(captures, each.rows, each.label)]
     results.append(checker.parse_failures(captures))
@@ -121,25 +141,34 @@ def png_of(figure) -> bytes:
     return buffer.getvalue()
 
 
+def top_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    """Each record's highest probability; NaN for a record without an answer (no warning about it)."""
+    answered = ~np.isnan(probabilities).all(axis=1)
+    top = np.full(len(probabilities), np.nan)
+    top[answered] = np.nanmax(probabilities[answered], axis=1)
+    return top
+
+
 def _window_times(windows: list[Window]) -> list[datetime]:
     return [datetime.fromtimestamp(each.start, timezone.utc) for each in windows]
 
 
 def plot_top_probability(captures: Captures, statistics: dict) -> bytes:
-    top = np.nanmax(captures.probabilities, axis=1)
+    top = top_probabilities(captures.probabilities)
     top = top[~np.isnan(top)]
     base = checks.sketch_values(statistics, "top_probability")
     figure, axis = plt.subplots(figsize=(6.5, 3.6))
     bins = np.linspace(min(base.min(), top.min(initial=1)), 1, 26)
     axis.hist(base, bins=bins, density=True, alpha=0.5, label=f"baseline (validation, {len(base)})")
-    axis.hist(top, bins=bins, density=True, histtype="step", linewidth=2, label=f"captured ({len(top)})")
+    if len(top):  # an endpoint that captures its input only has no answers to draw
+        axis.hist(top, bins=bins, density=True, histtype="step", linewidth=2, label=f"captured ({len(top)})")
     axis.set(title="top probability", xlabel="probability of the predicted class", ylabel="density")
     axis.legend()
     return png_of(figure)
 
 
 def plot_confidence_over_time(captures: Captures, threshold: float) -> bytes:
-    top = np.nanmax(captures.probabilities, axis=1)
+    top = top_probabilities(captures.probabilities)
     moments = [datetime.fromtimestamp(time, timezone.utc) for time in captures.times]
     figure, axis = plt.subplots(figsize=(9, 3.6))
     axis.scatter(moments, top, s=6, alpha=0.5, color=np.where(top < threshold, "tab:red", "tab:blue"))
@@ -156,7 +185,9 @@ def plot_class_mix(captures: Captures, windows: list[Window], classes: list[str]
     for each in windows:
         rows = captures.probabilities[each.rows]
         rows = rows[~np.isnan(rows).any(axis=1)]
-        counts = np.bincount(rows.argmax(axis=1), minlength=len(classes))[:len(classes)] if len(rows) else 0
+        counts = np.zeros(len(classes))
+        if len(rows):
+            counts = np.bincount(rows.argmax(axis=1), minlength=len(classes))[:len(classes)]
         shares.append(counts / max(1, len(rows)))
     shares = np.array(shares).reshape(len(windows), len(classes))
     positions = np.arange(len(windows))
@@ -171,7 +202,7 @@ def plot_class_mix(captures: Captures, windows: list[Window], classes: list[str]
 
 
 def plot_low_confidence(captures: Captures, windows: list[Window], statistics: dict, checker) -> bytes:
-    top = np.nanmax(captures.probabilities, axis=1)
+    top = top_probabilities(captures.probabilities)
     rates = [float(np.mean(top[each.rows] < checker.threshold)) for each in windows]
     base = checks.feature(statistics, "low_confidence")["numerical_statistics"]["mean"]
     figure, axis = plt.subplots(figsize=(9, 3.6))

@@ -24,6 +24,8 @@ from training.etl import SHARED_ARCHIVE as ARCHIVE  # noqa: E402
 from training import calibration, etl, report, sourcedir, train  # noqa: E402
 from training.fit import FitError, fit_local  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 CLASSES = ("bicycle", "motorcycle")
 EXTRA_CLASS = "bus"  # staged after the targets: learnt alongside, never served
 QUICK = {"epochs": 1, "width": 8, "batch_size": 32}

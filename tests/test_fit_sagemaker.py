@@ -25,6 +25,8 @@ from local.assembly import REGION, Stack
 from local.deploy import LocalDeployment
 from training import fit
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 STATE_MACHINE = "scones-dev-training"

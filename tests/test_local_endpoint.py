@@ -35,6 +35,8 @@ from local.endpoint import (MAX_PAYLOAD_BYTES, CaptureError, CaptureSpec, Captur
 from local.endpoint.batching import PredictionBatcher
 from local.endpoint.handler import load_inference_handler
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "scones-endpoint-tests"
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"

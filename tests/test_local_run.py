@@ -20,6 +20,8 @@ from conftest import ROOT, assembly_directory
 from local.__main__ import MODEL_PARAMETER, LocalRun, main, print_summary
 from local.executions import run_execution
 
+pytestmark = pytest.mark.slow
+
 # A model whose inference.py always answers a confident bicycle: the fault, not the model, is under test.
 CONFIDENT_MODEL = '''
 import json

@@ -17,6 +17,8 @@ from local.assembly import read_assembly
 from local.deploy import LocalDeployment
 from local.executions import run_execution
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def deployment():

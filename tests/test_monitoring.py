@@ -31,6 +31,8 @@ from monitoring.captures import list_capture_files, read_captures  # noqa: E402
 from training import etl  # noqa: E402
 from training.fit import fit_local  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 CLASSES = ("bicycle", "motorcycle")
 OTHER_CLASSES = ("tank", "tractor", "rocket")
 QUICK = {"epochs": 2, "width": 8, "batch_size": 32}  # about 20 s here; validation accuracy about 0.8
@@ -462,6 +464,105 @@ def test_user_mistakes_give_one_line_errors(baseline_dir, tmp_path, arguments, m
                               text=True, timeout=60)
     assert finished.returncode == 2
     assert finished.stderr.count("\n") == 1 and message in finished.stderr, finished.stderr
+
+
+def read_only_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root writes whatever the mode bits say; sysfs refuses new files even to root
+        return Path("/sys/scones-report")
+    return folder
+
+
+def monitoring_command(*arguments) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "monitoring", *map(str, arguments)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("where", ["read-only folder", "file", "folder under a file"])
+def test_a_report_where_one_cannot_write_fails_in_one_line_naming_the_folder(capture_folder, baseline_dir,
+                                                                             tmp_path, where):
+    (tmp_path / "a-file").write_text("not a folder\n")
+    out = {"read-only folder": read_only_folder(tmp_path), "file": tmp_path / "a-file",
+           "folder under a file": tmp_path / "a-file" / "report"}[where]
+    finished = monitoring_command("report", capture_folder, "--baseline", baseline_dir, "--out", out, "--no-progress")
+    assert finished.returncode == 2, finished.stderr
+    assert finished.stderr.count("\n") == 1, finished.stderr
+    assert finished.stderr.startswith(f"monitoring: error: cannot write the report into {out}: "), finished.stderr
+
+
+def staged_copy(staged: Path, folder: Path, validation: str) -> Path:
+    """The staged data with `validation` as its validation.lst."""
+    shutil.copytree(staged, folder)
+    (folder / "validation.lst").write_text(validation)
+    return folder
+
+
+def test_baseline_mistakes_about_the_model_and_data_give_one_line_errors(model, staged, tmp_path):
+    not_gzip = tmp_path / "notes.txt"
+    not_gzip.write_text("not a model archive\n")
+    gzip_not_tar = tmp_path / "model.tar.gz"
+    gzip_not_tar.write_bytes(gzip.compress(b"not a tar archive"))
+    first = (staged / "validation.lst").read_text().splitlines()[0].split("\t")
+    cases = [
+        (not_gzip, staged, f"monitoring: error: {not_gzip} is not a model archive"),
+        (gzip_not_tar, staged, f"monitoring: error: {gzip_not_tar} is not a model archive"),
+        (model, staged_copy(staged, tmp_path / "header", "index\tlabel\tpath\n"),
+         f"monitoring: error: {tmp_path / 'header' / 'validation.lst'}:1: the label 'label' is not a number"),
+        (model, staged_copy(staged, tmp_path / "gone", f"0\t{first[1]}\tvalidation/gone.png\n"),
+         f"monitoring: error: {tmp_path / 'gone' / 'validation.lst'} lists 1 image(s) that are not there"),
+    ]
+    for archive, data, message in cases:
+        finished = monitoring_command("baseline", "--model", archive, "--data", data, "--out", tmp_path / "out")
+        assert finished.returncode == 2, finished.stderr
+        assert finished.stderr.count("\n") == 1 and finished.stderr.startswith(message), finished.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_baseline_written_where_one_cannot_write_fails_in_one_line(model, staged, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder\n")
+    finished = monitoring_command("baseline", "--model", model, "--data", staged, "--out", tmp_path / "a-file")
+    assert finished.returncode == 2, finished.stderr
+    assert finished.stderr.count("\n") == 1, finished.stderr
+    assert finished.stderr.startswith(f"monitoring: error: cannot write the baseline into {tmp_path / 'a-file'}: ")
+
+
+@pytest.mark.parametrize("statistics, message", [
+    ("{not json", "statistics.json is not JSON"),
+    ('{"version": 0, "features": []}', "are not a baseline of this model's answers"),  # a tabular Model Monitor one
+])
+def test_a_report_against_something_else_than_a_baseline_fails_in_one_line(capture_folder, baseline_dir, tmp_path,
+                                                                          statistics, message):
+    other = tmp_path / "other-baseline"
+    other.mkdir()
+    (other / "statistics.json").write_text(statistics)
+    (other / "constraints.json").write_text('{"version": 0, "features": []}')
+    finished = monitoring_command("report", capture_folder, "--baseline", other, "--out", tmp_path / "out",
+                                  "--no-progress")
+    assert finished.returncode == 2, finished.stderr
+    assert finished.stderr.count("\n") == 1 and message in finished.stderr, finished.stderr
+
+
+def test_captures_of_the_input_only_are_checked_on_their_images(baseline_dir, tmp_path):
+    """An endpoint may capture its requests only (CaptureOptions Input): no answer to check, images still are."""
+    hour = tmp_path / "captures" / "scones" / "AllTraffic" / "2026" / "11" / "25" / "08"
+    hour.mkdir(parents=True)
+    records = []
+    for second in range(40):
+        captured = json.loads(record(f"2026-11-25T08:00:{second:02d}Z", png_bytes(), "[0.5, 0.5]"))
+        del captured["captureData"]["endpointOutput"]
+        records.append(json.dumps(captured))
+    (hour / "00-00-000-a.jsonl").write_text("\n".join(records) + "\n")
+    finished = monitoring_command("report", tmp_path / "captures", "--baseline", baseline_dir, "--out",
+                                  tmp_path / "out", "--no-progress")
+    assert finished.returncode == 0 and finished.stderr == "", finished.stderr
+    assert finished.stdout.startswith("40 records")
+    statuses = {row["feature_name"]: row["status"] for row in
+                json.loads((tmp_path / "out" / "summary.json").read_text())["checks"]}
+    assert statuses["prediction"] == statuses["top_probability"] == statuses["low_confidence"] == "SKIPPED"
+    assert statuses["image_std_red"] == "VIOLATION"  # one plain colour: no spread at all
+    assert (tmp_path / "out" / "report.html").is_file()
 
 
 # --------------------------------------------------------------------------------------- statistics
