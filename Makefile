@@ -50,8 +50,8 @@ test-fast: install ## the tests not marked slow: synth, config, handlers, constr
 run: synth ## the whole workflow on this machine (moto, local endpoint)
 	$(PY) -m local up
 
-deploy: install ## cdk deploy to your AWS account
-	$(CDK) deploy $(STACKS) --no-notices $(CONTEXT)
+deploy: install ## cdk deploy to your AWS account; the stacks' outputs land in outputs.json
+	$(CDK) deploy $(STACKS) --no-notices --outputs-file outputs.json $(CONTEXT)
 
 stop: install ## stop what `make run` left running
 	$(PY) -m local down

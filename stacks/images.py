@@ -5,6 +5,8 @@ deploy time in a CfnMapping built from the SDK's bundled registry tables; a stac
 gets the literal URI.
 """
 
+import functools
+
 from aws_cdk import Aws, CfnMapping, Fn, Stack, Token
 from sagemaker.core import image_uris
 
@@ -13,6 +15,8 @@ PYTORCH_VERSION = "2.6"
 PYTHON_VERSION = "py312"
 
 
+# Each lookup reloads botocore's endpoint data (about 0.5 s); every synth asks the same questions.
+@functools.lru_cache(maxsize=None)
 def _retrieve(algorithm: str, purpose: str, region: str) -> str:
     if algorithm == "builtin":
         return image_uris.retrieve("image-classification", region=region)
