@@ -12,15 +12,15 @@ os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 if not os.environ.get("CDK_DEBUG"):
     os.environ.setdefault("CDK_DISABLE_STACK_TRACE", "1")
 
-import aws_cdk as cdk  # noqa: E402
-from cdk_nag import AwsSolutionsChecks  # noqa: E402
+import aws_cdk as cdk
+from cdk_nag import AwsSolutionsChecks
 
-from stacks.config import ConfigError, SconesConfig, stack_name  # noqa: E402
-from stacks.data_stack import DataStack  # noqa: E402
-from stacks.endpoint_stack import EndpointStack  # noqa: E402
-from stacks.monitoring_stack import MonitoringStack  # noqa: E402
-from stacks.training_stack import TrainingStack  # noqa: E402
-from stacks.workflow_stack import WorkflowStack  # noqa: E402
+from stacks.config import ConfigError, SconesConfig, stack_name
+from stacks.data_stack import DataStack
+from stacks.endpoint_stack import EndpointStack
+from stacks.monitoring_stack import MonitoringStack
+from stacks.training_stack import TrainingStack
+from stacks.workflow_stack import WorkflowStack
 
 
 def build(app: cdk.App) -> list[cdk.Stack]:
@@ -36,10 +36,16 @@ def build(app: cdk.App) -> list[cdk.Stack]:
     endpoint = EndpointStack(app, name("Endpoint"), bucket=data.bucket, synthesizer=synthesizer(), **common)
     workflow = WorkflowStack(app, name("Workflow"), bucket=data.bucket, synthesizer=synthesizer(), **common)
     monitoring = MonitoringStack(
-        app, name("Monitoring"), state_machine=workflow.state_machine,
+        app,
+        name("Monitoring"),
+        state_machine=workflow.state_machine,
         state_machine_log_group_name=workflow.workflow.log_group.log_group_name,
-        functions=[workflow.serialize, workflow.classify, workflow.filter], bucket=data.bucket,
-        capture_key=endpoint.key, synthesizer=synthesizer(), **common)
+        functions=[workflow.serialize, workflow.classify, workflow.filter],
+        bucket=data.bucket,
+        capture_key=endpoint.key,
+        synthesizer=synthesizer(),
+        **common,
+    )
     stacks = [data, training, endpoint, workflow, monitoring]
 
     for stack in stacks:

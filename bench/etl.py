@@ -25,14 +25,24 @@ import PIL
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from training.etl import SHARED_ARCHIVE  # noqa: E402
 from training import etl  # noqa: E402
+from training.etl import SHARED_ARCHIVE  # noqa: E402
 
 SOURCE = Path(os.environ.get("SCONES_CIFAR100", SHARED_ARCHIVE))
 RESULTS = ROOT / "bench" / "results" / "etl.json"
 REPEATS = 5
-VEHICLES = ["bicycle", "bus", "motorcycle", "pickup_truck", "train",
-            "lawn_mower", "rocket", "streetcar", "tank", "tractor"]
+VEHICLES = [
+    "bicycle",
+    "bus",
+    "motorcycle",
+    "pickup_truck",
+    "train",
+    "lawn_mower",
+    "rocket",
+    "streetcar",
+    "tank",
+    "tractor",
+]
 CASES = {"2 classes": (["bicycle", "motorcycle"], 3.0), "10 classes": (VEHICLES, 10.0)}
 COMPRESS_LEVELS = (0, 1, 6, 9)
 THREAD_COUNTS = (1, 2, 4)
@@ -45,8 +55,22 @@ def seconds(function) -> float:
 
 
 def run_command(classes: list[str], out: Path) -> None:
-    subprocess.run([sys.executable, "-m", "training.etl", "--source", str(SOURCE), "--out", str(out),
-                    "--classes", ",".join(classes)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.etl",
+            "--source",
+            str(SOURCE),
+            "--out",
+            str(out),
+            "--classes",
+            ",".join(classes),
+        ],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def time_command(classes: list[str], goal: float) -> dict:
@@ -57,16 +81,22 @@ def time_command(classes: list[str], goal: float) -> dict:
             fresh.append(seconds(lambda: run_command(classes, out)))
             nothing_new.append(seconds(lambda: run_command(classes, out)))
             files = sum(1 for path in out.rglob("*") if path.is_file())
-    return {"classes": classes, "files": files, "goal_s": goal,
-            "fresh_median_s": round(statistics.median(fresh), 3), "fresh_s": [round(t, 3) for t in fresh],
-            "nothing_new_median_s": round(statistics.median(nothing_new), 3),
-            "nothing_new_s": [round(t, 3) for t in nothing_new],
-            "goal_met": statistics.median(fresh) < goal}
+    return {
+        "classes": classes,
+        "files": files,
+        "goal_s": goal,
+        "fresh_median_s": round(statistics.median(fresh), 3),
+        "fresh_s": [round(t, 3) for t in fresh],
+        "nothing_new_median_s": round(statistics.median(nothing_new), 3),
+        "nothing_new_s": [round(t, 3) for t in nothing_new],
+        "goal_met": statistics.median(fresh) < goal,
+    }
 
 
 def time_image_writing(images: list, threads: int) -> float:
     """Median seconds to encode and write `images` into a fresh folder with etl.png_bytes and etl.write_file,
     spread over `threads` threads (the ETL uses etl.WRITE_THREADS)."""
+
     def write(out: Path) -> None:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(lambda image: etl.write_file(out / image[0], etl.png_bytes(image[1])), images))
@@ -99,8 +129,13 @@ def tuning() -> dict:
         levels[str(level)] = {"encode_s": round(elapsed, 3), "bytes_per_image": size}
     etl.PNG_COMPRESS_LEVEL = chosen_level
     threads = {str(count): round(time_image_writing(images, count), 3) for count in THREAD_COUNTS}
-    return {"images": len(images), "png_compress_level": levels, "chosen_png_compress_level": chosen_level,
-            "encode_and_write_s_by_threads": threads, "chosen_write_threads": etl.WRITE_THREADS}
+    return {
+        "images": len(images),
+        "png_compress_level": levels,
+        "chosen_png_compress_level": chosen_level,
+        "encode_and_write_s_by_threads": threads,
+        "chosen_write_threads": etl.WRITE_THREADS,
+    }
 
 
 def main() -> int:
@@ -110,10 +145,15 @@ def main() -> int:
     load_before = os.getloadavg()
     command = {case: time_command(classes, goal) for case, (classes, goal) in CASES.items()}
     results = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "numpy": np.__version__, "pillow": PIL.__version__,
-                    "load_average_before": [round(load, 2) for load in load_before]},
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "numpy": np.__version__,
+            "pillow": PIL.__version__,
+            "load_average_before": [round(load, 2) for load in load_before],
+        },
         "source": {"path": str(SOURCE), "sha256": etl.sha256_of_file(SOURCE)},
         "repeats": REPEATS,
         "command": command,
@@ -124,12 +164,16 @@ def main() -> int:
     etl.write_file(RESULTS, (json.dumps(results, indent=2) + "\n").encode())
 
     for case, figures in command.items():
-        print(f"{case}: {figures['fresh_median_s']:.2f} s (goal < {figures['goal_s']:.0f} s, "
-              f"{'met' if figures['goal_met'] else 'MISSED'}), nothing new {figures['nothing_new_median_s']:.2f} s, "
-              f"{figures['files']} files, median of {REPEATS}")
+        print(
+            f"{case}: {figures['fresh_median_s']:.2f} s (goal < {figures['goal_s']:.0f} s, "
+            f"{'met' if figures['goal_met'] else 'MISSED'}), nothing new {figures['nothing_new_median_s']:.2f} s, "
+            f"{figures['files']} files, median of {REPEATS}"
+        )
     for level, figures in results["tuning"]["png_compress_level"].items():
-        print(f"PNG compress level {level}: encoding {figures['encode_s']:.2f} s, "
-              f"{figures['bytes_per_image']} bytes per image")
+        print(
+            f"PNG compress level {level}: encoding {figures['encode_s']:.2f} s, "
+            f"{figures['bytes_per_image']} bytes per image"
+        )
     for count, elapsed in results["tuning"]["encode_and_write_s_by_threads"].items():
         print(f"encode and write with {count} threads: {elapsed:.2f} s")
     print(f"wrote {RESULTS.relative_to(ROOT)}")

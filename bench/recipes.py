@@ -28,15 +28,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from training.etl import SHARED_ARCHIVE, VEHICLE_EXTRA_CLASSES as EXTRA_CLASSES  # noqa: E402
 from training import etl, train  # noqa: E402
+from training.etl import SHARED_ARCHIVE, VEHICLE_EXTRA_CLASSES as EXTRA_CLASSES  # noqa: E402
 from training.fit import fit_local  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "recipes.json"
 FOLDS = 10
-DEFAULT_RECIPES = tuple(f"{name}=--epochs {epochs} --extra_fraction {share}" for name, epochs, share in (
-    ("float32_default", *train.AUTO["float32"].values()), ("longer", 100, 0.25), ("all_extras", 42, 1.0),
-    ("bfloat16_default", *train.AUTO["bfloat16"].values())))
+DEFAULT_RECIPES = tuple(
+    f"{name}=--epochs {epochs} --extra_fraction {share}"
+    for name, epochs, share in (
+        ("float32_default", *train.AUTO["float32"].values()),
+        ("longer", 100, 0.25),
+        ("all_extras", 42, 1.0),
+        ("bfloat16_default", *train.AUTO["bfloat16"].values()),
+    )
+)
 
 
 def recipe(text: str) -> tuple[str, dict]:
@@ -58,15 +64,16 @@ def make_folds(data: Path, work: Path, count: int) -> list[Path]:
     size = len(by_class[0]) // FOLDS
     folders = []
     for fold in range(count):
-        held = {path for paths in by_class.values() for path in paths[fold * size:(fold + 1) * size]}
+        held = {path for paths in by_class.values() for path in paths[fold * size : (fold + 1) * size]}
         folder = work / f"fold{fold}"
         folder.mkdir()
         for name in ("train", "dataset.json"):
             (folder / name).symlink_to(data / name)
         for manifest, keep in (("train.lst", lambda path: path not in held), ("validation.lst", held.__contains__)):
             kept = [(label, path) for label, path in rows if keep(path)]
-            (folder / manifest).write_text("".join(f"{index}\t{label}\t{path}\n"
-                                                   for index, (label, path) in enumerate(kept)))
+            (folder / manifest).write_text(
+                "".join(f"{index}\t{label}\t{path}\n" for index, (label, path) in enumerate(kept))
+            )
         folders.append(folder)
     return folders
 
@@ -74,18 +81,29 @@ def make_folds(data: Path, work: Path, count: int) -> list[Path]:
 def fit_fold(folder: Path, out: Path, fold: int, seed: int, hyperparameters: dict) -> dict:
     fit_local(folder, out, seed=seed, **hyperparameters)
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"fold": fold, "seed": seed, "precision": metrics["precision"],
-            "accuracy": metrics["validation"]["accuracy"], "loss": metrics["history"][-1]["validation_loss"],
-            "train_seconds": round(metrics["train_seconds"], 1)}
+    return {
+        "fold": fold,
+        "seed": seed,
+        "precision": metrics["precision"],
+        "accuracy": metrics["validation"]["accuracy"],
+        "loss": metrics["history"][-1]["validation_loss"],
+        "train_seconds": round(metrics["train_seconds"], 1),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipes", nargs="*", type=recipe, metavar="RECIPE",
-                        help="NAME=HYPERPARAMETERS (default: the README's four)")
+    parser.add_argument(
+        "recipes", nargs="*", type=recipe, metavar="RECIPE", help="NAME=HYPERPARAMETERS (default: the README's four)"
+    )
     parser.add_argument("--folds", type=int, choices=range(1, FOLDS + 1), default=6, help="folds fitted (default 6)")
-    parser.add_argument("--first-seed", type=int, default=0, metavar="N",
-                        help="seed of the first fold's fit; the others count on from it (default 0)")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of the first fold's fit; the others count on from it (default 0)",
+    )
     parser.add_argument("--jobs", type=int, choices=(1, 2), default=2, help="fits at once (default 2)")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"default {RESULTS.relative_to(ROOT)}")
     args = parser.parse_args()
@@ -99,19 +117,34 @@ def main() -> None:
         for name, hyperparameters in recipes:
             started = time.perf_counter()
             with ThreadPoolExecutor(args.jobs) as pool:
-                folds = list(pool.map(lambda fold: fit_fold(folders[fold], Path(work) / name / str(fold), fold,
-                                                            args.first_seed + fold, hyperparameters),
-                                      range(args.folds)))
-            results.append({"recipe": name, "hyperparameters": hyperparameters, "folds": folds,
-                            "accuracy_mean": statistics.mean(fold["accuracy"] for fold in folds),
-                            "loss_mean": statistics.mean(fold["loss"] for fold in folds),
-                            "train_seconds_median": statistics.median(fold["train_seconds"] for fold in folds),
-                            "wall_seconds": round(time.perf_counter() - started, 1)})
+                folds = list(
+                    pool.map(
+                        lambda fold: fit_fold(
+                            folders[fold], Path(work) / name / str(fold), fold, args.first_seed + fold, hyperparameters
+                        ),
+                        range(args.folds),
+                    )
+                )
+            results.append(
+                {
+                    "recipe": name,
+                    "hyperparameters": hyperparameters,
+                    "folds": folds,
+                    "accuracy_mean": statistics.mean(fold["accuracy"] for fold in folds),
+                    "loss_mean": statistics.mean(fold["loss"] for fold in folds),
+                    "train_seconds_median": statistics.median(fold["train_seconds"] for fold in folds),
+                    "wall_seconds": round(time.perf_counter() - started, 1),
+                }
+            )
             print(json.dumps({key: value for key, value in results[-1].items() if key != "folds"}), file=sys.stderr)
-    output = {"what": "validation accuracy and loss of training recipes, cross-validated on the bicycle and "
-                      f"motorcycle training images (folds of 100, {args.folds} of {FOLDS})",
-              "command": shlex.join(["bench/recipes.py", *sys.argv[1:]]),
-              "jobs": args.jobs, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "recipes": results}
+    output = {
+        "what": "validation accuracy and loss of training recipes, cross-validated on the bicycle and "
+        f"motorcycle training images (folds of 100, {args.folds} of {FOLDS})",
+        "command": shlex.join(["bench/recipes.py", *sys.argv[1:]]),
+        "jobs": args.jobs,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "recipes": results,
+    }
     etl.write_file(args.output, (json.dumps(output, indent=2) + "\n").encode())
 
 

@@ -49,12 +49,13 @@ def main() -> None:
     stages = runs[0]["timings_s"]
     result = {
         "what": "python -m local up from an empty state folder (installation and synth not counted)",
-        "goal": "under 8 minutes", "repeats": REPEATS,
+        "goal": "under 8 minutes",
+        "repeats": REPEATS,
         "median_total_s": statistics.median(run["total_s"] for run in runs),
         "median_stage_s": {stage: statistics.median(run["timings_s"][stage] for run in runs) for stage in stages},
         "runs": runs,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_average": os.getloadavg()},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     RESULTS.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps({key: result[key] for key in ("median_total_s", "median_stage_s")}, indent=2))

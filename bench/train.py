@@ -24,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from training.etl import SHARED_ARCHIVE, VEHICLE_EXTRA_CLASSES as EXTRA_CLASSES  # noqa: E402
 from training import etl  # noqa: E402
+from training.etl import SHARED_ARCHIVE, VEHICLE_EXTRA_CLASSES as EXTRA_CLASSES  # noqa: E402
 from training.fit import fit_local  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "train.json"
@@ -33,12 +33,24 @@ SEEDS = (0, 1, 2)
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cpu_count": os.cpu_count(),
-            "torch_threads_per_fit": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
-            "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads_per_fit": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def run_seed(data: Path, out: Path, seed: int) -> tuple[dict, dict]:
@@ -49,8 +61,11 @@ def run_seed(data: Path, out: Path, seed: int) -> tuple[dict, dict]:
     wall_seconds = time.perf_counter() - started
     metrics = json.loads((out / "metrics.json").read_text())
     test = metrics["test"]
-    print(f"seed {seed}: test accuracy {test['accuracy']:.3f}, trained in {metrics['train_seconds']:.0f}s, "
-          f"coverage {test['at_threshold']['coverage']:.0%} at threshold {metrics['threshold']:.4f}", file=sys.stderr)
+    print(
+        f"seed {seed}: test accuracy {test['accuracy']:.3f}, trained in {metrics['train_seconds']:.0f}s, "
+        f"coverage {test['at_threshold']['coverage']:.0%} at threshold {metrics['threshold']:.4f}",
+        file=sys.stderr,
+    )
     return {
         "seed": seed,
         "test_accuracy": test["accuracy"],
@@ -70,9 +85,14 @@ def run_seed(data: Path, out: Path, seed: int) -> tuple[dict, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, choices=range(1, len(SEEDS) + 1), default=1,
-                        help="seeds fitted at once, one thread each (default 1: one after the other, as timed "
-                             "figures need); more gives the accuracy figures sooner on a busy machine")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        choices=range(1, len(SEEDS) + 1),
+        default=1,
+        help="seeds fitted at once, one thread each (default 1: one after the other, as timed "
+        "figures need); more gives the accuracy figures sooner on a busy machine",
+    )
     jobs = parser.parse_args().jobs
     if jobs > 1:
         os.environ["OMP_NUM_THREADS"] = "1"  # read by each fit's train.py
@@ -106,8 +126,19 @@ def main() -> None:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     etl.write_file(RESULTS, (json.dumps(results, indent=2) + "\n").encode())
-    print(json.dumps({key: results[key] for key in ("test_accuracy_mean", "test_accuracy_min",
-                                                    "train_seconds_median", "test_coverage_at_threshold_mean")}))
+    print(
+        json.dumps(
+            {
+                key: results[key]
+                for key in (
+                    "test_accuracy_mean",
+                    "test_accuracy_min",
+                    "train_seconds_median",
+                    "test_coverage_at_threshold_mean",
+                )
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,13 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from local import aws  # noqa: E402
-from training.etl import SHARED_ARCHIVE  # noqa: E402
 from local.assembly import read_assembly  # noqa: E402
-from local.endpoint import CaptureSpec, EndpointServer, EndpointSpec  # noqa: E402
 from local.deploy import LocalDeployment  # noqa: E402
+from local.endpoint import CaptureSpec, EndpointServer, EndpointSpec  # noqa: E402
 from local.executions import percentile, run_executions  # noqa: E402
-from training import etl, fit  # noqa: E402
 from stacks.workflow_stack import METRIC_NAMESPACE  # noqa: E402
+from training import etl, fit  # noqa: E402
+from training.etl import SHARED_ARCHIVE  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "workflow.json"
 REPEATS = 3
@@ -39,8 +39,11 @@ CONCURRENCY = (1, 8)
 
 
 def latency_figures(latencies_ms: list[float], wall_seconds: float) -> dict:
-    return {"p50_ms": round(percentile(latencies_ms, 0.5), 1), "p99_ms": round(percentile(latencies_ms, 0.99), 1),
-            "executions_per_s": round(len(latencies_ms) / wall_seconds, 1)}
+    return {
+        "p50_ms": round(percentile(latencies_ms, 0.5), 1),
+        "p99_ms": round(percentile(latencies_ms, 0.99), 1),
+        "executions_per_s": round(len(latencies_ms) / wall_seconds, 1),
+    }
 
 
 def engine_run(state_machine: str, bucket: str, keys: list[str], concurrency: int) -> dict:
@@ -90,25 +93,36 @@ def main() -> None:
         os.environ["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"] = endpoint.url
         os.environ.update({"ENDPOINT_NAME": "scones-dev", "THRESHOLD": "0.93", "METRIC_NAMESPACE": METRIC_NAMESPACE})
         deployment.deploy(stacks["SconesDevWorkflow"])
-        machine = next(m["Ref"] for m in deployment.created("SconesDevWorkflow", "AWS::StepFunctions::StateMachine")
-                       .values() if m["Name"].endswith("-classify-image"))
+        machine = next(
+            m["Ref"]
+            for m in deployment.created("SconesDevWorkflow", "AWS::StepFunctions::StateMachine").values()
+            if m["Name"].endswith("-classify-image")
+        )
         keys = [line.split("\t")[2] for line in (work / "data" / "test.lst").read_text().splitlines()]
-        runs = {f"engine_concurrency_{c}": [engine_run(machine, bucket, keys, c) for _ in range(REPEATS)]
-                for c in CONCURRENCY}
+        runs = {
+            f"engine_concurrency_{c}": [engine_run(machine, bucket, keys, c) for _ in range(REPEATS)]
+            for c in CONCURRENCY
+        }
         runs["handlers_chained"] = [chained_run(bucket, keys) for _ in range(REPEATS)]
     server.stop()
 
-    medians = {name: {figure: statistics.median(run[figure] for run in repeats) for figure in repeats[0]}
-               for name, repeats in runs.items()}
+    medians = {
+        name: {figure: statistics.median(run[figure] for run in repeats) for figure in repeats[0]}
+        for name, repeats in runs.items()
+    }
     result = {
         "what": f"{len(keys)} real CIFAR-100 test images through the synthesized classify-image state machine "
-                "on moto's engine with the local endpoint (capture on), and the same handlers chained directly",
-        "model": str(model), "repeats": REPEATS, "medians": medians, "runs": runs,
-        "engine_overhead_ratio_p50": round(medians["engine_concurrency_1"]["p50_ms"]
-                                           / medians["handlers_chained"]["p50_ms"], 1),
+        "on moto's engine with the local endpoint (capture on), and the same handlers chained directly",
+        "model": str(model),
+        "repeats": REPEATS,
+        "medians": medians,
+        "runs": runs,
+        "engine_overhead_ratio_p50": round(
+            medians["engine_concurrency_1"]["p50_ms"] / medians["handlers_chained"]["p50_ms"], 1
+        ),
         "goal": "p50 under 150 ms per execution on the local engine",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_average": os.getloadavg()},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"medians": medians, "engine_overhead_ratio_p50": result["engine_overhead_ratio_p50"]}, indent=2))

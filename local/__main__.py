@@ -70,8 +70,9 @@ class LocalRun:
             say("aws", f"reusing the local AWS at {info['url']} (pid {info['pid']})")
         else:
             runtime_url = f"http://127.0.0.1:{free_port()}"
-            info = self.aws.start(["-m", "local.aws", "--port", str(free_port())],
-                                  env={"AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": runtime_url})
+            info = self.aws.start(
+                ["-m", "local.aws", "--port", str(free_port())], env={"AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": runtime_url}
+            )
             self.started.append(self.aws)
             say("aws", f"started the local AWS (moto, Step Functions engine, in-process Lambdas) at {info['url']}")
         os.environ.update(aws.client_environment(info["url"]))
@@ -110,8 +111,9 @@ class LocalRun:
         key = f"models/local-{dataset_sha[:12]}/output/model.tar.gz"
         boto3.client("s3").upload_file(str(archive), bucket, key)
         url = f"s3://{bucket}/{key}"
-        boto3.client("ssm").put_parameter(Name=MODEL_PARAMETER.format(env=self.env_name), Value=url,
-                                          Type="String", Overwrite=True)
+        boto3.client("ssm").put_parameter(
+            Name=MODEL_PARAMETER.format(env=self.env_name), Value=url, Type="String", Overwrite=True
+        )
         return url
 
     def capture_report(self, bucket: str, endpoint: str) -> Path:
@@ -119,12 +121,33 @@ class LocalRun:
         from monitoring.__main__ import main as monitoring
 
         baseline, out = self.state_dir / "model" / "baseline", self.state_dir / "report"
-        if not (baseline / "constraints.json").exists() or \
-                (baseline / "constraints.json").stat().st_mtime < (self.state_dir / "model" / "model.tar.gz").stat().st_mtime:
-            monitoring(["baseline", "--model", str(self.state_dir / "model" / "model.tar.gz"),
-                        "--data", str(self.state_dir / "data"), "--out", str(baseline)])
-        monitoring(["report", f"s3://{bucket}/data_capture/{endpoint}/", "--baseline", str(baseline),
-                    "--out", str(out), "--no-progress"])
+        if (
+            not (baseline / "constraints.json").exists()
+            or (baseline / "constraints.json").stat().st_mtime
+            < (self.state_dir / "model" / "model.tar.gz").stat().st_mtime
+        ):
+            monitoring(
+                [
+                    "baseline",
+                    "--model",
+                    str(self.state_dir / "model" / "model.tar.gz"),
+                    "--data",
+                    str(self.state_dir / "data"),
+                    "--out",
+                    str(baseline),
+                ]
+            )
+        monitoring(
+            [
+                "report",
+                f"s3://{bucket}/data_capture/{endpoint}/",
+                "--baseline",
+                str(baseline),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
         return out / "report.html"
 
     def serve_endpoint(self, deployment: LocalDeployment, runtime_url: str) -> list[str]:
@@ -151,8 +174,18 @@ class LocalRun:
             self.endpoint.stop()
             spec_file.write_text(spec_json)
             port = runtime_url.rsplit(":", 1)[1]
-            self.endpoint.start(["-m", "local.endpoint", "--spec", str(spec_file), "--port", port,
-                                 "--spool-dir", str(self.state_dir / "capture-spool")])
+            self.endpoint.start(
+                [
+                    "-m",
+                    "local.endpoint",
+                    "--spec",
+                    str(spec_file),
+                    "--port",
+                    port,
+                    "--spool-dir",
+                    str(self.state_dir / "capture-spool"),
+                ]
+            )
             self.started.append(self.endpoint)
             say("endpoint", f"serving {', '.join(spec.name for spec in specs)} at {runtime_url} with data capture")
         return [spec.name for spec in specs]
@@ -180,8 +213,10 @@ def assembly_env(stacks, assembly_dir: Path, requested: str | None) -> str:
     synth = "make synth" if env_name == "dev" else f'make synth CONTEXT="-c env={env_name}"'
     if held and env_name not in held:
         holds = " and ".join(f"Scones{env.title()}*" for env in held)
-        raise AssemblyError(f"{assembly_dir} holds {holds}, not the {env_name} stacks: pass "
-                               f"{' or '.join(f'--env {env}' for env in held)}, or run `{synth}` to synthesize them")
+        raise AssemblyError(
+            f"{assembly_dir} holds {holds}, not the {env_name} stacks: pass "
+            f"{' or '.join(f'--env {env}' for env in held)}, or run `{synth}` to synthesize them"
+        )
     raise AssemblyError(f"{assembly_dir} has no {', '.join(missing)}: run `{synth}` to synthesize them")
 
 
@@ -233,8 +268,11 @@ def run_up(run: LocalRun, concurrency: int) -> dict:
     state_dir = run.state_dir
     info = run.timed("aws", run.start_aws)
     deployment = run.timed("deploy_data", run.deploy, [run.stack("Data")])
-    bucket = next(bucket["Ref"] for logical_id, bucket in deployment.created(run.stack("Data"), "AWS::S3::Bucket").items()
-                  if logical_id.startswith("Data"))
+    bucket = next(
+        bucket["Ref"]
+        for logical_id, bucket in deployment.created(run.stack("Data"), "AWS::S3::Bucket").items()
+        if logical_id.startswith("Data")
+    )
     staged = run.timed("stage", run.stage, bucket)
     dataset_sha = hashlib.sha256(json.dumps(staged.dataset["files"], sort_keys=True).encode()).hexdigest()
     model_url = run.timed("train", run.train, dataset_sha, bucket)
@@ -256,11 +294,16 @@ def run_up(run: LocalRun, concurrency: int) -> dict:
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     if endpoints:  # the endpoint uploads its spooled captures every 0.2 s: have the last ones uploaded now
         try:
-            urllib.request.urlopen(urllib.request.Request(f"{info['sagemaker_runtime']}/local/upload-captures",
-                                                          data=b"", method="POST"), timeout=60).close()
+            urllib.request.urlopen(
+                urllib.request.Request(f"{info['sagemaker_runtime']}/local/upload-captures", data=b"", method="POST"),
+                timeout=60,
+            ).close()
         except urllib.error.URLError as error:
-            say("capture", f"the endpoint did not upload its last captures ({error}); they follow within a second "
-                           "while it runs, or when `make stop` stops it")
+            say(
+                "capture",
+                f"the endpoint did not upload its last captures ({error}); they follow within a second "
+                "while it runs, or when `make stop` stops it",
+            )
     captured = count_captured(bucket, f"data_capture/{endpoints[0]}/") if endpoints else 0
     summary = summarise(executions, labels, metrics, captured)
     if endpoints:
@@ -284,14 +327,14 @@ def print_summary(summary: dict, bucket: str, endpoints: list[str], state_dir: P
     accuracy = summary["model_test_accuracy"]
     print(f"""
 scones on this machine
-  model test accuracy       {accuracy if accuracy is None else f'{accuracy:.3f}'}
-  executions                {summary['executions']}: {summary['succeeded']} succeeded; failed: {failed}
-  accuracy of accepted      {summary['accepted_accuracy']}
-  execution latency         p50 {summary['latency_ms_p50']} ms, p99 {summary['latency_ms_p99']} ms
-  captured records          {summary['captured_records']} under s3://{bucket}/data_capture/{endpoints[0] if endpoints else ''}
-  model report              {_relative_to_cwd(state_dir / 'model' / 'report.html')}
-  capture report            {_relative_to_cwd(summary['capture_report']) if 'capture_report' in summary else 'none (no endpoint)'}
-  summary                   {_relative_to_cwd(state_dir / 'summary.json')}
+  model test accuracy       {accuracy if accuracy is None else f"{accuracy:.3f}"}
+  executions                {summary["executions"]}: {summary["succeeded"]} succeeded; failed: {failed}
+  accuracy of accepted      {summary["accepted_accuracy"]}
+  execution latency         p50 {summary["latency_ms_p50"]} ms, p99 {summary["latency_ms_p99"]} ms
+  captured records          {summary["captured_records"]} under s3://{bucket}/data_capture/{endpoints[0] if endpoints else ""}
+  model report              {_relative_to_cwd(state_dir / "model" / "report.html")}
+  capture report            {_relative_to_cwd(summary["capture_report"]) if "capture_report" in summary else "none (no endpoint)"}
+  summary                   {_relative_to_cwd(state_dir / "summary.json")}
   stop everything           make stop   (or: python -m local down)
 """)
 
@@ -308,13 +351,16 @@ def main(argv: list[str] | None = None) -> int:
     up_parser = commands.add_parser("up", help="run the whole workflow locally (make run)")
     down_parser = commands.add_parser("down", help="stop the local services (make stop)")
     for sub in (up_parser, down_parser):
-        sub.add_argument("--state-dir", type=Path, default=Path(".scones"),
-                         help="where local state lives (default: %(default)s)")
-    up_parser.add_argument("--assembly", type=Path, default=Path("cdk.out"),
-                           help="the synthesized cloud assembly (default: %(default)s)")
+        sub.add_argument(
+            "--state-dir", type=Path, default=Path(".scones"), help="where local state lives (default: %(default)s)"
+        )
+    up_parser.add_argument(
+        "--assembly", type=Path, default=Path("cdk.out"), help="the synthesized cloud assembly (default: %(default)s)"
+    )
     up_parser.add_argument("--env", help="the environment whose stacks to run (default: the one the assembly holds)")
-    up_parser.add_argument("--concurrency", type=positive_int, default=8,
-                           help="executions running at once (default: %(default)s)")
+    up_parser.add_argument(
+        "--concurrency", type=positive_int, default=8, help="executions running at once (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "down":

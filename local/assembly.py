@@ -10,8 +10,13 @@ from typing import Any
 
 ACCOUNT = "123456789012"
 REGION = "us-east-1"
-PSEUDO = {"AWS::AccountId": ACCOUNT, "AWS::Region": REGION, "AWS::Partition": "aws",
-          "AWS::URLSuffix": "amazonaws.com", "AWS::NoValue": None}
+PSEUDO = {
+    "AWS::AccountId": ACCOUNT,
+    "AWS::Region": REGION,
+    "AWS::Partition": "aws",
+    "AWS::URLSuffix": "amazonaws.com",
+    "AWS::NoValue": None,
+}
 
 
 class AssemblyError(Exception):
@@ -77,7 +82,7 @@ class Resolver:
         if not isinstance(value, dict):
             return value
         if len(value) == 1:
-            (function, argument), = value.items()
+            ((function, argument),) = value.items()
             if function == "Ref" or function.startswith("Fn::"):
                 return self._intrinsic(stack, function, argument)
         return {key: self.resolve(stack, item) for key, item in value.items()}
@@ -93,8 +98,9 @@ class Resolver:
             if argument in PSEUDO:
                 return PSEUDO[argument]
             if argument in stack.template.get("Parameters", {}):
-                return self.parameters.get(stack.name, {}).get(argument,
-                                                                stack.template["Parameters"][argument].get("Default"))
+                return self.parameters.get(stack.name, {}).get(
+                    argument, stack.template["Parameters"][argument].get("Default")
+                )
             return self._attribute(stack, argument, "Ref")
         if function == "Fn::GetAtt":
             logical_id, attribute = argument if isinstance(argument, list) else argument.split(".", 1)

@@ -28,8 +28,13 @@ ENGINE_CONFIG = {"lambda": {"use_docker": False}, "stepfunctions": {"execute_sta
 
 def client_environment(url: str) -> dict[str, str]:
     """What boto3 (ours, the handlers', the Step Functions engine's) needs to reach the local AWS."""
-    return {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION}
+    return {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+    }
 
 
 def _route_hosts_once() -> None:
@@ -55,8 +60,12 @@ def start(port: int = 0) -> tuple[ThreadedMotoServer, str]:
     # The Step Functions engine calls Lambda at localhost:$MOTO_PORT.
     os.environ["MOTO_PORT"] = str(bound)
     os.environ.update(client_environment(url))
-    request = urllib.request.Request(f"{url}/moto-api/config", data=json.dumps(ENGINE_CONFIG).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        f"{url}/moto-api/config",
+        data=json.dumps(ENGINE_CONFIG).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     urllib.request.urlopen(request, timeout=10).close()
     return server, url
 
@@ -64,15 +73,19 @@ def start(port: int = 0) -> tuple[ThreadedMotoServer, str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m local.aws", description="Serve the local AWS until SIGTERM.")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--ready-file", type=Path, required=True,
-                        help='once serving, write {"pid", "url", "sagemaker_runtime"} here')
+    parser.add_argument(
+        "--ready-file", type=Path, required=True, help='once serving, write {"pid", "url", "sagemaker_runtime"} here'
+    )
     args = parser.parse_args(argv)
     server, url = start(args.port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     partial = args.ready_file.with_name(f".{args.ready_file.name}.partial")
-    partial.write_text(json.dumps({"pid": os.getpid(), "url": url,
-                                   "sagemaker_runtime": os.environ["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"]}))
+    partial.write_text(
+        json.dumps(
+            {"pid": os.getpid(), "url": url, "sagemaker_runtime": os.environ["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"]}
+        )
+    )
     partial.replace(args.ready_file)
     stop.wait()
     server.stop()

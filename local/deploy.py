@@ -11,9 +11,9 @@ import io
 import json
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import boto3
 
@@ -74,8 +74,9 @@ def creation_order(stack: Stack) -> list[str]:
         visiting.add(logical_id)
         resource = resources[logical_id]
         depends = resource.get("DependsOn", [])
-        for dependency in sorted(_references(resource.get("Properties", {})) | set(
-                [depends] if isinstance(depends, str) else depends)):
+        for dependency in sorted(
+            _references(resource.get("Properties", {})) | set([depends] if isinstance(depends, str) else depends)
+        ):
             visit(dependency)
         visiting.discard(logical_id)
         order.append(logical_id)
@@ -120,8 +121,11 @@ class LocalDeployment:
 
     def created(self, stack_name: str, kind: str) -> dict[str, dict]:
         """What was created of `kind` in the stack: logical id -> attributes ("Ref", "Arn", ...)."""
-        return {logical_id: attributes for logical_id, attributes in self.resolver.physical.get(stack_name, {}).items()
-                if attributes["Type"] == kind}
+        return {
+            logical_id: attributes
+            for logical_id, attributes in self.resolver.physical.get(stack_name, {}).items()
+            if attributes["Type"] == kind
+        }
 
     def client(self, service: str):
         return self.session.client(service)
@@ -150,7 +154,8 @@ class LocalDeployment:
                     value = self.client("ssm").get_parameter(Name=parameter["Default"])["Parameter"]["Value"]
                 except self.client("ssm").exceptions.ParameterNotFound:
                     raise UnresolvedReference(
-                        f"{stack.name} needs SSM parameter {parameter['Default']}: train a model first") from None
+                        f"{stack.name} needs SSM parameter {parameter['Default']}: train a model first"
+                    ) from None
                 self.resolver.parameters.setdefault(stack.name, {})[name] = value
 
     def _bucket(self, stack: Stack, logical_id: str, properties: dict) -> dict:
@@ -162,11 +167,17 @@ class LocalDeployment:
         if "VersioningConfiguration" in properties:
             s3.put_bucket_versioning(Bucket=name, VersioningConfiguration=properties["VersioningConfiguration"])
         if "BucketEncryption" in properties:
-            rules = [{"ApplyServerSideEncryptionByDefault": rule["ServerSideEncryptionByDefault"]}
-                     for rule in properties["BucketEncryption"]["ServerSideEncryptionConfiguration"]]
+            rules = [
+                {"ApplyServerSideEncryptionByDefault": rule["ServerSideEncryptionByDefault"]}
+                for rule in properties["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+            ]
             s3.put_bucket_encryption(Bucket=name, ServerSideEncryptionConfiguration={"Rules": rules})
-        return {"Ref": name, "Arn": f"arn:aws:s3:::{name}", "DomainName": f"{name}.s3.amazonaws.com",
-                "RegionalDomainName": f"{name}.s3.{REGION}.amazonaws.com"}
+        return {
+            "Ref": name,
+            "Arn": f"arn:aws:s3:::{name}",
+            "DomainName": f"{name}.s3.amazonaws.com",
+            "RegionalDomainName": f"{name}.s3.{REGION}.amazonaws.com",
+        }
 
     def _role(self, stack: Stack, logical_id: str, properties: dict) -> dict:
         name = _physical_name(stack, logical_id, properties.get("RoleName"), 64)
@@ -174,8 +185,9 @@ class LocalDeployment:
         try:
             arn = iam.get_role(RoleName=name)["Role"]["Arn"]
         except iam.exceptions.NoSuchEntityException:
-            arn = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(
-                properties["AssumeRolePolicyDocument"]))["Role"]["Arn"]
+            arn = iam.create_role(
+                RoleName=name, AssumeRolePolicyDocument=json.dumps(properties["AssumeRolePolicyDocument"])
+            )["Role"]["Arn"]
         return {"Ref": name, "Arn": arn}
 
     def _log_group(self, stack: Stack, logical_id: str, properties: dict) -> dict:
@@ -189,13 +201,20 @@ class LocalDeployment:
         name = _physical_name(stack, logical_id, properties.get("FunctionName"), 64)
         code = properties["Code"]
         source = stack.assets.get(code.get("S3Key", ""))
-        zipped = _zip_folder(source) if source and source.is_dir() else (
-            source.read_bytes() if source else code.get("ZipFile", "").encode())
+        zipped = (
+            _zip_folder(source)
+            if source and source.is_dir()
+            else (source.read_bytes() if source else code.get("ZipFile", "").encode())
+        )
         lam = self.client("lambda")
-        settings = dict(Role=properties["Role"], Handler=properties.get("Handler", "index.handler"),
-                        Runtime=properties.get("Runtime", "python3.11"), Timeout=properties.get("Timeout", 3),
-                        MemorySize=properties.get("MemorySize", 128),
-                        Environment={"Variables": properties.get("Environment", {}).get("Variables", {})})
+        settings = dict(
+            Role=properties["Role"],
+            Handler=properties.get("Handler", "index.handler"),
+            Runtime=properties.get("Runtime", "python3.11"),
+            Timeout=properties.get("Timeout", 3),
+            MemorySize=properties.get("MemorySize", 128),
+            Environment={"Variables": properties.get("Environment", {}).get("Variables", {})},
+        )
         try:
             lam.get_function(FunctionName=name)
             lam.update_function_code(FunctionName=name, ZipFile=zipped)
@@ -213,8 +232,12 @@ class LocalDeployment:
             sfn.describe_state_machine(stateMachineArn=arn)
             sfn.update_state_machine(stateMachineArn=arn, definition=definition, roleArn=properties["RoleArn"])
         except sfn.exceptions.StateMachineDoesNotExist:
-            sfn.create_state_machine(name=name, definition=definition, roleArn=properties["RoleArn"],
-                                     type=properties.get("StateMachineType", "STANDARD"))
+            sfn.create_state_machine(
+                name=name,
+                definition=definition,
+                roleArn=properties["RoleArn"],
+                type=properties.get("StateMachineType", "STANDARD"),
+            )
         return {"Ref": arn, "Arn": arn, "Name": name}
 
     def _kms_key(self, stack: Stack, logical_id: str, properties: dict) -> dict:

@@ -25,8 +25,9 @@ import threading
 import traceback
 import uuid
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from moto.awslambda.models import LambdaBackend
 from moto.awslambda_simple.models import LambdaSimpleBackend
@@ -90,13 +91,15 @@ def _apply_environment(function) -> None:
         if _environment.get(name, value) != value:
             raise EnvironmentConflict(
                 f"{function.function_name} sets {name}={value!r} but another function set {_environment[name]!r}; "
-                "the local Lambda runtime runs every function in one process")
+                "the local Lambda runtime runs every function in one process"
+            )
         _environment[name] = value
         os.environ[name] = value
 
 
-def _invoke(backend: LambdaBackend, function_name: str, qualifier: str | None, body: Any, headers: Any,
-            response_headers: Any) -> bytes:
+def _invoke(
+    backend: LambdaBackend, function_name: str, qualifier: str | None, body: Any, headers: Any, response_headers: Any
+) -> bytes:
     function = backend.get_function(function_name, qualifier)
     try:
         with _lock:
@@ -105,13 +108,15 @@ def _invoke(backend: LambdaBackend, function_name: str, qualifier: str | None, b
         event = json.loads(body) if body else {}
         result = handler(event, Context(function))
         payload = json.dumps(result)
-    except Exception as error:  # noqa: BLE001 - every handler error is reported as Lambda reports it
+    except Exception as error:
         response_headers["x-amz-function-error"] = "Unhandled"
-        payload = json.dumps({
-            "errorMessage": str(error),
-            "errorType": type(error).__name__,
-            "stackTrace": traceback.format_tb(error.__traceback__),
-        })
+        payload = json.dumps(
+            {
+                "errorMessage": str(error),
+                "errorType": type(error).__name__,
+                "stackTrace": traceback.format_tb(error.__traceback__),
+            }
+        )
     return payload.encode()
 
 

@@ -35,9 +35,14 @@ class BackgroundService:
     def start(self, arguments: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> dict:
         self.ready_file.unlink(missing_ok=True)
         with open(self.log_file, "ab") as log:
-            process = subprocess.Popen([sys.executable, *arguments, "--ready-file", str(self.ready_file)],
-                                       env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(
+                [sys.executable, *arguments, "--ready-file", str(self.ready_file)],
+                env={**os.environ, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while (info := self.info()) is None:
             if process.poll() is not None or time.monotonic() > deadline:

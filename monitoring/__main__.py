@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 VIOLATION_EXIT = 3
@@ -30,7 +30,7 @@ def iso_time(text: str) -> datetime:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO time such as 2026-11-25T08:00:00Z") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def window_length(text: str) -> str:
@@ -44,36 +44,52 @@ def window_length(text: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    main_parser = argparse.ArgumentParser(prog="python -m monitoring",
-                                          description="Model Monitor-style report on the endpoint's data capture.")
+    main_parser = argparse.ArgumentParser(
+        prog="python -m monitoring", description="Model Monitor-style report on the endpoint's data capture."
+    )
     commands = main_parser.add_subparsers(dest="command", required=True)
-    baseline = commands.add_parser("baseline", help="statistics.json and constraints.json of the model's "
-                                                    "validation answers and training images")
+    baseline = commands.add_parser(
+        "baseline", help="statistics.json and constraints.json of the model's validation answers and training images"
+    )
     baseline.add_argument("--model", required=True, help="model.tar.gz with code/inference.py (a file or s3://...)")
     baseline.add_argument("--data", type=Path, required=True, help="staged data folder (python -m training.etl)")
-    baseline.add_argument("--out", required=True,
-                          help="folder or s3://bucket/prefix/ for statistics.json and constraints.json")
+    baseline.add_argument(
+        "--out", required=True, help="folder or s3://bucket/prefix/ for statistics.json and constraints.json"
+    )
 
     report = commands.add_parser("report", help="check captured records against the baseline, write report.html")
     report.add_argument("captures", help="folder or s3://bucket/prefix of capture files (.jsonl, .jsonl.gz)")
-    report.add_argument("--baseline", required=True,
-                        help="folder or s3://bucket/prefix/ holding statistics.json and constraints.json")
+    report.add_argument(
+        "--baseline", required=True, help="folder or s3://bucket/prefix/ holding statistics.json and constraints.json"
+    )
     report.add_argument("--out", type=Path, required=True, help="folder for report.html and the other results")
-    report.add_argument("--window", type=window_length, default="1h", help="length of the checked windows: 30m, 1h, 1d... (default 1h)")
+    report.add_argument(
+        "--window", type=window_length, default="1h", help="length of the checked windows: 30m, 1h, 1d... (default 1h)"
+    )
     report.add_argument("--since", type=iso_time, help="first inference time read (ISO, UTC unless stated)")
     report.add_argument("--until", type=iso_time, help="end of the inference times read (excluded)")
-    report.add_argument("--last", type=window_length,
-                        help="read only the last whole period of this length ended by --until (default: now), "
-                             "e.g. 1h at 10:10 reads 09:00 to 10:00; instead of --since")
-    report.add_argument("--fail-on-violation", action="store_true",
-                        help=f"exit with status {VIOLATION_EXIT} when any check is violated")
+    report.add_argument(
+        "--last",
+        type=window_length,
+        help="read only the last whole period of this length ended by --until (default: now), "
+        "e.g. 1h at 10:10 reads 09:00 to 10:00; instead of --since",
+    )
+    report.add_argument(
+        "--fail-on-violation", action="store_true", help=f"exit with status {VIOLATION_EXIT} when any check is violated"
+    )
     report.add_argument("--no-progress", action="store_true", help="no progress bar")
-    report.add_argument("--publish-metrics", metavar="NAMESPACE",
-                        help="put the violations into CloudWatch (DriftViolations in total and per check type, "
-                             "DriftCheckedRecords), dimension EndpointName")
+    report.add_argument(
+        "--publish-metrics",
+        metavar="NAMESPACE",
+        help="put the violations into CloudWatch (DriftViolations in total and per check type, "
+        "DriftCheckedRecords), dimension EndpointName",
+    )
     report.add_argument("--endpoint-name", help="the EndpointName dimension of the published metrics")
-    report.add_argument("--allow-empty", action="store_true",
-                        help="no capture in the range is a quiet period, not an error: exit 0 (and publish zeros)")
+    report.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="no capture in the range is a quiet period, not an error: exit 0 (and publish zeros)",
+    )
     return main_parser
 
 
@@ -82,9 +98,9 @@ def last_period(length: str, until: datetime | None) -> tuple[datetime, datetime
     from monitoring.report import window_seconds
 
     seconds = window_seconds(length)
-    end = (until or datetime.now(timezone.utc)).timestamp()
+    end = (until or datetime.now(UTC)).timestamp()
     start = (end // seconds - 1) * seconds
-    return datetime.fromtimestamp(start, timezone.utc), datetime.fromtimestamp(start + seconds, timezone.utc)
+    return datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(start + seconds, UTC)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                 statistics, constraints = baseline.compute(baseline.fetch_model(args.model, Path(folder)), args.data)
             baseline.write(statistics, constraints, args.out)
             where = args.out.rstrip("/") + "/" if args.out.startswith("s3://") else f"{Path(args.out)}{os.sep}"
-            print(f"baseline of {statistics['dataset']['item_count']} validation answers and "
-                  f"{statistics['dataset']['image_count']} training images in {time.perf_counter() - started:.1f}s: "
-                  f"{where}statistics.json, {where}constraints.json")
+            print(
+                f"baseline of {statistics['dataset']['item_count']} validation answers and "
+                f"{statistics['dataset']['image_count']} training images in {time.perf_counter() - started:.1f}s: "
+                f"{where}statistics.json, {where}constraints.json"
+            )
             return 0
         report.prepare_out(args.out)
         statistics, constraints = baseline.load(args.baseline)
@@ -135,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         except (BotoCoreError, ClientError) as error:
             print(f"monitoring: error: cannot publish the metrics to CloudWatch: {error}", file=sys.stderr)
             return PUBLISH_FAILED_EXIT
-        print(f"published {summary['violations']} violation(s) as {args.publish_metrics}/{metrics.VIOLATIONS} "
-              f"for EndpointName={args.endpoint_name}")
+        print(
+            f"published {summary['violations']} violation(s) as {args.publish_metrics}/{metrics.VIOLATIONS} "
+            f"for EndpointName={args.endpoint_name}"
+        )
     if summary["records"]:
         print(f"{summary['records']} records, {summary['violations']} violation(s): {args.out / 'report.html'}")
     return VIOLATION_EXIT if args.fail_on_violation and summary["violations"] else 0

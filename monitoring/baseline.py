@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from monitoring import checks
-from monitoring import captures
+from monitoring import captures, checks
 from monitoring.captures import CHANNELS
 
 SKETCH_K = 2048  # Model Monitor's KLL parameter k; more values than this are kept as k evenly spaced quantiles
@@ -33,6 +32,7 @@ class BaselineError(Exception):
 
 
 # ------------------------------------------------------------------------------------------ computation
+
 
 def manifest_images(data_dir: Path, manifest: str, labels: int) -> list[Path]:
     """Images of labels 0..labels-1 listed in a staged `.lst` manifest (index, label, relative path)."""
@@ -47,8 +47,10 @@ def manifest_images(data_dir: Path, manifest: str, labels: int) -> list[Path]:
         try:
             label = int(float(fields[1]))
         except ValueError:
-            raise BaselineError(f"{path}:{number}: the label {fields[1]!r} is not a number (lines are index, label "
-                                "and path, tab-separated, as `python -m training.etl` stages them)") from None
+            raise BaselineError(
+                f"{path}:{number}: the label {fields[1]!r} is not a number (lines are index, label "
+                "and path, tab-separated, as `python -m training.etl` stages them)"
+            ) from None
         if label < labels:
             images.append(data_dir / fields[-1])
     if not images:
@@ -70,8 +72,9 @@ def load_model(model_archive: Path):
             with tarfile.open(model_archive) as archive:
                 archive.extractall(model_dir, filter="data")
         except (tarfile.TarError, EOFError, zlib.error, OSError):
-            raise BaselineError(f"{model_archive} is not a model archive (the model.tar.gz that training "
-                                "writes)") from None
+            raise BaselineError(
+                f"{model_archive} is not a model archive (the model.tar.gz that training writes)"
+            ) from None
         settings_path = Path(model_dir, "model.json")
         if not Path(model_dir, "code", "inference.py").is_file() or not settings_path.is_file():
             raise BaselineError(f"{model_archive} has no code/inference.py or model.json")
@@ -89,11 +92,12 @@ def predict(handler, model, images: list[Path]) -> np.ndarray:
 
     answers = []
     for start in range(0, len(images), PREDICTION_BATCH):
-        batch = torch.cat([handler.input_fn(path.read_bytes(), "image/png")
-                           for path in images[start:start + PREDICTION_BATCH]])
+        batch = torch.cat(
+            [handler.input_fn(path.read_bytes(), "image/png") for path in images[start : start + PREDICTION_BATCH]]
+        )
         prediction = handler.predict_fn(batch, model)
         for row in range(len(batch)):
-            body, _ = handler.output_fn(prediction[row:row + 1], "application/json")
+            body, _ = handler.output_fn(prediction[row : row + 1], "application/json")
             answers.append(json.loads(body))
     return np.array(answers, dtype=float)
 
@@ -110,8 +114,13 @@ def image_statistics(images: list[Path]) -> dict:
         means.append(mean[0])
         stds.append(std[0])
         contrasts.append(contrast[0])
-    return {"channel_means": np.array(means), "channel_stds": np.array(stds),
-            "border_minus_centre": np.array(contrasts), "sizes": sizes, "formats": formats}
+    return {
+        "channel_means": np.array(means),
+        "channel_stds": np.array(stds),
+        "border_minus_centre": np.array(contrasts),
+        "sizes": sizes,
+        "formats": formats,
+    }
 
 
 def compute(model_archive: Path, data_dir: Path) -> tuple[dict, dict]:
@@ -122,21 +131,26 @@ def compute(model_archive: Path, data_dir: Path) -> tuple[dict, dict]:
     training = image_statistics(manifest_images(data_dir, "train.lst", len(classes)))
     top = probabilities.max(axis=1)
     predicted = [classes[index] for index in probabilities.argmax(axis=1)]
-    features = [categorical_feature("prediction", predicted, classes),
-                numerical_feature("top_probability", top),
-                numerical_feature("low_confidence", (top < threshold).astype(float), "Integral")]
+    features = [
+        categorical_feature("prediction", predicted, classes),
+        numerical_feature("top_probability", top),
+        numerical_feature("low_confidence", (top < threshold).astype(float), "Integral"),
+    ]
     for channel, name in enumerate(CHANNELS):
         features.append(numerical_feature(f"image_mean_{name}", training["channel_means"][:, channel]))
     for channel, name in enumerate(CHANNELS):
         features.append(numerical_feature(f"image_std_{name}", training["channel_stds"][:, channel]))
     features.append(numerical_feature(checks.BORDER_FEATURE, training["border_minus_centre"]))
-    features += [categorical_feature("image_size", training["sizes"]),
-                 categorical_feature("image_format", training["formats"])]
-    statistics = {"version": 0,
-                  "dataset": {"item_count": len(top), "image_count": len(training["sizes"])},
-                  "model": {"classes": classes, "threshold": threshold,
-                            "temperature": settings.get("temperature")},
-                  "features": features}
+    features += [
+        categorical_feature("image_size", training["sizes"]),
+        categorical_feature("image_format", training["formats"]),
+    ]
+    statistics = {
+        "version": 0,
+        "dataset": {"item_count": len(top), "image_count": len(training["sizes"])},
+        "model": {"classes": classes, "threshold": threshold, "temperature": settings.get("temperature")},
+        "features": features,
+    }
     return statistics, constraints_of(statistics)
 
 
@@ -145,28 +159,45 @@ def numerical_feature(name: str, values: np.ndarray, inferred_type: str = "Fract
     edges = np.linspace(values[0], values[-1], KLL_BUCKETS + 1)
     counts, _ = np.histogram(values, edges)
     sketch = values if len(values) <= SKETCH_K else np.quantile(values, np.linspace(0, 1, SKETCH_K))
-    return {"name": name, "inferred_type": inferred_type,
-            "numerical_statistics": {
-                "common": {"num_present": len(values), "num_missing": 0},
-                "mean": float(values.mean()), "sum": float(values.sum()), "std_dev": float(values.std()),
-                "min": float(values[0]), "max": float(values[-1]),
-                "distribution": {"kll": {
-                    "buckets": [{"lower_bound": float(low), "upper_bound": float(high), "count": int(count)}
-                                for low, high, count in zip(edges[:-1], edges[1:], counts)],
-                    "sketch": {"parameters": {"c": 0.64, "k": SKETCH_K}, "data": [sketch.tolist()]}}}}}
+    return {
+        "name": name,
+        "inferred_type": inferred_type,
+        "numerical_statistics": {
+            "common": {"num_present": len(values), "num_missing": 0},
+            "mean": float(values.mean()),
+            "sum": float(values.sum()),
+            "std_dev": float(values.std()),
+            "min": float(values[0]),
+            "max": float(values[-1]),
+            "distribution": {
+                "kll": {
+                    "buckets": [
+                        {"lower_bound": float(low), "upper_bound": float(high), "count": int(count)}
+                        for low, high, count in zip(edges[:-1], edges[1:], counts)
+                    ],
+                    "sketch": {"parameters": {"c": 0.64, "k": SKETCH_K}, "data": [sketch.tolist()]},
+                }
+            },
+        },
+    }
 
 
 def categorical_feature(name: str, values: list[str], domain: list[str] | None = None) -> dict:
     """A String feature; `domain` lists values to report even when absent (count 0), in that order."""
-    counts = {value: 0 for value in domain or []}
+    counts = dict.fromkeys(domain or [], 0)
     for value in values:
         counts[value] = counts.get(value, 0) + 1
-    return {"name": name, "inferred_type": "String",
-            "string_statistics": {
-                "common": {"num_present": len(values), "num_missing": 0},
-                "distinct_count": sum(1 for count in counts.values() if count),
-                "distribution": {"categorical": {"buckets": [{"value": value, "count": count}
-                                                             for value, count in counts.items()]}}}}
+    return {
+        "name": name,
+        "inferred_type": "String",
+        "string_statistics": {
+            "common": {"num_present": len(values), "num_missing": 0},
+            "distinct_count": sum(1 for count in counts.values() if count),
+            "distribution": {
+                "categorical": {"buckets": [{"value": value, "count": count} for value, count in counts.items()]}
+            },
+        },
+    }
 
 
 def constraints_of(statistics: dict) -> dict:
@@ -179,8 +210,12 @@ def constraints_of(statistics: dict) -> dict:
         else:
             constraint["num_constraints"] = {"is_non_negative": feature["numerical_statistics"]["min"] >= 0}
         features.append(constraint)
-    return {"version": 0, "features": features, "model": statistics["model"],
-            "monitoring_config": checks.default_monitoring_config()}
+    return {
+        "version": 0,
+        "features": features,
+        "model": statistics["model"],
+        "monitoring_config": checks.default_monitoring_config(),
+    }
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -203,8 +238,9 @@ def write(statistics: dict, constraints: dict, out: Path | str) -> None:
         bucket, prefix = _s3_location(str(out))
         try:
             for name, content in zip(BASELINE_FILES, contents):
-                boto3.client("s3").put_object(Bucket=bucket, Key=prefix + name, Body=content.encode(),
-                                              ContentType="application/json")
+                boto3.client("s3").put_object(
+                    Bucket=bucket, Key=prefix + name, Body=content.encode(), ContentType="application/json"
+                )
         except (BotoCoreError, ClientError) as error:
             raise BaselineError(f"cannot write the baseline to {out}: {error}") from None
         return
@@ -231,17 +267,22 @@ def load(baseline: Path | str) -> tuple[dict, dict]:
 
         bucket, prefix = _s3_location(str(baseline))
         try:
-            texts = [boto3.client("s3").get_object(Bucket=bucket, Key=prefix + name)["Body"].read()
-                     for name in BASELINE_FILES]
+            texts = [
+                boto3.client("s3").get_object(Bucket=bucket, Key=prefix + name)["Body"].read()
+                for name in BASELINE_FILES
+            ]
         except (BotoCoreError, ClientError) as error:
-            raise BaselineError(f"no baseline at {baseline} ({error}); build it with `python -m monitoring baseline "
-                                f"... --out {baseline}`") from None
+            raise BaselineError(
+                f"no baseline at {baseline} ({error}); build it with `python -m monitoring baseline "
+                f"... --out {baseline}`"
+            ) from None
         return _parsed(texts, [f"s3://{bucket}/{prefix}{name}" for name in BASELINE_FILES])
     paths = [Path(baseline) / name for name in BASELINE_FILES]
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
-        raise BaselineError(f"no baseline: {' and '.join(missing)} missing "
-                            "(build it with `python -m monitoring baseline`)")
+        raise BaselineError(
+            f"no baseline: {' and '.join(missing)} missing (build it with `python -m monitoring baseline`)"
+        )
     return _parsed([path.read_bytes() for path in paths], [str(path) for path in paths])
 
 
@@ -256,10 +297,17 @@ def _parsed(texts: list[bytes], names: list[str]) -> tuple[dict, dict]:
             raise BaselineError(f"{name} is not JSON ({error})") from None
     statistics, constraints = documents
     model = constraints.get("model") if isinstance(constraints, dict) else None
-    if not (isinstance(statistics, dict) and "features" in statistics and isinstance(model, dict)
-            and {"classes", "threshold"} <= model.keys() and "features" in constraints):
-        raise BaselineError(f"{names[0]} and {names[1]} are not a baseline of this model's answers "
-                            "(build one with `python -m monitoring baseline`)")
+    if not (
+        isinstance(statistics, dict)
+        and "features" in statistics
+        and isinstance(model, dict)
+        and {"classes", "threshold"} <= model.keys()
+        and "features" in constraints
+    ):
+        raise BaselineError(
+            f"{names[0]} and {names[1]} are not a baseline of this model's answers "
+            "(build one with `python -m monitoring baseline`)"
+        )
     return statistics, constraints
 
 

@@ -16,7 +16,7 @@ import os
 import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +78,7 @@ class Captures:
 
 # --------------------------------------------------------------------------------------------- locations
 
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """("bucket", "key/prefix") of "s3://bucket/key/prefix"."""
     bucket, _, key = uri.removeprefix("s3://").partition("/")
@@ -96,8 +97,10 @@ def list_capture_files(prefix: str, since: datetime | None = None, until: dateti
         names = [str(path) for path in folder.rglob("*") if path.is_file()]
     files = sorted(name for name in names if name.endswith(CAPTURE_SUFFIXES) and _hour_in_range(name, since, until))
     if not files:
-        raise NoCaptures(f"no capture files (*.jsonl, *.jsonl.gz) under {prefix}"
-                           + (" in the time range asked" if since or until else ""))
+        raise NoCaptures(
+            f"no capture files (*.jsonl, *.jsonl.gz) under {prefix}"
+            + (" in the time range asked" if since or until else "")
+        )
     return files
 
 
@@ -115,7 +118,7 @@ def _s3_keys(bucket: str, key_prefix: str, since: datetime | None, until: dateti
             for page in paginator.paginate(Bucket=bucket, Prefix=folder, Delimiter="/"):
                 keys += [entry["Key"] for entry in page.get("Contents", [])]
                 for common in page.get("CommonPrefixes", []):
-                    name = common["Prefix"][len(folder):-1]
+                    name = common["Prefix"][len(folder) : -1]
                     inner = date + (int(name),) if _is_date_part(name, date) else ()
                     if not inner or _overlaps(inner, since, until):
                         folders.append((common["Prefix"], inner))
@@ -132,7 +135,7 @@ def _is_date_part(name: str, date: tuple[int, ...]) -> bool:
 def _overlaps(date: tuple[int, ...], since: datetime | None, until: datetime | None) -> bool:
     """Whether the period a date folder covers (a year, month, day or hour) may hold records in range."""
     try:
-        start = datetime(*date, *(1,) * max(0, 3 - len(date)), tzinfo=timezone.utc)
+        start = datetime(*date, *(1,) * max(0, 3 - len(date)), tzinfo=UTC)
     except ValueError:  # not a date after all (month 13): list it
         return True
     if len(date) == 1:
@@ -165,11 +168,12 @@ def _read_bytes(name: str) -> bytes:
 
 # --------------------------------------------------------------------------------------------- records
 
+
 def parse_time(text: str) -> float:
     """Seconds since the epoch of an ISO time such as 2026-11-25T08:59:59Z or ...59.123Z."""
     moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
 
 
@@ -234,8 +238,16 @@ def read_file(name: str, since: float | None = None, until: float | None = None)
             probabilities = _probabilities(data["endpointOutput"]) if "endpointOutput" in data else None
             image, body = _image(data["endpointInput"]) if "endpointInput" in data else (None, b"")
             pixels = None if image is None else np.asarray(image.convert("RGB"))
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError, OSError, binascii.Error,
-                Image.DecompressionBombError) as error:
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            OSError,
+            binascii.Error,
+            Image.DecompressionBombError,
+        ) as error:
             reason = f"missing {error}" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
             columns.failures.append(Failure(name, number, reason[:200]))
             continue
@@ -260,11 +272,16 @@ def _columns_of(columns: _FileColumns) -> dict:
     present = [index for index, pixels in enumerate(columns.pixels) if pixels is not None]
     for shape in {columns.pixels[index].shape for index in present}:  # one stack per image size: vectorised
         rows = [index for index in present if columns.pixels[index].shape == shape]
-        means[rows], stds[rows], contrasts[rows] = image_statistics(
-            np.stack([columns.pixels[index] for index in rows]))
-    return {"times": np.array(columns.times, dtype=float), "probabilities": probabilities,
-            "channel_means": means, "channel_stds": stds, "border_minus_centre": contrasts,
-            "sizes": columns.sizes, "formats": columns.formats}
+        means[rows], stds[rows], contrasts[rows] = image_statistics(np.stack([columns.pixels[index] for index in rows]))
+    return {
+        "times": np.array(columns.times, dtype=float),
+        "probabilities": probabilities,
+        "channel_means": means,
+        "channel_stds": stds,
+        "border_minus_centre": contrasts,
+        "sizes": columns.sizes,
+        "formats": columns.formats,
+    }
 
 
 def border_centre_weights(height: int, width: int) -> np.ndarray:
@@ -277,9 +294,9 @@ def border_centre_weights(height: int, width: int) -> np.ndarray:
     """
     band_y, band_x = max(1, height // 8), max(1, width // 8)
     border = np.ones((height, width), dtype=bool)
-    border[band_y:height - band_y, band_x:width - band_x] = False
+    border[band_y : height - band_y, band_x : width - band_x] = False
     centre = np.zeros((height, width), dtype=bool)
-    centre[height // 4:height - height // 4, width // 4:width - width // 4] = True
+    centre[height // 4 : height - height // 4, width // 4 : width - width // 4] = True
     weights = border / border.sum() - centre / max(1, centre.sum())
     return weights.astype(np.float32).ravel()
 
@@ -297,19 +314,20 @@ def image_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def _lowest_of(columns: _FileColumns) -> list[LowConfidence]:
-    candidates = [(max(row), index) for index, row in enumerate(columns.probabilities)
-                  if row and columns.bodies[index]]
-    return [LowConfidence(confidence, columns.times[index], tuple(columns.probabilities[index]),
-                          columns.bodies[index])
-            for confidence, index in heapq.nsmallest(LOWEST_KEPT, candidates)]
+    candidates = [(max(row), index) for index, row in enumerate(columns.probabilities) if row and columns.bodies[index]]
+    return [
+        LowConfidence(confidence, columns.times[index], tuple(columns.probabilities[index]), columns.bodies[index])
+        for confidence, index in heapq.nsmallest(LOWEST_KEPT, candidates)
+    ]
 
 
 def _read_file_of(arguments) -> tuple[dict, list[Failure], list]:
     return read_file(*arguments)
 
 
-def read_captures(prefix: str, since: datetime | None = None, until: datetime | None = None,
-                  progress: bool = True) -> Captures:
+def read_captures(
+    prefix: str, since: datetime | None = None, until: datetime | None = None, progress: bool = True
+) -> Captures:
     """Every record under `prefix` whose inferenceTime is in [since, until)."""
     files = list_capture_files(prefix, since, until)
     jobs = [(name, since and since.timestamp(), until and until.timestamp()) for name in files]
@@ -340,18 +358,22 @@ def _merged(results: list, file_count: int) -> Captures:
 
     captures = Captures(
         times=np.concatenate([part["times"] for part in columns]) if columns else np.empty(0),
-        probabilities=np.concatenate([padded(part["probabilities"]) for part in columns]) if columns
+        probabilities=np.concatenate([padded(part["probabilities"]) for part in columns])
+        if columns
         else np.empty((0, 0)),
         channel_means=np.concatenate([part["channel_means"] for part in columns]) if columns else np.empty((0, 3)),
         channel_stds=np.concatenate([part["channel_stds"] for part in columns]) if columns else np.empty((0, 3)),
-        border_minus_centre=np.concatenate([part["border_minus_centre"] for part in columns]) if columns
+        border_minus_centre=np.concatenate([part["border_minus_centre"] for part in columns])
+        if columns
         else np.empty(0),
         sizes=[size for part in columns for size in part["sizes"]],
         formats=[kind for part in columns for kind in part["formats"]],
         failures=[failure for result in results for failure in result[1]],
-        lowest=heapq.nsmallest(LOWEST_KEPT, (kept for result in results for kept in result[2]),
-                               key=lambda kept: kept.confidence),
-        files=file_count)
+        lowest=heapq.nsmallest(
+            LOWEST_KEPT, (kept for result in results for kept in result[2]), key=lambda kept: kept.confidence
+        ),
+        files=file_count,
+    )
     order = np.argsort(captures.times, kind="stable")
     captures.times, captures.probabilities = captures.times[order], captures.probabilities[order]
     captures.channel_means, captures.channel_stds = captures.channel_means[order], captures.channel_stds[order]

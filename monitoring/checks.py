@@ -73,12 +73,19 @@ class Result:
 
 # ----------------------------------------------------------------------------------------- statistics
 
+
 def ks_two_sample(first: np.ndarray, second: np.ndarray) -> tuple[float, float]:
     """Kolmogorov-Smirnov distance of two samples and its asymptotic p-value (Numerical Recipes' ks2)."""
     first, second = np.sort(first), np.sort(second)
     points = np.concatenate([first, second])
-    distance = float(np.max(np.abs(np.searchsorted(first, points, side="right") / len(first)
-                                   - np.searchsorted(second, points, side="right") / len(second))))
+    distance = float(
+        np.max(
+            np.abs(
+                np.searchsorted(first, points, side="right") / len(first)
+                - np.searchsorted(second, points, side="right") / len(second)
+            )
+        )
+    )
     root = math.sqrt(len(first) * len(second) / (len(first) + len(second)))
     scale = (root + 0.12 + 0.11 / root) * distance
     if scale < 0.2:
@@ -91,9 +98,10 @@ def chi_square_sf(statistic: float, degrees: int) -> float:
     """P(X >= statistic) for a chi-square variable, exact for integer degrees of freedom."""
     half = statistic / 2
     if degrees % 2 == 0:
-        return math.exp(-half) * sum(half ** i / math.factorial(i) for i in range(degrees // 2))
+        return math.exp(-half) * sum(half**i / math.factorial(i) for i in range(degrees // 2))
     return math.erfc(math.sqrt(half)) + math.exp(-half) * sum(
-        half ** (i - 0.5) / math.gamma(i + 0.5) for i in range(1, degrees // 2 + 1))
+        half ** (i - 0.5) / math.gamma(i + 0.5) for i in range(1, degrees // 2 + 1)
+    )
 
 
 def homogeneity_test(window: np.ndarray, base: np.ndarray) -> float:
@@ -108,8 +116,10 @@ def homogeneity_test(window: np.ndarray, base: np.ndarray) -> float:
 
 def population_stability_index(window: np.ndarray, base: np.ndarray, bins: int = PSI_BINS) -> float:
     edges = np.unique(np.quantile(base, np.linspace(0, 1, bins + 1)[1:-1]))
-    shares = [np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1) / len(values)
-              for values in (window, base)]
+    shares = [
+        np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1) / len(values)
+        for values in (window, base)
+    ]
     window_share, base_share = (np.maximum(share, PSI_FLOOR) for share in shares)
     return float(np.sum((window_share - base_share) * np.log(window_share / base_share)))
 
@@ -124,6 +134,7 @@ def one_sided_proportion_test(window_rate: float, window_count: int, base_rate: 
 
 
 # ------------------------------------------------------------------------------------------- baseline
+
 
 def feature(statistics: dict, name: str) -> dict:
     return next(entry for entry in statistics["features"] if entry["name"] == name)
@@ -140,6 +151,7 @@ def category_counts(statistics: dict, name: str) -> dict[str, int]:
 
 # ---------------------------------------------------------------------------------------------- checks
 
+
 class Checker:
     """Runs every check of a window of captures against one baseline."""
 
@@ -148,15 +160,21 @@ class Checker:
         self.thresholds = {**DEFAULT_THRESHOLDS, **constraints.get("monitoring_config", {}).get("thresholds", {})}
         self.classes = constraints["model"]["classes"]
         self.threshold = constraints["model"]["threshold"]
-        self.domains = {feature["name"]: feature["string_constraints"]["domains"]
-                        for feature in constraints["features"] if "string_constraints" in feature}
+        self.domains = {
+            feature["name"]: feature["string_constraints"]["domains"]
+            for feature in constraints["features"]
+            if "string_constraints" in feature
+        }
 
     def window(self, captures: Captures, rows: np.ndarray, label: str) -> list[Result]:
         probabilities = captures.probabilities[rows]
         probabilities = probabilities[~np.isnan(probabilities).any(axis=1)] if probabilities.size else probabilities
         with_image = rows[~np.isnan(captures.channel_means[rows, 0])]
-        results = [self.class_mix(probabilities, label), self.top_probability(probabilities, label),
-                   self.low_confidence(probabilities, label)]
+        results = [
+            self.class_mix(probabilities, label),
+            self.top_probability(probabilities, label),
+            self.low_confidence(probabilities, label),
+        ]
         for name, (attribute, channel) in IMAGE_FEATURES.items():
             column = getattr(captures, attribute)
             values = column[with_image] if channel is None else column[with_image, channel]
@@ -176,20 +194,32 @@ class Checker:
         if skipped := self._too_few(name, check_type, len(probabilities), label):
             return skipped
         if probabilities.shape[1] != len(self.classes):
-            return Result(name, "data_type_check", label, "VIOLATION",
-                          f"answers hold {probabilities.shape[1]} probabilities; the model has "
-                          f"{len(self.classes)} classes {self.classes}")
+            return Result(
+                name,
+                "data_type_check",
+                label,
+                "VIOLATION",
+                f"answers hold {probabilities.shape[1]} probabilities; the model has "
+                f"{len(self.classes)} classes {self.classes}",
+            )
         base_counts = category_counts(self.statistics, name)
         base = np.array([base_counts.get(name_, 0) for name_ in self.classes], dtype=float)
         window = np.bincount(probabilities.argmax(axis=1), minlength=len(self.classes)).astype(float)
         distance = 0.5 * float(np.abs(window / window.sum() - base / base.sum()).sum())
         p = homogeneity_test(window, base)
-        mix = ", ".join(f"{name_} {share:.0%} (baseline {base_share:.0%})" for name_, share, base_share
-                        in zip(self.classes, window / window.sum(), base / base.sum()))
+        mix = ", ".join(
+            f"{name_} {share:.0%} (baseline {base_share:.0%})"
+            for name_, share, base_share in zip(self.classes, window / window.sum(), base / base.sum())
+        )
         violated = p < self.thresholds["alpha"] and distance > self.thresholds["class_mix_min_tvd"]
-        return Result(name, check_type, label, "VIOLATION" if violated else "OK",
-                      f"class mix {mix}: total variation distance {distance:.3f} (limit "
-                      f"{self.thresholds['class_mix_min_tvd']}), chi-square p={p:.2g} (alpha {self.thresholds['alpha']})")
+        return Result(
+            name,
+            check_type,
+            label,
+            "VIOLATION" if violated else "OK",
+            f"class mix {mix}: total variation distance {distance:.3f} (limit "
+            f"{self.thresholds['class_mix_min_tvd']}), chi-square p={p:.2g} (alpha {self.thresholds['alpha']})",
+        )
 
     def top_probability(self, probabilities: np.ndarray, label: str) -> Result:
         name, check_type = "top_probability", "baseline_drift_check"
@@ -199,10 +229,15 @@ class Checker:
         psi = population_stability_index(top, base)
         distance, p = ks_two_sample(top, base)
         violated = p < self.thresholds["alpha"] and psi > self.thresholds["top_probability_min_psi"]
-        return Result(name, check_type, label, "VIOLATION" if violated else "OK",
-                      f"median {np.median(top):.3f} (baseline {np.median(base):.3f}): PSI {psi:.3f} (limit "
-                      f"{self.thresholds['top_probability_min_psi']}), KS distance {distance:.3f}, p={p:.2g} "
-                      f"(alpha {self.thresholds['alpha']})")
+        return Result(
+            name,
+            check_type,
+            label,
+            "VIOLATION" if violated else "OK",
+            f"median {np.median(top):.3f} (baseline {np.median(base):.3f}): PSI {psi:.3f} (limit "
+            f"{self.thresholds['top_probability_min_psi']}), KS distance {distance:.3f}, p={p:.2g} "
+            f"(alpha {self.thresholds['alpha']})",
+        )
 
     def low_confidence(self, probabilities: np.ndarray, label: str) -> Result:
         name, check_type = "low_confidence", "baseline_drift_check"
@@ -214,26 +249,45 @@ class Checker:
         p = one_sided_proportion_test(rate, len(probabilities), base_rate, base_count)
         margin = self.thresholds["low_confidence_margin"]
         violated = p < self.thresholds["alpha"] and rate > base_rate + margin
-        return Result(name, check_type, label, "VIOLATION" if violated else "OK",
-                      f"{rate:.1%} of answers below the threshold {self.threshold:.3f} (baseline {base_rate:.1%}, "
-                      f"limit baseline + {margin:.0%}), p={p:.2g} (alpha {self.thresholds['alpha']})")
+        return Result(
+            name,
+            check_type,
+            label,
+            "VIOLATION" if violated else "OK",
+            f"{rate:.1%} of answers below the threshold {self.threshold:.3f} (baseline {base_rate:.1%}, "
+            f"limit baseline + {margin:.0%}), p={p:.2g} (alpha {self.thresholds['alpha']})",
+        )
 
     def image_statistic(self, name: str, values: np.ndarray, label: str) -> Result:
         check_type = "baseline_drift_check"
         if skipped := self._too_few(name, check_type, len(values), label):
             return skipped
         if not any(entry["name"] == name for entry in self.statistics["features"]):
-            return Result(name, check_type, label, "SKIPPED", "the baseline has no such feature: rebuild it "
-                                                              "with `python -m monitoring baseline`")
+            return Result(
+                name,
+                check_type,
+                label,
+                "SKIPPED",
+                "the baseline has no such feature: rebuild it with `python -m monitoring baseline`",
+            )
         base = sketch_values(self.statistics, name)
         distance, p = ks_two_sample(values, base)
         limit = self.thresholds["image_min_ks_distance"]
         violated = p < self.thresholds["alpha"] and distance > limit
-        shares = (f"; border brighter than the centre in {np.mean(values > 0):.0%} of images "
-                  f"(baseline {np.mean(base > 0):.0%})" if name == BORDER_FEATURE else "")
-        return Result(name, check_type, label, "VIOLATION" if violated else "OK",
-                      f"mean {values.mean():.3f} (baseline {base.mean():.3f}){shares}: KS distance {distance:.3f} "
-                      f"(limit {limit}), p={p:.2g} (alpha {self.thresholds['alpha']})")
+        shares = (
+            f"; border brighter than the centre in {np.mean(values > 0):.0%} of images "
+            f"(baseline {np.mean(base > 0):.0%})"
+            if name == BORDER_FEATURE
+            else ""
+        )
+        return Result(
+            name,
+            check_type,
+            label,
+            "VIOLATION" if violated else "OK",
+            f"mean {values.mean():.3f} (baseline {base.mean():.3f}){shares}: KS distance {distance:.3f} "
+            f"(limit {limit}), p={p:.2g} (alpha {self.thresholds['alpha']})",
+        )
 
     def domain(self, name: str, values: list[str], label: str) -> Result:
         check_type = "categorical_values_check"
@@ -242,14 +296,24 @@ class Checker:
         unknown = [value for value in values if value not in self.domains[name]]
         share, limit = len(unknown) / len(values), self.thresholds["domain_content_threshold"]
         seen = ", ".join(sorted(set(unknown))[:5])
-        return Result(name, check_type, label, "VIOLATION" if share > limit else "OK",
-                      f"{share:.1%} of images outside the training domain {self.domains[name]} (limit {limit:.0%})"
-                      + (f": {seen}" if unknown else ""))
+        return Result(
+            name,
+            check_type,
+            label,
+            "VIOLATION" if share > limit else "OK",
+            f"{share:.1%} of images outside the training domain {self.domains[name]} (limit {limit:.0%})"
+            + (f": {seen}" if unknown else ""),
+        )
 
     def parse_failures(self, captures: Captures) -> Result:
         failures, limit = captures.failures, self.thresholds["max_parse_failures"]
         listed = "; ".join(f"{failure.file}:{failure.line}: {failure.reason}" for failure in failures[:10])
         more = f" (and {len(failures) - 10} more)" if len(failures) > 10 else ""
-        return Result("capture_record", "parse_failure_check", "all", "VIOLATION" if len(failures) > limit else "OK",
-                      f"{len(failures)} of {len(captures) + len(failures)} records could not be read"
-                      + (f": {listed}{more}" if failures else ""))
+        return Result(
+            "capture_record",
+            "parse_failure_check",
+            "all",
+            "VIOLATION" if len(failures) > limit else "OK",
+            f"{len(failures)} of {len(captures) + len(failures)} records could not be read"
+            + (f": {listed}{more}" if failures else ""),
+        )

@@ -12,7 +12,7 @@ the run:
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 VIOLATIONS = "DriftViolations"
 CHECKED_RECORDS = "DriftCheckedRecords"
@@ -22,19 +22,29 @@ CHECK_TYPES = ("baseline_drift_check", "data_type_check", "categorical_values_ch
 
 def metric_data(summary: dict, endpoint_name: str, timestamp: datetime | None = None) -> list[dict]:
     """PutMetricData's MetricData for a report summary (summary.json's content; {} when nothing was read)."""
-    moment = timestamp or datetime.now(timezone.utc)
-    violated = Counter(result["constraint_check_type"] for result in summary.get("results", [])
-                       if result["status"] == "VIOLATION")
+    moment = timestamp or datetime.now(UTC)
+    violated = Counter(
+        result["constraint_check_type"] for result in summary.get("results", []) if result["status"] == "VIOLATION"
+    )
     endpoint = [{"Name": "EndpointName", "Value": endpoint_name}]
 
     def datum(name: str, value: float, dimensions: list[dict]) -> dict:
-        return {"MetricName": name, "Dimensions": dimensions, "Timestamp": moment, "Value": float(value),
-                "Unit": "Count"}
+        return {
+            "MetricName": name,
+            "Dimensions": dimensions,
+            "Timestamp": moment,
+            "Value": float(value),
+            "Unit": "Count",
+        }
 
-    return [datum(VIOLATIONS, sum(violated.values()), endpoint),
-            *(datum(VIOLATIONS, violated[check_type], [*endpoint, {"Name": "CheckType", "Value": check_type}])
-              for check_type in sorted(set(CHECK_TYPES) | set(violated))),
-            datum(CHECKED_RECORDS, summary.get("records", 0), endpoint)]
+    return [
+        datum(VIOLATIONS, sum(violated.values()), endpoint),
+        *(
+            datum(VIOLATIONS, violated[check_type], [*endpoint, {"Name": "CheckType", "Value": check_type}])
+            for check_type in sorted(set(CHECK_TYPES) | set(violated))
+        ),
+        datum(CHECKED_RECORDS, summary.get("records", 0), endpoint),
+    ]
 
 
 def publish(namespace: str, endpoint_name: str, summary: dict, client=None) -> list[dict]:
@@ -45,5 +55,5 @@ def publish(namespace: str, endpoint_name: str, summary: dict, client=None) -> l
         client = boto3.client("cloudwatch")
     data = metric_data(summary, endpoint_name)
     for start in range(0, len(data), 1000):  # PutMetricData takes at most 1000 values per call
-        client.put_metric_data(Namespace=namespace, MetricData=data[start:start + 1000])
+        client.put_metric_data(Namespace=namespace, MetricData=data[start : start + 1000])
     return data

@@ -10,19 +10,19 @@ import re
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
 
-from monitoring import checks  # noqa: E402
-from monitoring.baseline import write_file  # noqa: E402
-from monitoring.captures import Captures, CaptureError, NoCaptures  # noqa: E402
+from monitoring import checks
+from monitoring.baseline import write_file
+from monitoring.captures import CaptureError, Captures, NoCaptures
 
 WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 GRID_COLUMNS = 8
@@ -57,7 +57,7 @@ class Window:
 
 
 def iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def window_seconds(text: str) -> int:
@@ -71,14 +71,17 @@ def window_seconds(text: str) -> int:
 def windows_of(times: np.ndarray, seconds: int) -> list[Window]:
     """Windows aligned on multiples of `seconds` since the epoch (hours start on the hour), non-empty only."""
     starts = np.floor(times / seconds) * seconds
-    return [Window(float(start), float(start + seconds), np.flatnonzero(starts == start))
-            for start in np.unique(starts)]
+    return [
+        Window(float(start), float(start + seconds), np.flatnonzero(starts == start)) for start in np.unique(starts)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- report
 
-def build(captures: Captures, statistics: dict, constraints: dict, out: Path, window: str = "1h",
-          source: str = "") -> dict:
+
+def build(
+    captures: Captures, statistics: dict, constraints: dict, out: Path, window: str = "1h", source: str = ""
+) -> dict:
     """Check every window, write the report files under `out`; answers summary.json's content."""
     if not len(captures):
         if not captures.failures:
@@ -103,11 +106,19 @@ def build(captures: Captures, statistics: dict, constraints: dict, out: Path, wi
     }
     for name, png in pictures.items():
         write_file(out / name, png)
-    summary = {"source": source, "window": window, "records": len(captures), "files": captures.files,
-               "unreadable_records": len(captures.failures),
-               "first_record": iso(captures.times.min()), "last_record": iso(captures.times.max()),
-               "windows": len(windows), "violations": len(violations),
-               "checks": summary_rows(results), "results": [asdict(result) for result in results]}
+    summary = {
+        "source": source,
+        "window": window,
+        "records": len(captures),
+        "files": captures.files,
+        "unreadable_records": len(captures.failures),
+        "first_record": iso(captures.times.min()),
+        "last_record": iso(captures.times.max()),
+        "windows": len(windows),
+        "violations": len(violations),
+        "checks": summary_rows(results),
+        "results": [asdict(result) for result in results],
+    }
     write_file(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     write_file(out / "report.html", render_html(summary, pictures).encode())
     return summary
@@ -117,10 +128,18 @@ def summary_rows(results: list[checks.Result]) -> list[dict]:
     """One row per check: VIOLATION if any window violates it, with the worst window's numbers."""
     rows = {}
     for result in results:
-        row = rows.setdefault((result.feature_name, result.constraint_check_type),
-                              {"feature_name": result.feature_name, "check": result.constraint_check_type,
-                               "status": "SKIPPED", "windows_checked": 0, "windows_violated": 0,
-                               "window": result.window, "description": result.description})
+        row = rows.setdefault(
+            (result.feature_name, result.constraint_check_type),
+            {
+                "feature_name": result.feature_name,
+                "check": result.constraint_check_type,
+                "status": "SKIPPED",
+                "windows_checked": 0,
+                "windows_violated": 0,
+                "window": result.window,
+                "description": result.description,
+            },
+        )
         if result.status == "SKIPPED":
             continue
         row["windows_checked"] += 1
@@ -132,6 +151,7 @@ def summary_rows(results: list[checks.Result]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------- pictures
+
 
 def png_of(figure) -> bytes:
     buffer = io.BytesIO()
@@ -150,7 +170,7 @@ def top_probabilities(probabilities: np.ndarray) -> np.ndarray:
 
 
 def _window_times(windows: list[Window]) -> list[datetime]:
-    return [datetime.fromtimestamp(each.start, timezone.utc) for each in windows]
+    return [datetime.fromtimestamp(each.start, UTC) for each in windows]
 
 
 def plot_top_probability(captures: Captures, statistics: dict) -> bytes:
@@ -169,7 +189,7 @@ def plot_top_probability(captures: Captures, statistics: dict) -> bytes:
 
 def plot_confidence_over_time(captures: Captures, threshold: float) -> bytes:
     top = top_probabilities(captures.probabilities)
-    moments = [datetime.fromtimestamp(time, timezone.utc) for time in captures.times]
+    moments = [datetime.fromtimestamp(time, UTC) for time in captures.times]
     figure, axis = plt.subplots(figsize=(9, 3.6))
     axis.scatter(moments, top, s=6, alpha=0.5, color=np.where(top < threshold, "tab:red", "tab:blue"))
     axis.axhline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
@@ -187,7 +207,7 @@ def plot_class_mix(captures: Captures, windows: list[Window], classes: list[str]
         rows = rows[~np.isnan(rows).any(axis=1)]
         counts = np.zeros(len(classes))
         if len(rows):
-            counts = np.bincount(rows.argmax(axis=1), minlength=len(classes))[:len(classes)]
+            counts = np.bincount(rows.argmax(axis=1), minlength=len(classes))[: len(classes)]
         shares.append(counts / max(1, len(rows)))
     shares = np.array(shares).reshape(len(windows), len(classes))
     positions = np.arange(len(windows))
@@ -208,8 +228,9 @@ def plot_low_confidence(captures: Captures, windows: list[Window], statistics: d
     figure, axis = plt.subplots(figsize=(9, 3.6))
     axis.plot(_window_times(windows), rates, "o-", label="captured")
     axis.axhline(base, color="tab:green", label=f"baseline {base:.0%}")
-    axis.axhline(base + checker.thresholds["low_confidence_margin"], color="tab:red", linestyle="--",
-                 label="baseline + margin")
+    axis.axhline(
+        base + checker.thresholds["low_confidence_margin"], color="tab:red", linestyle="--", label="baseline + margin"
+    )
     axis.set(title=f"answers below the threshold {checker.threshold:.3f} per window", ylabel="rate", ylim=(0, 1.05))
     axis.legend(loc="lower left")
     figure.autofmt_xdate()
@@ -240,31 +261,41 @@ td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top
 
 def render_html(summary: dict, pictures: dict[str, bytes]) -> str:
     escape = html.escape
-    verdict = (f"{summary['violations']} violation(s)" if summary["violations"] else "no violation")
+    verdict = f"{summary['violations']} violation(s)" if summary["violations"] else "no violation"
     rows = "".join(
         f"<tr><td>{escape(row['feature_name'])}</td><td>{escape(row['check'])}</td>"
-        f"<td class=\"{row['status']}\">{row['status']}</td>"
+        f'<td class="{row["status"]}">{row["status"]}</td>'
         f"<td>{row['windows_violated']} of {row['windows_checked']}</td><td>{escape(row['window'])}</td>"
-        f"<td>{escape(row['description'])}</td></tr>" for row in summary["checks"])
+        f"<td>{escape(row['description'])}</td></tr>"
+        for row in summary["checks"]
+    )
     violations = "".join(
         f"<tr><td>{escape(result['window'])}</td><td>{escape(result['feature_name'])}</td>"
         f"<td>{escape(result['description'])}</td></tr>"
-        for result in summary["results"] if result["status"] == "VIOLATION")
-    images = "".join(f"<figure><img alt=\"{escape(name)}\" src=\"data:image/png;base64,"
-                     f"{base64.b64encode(png).decode('ascii')}\"></figure>" for name, png in pictures.items())
+        for result in summary["results"]
+        if result["status"] == "VIOLATION"
+    )
+    images = "".join(
+        f'<figure><img alt="{escape(name)}" src="data:image/png;base64,'
+        f'{base64.b64encode(png).decode("ascii")}"></figure>'
+        for name, png in pictures.items()
+    )
     counts = Counter(result["status"] for result in summary["results"])
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Capture report: {verdict}</title><style>{STYLE}</style></head>
 <body><h1>Capture report: {verdict}</h1>
-<p>{summary['records']} records from {summary['files']} files under {escape(summary['source'])},
-{summary['first_record']} to {summary['last_record']}, in {summary['windows']} window(s) of {summary['window']};
-{summary['unreadable_records']} unreadable. Checks: {counts['OK']} OK, {counts['VIOLATION']} VIOLATION,
-{counts['SKIPPED']} SKIPPED.</p>
+<p>{summary["records"]} records from {summary["files"]} files under {escape(summary["source"])},
+{summary["first_record"]} to {summary["last_record"]}, in {summary["windows"]} window(s) of {summary["window"]};
+{summary["unreadable_records"]} unreadable. Checks: {counts["OK"]} OK, {counts["VIOLATION"]} VIOLATION,
+{counts["SKIPPED"]} SKIPPED.</p>
 <h2>Summary</h2>
 <table><tr><th>feature</th><th>check</th><th>status</th><th>windows violated</th><th>window shown</th>
 <th>numbers</th></tr>{rows}</table>
-{f'<h2>Violations</h2><table><tr><th>window</th><th>feature</th><th>numbers</th></tr>{violations}</table>'
- if violations else ''}
+{
+        f"<h2>Violations</h2><table><tr><th>window</th><th>feature</th><th>numbers</th></tr>{violations}</table>"
+        if violations
+        else ""
+    }
 <h2>Pictures</h2>{images}
 </body></html>
 """

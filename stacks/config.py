@@ -11,8 +11,9 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from aws_cdk import RemovalPolicy
@@ -20,15 +21,108 @@ if TYPE_CHECKING:
 ENVIRONMENTS = ("dev", "prod")
 ALGORITHMS = ("pytorch", "builtin")
 REMOVAL_POLICIES = ("destroy", "retain")
-CIFAR100_FINE_LABELS = (
-    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel "
-    "can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur "
-    "dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion "
-    "lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree "
-    "pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea "
-    "seal shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table "
-    "tank telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
-).split()
+CIFAR100_FINE_LABELS = [
+    "apple",
+    "aquarium_fish",
+    "baby",
+    "bear",
+    "beaver",
+    "bed",
+    "bee",
+    "beetle",
+    "bicycle",
+    "bottle",
+    "bowl",
+    "boy",
+    "bridge",
+    "bus",
+    "butterfly",
+    "camel",
+    "can",
+    "castle",
+    "caterpillar",
+    "cattle",
+    "chair",
+    "chimpanzee",
+    "clock",
+    "cloud",
+    "cockroach",
+    "couch",
+    "crab",
+    "crocodile",
+    "cup",
+    "dinosaur",
+    "dolphin",
+    "elephant",
+    "flatfish",
+    "forest",
+    "fox",
+    "girl",
+    "hamster",
+    "house",
+    "kangaroo",
+    "keyboard",
+    "lamp",
+    "lawn_mower",
+    "leopard",
+    "lion",
+    "lizard",
+    "lobster",
+    "man",
+    "maple_tree",
+    "motorcycle",
+    "mountain",
+    "mouse",
+    "mushroom",
+    "oak_tree",
+    "orange",
+    "orchid",
+    "otter",
+    "palm_tree",
+    "pear",
+    "pickup_truck",
+    "pine_tree",
+    "plain",
+    "plate",
+    "poppy",
+    "porcupine",
+    "possum",
+    "rabbit",
+    "raccoon",
+    "ray",
+    "road",
+    "rocket",
+    "rose",
+    "sea",
+    "seal",
+    "shark",
+    "shrew",
+    "skunk",
+    "skyscraper",
+    "snail",
+    "snake",
+    "spider",
+    "squirrel",
+    "streetcar",
+    "sunflower",
+    "sweet_pepper",
+    "table",
+    "tank",
+    "telephone",
+    "television",
+    "tiger",
+    "tractor",
+    "train",
+    "trout",
+    "tulip",
+    "turtle",
+    "wardrobe",
+    "whale",
+    "willow_tree",
+    "wolf",
+    "woman",
+    "worm",
+]
 
 # SageMaker's built-in image-classification algorithm, with the classic project's settings
 # (ResNet-152 from scratch, 30 epochs). Values are strings as CreateTrainingJob wants them.
@@ -41,9 +135,20 @@ BUILTIN_HYPERPARAMETERS = {
     "use_pretrained_model": "0",
 }
 BUILTIN_HYPERPARAMETER_NAMES = set(BUILTIN_HYPERPARAMETERS) | {
-    "num_classes", "num_training_samples", "optimizer", "momentum", "weight_decay", "lr_scheduler_factor",
-    "lr_scheduler_step", "augmentation_type", "top_k", "precision_dtype", "early_stopping",
-    "early_stopping_patience", "early_stopping_min_epochs", "early_stopping_tolerance",
+    "num_classes",
+    "num_training_samples",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "lr_scheduler_factor",
+    "lr_scheduler_step",
+    "augmentation_type",
+    "top_k",
+    "precision_dtype",
+    "early_stopping",
+    "early_stopping_patience",
+    "early_stopping_min_epochs",
+    "early_stopping_tolerance",
 }
 
 
@@ -67,11 +172,13 @@ def stack_name(env_name: str, stack: str) -> str:
 # Each reader takes the key (for its error message) and the given value: a string from `-c`, or any JSON
 # value from cdk.json, never None or "" (those mean "not given": the field keeps its default).
 
+
 def _one_of(*choices: str) -> Callable[[str, Any], str]:
     def read(key: str, value: Any) -> str:
         if value not in choices:
             raise ConfigError(f"context key '{key}': {value!r} is not one of {', '.join(choices)}")
         return value
+
     return read
 
 
@@ -80,6 +187,7 @@ def _matching(pattern: str) -> Callable[[str, Any], str]:
         if not re.fullmatch(pattern, str(value)):
             raise ConfigError(f"context key '{key}': {value!r} does not match {pattern}")
         return str(value)
+
     return read
 
 
@@ -92,6 +200,7 @@ def _number(convert: type, low: float, high: float | None = None) -> Callable[[s
         if number < low or (high is not None and number > high):
             raise ConfigError(f"context key '{key}': {number} is outside [{low}, {high if high is not None else '∞'}]")
         return number
+
     return read
 
 
@@ -105,8 +214,10 @@ def _class_names(key: str, value: Any) -> tuple[str, ...]:
     names = tuple(str(name).strip() for name in (value.split(",") if isinstance(value, str) else value))
     unknown = [name for name in names if name not in CIFAR100_FINE_LABELS]
     if unknown:
-        raise ConfigError(f"context key '{key}': unknown CIFAR-100 class {', '.join(unknown)}; "
-                          f"valid names: {', '.join(CIFAR100_FINE_LABELS)}")
+        raise ConfigError(
+            f"context key '{key}': unknown CIFAR-100 class {', '.join(unknown)}; "
+            f"valid names: {', '.join(CIFAR100_FINE_LABELS)}"
+        )
     if len(names) < 2 or len(set(names)) != len(names):
         raise ConfigError(f"context key '{key}': give at least two distinct class names")
     return names
@@ -129,8 +240,14 @@ def _json_object(key: str, value: Any) -> dict[str, str]:
 INSTANCE_TYPE = _matching(r"ml\.[a-z0-9]+\.[0-9]*x?large|ml\.[a-z0-9]+\.(medium|small)")
 
 
-def _setting(default: Any, meaning: str, read: Callable[[str, Any], Any], *, key: str | None = None,
-             varies_with: str | None = None):
+def _setting(
+    default: Any,
+    meaning: str,
+    read: Callable[[str, Any], Any],
+    *,
+    key: str | None = None,
+    varies_with: str | None = None,
+):
     """A configuration field: its default, what it means, how a context value is read, and its context key
     when that is not the field's name. `varies_with` names the field a derived default (None here, computed
     in `__post_init__`) depends on, so that the table shows it for each choice of that field."""
@@ -143,62 +260,81 @@ def _setting(default: Any, meaning: str, read: Callable[[str, Any], Any], *, key
 @dataclass(frozen=True)
 class SconesConfig:
     env_name: str = _setting(
-        "dev", "`dev` or `prod`: names, and the removal policy's default", _one_of(*ENVIRONMENTS), key="env")
+        "dev", "`dev` or `prod`: names, and the removal policy's default", _one_of(*ENVIRONMENTS), key="env"
+    )
     account: str | None = _setting(
-        None, "pin the stacks to an account; unset, they are environment-agnostic", _matching(r"\d{12}"))
+        None, "pin the stacks to an account; unset, they are environment-agnostic", _matching(r"\d{12}")
+    )
     region: str | None = _setting(
-        None, "pin the stacks to a region; unset, they are environment-agnostic",
-        _matching(r"[a-z]{2}(-[a-z]+)+-\d"))
+        None, "pin the stacks to a region; unset, they are environment-agnostic", _matching(r"[a-z]{2}(-[a-z]+)+-\d")
+    )
     classes: tuple[str, ...] = _setting(
-        ("bicycle", "motorcycle"), "CIFAR-100 fine label names, in label order", _class_names)
+        ("bicycle", "motorcycle"), "CIFAR-100 fine label names, in label order", _class_names
+    )
     endpoint_name: str | None = _setting(
-        None, "the endpoint the classify Lambda calls", _matching(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}"),
-        varies_with="env_name")
+        None,
+        "the endpoint the classify Lambda calls",
+        _matching(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}"),
+        varies_with="env_name",
+    )
     endpoint_instance_type: str = _setting("ml.m5.large", "the endpoint's instance type", INSTANCE_TYPE)
     endpoint_instance_count: int = _setting(1, "instances the endpoint starts with (and scales in to)", _number(int, 1))
     endpoint_max_instances: int = _setting(2, "instances auto scaling may scale out to", _number(int, 1))
     invocations_per_instance_target: int = _setting(
-        600, "target tracking value (invocations per instance per minute)", _number(int, 1))
+        600, "target tracking value (invocations per instance per minute)", _number(int, 1)
+    )
     capture_sampling_percentage: int = _setting(
-        100, "share of requests captured (what the hourly drift job checks)", _number(int, 0, 100))
+        100, "share of requests captured (what the hourly drift job checks)", _number(int, 0, 100)
+    )
     capture_retention_days: int = _setting(30, "lifecycle of `data_capture/`", _number(int, 1))
     threshold: float = _setting(
-        0.93, "the filter's confidence threshold (the training writes a calibrated one beside the model)",
-        _number(float, 0.0, 1.0))
+        0.93,
+        "the filter's confidence threshold (the training writes a calibrated one beside the model)",
+        _number(float, 0.0, 1.0),
+    )
     training_algorithm: str = _setting(
-        "pytorch", "`pytorch` (script mode, `training/train.py`) or `builtin` (SageMaker's image-classification "
-        "algorithm with the classic hyperparameters: ResNet-152 from scratch, 30 epochs)", _one_of(*ALGORITHMS))
+        "pytorch",
+        "`pytorch` (script mode, `training/train.py`) or `builtin` (SageMaker's image-classification "
+        "algorithm with the classic hyperparameters: ResNet-152 from scratch, 30 epochs)",
+        _one_of(*ALGORITHMS),
+    )
     training_instance_type: str | None = _setting(
-        None, "training instance", INSTANCE_TYPE, varies_with="training_algorithm")
+        None, "training instance", INSTANCE_TYPE, varies_with="training_algorithm"
+    )
     training_max_runtime_minutes: int = _setting(
-        60, "the training job's stopping condition", _number(int, 1, 28 * 24 * 60))
+        60, "the training job's stopping condition", _number(int, 1, 28 * 24 * 60)
+    )
     training_images: int = _setting(900, "`num_training_samples` for the built-in algorithm", _number(int, 1))
-    hyperparameters: Mapping[str, str] = _setting(
-        {}, "JSON object merged over the algorithm's defaults", _json_object)
+    hyperparameters: Mapping[str, str] = _setting({}, "JSON object merged over the algorithm's defaults", _json_object)
     model_data_url: str | None = _setting(
-        None, "an `s3://.../model.tar.gz` for the endpoint instead of the SSM parameter",
-        _matching(r"s3://[a-z0-9.\-]{3,63}/.+\.tar\.gz"))
+        None,
+        "an `s3://.../model.tar.gz` for the endpoint instead of the SSM parameter",
+        _matching(r"s3://[a-z0-9.\-]{3,63}/.+\.tar\.gz"),
+    )
     removal_policy: str | None = _setting(
-        None, "what deleting a stack does to buckets, logs and keys", _one_of(*REMOVAL_POLICIES),
-        varies_with="env_name")
+        None, "what deleting a stack does to buckets, logs and keys", _one_of(*REMOVAL_POLICIES), varies_with="env_name"
+    )
     alarm_email: str | None = _setting(None, "where alarms go (monitoring)", _matching(r"[^@\s]+@[^@\s]+\.[^@\s]+"))
     low_confidence_alarm_percent: float = _setting(
-        40.0, "alarm when more than this share of an hour's answers is below the threshold",
-        _number(float, 0.0, 100.0))
+        40.0, "alarm when more than this share of an hour's answers is below the threshold", _number(float, 0.0, 100.0)
+    )
     expect_traffic: bool = _setting(False, "also alarm on an hour without invocations", _boolean)
     batch_tolerated_failure_percent: float = _setting(
-        5.0, "share of images under a prefix that may fail to be classified at all before the batch fails",
-        _number(float, 0.0, 100.0))
+        5.0,
+        "share of images under a prefix that may fail to be classified at all before the batch fails",
+        _number(float, 0.0, 100.0),
+    )
 
     def __post_init__(self) -> None:
         """The defaults that depend on other fields, and the built-in algorithm's hyperparameters."""
         derived = {
             "endpoint_name": self.endpoint_name or f"scones-{self.env_name}",
-            "training_instance_type": self.training_instance_type or (
-                "ml.m5.xlarge" if self.training_algorithm == "pytorch" else "ml.p3.2xlarge"),
+            "training_instance_type": self.training_instance_type
+            or ("ml.m5.xlarge" if self.training_algorithm == "pytorch" else "ml.p3.2xlarge"),
             "removal_policy": self.removal_policy or ("retain" if self.env_name == "prod" else "destroy"),
-            "hyperparameters": _hyperparameters(self.hyperparameters, self.training_algorithm, len(self.classes),
-                                                self.training_images),
+            "hyperparameters": _hyperparameters(
+                self.hyperparameters, self.training_algorithm, len(self.classes), self.training_images
+            ),
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -214,14 +350,14 @@ class SconesConfig:
         return f"/scones/{self.env_name}/model-data-url"
 
     @property
-    def removal(self) -> "RemovalPolicy":
+    def removal(self) -> RemovalPolicy:
         """`removal_policy` as the CDK's RemovalPolicy, for every bucket, log group and key."""
         from aws_cdk import RemovalPolicy  # here: training.fit reads this config without starting the CDK
 
         return RemovalPolicy.DESTROY if self.removal_policy == "destroy" else RemovalPolicy.RETAIN
 
     @classmethod
-    def from_context(cls, context: Mapping[str, Any]) -> "SconesConfig":
+    def from_context(cls, context: Mapping[str, Any]) -> SconesConfig:
         """Build from the CDK context (`app.node.get_all_context()`); values from `-c` arrive as strings.
 
         Keys that are neither a setting below nor the CDK's own are refused, naming the closest setting."""
@@ -255,19 +391,27 @@ def check_keys(keys: Iterable[str]) -> None:
         raise ConfigError(f"unknown context key '{key}'; {hint}")
 
 
-def _hyperparameters(given: Mapping[str, str], algorithm: str, num_classes: int,
-                     training_images: int) -> dict[str, str]:
+def _hyperparameters(
+    given: Mapping[str, str], algorithm: str, num_classes: int, training_images: int
+) -> dict[str, str]:
     if algorithm != "builtin":
         return dict(given)
     unknown = sorted(set(given) - BUILTIN_HYPERPARAMETER_NAMES)
     if unknown:
-        raise ConfigError(f"context key 'hyperparameters': {', '.join(unknown)} not known to the built-in "
-                          f"image-classification algorithm; known: {', '.join(sorted(BUILTIN_HYPERPARAMETER_NAMES))}")
-    return {**BUILTIN_HYPERPARAMETERS, "num_classes": str(num_classes), "num_training_samples": str(training_images),
-            **given}
+        raise ConfigError(
+            f"context key 'hyperparameters': {', '.join(unknown)} not known to the built-in "
+            f"image-classification algorithm; known: {', '.join(sorted(BUILTIN_HYPERPARAMETER_NAMES))}"
+        )
+    return {
+        **BUILTIN_HYPERPARAMETERS,
+        "num_classes": str(num_classes),
+        "num_training_samples": str(training_images),
+        **given,
+    }
 
 
 # ----------------------------------------------------------------------------- the README's configuration table
+
 
 def _shown(value: Any) -> str:
     if value is None:
@@ -292,14 +436,19 @@ def _default_shown(setting) -> str:
     if basis is None:
         return _shown(getattr(default, setting.name))
     choices = {"env_name": ENVIRONMENTS, "training_algorithm": ALGORITHMS}[basis]
-    others = [f"`{choice}`: {_shown(getattr(SconesConfig(**{basis: choice}), setting.name))}"
-              for choice in choices if choice != getattr(default, basis)]
+    others = [
+        f"`{choice}`: {_shown(getattr(SconesConfig(**{basis: choice}), setting.name))}"
+        for choice in choices
+        if choice != getattr(default, basis)
+    ]
     return f"{_shown(getattr(default, setting.name))} ({'; '.join(others)})"
 
 
 def config_table() -> str:
     """The configuration as a Markdown table: key | default | meaning, one row per context key."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{context_key(setting)}` | {_default_shown(setting)} | {setting.metadata['meaning']} |"
-             for setting in fields(SconesConfig)]
+    rows += [
+        f"| `{context_key(setting)}` | {_default_shown(setting)} | {setting.metadata['meaning']} |"
+        for setting in fields(SconesConfig)
+    ]
     return "\n".join(rows) + "\n"

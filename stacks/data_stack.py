@@ -1,7 +1,6 @@
 """The bucket every part of the workflow reads and writes."""
 
-from aws_cdk import CfnOutput, Duration, RemovalPolicy, Stack
-from aws_cdk import aws_s3 as s3
+from aws_cdk import CfnOutput, Duration, RemovalPolicy, Stack, aws_s3 as s3
 from cdk_nag import NagSuppressions
 from constructs import Construct
 
@@ -15,7 +14,8 @@ class DataStack(Stack):
         super().__init__(scope, construct_id, **kwargs)
         removal = dict(removal_policy=config.removal, auto_delete_objects=config.removal == RemovalPolicy.DESTROY)
         self.access_log_bucket = s3.Bucket(
-            self, "AccessLogs",
+            self,
+            "AccessLogs",
             encryption=s3.BucketEncryption.S3_MANAGED,
             block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
             enforce_ssl=True,
@@ -23,12 +23,18 @@ class DataStack(Stack):
             lifecycle_rules=[s3.LifecycleRule(expiration=Duration.days(365))],
             **removal,
         )
-        NagSuppressions.add_resource_suppressions(self.access_log_bucket, [{
-            "id": "AwsSolutions-S1",
-            "reason": "This bucket receives the data bucket's server access logs; logging it to itself would loop.",
-        }])
+        NagSuppressions.add_resource_suppressions(
+            self.access_log_bucket,
+            [
+                {
+                    "id": "AwsSolutions-S1",
+                    "reason": "This bucket receives the data bucket's server access logs; logging it to itself would loop.",
+                }
+            ],
+        )
         self.bucket = s3.Bucket(
-            self, "Data",
+            self,
+            "Data",
             encryption=s3.BucketEncryption.S3_MANAGED,
             block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
             enforce_ssl=True,
@@ -47,6 +53,10 @@ class DataStack(Stack):
             **removal,
         )
 
-        CfnOutput(self, "BucketName", value=self.bucket.bucket_name,
-                  description="The data bucket: stage the training data into it (training.etl --bucket), put "
-                              "photos to classify in it.")
+        CfnOutput(
+            self,
+            "BucketName",
+            value=self.bucket.bucket_name,
+            description="The data bucket: stage the training data into it (training.etl --bucket), put "
+            "photos to classify in it.",
+        )

@@ -16,13 +16,17 @@ PYTHON_VERSION = "py312"
 
 
 # Each lookup reloads botocore's endpoint data (about 0.5 s); every synth asks the same questions.
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _retrieve(algorithm: str, purpose: str, region: str) -> str:
     if algorithm == "builtin":
         return image_uris.retrieve("image-classification", region=region)
     return image_uris.retrieve(
-        framework="pytorch", region=region, version=PYTORCH_VERSION, py_version=PYTHON_VERSION,
-        instance_type="ml.m5.large", image_scope=purpose,
+        framework="pytorch",
+        region=region,
+        version=PYTORCH_VERSION,
+        py_version=PYTHON_VERSION,
+        instance_type="ml.m5.large",
+        image_scope=purpose,
     )
 
 
@@ -40,7 +44,8 @@ def image_uri(stack: Stack, algorithm: str, purpose: str) -> str:
         return _retrieve(algorithm, purpose, stack.region)
     mapping_id = f"{algorithm.capitalize()}{purpose.capitalize()}Image"
     mapping = stack.node.try_find_child(mapping_id) or CfnMapping(
-        stack, mapping_id,
+        stack,
+        mapping_id,
         mapping={region: {"uri": _retrieve(algorithm, purpose, region)} for region in _regions(algorithm, purpose)},
     )
     return mapping.find_in_map(Aws.REGION, "uri")

@@ -1,16 +1,21 @@
 """What a team needs to run the workflow: a dashboard, alarms that reach people through SNS, and the hourly
 drift job (stacks/drift_job.py) that checks the endpoint's captures against the model's baseline."""
 
-from aws_cdk import Aws, CfnOutput, Duration, Stack
-from aws_cdk import aws_cloudwatch as cloudwatch
-from aws_cdk import aws_cloudwatch_actions as actions
-from aws_cdk import aws_iam as iam
-from aws_cdk import aws_kms as kms
-from aws_cdk import aws_lambda as lambda_
-from aws_cdk import aws_s3 as s3
-from aws_cdk import aws_sns as sns
-from aws_cdk import aws_sns_subscriptions as subscriptions
-from aws_cdk import aws_stepfunctions as sfn
+from aws_cdk import (
+    Aws,
+    CfnOutput,
+    Duration,
+    Stack,
+    aws_cloudwatch as cloudwatch,
+    aws_cloudwatch_actions as actions,
+    aws_iam as iam,
+    aws_kms as kms,
+    aws_lambda as lambda_,
+    aws_s3 as s3,
+    aws_sns as sns,
+    aws_sns_subscriptions as subscriptions,
+    aws_stepfunctions as sfn,
+)
 from constructs import Construct
 
 from monitoring import metrics as drift_metrics
@@ -28,21 +33,36 @@ ONE_HOUR = Duration.hours(1)
 
 
 class MonitoringStack(Stack):
-    def __init__(self, scope: Construct, construct_id: str, *, config: SconesConfig,
-                 state_machine: sfn.IStateMachine, state_machine_log_group_name: str,
-                 functions: list[lambda_.IFunction], bucket: s3.IBucket, capture_key: kms.IKey,
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: SconesConfig,
+        state_machine: sfn.IStateMachine,
+        state_machine_log_group_name: str,
+        functions: list[lambda_.IFunction],
+        bucket: s3.IBucket,
+        capture_key: kms.IKey,
+        **kwargs,
+    ) -> None:
         super().__init__(scope, construct_id, **kwargs)
         endpoint = {"EndpointName": config.endpoint_name, "VariantName": VARIANT_NAME}
         by_endpoint = {"EndpointName": config.endpoint_name}
 
         def endpoint_metric(name: str, statistic: str = "Sum", namespace: str = "AWS/SageMaker"):
-            return cloudwatch.Metric(namespace=namespace, metric_name=name, dimensions_map=endpoint,
-                                     statistic=statistic, period=FIVE_MINUTES)
+            return cloudwatch.Metric(
+                namespace=namespace, metric_name=name, dimensions_map=endpoint, statistic=statistic, period=FIVE_MINUTES
+            )
 
         def scones_metric(name: str, statistic: str = "Sum", **dimensions: str):
-            return cloudwatch.Metric(namespace=METRIC_NAMESPACE, metric_name=name, statistic=statistic,
-                                     dimensions_map={**by_endpoint, **dimensions}, period=FIVE_MINUTES)
+            return cloudwatch.Metric(
+                namespace=METRIC_NAMESPACE,
+                metric_name=name,
+                statistic=statistic,
+                dimensions_map={**by_endpoint, **dimensions},
+                period=FIVE_MINUTES,
+            )
 
         invocations = endpoint_metric("Invocations")
         errors_5xx = endpoint_metric("Invocation5XXErrors")
@@ -51,16 +71,21 @@ class MonitoringStack(Stack):
         low_confidence = scones_metric(LOW_CONFIDENCE)
         answered = scones_metric(TOP_PROBABILITY, statistic="SampleCount")
 
-        key = kms.Key(self, "AlarmTopicKey", description="scones alarm topic", enable_key_rotation=True,
-                      removal_policy=config.removal)
+        key = kms.Key(
+            self,
+            "AlarmTopicKey",
+            description="scones alarm topic",
+            enable_key_rotation=True,
+            removal_policy=config.removal,
+        )
         key.grant(iam.ServicePrincipal("cloudwatch.amazonaws.com"), "kms:Decrypt", "kms:GenerateDataKey*")
-        self.topic = sns.Topic(self, "Alarms", display_name=f"{config.prefix} alarms", master_key=key,
-                               enforce_ssl=True)
+        self.topic = sns.Topic(self, "Alarms", display_name=f"{config.prefix} alarms", master_key=key, enforce_ssl=True)
         if config.alarm_email:
             self.topic.add_subscription(subscriptions.EmailSubscription(config.alarm_email))
 
-        self.drift = DriftJob(self, "Drift", config=config, bucket=bucket, capture_key=capture_key,
-                              metric_namespace=METRIC_NAMESPACE)
+        self.drift = DriftJob(
+            self, "Drift", config=config, bucket=bucket, capture_key=capture_key, metric_namespace=METRIC_NAMESPACE
+        )
         drift_violations = scones_metric(drift_metrics.VIOLATIONS, "Maximum").with_(period=ONE_HOUR)
         drift_failed = self.drift.state_machine.metric_failed(period=ONE_HOUR)
         drift_timed_out = self.drift.state_machine.metric_timed_out(period=ONE_HOUR)
@@ -69,112 +94,201 @@ class MonitoringStack(Stack):
             cloudwatch.MathExpression(
                 expression="IF(started > 0, 100 * (failed - lowconfidence) / started, 0)",
                 using_metrics={"started": started, "failed": failed, "lowconfidence": low_confidence},
-                label="executions failed for reasons other than low confidence (%)", period=FIVE_MINUTES,
+                label="executions failed for reasons other than low confidence (%)",
+                period=FIVE_MINUTES,
             ).create_alarm(
-                self, "ExecutionFailureRate", alarm_name=f"{config.prefix}-execution-failure-rate",
+                self,
+                "ExecutionFailureRate",
+                alarm_name=f"{config.prefix}-execution-failure-rate",
                 alarm_description="More than 5% of classification executions failed for a reason other than "
-                                  "low confidence (missing or bad images, endpoint errors after retries).",
-                threshold=5, evaluation_periods=2, datapoints_to_alarm=2,
+                "low confidence (missing or bad images, endpoint errors after retries).",
+                threshold=5,
+                evaluation_periods=2,
+                datapoints_to_alarm=2,
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
-                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING),
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
             errors_5xx.create_alarm(
-                self, "Endpoint5xx", alarm_name=f"{config.prefix}-endpoint-5xx",
+                self,
+                "Endpoint5xx",
+                alarm_name=f"{config.prefix}-endpoint-5xx",
                 alarm_description="The endpoint answered 5xx errors in two of the last three 5-minute periods.",
-                threshold=1, evaluation_periods=3, datapoints_to_alarm=2,
+                threshold=1,
+                evaluation_periods=3,
+                datapoints_to_alarm=2,
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING),
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
             cloudwatch.MathExpression(
                 expression="IF(answered > 0, 100 * lowconfidence / answered, 0)",
                 using_metrics={"answered": answered, "lowconfidence": low_confidence},
-                label="answers below the threshold (%)", period=Duration.hours(1),
+                label="answers below the threshold (%)",
+                period=Duration.hours(1),
             ).create_alarm(
-                self, "LowConfidenceRate", alarm_name=f"{config.prefix}-low-confidence-rate",
+                self,
+                "LowConfidenceRate",
+                alarm_name=f"{config.prefix}-low-confidence-rate",
                 alarm_description=f"Over an hour, more than {config.low_confidence_alarm_percent}% of answers "
-                                  f"were below the threshold {config.threshold}: the cheapest sign that the "
-                                  "images drifted from what the model was trained on.",
-                threshold=config.low_confidence_alarm_percent, evaluation_periods=1,
+                f"were below the threshold {config.threshold}: the cheapest sign that the "
+                "images drifted from what the model was trained on.",
+                threshold=config.low_confidence_alarm_percent,
+                evaluation_periods=1,
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
-                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING),
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
             drift_violations.create_alarm(
-                self, "DriftViolations", alarm_name=f"{config.prefix}-drift-violations",
+                self,
+                "DriftViolations",
+                alarm_name=f"{config.prefix}-drift-violations",
                 alarm_description="The hourly capture report found a violation: the last hour's images or answers "
-                                  "drifted from the model's baseline. Its report (which check, which numbers) is "
-                                  f"under s3://<bucket>/{REPORTS_PREFIX}{config.endpoint_name}/.",
-                threshold=1, evaluation_periods=1,
+                "drifted from the model's baseline. Its report (which check, which numbers) is "
+                f"under s3://<bucket>/{REPORTS_PREFIX}{config.endpoint_name}/.",
+                threshold=1,
+                evaluation_periods=1,
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING),
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
             cloudwatch.MathExpression(
-                expression="failed + timedout", using_metrics={"failed": drift_failed, "timedout": drift_timed_out},
-                label="drift job runs failed or timed out", period=ONE_HOUR,
+                expression="failed + timedout",
+                using_metrics={"failed": drift_failed, "timedout": drift_timed_out},
+                label="drift job runs failed or timed out",
+                period=ONE_HOUR,
             ).create_alarm(
-                self, "DriftJobFailed", alarm_name=f"{config.prefix}-drift-job-failed",
+                self,
+                "DriftJobFailed",
+                alarm_name=f"{config.prefix}-drift-job-failed",
                 alarm_description="The hourly drift job failed or timed out (no baseline under "
-                                  f"{BASELINE_PREFIX}, an image pull or S3 error): drift is not being checked.",
-                threshold=1, evaluation_periods=1,
+                f"{BASELINE_PREFIX}, an image pull or S3 error): drift is not being checked.",
+                threshold=1,
+                evaluation_periods=1,
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING),
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
         ]
         if config.expect_traffic:
-            self.alarms.append(endpoint_metric("Invocations").with_(period=Duration.hours(1)).create_alarm(
-                self, "NoInvocations", alarm_name=f"{config.prefix}-no-invocations",
-                alarm_description="The endpoint served no request for an hour while traffic is expected.",
-                threshold=1, evaluation_periods=1,
-                comparison_operator=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
-                treat_missing_data=cloudwatch.TreatMissingData.BREACHING))
+            self.alarms.append(
+                endpoint_metric("Invocations")
+                .with_(period=Duration.hours(1))
+                .create_alarm(
+                    self,
+                    "NoInvocations",
+                    alarm_name=f"{config.prefix}-no-invocations",
+                    alarm_description="The endpoint served no request for an hour while traffic is expected.",
+                    threshold=1,
+                    evaluation_periods=1,
+                    comparison_operator=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
+                    treat_missing_data=cloudwatch.TreatMissingData.BREACHING,
+                )
+            )
         for alarm in self.alarms:
             alarm.add_alarm_action(actions.SnsAction(self.topic))
             alarm.add_ok_action(actions.SnsAction(self.topic))
 
-        dashboard = cloudwatch.Dashboard(self, "Dashboard", dashboard_name=config.prefix,
-                                         default_interval=Duration.hours(6))
-        dashboard.add_widgets(
-            cloudwatch.AlarmStatusWidget(title="Alarms", alarms=self.alarms, width=24, height=3))
-        dashboard.add_widgets(
-            cloudwatch.GraphWidget(title="Endpoint invocations and errors", width=8, left=[
-                invocations, endpoint_metric("Invocation4XXErrors"), errors_5xx]),
-            cloudwatch.GraphWidget(title="Endpoint latency (µs)", width=8, left=[
-                endpoint_metric("ModelLatency", "p50"), endpoint_metric("ModelLatency", "p99"),
-                endpoint_metric("OverheadLatency", "p50")]),
-            cloudwatch.GraphWidget(title="Endpoint instances (%)", width=8, left=[
-                endpoint_metric(name, "Average", "/aws/sagemaker/Endpoints")
-                for name in ("CPUUtilization", "MemoryUtilization", "DiskUtilization")]),
+        dashboard = cloudwatch.Dashboard(
+            self, "Dashboard", dashboard_name=config.prefix, default_interval=Duration.hours(6)
         )
+        dashboard.add_widgets(cloudwatch.AlarmStatusWidget(title="Alarms", alarms=self.alarms, width=24, height=3))
         dashboard.add_widgets(
-            cloudwatch.GraphWidget(title="Classification executions", width=8, left=[
-                started, state_machine.metric_succeeded(period=FIVE_MINUTES), failed,
-                state_machine.metric_timed_out(period=FIVE_MINUTES)]),
-            cloudwatch.LogQueryWidget(
-                title="Failed executions by error", width=8, log_group_names=[state_machine_log_group_name],
-                query_lines=['filter type = "ExecutionFailed"', "stats count(*) as executions by details.error"]),
-            cloudwatch.GraphWidget(title="Lambda errors and duration (p99, ms)", width=8,
-                                   left=[function.metric_errors(period=FIVE_MINUTES) for function in functions],
-                                   right=[function.metric_duration(period=FIVE_MINUTES, statistic="p99")
-                                          for function in functions]),
-        )
-        dashboard.add_widgets(
-            cloudwatch.GraphWidget(title="Confidence: top probability", width=8, left=[
-                scones_metric(TOP_PROBABILITY, "Average"), scones_metric(TOP_PROBABILITY, "p10")],
-                left_y_axis=cloudwatch.YAxisProps(min=0, max=1)),
-            cloudwatch.GraphWidget(title="Low-confidence answers", width=8, left=[low_confidence, answered]),
-            cloudwatch.GraphWidget(title="Predicted class mix", width=8, stacked=True, left=[
-                scones_metric(PREDICTIONS, PredictedClass=str(label)).with_(label=name)
-                for label, name in enumerate(config.classes)]),
+            cloudwatch.GraphWidget(
+                title="Endpoint invocations and errors",
+                width=8,
+                left=[invocations, endpoint_metric("Invocation4XXErrors"), errors_5xx],
+            ),
+            cloudwatch.GraphWidget(
+                title="Endpoint latency (µs)",
+                width=8,
+                left=[
+                    endpoint_metric("ModelLatency", "p50"),
+                    endpoint_metric("ModelLatency", "p99"),
+                    endpoint_metric("OverheadLatency", "p50"),
+                ],
+            ),
+            cloudwatch.GraphWidget(
+                title="Endpoint instances (%)",
+                width=8,
+                left=[
+                    endpoint_metric(name, "Average", "/aws/sagemaker/Endpoints")
+                    for name in ("CPUUtilization", "MemoryUtilization", "DiskUtilization")
+                ],
+            ),
         )
         dashboard.add_widgets(
             cloudwatch.GraphWidget(
-                title="Drift: violations of the hourly capture report", width=16, stacked=True,
-                left=[scones_metric(drift_metrics.VIOLATIONS, "Maximum", CheckType=check_type).with_(
-                    period=ONE_HOUR, label=check_type) for check_type in drift_metrics.CHECK_TYPES],
-                right=[scones_metric(drift_metrics.CHECKED_RECORDS, "Maximum").with_(
-                    period=ONE_HOUR, label="records checked")]),
-            cloudwatch.GraphWidget(title="Drift job runs", width=8, left=[
-                self.drift.state_machine.metric_succeeded(period=ONE_HOUR), drift_failed, drift_timed_out]),
+                title="Classification executions",
+                width=8,
+                left=[
+                    started,
+                    state_machine.metric_succeeded(period=FIVE_MINUTES),
+                    failed,
+                    state_machine.metric_timed_out(period=FIVE_MINUTES),
+                ],
+            ),
+            cloudwatch.LogQueryWidget(
+                title="Failed executions by error",
+                width=8,
+                log_group_names=[state_machine_log_group_name],
+                query_lines=['filter type = "ExecutionFailed"', "stats count(*) as executions by details.error"],
+            ),
+            cloudwatch.GraphWidget(
+                title="Lambda errors and duration (p99, ms)",
+                width=8,
+                left=[function.metric_errors(period=FIVE_MINUTES) for function in functions],
+                right=[function.metric_duration(period=FIVE_MINUTES, statistic="p99") for function in functions],
+            ),
+        )
+        dashboard.add_widgets(
+            cloudwatch.GraphWidget(
+                title="Confidence: top probability",
+                width=8,
+                left=[scones_metric(TOP_PROBABILITY, "Average"), scones_metric(TOP_PROBABILITY, "p10")],
+                left_y_axis=cloudwatch.YAxisProps(min=0, max=1),
+            ),
+            cloudwatch.GraphWidget(title="Low-confidence answers", width=8, left=[low_confidence, answered]),
+            cloudwatch.GraphWidget(
+                title="Predicted class mix",
+                width=8,
+                stacked=True,
+                left=[
+                    scones_metric(PREDICTIONS, PredictedClass=str(label)).with_(label=name)
+                    for label, name in enumerate(config.classes)
+                ],
+            ),
+        )
+        dashboard.add_widgets(
+            cloudwatch.GraphWidget(
+                title="Drift: violations of the hourly capture report",
+                width=16,
+                stacked=True,
+                left=[
+                    scones_metric(drift_metrics.VIOLATIONS, "Maximum", CheckType=check_type).with_(
+                        period=ONE_HOUR, label=check_type
+                    )
+                    for check_type in drift_metrics.CHECK_TYPES
+                ],
+                right=[
+                    scones_metric(drift_metrics.CHECKED_RECORDS, "Maximum").with_(
+                        period=ONE_HOUR, label="records checked"
+                    )
+                ],
+            ),
+            cloudwatch.GraphWidget(
+                title="Drift job runs",
+                width=8,
+                left=[self.drift.state_machine.metric_succeeded(period=ONE_HOUR), drift_failed, drift_timed_out],
+            ),
         )
         self.dashboard = dashboard
 
-        CfnOutput(self, "DashboardUrl",
-                  description="The CloudWatch dashboard: endpoint, executions, confidence, drift.",
-                  value=f"https://console.aws.amazon.com/cloudwatch/home?region={Aws.REGION}"
-                        f"#dashboards:name={dashboard.dashboard_name}")
-        CfnOutput(self, "AlarmTopicArn", value=self.topic.topic_arn,
-                  description="The SNS topic every alarm notifies: subscribe to it to hear of failures and drift.")
+        CfnOutput(
+            self,
+            "DashboardUrl",
+            description="The CloudWatch dashboard: endpoint, executions, confidence, drift.",
+            value=f"https://console.aws.amazon.com/cloudwatch/home?region={Aws.REGION}"
+            f"#dashboards:name={dashboard.dashboard_name}",
+        )
+        CfnOutput(
+            self,
+            "AlarmTopicArn",
+            value=self.topic.topic_arn,
+            description="The SNS topic every alarm notifies: subscribe to it to hear of failures and drift.",
+        )

@@ -3,12 +3,19 @@
 from pathlib import Path
 
 import jsii
-from aws_cdk import Aws, CfnOutput, Duration, Size, Stack, Stage
-from aws_cdk import aws_ec2 as ec2
-from aws_cdk import aws_s3 as s3
-from aws_cdk import aws_s3_assets as s3_assets
-from aws_cdk import aws_stepfunctions as sfn
-from aws_cdk import aws_stepfunctions_tasks as tasks
+from aws_cdk import (
+    Aws,
+    CfnOutput,
+    Duration,
+    Size,
+    Stack,
+    Stage,
+    aws_ec2 as ec2,
+    aws_s3 as s3,
+    aws_s3_assets as s3_assets,
+    aws_stepfunctions as sfn,
+    aws_stepfunctions_tasks as tasks,
+)
 from cdk_nag import NagSuppressions
 from constructs import Construct
 
@@ -45,13 +52,18 @@ class S3Uri(tasks.S3Location):
 
 
 class TrainingStack(Stack):
-    def __init__(self, scope: Construct, construct_id: str, *, config: SconesConfig, bucket: s3.IBucket,
-                 **kwargs) -> None:
+    def __init__(
+        self, scope: Construct, construct_id: str, *, config: SconesConfig, bucket: s3.IBucket, **kwargs
+    ) -> None:
         super().__init__(scope, construct_id, **kwargs)
         algorithm = config.training_algorithm
         self.role = SageMakerRole(
-            self, "SageMakerRole", description="scones training jobs and the models they produce",
-            repository_arns=list(dict.fromkeys(repository_arn(self, algorithm, purpose) for purpose in ("training", "inference"))),
+            self,
+            "SageMakerRole",
+            description="scones training jobs and the models they produce",
+            repository_arns=list(
+                dict.fromkeys(repository_arn(self, algorithm, purpose) for purpose in ("training", "inference"))
+            ),
         ).role
 
         # A folder asset would arrive as a zip, which the container does not extract: ship SageMaker's tar.gz.
@@ -68,25 +80,33 @@ class TrainingStack(Stack):
             self._channel("validation_lst", bucket, "validation.lst", config),
         ]
         if algorithm == "pytorch":
-            channels.append(tasks.Channel(
-                channel_name="code",
-                data_source=tasks.DataSource(s3_data_source=tasks.S3DataSource(
-                    s3_location=S3Uri(script.bucket, script.s3_object_key),
-                    s3_data_type=tasks.S3DataType.S3_PREFIX,
-                )),
-            ))
+            channels.append(
+                tasks.Channel(
+                    channel_name="code",
+                    data_source=tasks.DataSource(
+                        s3_data_source=tasks.S3DataSource(
+                            s3_location=S3Uri(script.bucket, script.s3_object_key),
+                            s3_data_type=tasks.S3DataType.S3_PREFIX,
+                        )
+                    ),
+                )
+            )
             archive_name = script.s3_object_key.rsplit("/", 1)[-1]
-            hyperparameters.update(sagemaker_program=sourcedir.ENTRY_POINT,
-                                   sagemaker_submit_directory=f"{CODE_CHANNEL_DIR}/{archive_name}",
-                                   sagemaker_region=Aws.REGION)
+            hyperparameters.update(
+                sagemaker_program=sourcedir.ENTRY_POINT,
+                sagemaker_submit_directory=f"{CODE_CHANNEL_DIR}/{archive_name}",
+                sagemaker_region=Aws.REGION,
+            )
 
         train = tasks.SageMakerCreateTrainingJob(
-            self, "Train",
+            self,
+            "Train",
             integration_pattern=sfn.IntegrationPattern.RUN_JOB,
             training_job_name=sfn.JsonPath.format(f"{config.prefix}-{{}}", sfn.JsonPath.uuid()),
             role=self.role,
             algorithm_specification=tasks.AlgorithmSpecification(
-                training_image=image, training_input_mode=tasks.InputMode.FILE,
+                training_image=image,
+                training_input_mode=tasks.InputMode.FILE,
             ),
             input_data_config=channels,
             output_data_config=tasks.OutputDataConfig(s3_output_location=S3Uri(bucket, MODEL_PREFIX)),
@@ -100,11 +120,13 @@ class TrainingStack(Stack):
             ),
             hyperparameters=hyperparameters,
         )
-        train.add_retry(errors=["SageMaker.AmazonSageMakerException"], interval=Duration.seconds(30),
-                        max_attempts=3, backoff_rate=2)
+        train.add_retry(
+            errors=["SageMaker.AmazonSageMakerException"], interval=Duration.seconds(30), max_attempts=3, backoff_rate=2
+        )
 
         create_model = tasks.SageMakerCreateModel(
-            self, "CreateModel",
+            self,
+            "CreateModel",
             model_name=sfn.JsonPath.string_at("$.TrainingJobName"),
             role=self.role,
             primary_container=tasks.ContainerDefinition(
@@ -114,10 +136,13 @@ class TrainingStack(Stack):
             result_path="$.Model",
         )
         self.model_parameter_arn = self.format_arn(
-            service="ssm", resource="parameter", resource_name=config.model_parameter_name.lstrip("/"),
+            service="ssm",
+            resource="parameter",
+            resource_name=config.model_parameter_name.lstrip("/"),
         )
         record_model = tasks.CallAwsService(
-            self, "RecordModel",
+            self,
+            "RecordModel",
             service="ssm",
             action="putParameter",
             parameters={
@@ -131,28 +156,48 @@ class TrainingStack(Stack):
         )
         trained = sfn.Succeed(self, "Trained", output_path="$.ModelArtifacts")
         self.workflow = LoggedStateMachine(
-            self, "Training", config=config, name="training",
+            self,
+            "Training",
+            config=config,
+            name="training",
             definition=train.next(create_model).next(record_model).next(trained),
             timeout=Duration.minutes(config.training_max_runtime_minutes + 30),
         )
         self.state_machine = self.workflow.state_machine
-        NagSuppressions.add_resource_suppressions(self.state_machine, [{
-            "id": "AwsSolutions-IAM5",
-            "reason": "CDK's SageMaker tasks grant sagemaker:*TrainingJob on training-job/<prefix>* and the events "
-                      "rule of the .sync integration; job and model names are generated per execution.",
-        }], apply_to_children=True)
+        NagSuppressions.add_resource_suppressions(
+            self.state_machine,
+            [
+                {
+                    "id": "AwsSolutions-IAM5",
+                    "reason": "CDK's SageMaker tasks grant sagemaker:*TrainingJob on training-job/<prefix>* and the events "
+                    "rule of the .sync integration; job and model names are generated per execution.",
+                }
+            ],
+            apply_to_children=True,
+        )
 
-        CfnOutput(self, "TrainingStateMachineArn", value=self.state_machine.state_machine_arn,
-                  description="Trains a model on the staged data and records it: start it with {} "
-                              "(or python -m training.fit --sagemaker).")
-        CfnOutput(self, "ModelParameterName", value=config.model_parameter_name,
-                  description="The SSM parameter holding the newest model's S3 URL, which the endpoint serves.")
+        CfnOutput(
+            self,
+            "TrainingStateMachineArn",
+            value=self.state_machine.state_machine_arn,
+            description="Trains a model on the staged data and records it: start it with {} "
+            "(or python -m training.fit --sagemaker).",
+        )
+        CfnOutput(
+            self,
+            "ModelParameterName",
+            value=config.model_parameter_name,
+            description="The SSM parameter holding the newest model's S3 URL, which the endpoint serves.",
+        )
 
     def _channel(self, name: str, bucket: s3.IBucket, key: str, config: SconesConfig) -> tasks.Channel:
         return tasks.Channel(
             channel_name=name,
             content_type="application/x-image" if config.training_algorithm == "builtin" else None,
-            data_source=tasks.DataSource(s3_data_source=tasks.S3DataSource(
-                s3_location=S3Uri(bucket, key), s3_data_type=tasks.S3DataType.S3_PREFIX,
-            )),
+            data_source=tasks.DataSource(
+                s3_data_source=tasks.S3DataSource(
+                    s3_location=S3Uri(bucket, key),
+                    s3_data_type=tasks.S3DataType.S3_PREFIX,
+                )
+            ),
         )

@@ -1,10 +1,15 @@
 """The three Lambdas and the state machines that chain them: one image, and every image under a prefix."""
 
-from aws_cdk import Aws, CfnOutput, Duration, Stack
-from aws_cdk import aws_iam as iam
-from aws_cdk import aws_s3 as s3
-from aws_cdk import aws_stepfunctions as sfn
-from aws_cdk import aws_stepfunctions_tasks as tasks
+from aws_cdk import (
+    Aws,
+    CfnOutput,
+    Duration,
+    Stack,
+    aws_iam as iam,
+    aws_s3 as s3,
+    aws_stepfunctions as sfn,
+    aws_stepfunctions_tasks as tasks,
+)
 from cdk_nag import NagSuppressions
 from constructs import Construct
 
@@ -14,17 +19,30 @@ from stacks.constructs import LoggedStateMachine, PythonFunction
 # Names the classify handler raises for failures worth retrying (the endpoint's own error codes and
 # botocore's connection errors); anything else fails the execution at once.
 TRANSIENT_ENDPOINT_ERRORS = [
-    "ServiceUnavailable", "InternalFailure", "ThrottlingException", "ModelNotReadyException",
-    "InternalDependencyException", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+    "ServiceUnavailable",
+    "InternalFailure",
+    "ThrottlingException",
+    "ModelNotReadyException",
+    "InternalDependencyException",
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
     "ConnectionClosedError",
 ]
-LAMBDA_TRANSIENT_ERRORS = ["Lambda.TooManyRequestsException", "Lambda.ServiceException",
-                           "Lambda.AWSLambdaException", "Lambda.SdkClientException"]
+LAMBDA_TRANSIENT_ERRORS = [
+    "Lambda.TooManyRequestsException",
+    "Lambda.ServiceException",
+    "Lambda.AWSLambdaException",
+    "Lambda.SdkClientException",
+]
 LOW_CONFIDENCE_ERROR = "ThresholdConfidenceNotMet"
 # What the batch's startExecution.sync:2 raises: the child ran and failed, or could not be started for now.
 CHILD_FAILED_ERROR = "States.TaskFailed"
-START_TRANSIENT_ERRORS = ["StepFunctions.ExecutionLimitExceededException", "StepFunctions.SdkClientException",
-                          "StepFunctions.AWSStepFunctionsException"]
+START_TRANSIENT_ERRORS = [
+    "StepFunctions.ExecutionLimitExceededException",
+    "StepFunctions.SdkClientException",
+    "StepFunctions.AWSStepFunctionsException",
+]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # The CloudWatch namespace of the filter's metrics (given to it as METRIC_NAMESPACE), which the monitoring
 # stack's dashboard and alarms read and the drift job publishes to.
@@ -40,84 +58,153 @@ class PrefixResultWriter(sfn.ResultWriterV2):
         self._objects = bucket.arn_for_objects(f"{prefix}*")
 
     def provide_policy_statements(self) -> list[iam.PolicyStatement]:
-        return [iam.PolicyStatement(
-            actions=["s3:PutObject", "s3:GetObject", "s3:ListMultipartUploadParts", "s3:AbortMultipartUpload"],
-            resources=[self._objects])]
+        return [
+            iam.PolicyStatement(
+                actions=["s3:PutObject", "s3:GetObject", "s3:ListMultipartUploadParts", "s3:AbortMultipartUpload"],
+                resources=[self._objects],
+            )
+        ]
 
 
 class WorkflowStack(Stack):
-    def __init__(self, scope: Construct, construct_id: str, *, config: SconesConfig, bucket: s3.IBucket,
-                 **kwargs) -> None:
+    def __init__(
+        self, scope: Construct, construct_id: str, *, config: SconesConfig, bucket: s3.IBucket, **kwargs
+    ) -> None:
         super().__init__(scope, construct_id, **kwargs)
         self.serialize = PythonFunction(
-            self, "SerializeImageData", config=config, name="serialize_image_data",
-            environment={}, timeout=Duration.seconds(10)).function
-        self.serialize.add_to_role_policy(iam.PolicyStatement(
-            actions=["s3:GetObject"], resources=[bucket.arn_for_objects("*")]))
+            self,
+            "SerializeImageData",
+            config=config,
+            name="serialize_image_data",
+            environment={},
+            timeout=Duration.seconds(10),
+        ).function
+        self.serialize.add_to_role_policy(
+            iam.PolicyStatement(actions=["s3:GetObject"], resources=[bucket.arn_for_objects("*")])
+        )
 
         self.classify = PythonFunction(
-            self, "ClassifyImage", config=config, name="classify_image",
-            environment={"ENDPOINT_NAME": config.endpoint_name}, timeout=Duration.seconds(30)).function
-        self.endpoint_arn = self.format_arn(service="sagemaker", resource="endpoint",
-                                            resource_name=config.endpoint_name.lower())
-        self.classify.add_to_role_policy(iam.PolicyStatement(
-            actions=["sagemaker:InvokeEndpoint"], resources=[self.endpoint_arn]))
+            self,
+            "ClassifyImage",
+            config=config,
+            name="classify_image",
+            environment={"ENDPOINT_NAME": config.endpoint_name},
+            timeout=Duration.seconds(30),
+        ).function
+        self.endpoint_arn = self.format_arn(
+            service="sagemaker", resource="endpoint", resource_name=config.endpoint_name.lower()
+        )
+        self.classify.add_to_role_policy(
+            iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint"], resources=[self.endpoint_arn])
+        )
 
         self.filter = PythonFunction(
-            self, "FilterInferences", config=config, name="filter_inferences",
-            environment={"THRESHOLD": str(config.threshold), "ENDPOINT_NAME": config.endpoint_name,
-                         "METRIC_NAMESPACE": METRIC_NAMESPACE},
-            timeout=Duration.seconds(10)).function
+            self,
+            "FilterInferences",
+            config=config,
+            name="filter_inferences",
+            environment={
+                "THRESHOLD": str(config.threshold),
+                "ENDPOINT_NAME": config.endpoint_name,
+                "METRIC_NAMESPACE": METRIC_NAMESPACE,
+            },
+            timeout=Duration.seconds(10),
+        ).function
 
         self.workflow = LoggedStateMachine(
-            self, "Classification", config=config, name="classify-image",
-            definition=self._classification_definition(), timeout=Duration.minutes(5))
+            self,
+            "Classification",
+            config=config,
+            name="classify-image",
+            definition=self._classification_definition(),
+            timeout=Duration.minutes(5),
+        )
         self.state_machine = self.workflow.state_machine
 
         self.batch = LoggedStateMachine(
-            self, "Batch", config=config, name="classify-prefix",
-            definition=self._batch_definition(bucket, config), timeout=Duration.hours(24))
+            self,
+            "Batch",
+            config=config,
+            name="classify-prefix",
+            definition=self._batch_definition(bucket, config),
+            timeout=Duration.hours(24),
+        )
         self.state_machine.grant_start_execution(self.batch.state_machine)
 
-        CfnOutput(self, "ClassifyStateMachineArn", value=self.state_machine.state_machine_arn,
-                  description='Classifies one photo: start it with {"s3_bucket": "<bucket>", "s3_key": "<key>"}.')
-        CfnOutput(self, "ClassifyPrefixStateMachineArn", value=self.batch.state_machine.state_machine_arn,
-                  description='Classifies every photo under a prefix: start it with {"prefix": "<prefix>"}; '
-                              f"results go to {BATCH_RESULTS_PREFIX} in the bucket.")
-        CfnOutput(self, "ClassifyConsoleUrl", description="The classify state machine in the Step Functions "
-                                                          "console, to start an execution and follow it.",
-                  value=f"https://console.aws.amazon.com/states/home?region={Aws.REGION}"
-                        f"#/statemachines/view/{self.state_machine.state_machine_arn}")
+        CfnOutput(
+            self,
+            "ClassifyStateMachineArn",
+            value=self.state_machine.state_machine_arn,
+            description='Classifies one photo: start it with {"s3_bucket": "<bucket>", "s3_key": "<key>"}.',
+        )
+        CfnOutput(
+            self,
+            "ClassifyPrefixStateMachineArn",
+            value=self.batch.state_machine.state_machine_arn,
+            description='Classifies every photo under a prefix: start it with {"prefix": "<prefix>"}; '
+            f"results go to {BATCH_RESULTS_PREFIX} in the bucket.",
+        )
+        CfnOutput(
+            self,
+            "ClassifyConsoleUrl",
+            description="The classify state machine in the Step Functions "
+            "console, to start an execution and follow it.",
+            value=f"https://console.aws.amazon.com/states/home?region={Aws.REGION}"
+            f"#/statemachines/view/{self.state_machine.state_machine_arn}",
+        )
 
-        NagSuppressions.add_resource_suppressions(self.serialize.role, [{
-            "id": "AwsSolutions-IAM5",
-            "reason": "Serialize reads whichever image key the execution names, so s3:GetObject on the bucket's objects.",
-            "appliesTo": [{"regex": "/^Resource::.*Data.*\\/\\*$/"}],
-        }], apply_to_children=True)
-        NagSuppressions.add_resource_suppressions([self.workflow, self.batch], [{
-            "id": "AwsSolutions-IAM5",
-            "reason": "X-Ray and CloudWatch Logs delivery actions take no resource; LambdaInvoke grants the "
-                      "function's versions (<arn>:*); the batch run describes and stops its child executions (named "
-                      "at run time), reads its own map runs and writes its result files under batch_results/.",
-        }], apply_to_children=True)
+        NagSuppressions.add_resource_suppressions(
+            self.serialize.role,
+            [
+                {
+                    "id": "AwsSolutions-IAM5",
+                    "reason": "Serialize reads whichever image key the execution names, so s3:GetObject on the bucket's objects.",
+                    "appliesTo": [{"regex": "/^Resource::.*Data.*\\/\\*$/"}],
+                }
+            ],
+            apply_to_children=True,
+        )
+        NagSuppressions.add_resource_suppressions(
+            [self.workflow, self.batch],
+            [
+                {
+                    "id": "AwsSolutions-IAM5",
+                    "reason": "X-Ray and CloudWatch Logs delivery actions take no resource; LambdaInvoke grants the "
+                    "function's versions (<arn>:*); the batch run describes and stops its child executions (named "
+                    "at run time), reads its own map runs and writes its result files under batch_results/.",
+                }
+            ],
+            apply_to_children=True,
+        )
 
     def _invoke(self, construct_id: str, function) -> tasks.LambdaInvoke:
         """A step whose input is the previous step's body, as the classic `$.Payload.body` wiring did."""
-        step = tasks.LambdaInvoke(self, construct_id, lambda_function=function, output_path="$.Payload.body",
-                                  retry_on_service_exceptions=False)
-        step.add_retry(errors=LAMBDA_TRANSIENT_ERRORS, interval=Duration.seconds(1), max_attempts=4,
-                       backoff_rate=2, jitter_strategy=sfn.JitterType.FULL)
+        step = tasks.LambdaInvoke(
+            self,
+            construct_id,
+            lambda_function=function,
+            output_path="$.Payload.body",
+            retry_on_service_exceptions=False,
+        )
+        step.add_retry(
+            errors=LAMBDA_TRANSIENT_ERRORS,
+            interval=Duration.seconds(1),
+            max_attempts=4,
+            backoff_rate=2,
+            jitter_strategy=sfn.JitterType.FULL,
+        )
         return step
 
     def _classification_definition(self) -> sfn.IChainable:
         serialize = self._invoke("Serialize image data", self.serialize)
         classify = self._invoke("Classify image", self.classify)
-        classify.add_retry(errors=TRANSIENT_ENDPOINT_ERRORS, interval=Duration.seconds(1), max_attempts=3,
-                           backoff_rate=2)
+        classify.add_retry(
+            errors=TRANSIENT_ENDPOINT_ERRORS, interval=Duration.seconds(1), max_attempts=3, backoff_rate=2
+        )
         filter_low = self._invoke("Filter low confidence", self.filter)
         filter_low.add_catch(
-            sfn.Fail(self, "Low confidence", error_path="$.Error", cause_path="$.Cause"),
-            errors=[LOW_CONFIDENCE_ERROR])
+            sfn.Fail(self, "Low confidence", error_path="$.Error", cause_path="$.Cause"), errors=[LOW_CONFIDENCE_ERROR]
+        )
         return serialize.next(classify).next(filter_low).next(sfn.Succeed(self, "Confident"))
 
     def _batch_definition(self, bucket: s3.IBucket, config: SconesConfig) -> sfn.IChainable:
@@ -130,25 +217,36 @@ class WorkflowStack(Stack):
         timed out) fails its item, and more than `batch_tolerated_failure_percent` of those fail the batch.
         """
         classify_one = tasks.StepFunctionsStartExecution(
-            self, "Classify one image",
+            self,
+            "Classify one image",
             state_machine=self.state_machine,
             integration_pattern=sfn.IntegrationPattern.RUN_JOB,
             associate_with_parent=True,
-            input=sfn.TaskInput.from_object({"s3_bucket": bucket.bucket_name, "s3_key": sfn.JsonPath.string_at("$.Key")}),
-            result_selector={"status": sfn.JsonPath.string_at("$.Status"),
-                             "inferences": sfn.JsonPath.list_at("$.Output.inferences")},
+            input=sfn.TaskInput.from_object(
+                {"s3_bucket": bucket.bucket_name, "s3_key": sfn.JsonPath.string_at("$.Key")}
+            ),
+            result_selector={
+                "status": sfn.JsonPath.string_at("$.Status"),
+                "inferences": sfn.JsonPath.list_at("$.Output.inferences"),
+            },
             result_path="$.outcome",
         )
-        classify_one.add_retry(errors=START_TRANSIENT_ERRORS, interval=Duration.seconds(2), max_attempts=5,
-                               backoff_rate=2, jitter_strategy=sfn.JitterType.FULL)
+        classify_one.add_retry(
+            errors=START_TRANSIENT_ERRORS,
+            interval=Duration.seconds(2),
+            max_attempts=5,
+            backoff_rate=2,
+            jitter_strategy=sfn.JitterType.FULL,
+        )
         classify_one.add_catch(sfn.Pass(self, "Record failure"), errors=[CHILD_FAILED_ERROR], result_path="$.outcome")
-        is_image = sfn.Condition.or_(*(sfn.Condition.string_matches("$.Key", f"*{suffix}")
-                                       for suffix in IMAGE_SUFFIXES))
-        skip = sfn.Pass(self, "Skip non-image", parameters={"s3_key": sfn.JsonPath.string_at("$.Key"),
-                                                             "skipped": True})
+        is_image = sfn.Condition.or_(
+            *(sfn.Condition.string_matches("$.Key", f"*{suffix}") for suffix in IMAGE_SUFFIXES)
+        )
+        skip = sfn.Pass(self, "Skip non-image", parameters={"s3_key": sfn.JsonPath.string_at("$.Key"), "skipped": True})
         each = sfn.Choice(self, "Is an image").when(is_image, classify_one).otherwise(skip)
         every_image = sfn.DistributedMap(
-            self, "Every image under the prefix",
+            self,
+            "Every image under the prefix",
             item_reader=sfn.S3ObjectsItemReader(bucket=bucket, prefix=sfn.JsonPath.string_at("$.prefix")),
             item_selector={"Key": sfn.JsonPath.string_at("$$.Map.Item.Value.Key")},
             max_concurrency=40,

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 import app  # noqa: E402
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _synth(context_json: str) -> tuple[dict[str, cdk.Stack], Path]:
     cdk_app = cdk.App(context=json.loads(context_json))
     stacks = app.build(cdk_app)
@@ -50,7 +50,7 @@ def dev_stacks():
 
 
 def _placeholder(token: dict) -> str:
-    (function, argument), = token.items()
+    ((function, argument),) = token.items()
     if function == "Fn::GetAtt":
         argument = ".".join(argument)
     elif function == "Fn::FindInMap":

@@ -48,8 +48,11 @@ class FakeEndpointRequest(BaseHTTPRequestHandler):
         self.server.requests.append({"path": self.path, "content_type": self.headers["Content-Type"], "body": body})
         if self.server.failures:
             code = self.server.failures.pop(0)
-            self.reply(ENDPOINT_ERROR_STATUS[code], json.dumps({"message": f"fake {code} from the endpoint"}).encode(),
-                       {"x-amzn-ErrorType": f"{code}:http://internal.amazon.com/coral/com.amazon.sagemaker/"})
+            self.reply(
+                ENDPOINT_ERROR_STATUS[code],
+                json.dumps({"message": f"fake {code} from the endpoint"}).encode(),
+                {"x-amzn-ErrorType": f"{code}:http://internal.amazon.com/coral/com.amazon.sagemaker/"},
+            )
         else:
             self.reply(200, self.server.answer_body, {})
 

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from stacks.config import ConfigError, SconesConfig, config_table
 
 
@@ -26,8 +26,13 @@ def test_defaults_are_the_classic_project_on_pytorch():
 
 
 def test_command_line_strings_are_typed():
-    given = config(env="prod", threshold="0.8", classes="tank, tractor", endpoint_instance_count="3",
-                   hyperparameters='{"epochs": 12}')
+    given = config(
+        env="prod",
+        threshold="0.8",
+        classes="tank, tractor",
+        endpoint_instance_count="3",
+        hyperparameters='{"epochs": 12}',
+    )
     assert given.threshold == 0.8
     assert given.classes == ("tank", "tractor")
     assert given.endpoint_instance_count == 3
@@ -37,8 +42,12 @@ def test_command_line_strings_are_typed():
 
 
 def test_builtin_gets_the_classic_hyperparameters_with_overrides():
-    builtin = config(training_algorithm="builtin", hyperparameters={"epochs": 5}, training_images="1800",
-                     classes="bicycle,motorcycle,tank")
+    builtin = config(
+        training_algorithm="builtin",
+        hyperparameters={"epochs": 5},
+        training_images="1800",
+        classes="bicycle,motorcycle,tank",
+    )
     assert builtin.hyperparameters["epochs"] == "5"
     assert builtin.hyperparameters["num_layers"] == "152"
     assert builtin.hyperparameters["num_classes"] == "3"
@@ -46,23 +55,26 @@ def test_builtin_gets_the_classic_hyperparameters_with_overrides():
     assert builtin.training_instance_type == "ml.p3.2xlarge"
 
 
-@pytest.mark.parametrize("context, key", [
-    ({"env": "staging"}, "'env'"),
-    ({"threshold": "1.5"}, "'threshold'"),
-    ({"threshold": "high"}, "'threshold'"),
-    ({"capture_sampling_percentage": "101"}, "'capture_sampling_percentage'"),
-    ({"classes": "bicycle,unicorn"}, "unicorn"),
-    ({"classes": "bicycle"}, "'classes'"),
-    ({"training_algorithm": "xgboost"}, "'training_algorithm'"),
-    ({"training_algorithm": "builtin", "hyperparameters": '{"epoch": 3}'}, "epoch"),
-    ({"hyperparameters": "epochs=3"}, "'hyperparameters'"),
-    ({"endpoint_instance_type": "m5.large"}, "'endpoint_instance_type'"),
-    ({"account": "12345"}, "'account'"),
-    ({"alarm_email": "ops"}, "'alarm_email'"),
-    ({"model_data_url": "https://bucket/model.tar.gz"}, "'model_data_url'"),
-    ({"removal_policy": "snapshot"}, "'removal_policy'"),
-    ({"batch_tolerated_failure_percent": "101"}, "'batch_tolerated_failure_percent'"),
-])
+@pytest.mark.parametrize(
+    "context, key",
+    [
+        ({"env": "staging"}, "'env'"),
+        ({"threshold": "1.5"}, "'threshold'"),
+        ({"threshold": "high"}, "'threshold'"),
+        ({"capture_sampling_percentage": "101"}, "'capture_sampling_percentage'"),
+        ({"classes": "bicycle,unicorn"}, "unicorn"),
+        ({"classes": "bicycle"}, "'classes'"),
+        ({"training_algorithm": "xgboost"}, "'training_algorithm'"),
+        ({"training_algorithm": "builtin", "hyperparameters": '{"epoch": 3}'}, "epoch"),
+        ({"hyperparameters": "epochs=3"}, "'hyperparameters'"),
+        ({"endpoint_instance_type": "m5.large"}, "'endpoint_instance_type'"),
+        ({"account": "12345"}, "'account'"),
+        ({"alarm_email": "ops"}, "'alarm_email'"),
+        ({"model_data_url": "https://bucket/model.tar.gz"}, "'model_data_url'"),
+        ({"removal_policy": "snapshot"}, "'removal_policy'"),
+        ({"batch_tolerated_failure_percent": "101"}, "'batch_tolerated_failure_percent'"),
+    ],
+)
 def test_invalid_values_fail_naming_the_key(context, key):
     with pytest.raises(ConfigError, match=key):
         config(**context)
@@ -82,10 +94,15 @@ def test_an_unknown_key_with_no_close_one_is_refused_listing_the_keys():
 
 def test_the_cdks_own_context_keys_are_accepted():
     """What `npx cdk synth` puts in the context besides ours: feature flags, CLI settings, cached lookups."""
-    cdk_keys = {"@aws-cdk/core:checkSecretUsage": True, "aws:cdk:enable-path-metadata": True,
-                "aws:cdk:bundling-stacks": ["**"], "@aws-cdk/core:failSynthOnValidationErrors": False,
-                "acknowledged-issue-numbers": [32775], "cdk-migrate": True,
-                "availability-zones:account=123456789012:region=eu-west-1": ["eu-west-1a"]}
+    cdk_keys = {
+        "@aws-cdk/core:checkSecretUsage": True,
+        "aws:cdk:enable-path-metadata": True,
+        "aws:cdk:bundling-stacks": ["**"],
+        "@aws-cdk/core:failSynthOnValidationErrors": False,
+        "acknowledged-issue-numbers": [32775],
+        "cdk-migrate": True,
+        "availability-zones:account=123456789012:region=eu-west-1": ["eu-west-1a"],
+    }
     assert config(**cdk_keys) == SconesConfig()
 
 
@@ -96,7 +113,9 @@ def test_cdk_json_holds_only_cdk_feature_flags():
 
 def test_derived_defaults_follow_the_environment_and_algorithm():
     assert (SconesConfig(env_name="prod").endpoint_name, SconesConfig(env_name="prod").removal_policy) == (
-        "scones-prod", "retain")
+        "scones-prod",
+        "retain",
+    )
     assert SconesConfig(endpoint_name="bikes", removal_policy="destroy", env_name="prod").removal_policy == "destroy"
     assert SconesConfig(training_algorithm="builtin").training_instance_type == "ml.p3.2xlarge"
 
@@ -124,21 +143,26 @@ def test_readme_configuration_table_is_the_rendered_one():
     assert found, "README.md has no <!-- config-table --> ... <!-- /config-table --> markers"
     assert found.group(1) == config_table(), (
         "README's configuration table is stale: paste `python -c 'from stacks.config import config_table; "
-        "print(config_table(), end=\"\")'` between the markers")
+        'print(config_table(), end="")\'` between the markers'
+    )
 
 
 def _synth(*context: str) -> subprocess.CompletedProcess:
     """`app.py` as `npx cdk synth -c ...` runs it, in an environment without the Makefile's JSII_ settings."""
     environment = {name: value for name, value in os.environ.items() if not name.startswith(("JSII_", "CDK_"))}
     environment["CDK_CONTEXT_JSON"] = json.dumps(dict(pair.split("=", 1) for pair in context))
-    return subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=environment, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "app.py"], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300
+    )
 
 
-@pytest.mark.parametrize("context, message", [
-    (["threshold=2"], "scones: context key 'threshold': 2.0 is outside [0.0, 1.0]\n"),
-    (["threshhold=0.5"], "scones: unknown context key 'threshhold'; did you mean 'threshold'?\n"),
-])
+@pytest.mark.parametrize(
+    "context, message",
+    [
+        (["threshold=2"], "scones: context key 'threshold': 2.0 is outside [0.0, 1.0]\n"),
+        (["threshhold=0.5"], "scones: unknown context key 'threshhold'; did you mean 'threshold'?\n"),
+    ],
+)
 def test_the_app_answers_a_config_error_with_one_line_and_no_traceback_or_node_warning(context, message):
     run = _synth(*context)
     assert (run.returncode, run.stderr, run.stdout) == (1, message, "")

@@ -1,16 +1,22 @@
 from aws_cdk.assertions import Match
-
 from conftest import template
 
 
 def test_bucket_is_encrypted_versioned_and_not_public():
-    bucket = template("Data").find_resources("AWS::S3::Bucket", {"Properties": {"VersioningConfiguration": Match.any_value()}})
+    bucket = template("Data").find_resources(
+        "AWS::S3::Bucket", {"Properties": {"VersioningConfiguration": Match.any_value()}}
+    )
     assert len(bucket) == 1
     properties = next(iter(bucket.values()))["Properties"]
     assert properties["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"] == {
-        "SSEAlgorithm": "AES256"}
+        "SSEAlgorithm": "AES256"
+    }
     assert properties["PublicAccessBlockConfiguration"] == {
-        "BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True, "RestrictPublicBuckets": True}
+        "BlockPublicAcls": True,
+        "BlockPublicPolicy": True,
+        "IgnorePublicAcls": True,
+        "RestrictPublicBuckets": True,
+    }
     assert properties["VersioningConfiguration"] == {"Status": "Enabled"}
     assert properties["LoggingConfiguration"]["LogFilePrefix"] == "data/"
 
@@ -21,16 +27,34 @@ def test_every_bucket_denies_requests_without_ssl():
     policies = data.find_resources("AWS::S3::BucketPolicy").values()
     assert {policy["Properties"]["Bucket"]["Ref"] for policy in policies} == set(buckets)
     for policy in policies:
-        assert any(statement["Effect"] == "Deny" and statement["Action"] == "s3:*"
-                   and statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
-                   for statement in policy["Properties"]["PolicyDocument"]["Statement"])
+        assert any(
+            statement["Effect"] == "Deny"
+            and statement["Action"] == "s3:*"
+            and statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+            for statement in policy["Properties"]["PolicyDocument"]["Statement"]
+        )
 
 
 def test_captures_expire_after_the_configured_days():
-    template("Data", capture_retention_days="7").has_resource_properties("AWS::S3::Bucket", {
-        "LifecycleConfiguration": {"Rules": Match.array_with([Match.object_like(
-            {"Id": "expire-captures", "Prefix": "data_capture/", "ExpirationInDays": 7, "Status": "Enabled"})])},
-    })
+    template("Data", capture_retention_days="7").has_resource_properties(
+        "AWS::S3::Bucket",
+        {
+            "LifecycleConfiguration": {
+                "Rules": Match.array_with(
+                    [
+                        Match.object_like(
+                            {
+                                "Id": "expire-captures",
+                                "Prefix": "data_capture/",
+                                "ExpirationInDays": 7,
+                                "Status": "Enabled",
+                            }
+                        )
+                    ]
+                )
+            },
+        },
+    )
 
 
 def test_dev_destroys_its_buckets_and_prod_retains_them():
@@ -48,4 +72,3 @@ def test_output_names_the_data_bucket():
     output = data.find_outputs("BucketName")["BucketName"]
     assert output["Value"] == {"Ref": bucket}
     assert "training.etl --bucket" in output["Description"]
-

@@ -26,8 +26,8 @@ from numpy._core.multiarray import _reconstruct
 from numpy.testing._private.utils import runstring
 from PIL import Image
 
-from training.etl import SHARED_ARCHIVE as SHARED
 from training import etl
+from training.etl import SHARED_ARCHIVE as SHARED
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_shared = pytest.mark.skipif(not SHARED.is_file(), reason=f"the shared CIFAR-100 copy is not at {SHARED}")
@@ -39,6 +39,7 @@ MANIFEST_LINE = re.compile(r"(\d+)\t(\d+)\t((train|test)/[A-Za-z0-9_]+\.png)")
 
 
 # ----------------------------------------------------------------------------------- tiny archives
+
 
 class Py2Pickler(pickle._Pickler):
     """Writes protocol 2 as Python 2 did for the official files: bytes as Python 2 `str` (SHORT_BINSTRING,
@@ -76,17 +77,21 @@ def tiny_cifar(train_per_class=10, test_per_class=4, seed=1) -> dict[str, dict]:
     def split(per_class, batch_label):
         fine_labels = rng.permutation([TINY_NAMES.index(name) for name in TINY_CLASSES for _ in range(per_class)])
         count = len(fine_labels)
-        return {b"filenames": [f"{TINY_NAMES[label]}_s_{seed:02d}{index:04d}.png".encode()
-                               for index, label in enumerate(fine_labels)],
-                b"batch_label": batch_label,
-                b"fine_labels": [int(label) for label in fine_labels],
-                b"coarse_labels": [18] * count,
-                b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8)}
+        return {
+            b"filenames": [
+                f"{TINY_NAMES[label]}_s_{seed:02d}{index:04d}.png".encode() for index, label in enumerate(fine_labels)
+            ],
+            b"batch_label": batch_label,
+            b"fine_labels": [int(label) for label in fine_labels],
+            b"coarse_labels": [18] * count,
+            b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+        }
 
-    return {"meta": {b"fine_label_names": [name.encode() for name in TINY_NAMES],
-                     b"coarse_label_names": [b"vehicles_1"]},
-            "train": split(train_per_class, b"training batch 1 of 1"),
-            "test": split(test_per_class, b"testing batch 1 of 1")}
+    return {
+        "meta": {b"fine_label_names": [name.encode() for name in TINY_NAMES], b"coarse_label_names": [b"vehicles_1"]},
+        "train": split(train_per_class, b"training batch 1 of 1"),
+        "test": split(test_per_class, b"testing batch 1 of 1"),
+    }
 
 
 def cifar_members(cifar: dict[str, dict]) -> dict[str, bytes]:
@@ -136,8 +141,10 @@ def manifest(out: Path, name: str) -> list[tuple[int, int, str]]:
 
 def pixels_from_row(row: np.ndarray) -> np.ndarray:
     """The 32x32 RGB image of a CIFAR row, spelled out: pixel (y, x) of channel c is byte c*1024 + y*32 + x."""
-    return np.array([[[row[channel * 1024 + y * 32 + x] for channel in range(3)] for x in range(32)]
-                     for y in range(32)], dtype=np.uint8)
+    return np.array(
+        [[[row[channel * 1024 + y * 32 + x] for channel in range(3)] for x in range(32)] for y in range(32)],
+        dtype=np.uint8,
+    )
 
 
 def decoded(path: Path) -> np.ndarray:
@@ -147,6 +154,7 @@ def decoded(path: Path) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------- reading
+
 
 @needs_shared
 def test_tiny_archives_are_pickled_like_the_shared_copy(cifar):
@@ -171,10 +179,16 @@ def test_both_pickle_encodings_read_the_same(archive, cifar, encoding):
         assert np.array_equal(split.data, cifar[name][b"data"])
 
 
-@pytest.mark.parametrize("payload, refused", [
-    (lambda marker: (os.system, (f"touch {shlex.quote(str(marker))}",)), f"{os.system.__module__}.system"),
-    (lambda marker: (runstring, (f"open({str(marker)!r}, 'w').close()", {})), "numpy.testing._private.utils.runstring"),
-])
+@pytest.mark.parametrize(
+    "payload, refused",
+    [
+        (lambda marker: (os.system, (f"touch {shlex.quote(str(marker))}",)), f"{os.system.__module__}.system"),
+        (
+            lambda marker: (runstring, (f"open({str(marker)!r}, 'w').close()", {})),
+            "numpy.testing._private.utils.runstring",
+        ),
+    ],
+)
 def test_a_pickle_that_runs_code_is_refused(tmp_path, cifar, payload, refused):
     class RunsCode:
         def __init__(self, marker):
@@ -243,14 +257,17 @@ def test_an_archive_without_the_train_member_is_corrupt(tmp_path, cifar):
 
 # ----------------------------------------------------------------------------------------- staging
 
+
 def test_stage_writes_exact_images_manifests_and_dataset(tmp_path, archive, cifar):
     out = tmp_path / "out"
     classes = ["motorcycle", "bicycle"]
     summary = etl.stage(archive, out, classes, validation_fraction=0.2, progress=False)
 
-    rows_by_path = {f"{folder}/{filename.decode()}": (row, TINY_NAMES[fine_label])
-                    for folder, split in (("train", cifar["train"]), ("test", cifar["test"]))
-                    for filename, fine_label, row in zip(split[b"filenames"], split[b"fine_labels"], split[b"data"])}
+    rows_by_path = {
+        f"{folder}/{filename.decode()}": (row, TINY_NAMES[fine_label])
+        for folder, split in (("train", cifar["train"]), ("test", cifar["test"]))
+        for filename, fine_label, row in zip(split[b"filenames"], split[b"fine_labels"], split[b"data"])
+    }
     lists = {name: manifest(out, name) for name in ("train.lst", "validation.lst", "test.lst")}
     for name, rows in lists.items():
         assert [index for index, _, _ in rows] == list(range(len(rows)))
@@ -261,20 +278,28 @@ def test_stage_writes_exact_images_manifests_and_dataset(tmp_path, archive, cifa
     listed_train = [path for name in ("train.lst", "validation.lst") for _, _, path in lists[name]]
     assert sorted(listed_train) == sorted(expected_train)
     assert {path for _, _, path in lists["test.lst"]} == {
-        path for path, (_, name) in rows_by_path.items() if path.startswith("test/") and name in classes}
+        path for path, (_, name) in rows_by_path.items() if path.startswith("test/") and name in classes
+    }
 
     dataset = json.loads((out / "dataset.json").read_text())
     assert dataset == summary.dataset
-    assert dataset["classes"] == [{"name": "motorcycle", "label": 0, "cifar_fine_label": 3},
-                                  {"name": "bicycle", "label": 1, "cifar_fine_label": 1}]
+    assert dataset["classes"] == [
+        {"name": "motorcycle", "label": 0, "cifar_fine_label": 3},
+        {"name": "bicycle", "label": 1, "cifar_fine_label": 1},
+    ]
     assert dataset["source"] == {"name": archive.name, "sha256": sha256(archive)}
-    assert dataset["counts"] == {name.removesuffix(".lst"): {cls: sum(classes[label] == cls for _, label, _ in rows)
-                                                             for cls in classes} for name, rows in lists.items()}
+    assert dataset["counts"] == {
+        name.removesuffix(".lst"): {cls: sum(classes[label] == cls for _, label, _ in rows) for cls in classes}
+        for name, rows in lists.items()
+    }
     assert dataset["counts"]["validation"] == {"motorcycle": 2, "bicycle": 2}
-    assert dataset["files"] == {path.relative_to(out).as_posix(): sha256(path)
-                                for path in out.rglob("*") if path.is_file() and path.name != "dataset.json"}
+    assert dataset["files"] == {
+        path.relative_to(out).as_posix(): sha256(path)
+        for path in out.rglob("*")
+        if path.is_file() and path.name != "dataset.json"
+    }
     train_pixels = np.stack([rows_by_path[path][0] for _, _, path in lists["train.lst"]]).astype(np.float64) / 255
-    channels = [train_pixels[:, channel * 1024:(channel + 1) * 1024] for channel in range(3)]
+    channels = [train_pixels[:, channel * 1024 : (channel + 1) * 1024] for channel in range(3)]
     assert dataset["pixel_stats"]["mean"] == pytest.approx([channel.mean() for channel in channels], rel=1e-12)
     assert dataset["pixel_stats"]["std"] == pytest.approx([channel.std() for channel in channels], rel=1e-12)
     assert sorted(summary.written) == sorted(staged_files(out))
@@ -294,8 +319,10 @@ def test_extra_classes_are_staged_for_training_only(tmp_path, archive):
 
 
 def test_png_bytes_and_the_split_are_the_same_every_run_and_follow_the_seed(tmp_path, archive):
-    first, again, other_seed = (etl.stage(archive, tmp_path / name, TINY_CLASSES, seed=seed, progress=False)
-                                for name, seed in (("first", 0), ("again", 0), ("other-seed", 1)))
+    first, again, other_seed = (
+        etl.stage(archive, tmp_path / name, TINY_CLASSES, seed=seed, progress=False)
+        for name, seed in (("first", 0), ("again", 0), ("other-seed", 1))
+    )
     assert first.dataset == again.dataset
     assert (tmp_path / "first/validation.lst").read_bytes() == (tmp_path / "again/validation.lst").read_bytes()
     assert manifest(tmp_path / "first", "validation.lst") != manifest(tmp_path / "other-seed", "validation.lst")
@@ -314,11 +341,14 @@ def test_class_without_images_fails_naming_the_classes_present(tmp_path, archive
     assert str(raised.value) == f"{archive.name} has no train images of rocket; it has bicycle, bus, motorcycle"
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"classes": ["bus", "bus"]}, "classes and extra classes must be distinct"),
-    ({"extra_classes": ["bicycle"]}, "classes and extra classes must be distinct"),
-    ({"validation_fraction": 1.0}, "validation fraction must be at least 0 and below 1"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"classes": ["bus", "bus"]}, "classes and extra classes must be distinct"),
+        ({"extra_classes": ["bicycle"]}, "classes and extra classes must be distinct"),
+        ({"validation_fraction": 1.0}, "validation fraction must be at least 0 and below 1"),
+    ],
+)
 def test_invalid_options_fail(tmp_path, archive, options, message):
     with pytest.raises(etl.InvalidOption, match=message):
         etl.stage(archive, tmp_path / "out", **{"classes": TINY_CLASSES, "progress": False, **options})
@@ -386,6 +416,7 @@ def test_a_partial_folder_is_completed(tmp_path, archive):
 
 # ------------------------------------------------------------------------------------------ source
 
+
 @pytest.fixture
 def no_source_configured(tmp_path, monkeypatch):
     monkeypatch.delenv("SCONES_CIFAR100", raising=False)
@@ -435,8 +466,9 @@ def test_offline_without_a_source_says_how_to_give_one(tmp_path, no_source_confi
     assert list(no_source_configured.parent.iterdir()) == []
 
 
-def test_a_download_is_checked_cached_and_then_used_offline(tmp_path, archive, no_source_configured, web_server,
-                                                            monkeypatch):
+def test_a_download_is_checked_cached_and_then_used_offline(
+    tmp_path, archive, no_source_configured, web_server, monkeypatch
+):
     folder, url = web_server
     (folder / etl.ARCHIVE_NAME).write_bytes(archive.read_bytes())
     monkeypatch.setattr(etl, "OFFICIAL_URL", f"{url}/{etl.ARCHIVE_NAME}")
@@ -452,21 +484,26 @@ def test_a_download_is_checked_cached_and_then_used_offline(tmp_path, archive, n
 def test_a_download_with_the_wrong_md5_is_not_kept(tmp_path, archive, no_source_configured, web_server):
     folder, url = web_server
     (folder / "other.tar.gz").write_bytes(archive.read_bytes())
-    with pytest.raises(etl.ChecksumMismatch, match=f"has MD5 {hashlib.md5(archive.read_bytes()).hexdigest()}, "
-                                                   f"not the official archive's {etl.OFFICIAL_MD5}"):
+    with pytest.raises(
+        etl.ChecksumMismatch,
+        match=f"has MD5 {hashlib.md5(archive.read_bytes()).hexdigest()}, not the official archive's {etl.OFFICIAL_MD5}",
+    ):
         etl.stage(f"{url}/other.tar.gz", tmp_path / "out", progress=False)
     assert list(no_source_configured.parent.iterdir()) == []
 
 
 # -------------------------------------------------------------------------------------- shared copy
 
+
 @pytest.fixture(scope="module")
 def shared_staged(tmp_path_factory):
     out = tmp_path_factory.mktemp("shared") / "out"
     summary = etl.stage(SHARED, out, ["bicycle", "motorcycle"], progress=False)
     with tarfile.open(SHARED) as tar:  # the trusted shared file, read with plain pickle as the reference
-        reference = {name: pickle.load(tar.extractfile(f"cifar-100-python/{name}"), encoding="latin1")
-                     for name in ("meta", "train", "test")}
+        reference = {
+            name: pickle.load(tar.extractfile(f"cifar-100-python/{name}"), encoding="latin1")
+            for name in ("meta", "train", "test")
+        }
     return out, summary, reference
 
 
@@ -484,8 +521,11 @@ def test_shared_copy_reads_the_same_with_both_pickle_encodings():
 def test_shared_copy_gives_the_expected_counts(shared_staged):
     out, summary, _ = shared_staged
     lists = {name: manifest(out, name) for name in ("train.lst", "validation.lst", "test.lst")}
-    assert {name: len(rows) for name, rows in lists.items()} == {"train.lst": 900, "validation.lst": 100,
-                                                                 "test.lst": 100}
+    assert {name: len(rows) for name, rows in lists.items()} == {
+        "train.lst": 900,
+        "validation.lst": 100,
+        "test.lst": 100,
+    }
     assert len(list((out / "train").iterdir())) == 1000 and len(list((out / "test").iterdir())) == 100
     for name, per_label in (("train.lst", 450), ("validation.lst", 50), ("test.lst", 50)):
         assert [sum(label == wanted for _, label, _ in lists[name]) for wanted in (0, 1)] == [per_label, per_label]
@@ -507,19 +547,26 @@ def test_shared_copy_labels_and_pixels_match_the_archive(shared_staged):
     first_bicycle = train["fine_labels"].index(names.index("bicycle"))
     first_motorcycle = train["fine_labels"].index(names.index("motorcycle"))
     last_test = max(index for index, label in enumerate(test["fine_labels"]) if names[label] == "bicycle")
-    for folder, split, index in (("train", train, first_bicycle), ("train", train, first_motorcycle),
-                                 ("test", test, last_test)):
+    for folder, split, index in (
+        ("train", train, first_bicycle),
+        ("train", train, first_motorcycle),
+        ("test", test, last_test),
+    ):
         assert np.array_equal(decoded(out / folder / split["filenames"][index]), pixels_from_row(split["data"][index]))
 
 
 # ---------------------------------------------------------------------------------------------- S3
 
+
 @pytest.fixture
 def s3(monkeypatch):
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
         monkeypatch.setenv(name, value)
     with mock_aws():
         client = boto3.client("s3")
@@ -536,8 +583,9 @@ def test_upload_puts_every_file_with_its_sha256_and_only_once(tmp_path, archive,
     for key, path in local.items():
         head = s3.head_object(Bucket="scones-data", Key=key)
         assert head["Metadata"] == {"sha256": sha256(path)}
-        assert head["ContentType"] == {".png": "image/png", ".lst": "text/plain", ".json": "application/json"}[
-            path.suffix]
+        assert (
+            head["ContentType"] == {".png": "image/png", ".lst": "text/plain", ".json": "application/json"}[path.suffix]
+        )
     assert s3.get_object(Bucket="scones-data", Key="test.lst")["Body"].read() == (out / "test.lst").read_bytes()
 
     puts = []
@@ -561,6 +609,7 @@ def test_upload_to_a_missing_bucket_fails_in_one_line(tmp_path, archive, s3):
 
 # ------------------------------------------------------------------------------------- command line
 
+
 def test_command_reports_what_it_staged(tmp_path, archive, capsys):
     arguments = ["--source", str(archive), "--out", str(tmp_path / "out"), "--classes", "bicycle,bus"]
     assert etl.main(arguments) == 0
@@ -570,13 +619,16 @@ def test_command_reports_what_it_staged(tmp_path, archive, capsys):
     assert capsys.readouterr().out == f"nothing new: {count} files already staged in {tmp_path / 'out'}\n"
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--source", "{tmp}/absent.tar.gz"], "error: no archive at {tmp}/absent.tar.gz"),
-    (["--source", "{archive}", "--classes", "bicycle,unicycle"], "error: unknown class unicycle; the CIFAR-100"),
-    (["--source", "{archive}", "--classes", "bicycle,rocket"], "error: tiny-cifar.tar.gz has no train images of"),
-    (["--source", "{archive}", "--validation-fraction", "1"], "error: the validation fraction must be at least 0"),
-    (["--source", "{truncated}"], "error: truncated.tar.gz is not a readable CIFAR-100 archive: ReadError"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--source", "{tmp}/absent.tar.gz"], "error: no archive at {tmp}/absent.tar.gz"),
+        (["--source", "{archive}", "--classes", "bicycle,unicycle"], "error: unknown class unicycle; the CIFAR-100"),
+        (["--source", "{archive}", "--classes", "bicycle,rocket"], "error: tiny-cifar.tar.gz has no train images of"),
+        (["--source", "{archive}", "--validation-fraction", "1"], "error: the validation fraction must be at least 0"),
+        (["--source", "{truncated}"], "error: truncated.tar.gz is not a readable CIFAR-100 archive: ReadError"),
+    ],
+)
 def test_command_errors_are_one_line_with_exit_code_2(tmp_path, archive, capsys, arguments, message):
     truncated = tmp_path / "truncated.tar.gz"
     truncated.write_bytes(archive.read_bytes()[:1000])
@@ -588,8 +640,9 @@ def test_command_errors_are_one_line_with_exit_code_2(tmp_path, archive, capsys,
 
 def test_module_runs_as_a_command(tmp_path, archive):
     def run(*arguments):
-        return subprocess.run([sys.executable, "-m", "training.etl", *arguments], cwd=ROOT, capture_output=True,
-                              text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "training.etl", *arguments], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
 
     helped = run("--help")
     assert helped.returncode == 0 and "--source PATH|URL" in helped.stdout

@@ -20,8 +20,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from training.etl import SHARED_ARCHIVE as ARCHIVE  # noqa: E402
 from training import calibration, etl, report, sourcedir, train  # noqa: E402
+from training.etl import SHARED_ARCHIVE as ARCHIVE  # noqa: E402
 from training.fit import FitError, fit_local  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -46,13 +46,18 @@ def fitted(data_dir, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("model")
     with tarfile.open(archive) as tar:
         tar.extractall(model_dir, filter="data")
-    return {"archive": archive, "out": out, "model_dir": model_dir,
-            "metrics": json.loads((out / "metrics.json").read_text())}
+    return {
+        "archive": archive,
+        "out": out,
+        "model_dir": model_dir,
+        "metrics": json.loads((out / "metrics.json").read_text()),
+    }
 
 
 def run_fit(*arguments) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training.fit", *arguments], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "training.fit", *arguments], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_archive_holds_the_model_in_sagemaker_layout(fitted):
@@ -71,8 +76,9 @@ def test_metrics_record_curves_test_results_and_calibration(fitted):
     metrics = fitted["metrics"]
     assert json.loads((fitted["model_dir"] / "metrics.json").read_text()) == metrics
     assert len(metrics["history"]) == QUICK["epochs"]
-    assert {"epoch", "lr", "train_loss", "train_accuracy", "validation_loss",
-            "validation_accuracy"} <= set(metrics["history"][0])
+    assert {"epoch", "lr", "train_loss", "train_accuracy", "validation_loss", "validation_accuracy"} <= set(
+        metrics["history"][0]
+    )
     assert metrics["hyperparameters"]["width"] == QUICK["width"] and metrics["seed"] == 0
     assert metrics["train_seconds"] > 0
     # bfloat16 "auto" trains in float32 where bfloat16 would be emulated (over 10x slower on such CPUs)
@@ -119,15 +125,23 @@ def test_the_model_code_is_only_what_serves(fitted):
     assert code == ["code/inference.py", "code/model.py"]
     for name in ("inference.py", "model.py"):
         assert (fitted["model_dir"] / "code" / name).read_bytes() == (ROOT / "training" / name).read_bytes()
-    served = ("import json, sys; sys.path.insert(0, 'code'); import inference; "
-              "model = inference.model_fn('.'); "
-              "print(inference.output_fn(inference.predict_fn(inference.input_fn(open(sys.argv[1], 'rb').read(), "
-              "'image/png'), model), 'application/json')[0]); "
-              "print(json.dumps(sorted(name for name in sys.modules if name.split('.')[0] in "
-              "('matplotlib', 'training', 'train', 'report'))))")
+    served = (
+        "import json, sys; sys.path.insert(0, 'code'); import inference; "
+        "model = inference.model_fn('.'); "
+        "print(inference.output_fn(inference.predict_fn(inference.input_fn(open(sys.argv[1], 'rb').read(), "
+        "'image/png'), model), 'application/json')[0]); "
+        "print(json.dumps(sorted(name for name in sys.modules if name.split('.')[0] in "
+        "('matplotlib', 'training', 'train', 'report'))))"
+    )
     image = fitted["out"] / "training_curves.png"  # any PNG
-    finished = subprocess.run([sys.executable, "-c", served, str(image)], cwd=fitted["model_dir"],
-                              env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=60)
+    finished = subprocess.run(
+        [sys.executable, "-c", served, str(image)],
+        cwd=fitted["model_dir"],
+        env={**os.environ, "PYTHONPATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert finished.returncode == 0, finished.stderr
     answer, imported = finished.stdout.splitlines()
     assert len(json.loads(answer)) == 2
@@ -155,7 +169,8 @@ def test_served_model_answers_what_training_evaluated(fitted, data_dir):
     for expected in fitted["metrics"]["test"]["predictions"]:
         body, content_type = handler.output_fn(
             handler.predict_fn(handler.input_fn((data_dir / expected["image"]).read_bytes(), "image/png"), model),
-            "application/json")
+            "application/json",
+        )
         assert content_type == "application/json"
         assert json.loads(body) == pytest.approx(expected["probabilities"], abs=1e-5)
 
@@ -166,8 +181,9 @@ def test_handler_takes_any_image_size_and_mode_and_refuses_what_it_cannot_read(f
     jpeg = io.BytesIO()
     Image.new("L", (100, 60), 128).save(jpeg, format="JPEG")
     for body, content_type in ((jpeg.getvalue(), "image/jpeg"), (jpeg.getvalue(), "application/x-image")):
-        probabilities = json.loads(handler.output_fn(handler.predict_fn(handler.input_fn(body, content_type), model),
-                                                     "application/json")[0])
+        probabilities = json.loads(
+            handler.output_fn(handler.predict_fn(handler.input_fn(body, content_type), model), "application/json")[0]
+        )
         assert len(probabilities) == 2 and sum(probabilities) == pytest.approx(1)
     with pytest.raises(ValueError, match="unsupported content type 'text/csv'"):
         handler.input_fn(b"1,2,3", "text/csv")
@@ -181,13 +197,16 @@ def test_fit_is_deterministic_for_a_seed(fitted, data_dir, tmp_path):
     assert again["test"]["predictions"] == fitted["metrics"]["test"]["predictions"]
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--epochs", "0"], "argument --epochs: 0 is outside the valid range [1, 1000]"),
-    (["--epochs", "many"], "argument --epochs: 'many' is not an int or auto; valid range [1, 1000]"),
-    (["--learning_rate", "fast"], "argument --learning_rate: 'fast' is not a float; valid range [1e-06, 10.0]"),
-    (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
-    (["--bfloat16", "yes"], "argument --bfloat16: 'yes' is not one of auto, 1, 0"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--epochs", "0"], "argument --epochs: 0 is outside the valid range [1, 1000]"),
+        (["--epochs", "many"], "argument --epochs: 'many' is not an int or auto; valid range [1, 1000]"),
+        (["--learning_rate", "fast"], "argument --learning_rate: 'fast' is not a float; valid range [1e-06, 10.0]"),
+        (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+        (["--bfloat16", "yes"], "argument --bfloat16: 'yes' is not one of auto, 1, 0"),
+    ],
+)
 def test_bad_hyperparameters_give_one_line_errors(data_dir, tmp_path, arguments, message):
     finished = run_fit("--local", "--data", str(data_dir), "--out", str(tmp_path), *arguments)
     assert finished.returncode == 2
@@ -199,20 +218,26 @@ def test_bad_hyperparameters_give_one_line_errors(data_dir, tmp_path, arguments,
 def test_missing_data_gives_one_line_errors(tmp_path):
     finished = run_fit("--local", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"))
     assert finished.returncode == 2
-    assert finished.stderr == f"fit: error: data folder {tmp_path / 'nowhere'} does not exist " \
-                              "(stage it with `python -m training.etl`)\n"
+    assert (
+        finished.stderr == f"fit: error: data folder {tmp_path / 'nowhere'} does not exist "
+        "(stage it with `python -m training.etl`)\n"
+    )
     (tmp_path / "train.lst").write_text("")
     finished = run_fit("--local", "--data", str(tmp_path), "--out", str(tmp_path / "out"))
     assert finished.returncode == 2
-    assert finished.stderr == f"fit: error: data folder {tmp_path} has no validation.lst " \
-                              "(stage it with `python -m training.etl`)\n"
+    assert (
+        finished.stderr == f"fit: error: data folder {tmp_path} has no validation.lst "
+        "(stage it with `python -m training.etl`)\n"
+    )
 
 
 def test_data_that_is_a_file_is_named_a_file_not_missing(tmp_path):
     finished = run_fit("--local", "--data", "README.md", "--out", str(tmp_path))
     assert finished.returncode == 2
-    assert finished.stderr == "fit: error: data folder README.md is a file, not a folder: pass the folder " \
-                              "`python -m training.etl --out DIR` staged\n"
+    assert (
+        finished.stderr == "fit: error: data folder README.md is a file, not a folder: pass the folder "
+        "`python -m training.etl --out DIR` staged\n"
+    )
 
 
 def without_root_privileges(command: list[str]) -> list[str]:
@@ -231,14 +256,33 @@ def test_a_read_only_out_folder_gives_one_line_and_writes_nothing(data_dir, tmp_
     read_only.chmod(0o555)
     out = read_only if where == "folder" else read_only / "models"
     try:
-        finished = subprocess.run(without_root_privileges([sys.executable, "-m", "training.fit", "--local", "--data",
-                                                           str(data_dir), "--out", str(out), "--epochs", "1"]),
-                                  cwd=ROOT, capture_output=True, text=True, timeout=60)
+        finished = subprocess.run(
+            without_root_privileges(
+                [
+                    sys.executable,
+                    "-m",
+                    "training.fit",
+                    "--local",
+                    "--data",
+                    str(data_dir),
+                    "--out",
+                    str(out),
+                    "--epochs",
+                    "1",
+                ]
+            ),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         read_only.chmod(0o755)
     assert finished.returncode == 2
-    assert finished.stderr == f"fit: error: cannot write to {out} (Permission denied): choose another --out " \
-                              "folder or make this one writable\n"
+    assert (
+        finished.stderr == f"fit: error: cannot write to {out} (Permission denied): choose another --out "
+        "folder or make this one writable\n"
+    )
     assert list(read_only.iterdir()) == []
 
 
@@ -246,8 +290,10 @@ def test_an_out_that_is_a_file_is_refused(data_dir, tmp_path):
     (tmp_path / "model").write_text("not a folder")
     finished = run_fit("--local", "--data", str(data_dir), "--out", str(tmp_path / "model"))
     assert finished.returncode == 2
-    assert finished.stderr == f"fit: error: --out {tmp_path / 'model'} is a file, not a folder: choose a folder " \
-                              "for the model and its report\n"
+    assert (
+        finished.stderr == f"fit: error: --out {tmp_path / 'model'} is a file, not a folder: choose a folder "
+        "for the model and its report\n"
+    )
 
 
 def copy_of_the_data(data_dir: Path, destination: Path) -> Path:
@@ -266,15 +312,20 @@ def test_bad_data_files_give_one_line_errors_from_the_training_script(data_dir, 
     assert finished.stderr.splitlines()[-2:] == [
         f"train.py: error: {data / first_image} (listed in {data / 'validation.lst'}) is not a readable image: "
         f"cannot identify image file '{data / first_image}'",
-        "fit: error: train.py failed (exit status 1)"]
+        "fit: error: train.py failed (exit status 1)",
+    ]
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == []
 
     for content, message in (
-            ("0\tbicycle\ttrain/x.png\n", f"{data / 'validation.lst'}:1: label 'bicycle' is not a number 0 or above"),
-            ("0\t-1\ttrain/x.png\n", f"{data / 'validation.lst'}:1: label '-1' is not a number 0 or above"),
-            ("\x89PNG\r\n\x1a\n\xff\xfe", f"{data / 'validation.lst'} is not a text manifest"),
-            ("", f"{data / 'validation.lst'} lists no images of the target classes, on which the temperature and "
-                 "threshold are fitted")):
+        ("0\tbicycle\ttrain/x.png\n", f"{data / 'validation.lst'}:1: label 'bicycle' is not a number 0 or above"),
+        ("0\t-1\ttrain/x.png\n", f"{data / 'validation.lst'}:1: label '-1' is not a number 0 or above"),
+        ("\x89PNG\r\n\x1a\n\xff\xfe", f"{data / 'validation.lst'} is not a text manifest"),
+        (
+            "",
+            f"{data / 'validation.lst'} lists no images of the target classes, on which the temperature and "
+            "threshold are fitted",
+        ),
+    ):
         (data / "validation.lst").write_bytes(content.encode("latin-1"))
         finished = run_fit("--local", "--data", str(data), "--out", str(tmp_path / "out"), *quick_arguments())
         assert finished.returncode == 1
@@ -287,8 +338,10 @@ def test_bad_data_files_give_one_line_errors_from_the_training_script(data_dir, 
     finished = run_fit("--local", "--data", str(data), "--out", str(tmp_path / "out"), *quick_arguments())
     assert finished.returncode == 1
     assert "Traceback" not in finished.stderr
-    assert finished.stderr.splitlines()[-2] == \
-        f"train.py: error: {data / 'dataset.json'} is not the JSON object `python -m training.etl` writes"
+    assert (
+        finished.stderr.splitlines()[-2]
+        == f"train.py: error: {data / 'dataset.json'} is not the JSON object `python -m training.etl` writes"
+    )
 
 
 def test_a_test_manifest_without_target_images_means_no_test_metrics(data_dir, tmp_path):
@@ -299,7 +352,11 @@ def test_a_test_manifest_without_target_images_means_no_test_metrics(data_dir, t
     assert f"{data / 'test.lst'} lists no images of the target classes: no test metrics\n" in finished.stderr
     assert "test" not in json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
-        "metrics.json", "model.tar.gz", "report.html", "training_curves.png"]
+        "metrics.json",
+        "model.tar.gz",
+        "report.html",
+        "training_curves.png",
+    ]
 
 
 def quick_arguments() -> list[str]:
@@ -309,9 +366,26 @@ def quick_arguments() -> list[str]:
 def test_an_interrupted_fit_exits_130_in_one_line_and_writes_nothing(data_dir, tmp_path):
     """Ctrl-C reaches the terminal's whole process group: fit and the training script it runs."""
     out = tmp_path / "out"
-    fit = subprocess.Popen([sys.executable, "-m", "training.fit", "--local", "--data", str(data_dir), "--out", str(out),
-                            "--epochs", "50", "--width", "8"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
+    fit = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "training.fit",
+            "--local",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--epochs",
+            "50",
+            "--width",
+            "8",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         lines = []
         for line in fit.stderr:
@@ -392,12 +466,26 @@ def test_the_training_script_says_in_one_line_when_it_cannot_create_its_model_fo
     """Run as SageMaker runs it, from a copy of the source directory; checked before training, not after."""
     script = sourcedir.copy(tmp_path / "code")
     (tmp_path / "file").write_text("")
-    env = {**os.environ, "SM_MODEL_DIR": str(tmp_path / "file" / "model"), "SM_OUTPUT_DATA_DIR": str(tmp_path / "out"),
-           **{f"SM_CHANNEL_{name.upper()}": str(data_dir) for name in ("train", "train_lst", "validation",
-                                                                        "validation_lst")}}
-    finished = subprocess.run([sys.executable, script.name, *quick_arguments()], cwd=script.parent, env=env,
-                              capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "SM_MODEL_DIR": str(tmp_path / "file" / "model"),
+        "SM_OUTPUT_DATA_DIR": str(tmp_path / "out"),
+        **{
+            f"SM_CHANNEL_{name.upper()}": str(data_dir)
+            for name in ("train", "train_lst", "validation", "validation_lst")
+        },
+    }
+    finished = subprocess.run(
+        [sys.executable, script.name, *quick_arguments()],
+        cwd=script.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert finished.returncode == 1
-    assert finished.stderr.splitlines()[-1] == f"train.py: error: cannot create {tmp_path / 'file' / 'model'}: " \
-                                               "Not a directory"
+    assert (
+        finished.stderr.splitlines()[-1] == f"train.py: error: cannot create {tmp_path / 'file' / 'model'}: "
+        "Not a directory"
+    )
     assert "epoch" not in finished.stderr

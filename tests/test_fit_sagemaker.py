@@ -40,8 +40,12 @@ def aws():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     _, port = server.get_host_and_port()
-    environment = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                   "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION}
+    environment = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+    }
     with pytest.MonkeyPatch.context() as patch:
         for name, value in environment.items():
             patch.setenv(name, value)
@@ -50,9 +54,13 @@ def aws():
         bucket = deployment.created("SconesDevData", "AWS::S3::Bucket")["Data666C94C7"]["Ref"]
         for key in STAGED:
             boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=b"staged")
-        yield {"environment": environment, "bucket": bucket,
-               "arn": deployment.created("SconesDevTraining", "AWS::StepFunctions::StateMachine")[
-                   "TrainingStateMachineEAE34FB3"]["Arn"]}
+        yield {
+            "environment": environment,
+            "bucket": bucket,
+            "arn": deployment.created("SconesDevTraining", "AWS::StepFunctions::StateMachine")[
+                "TrainingStateMachineEAE34FB3"
+            ]["Arn"],
+        }
     server.stop()
 
 
@@ -75,16 +83,21 @@ def run_fit(capsys, *arguments) -> tuple[int, str]:
 
 def set_engine(aws, execute: bool) -> None:
     """Whether moto's Step Functions engine runs definitions (it cannot run `createTrainingJob.sync`)."""
-    request = urllib.request.Request(f"{aws['environment']['AWS_ENDPOINT_URL']}/moto-api/config", method="POST",
-                                     data=json.dumps({"stepfunctions": {"execute_state_machine": execute}}).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{aws['environment']['AWS_ENDPOINT_URL']}/moto-api/config",
+        method="POST",
+        data=json.dumps({"stepfunctions": {"execute_state_machine": execute}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     urllib.request.urlopen(request, timeout=10).close()
 
 
 def executions(aws) -> list[dict]:
     stepfunctions = boto3.client("stepfunctions")
-    return [stepfunctions.describe_execution(executionArn=execution["executionArn"])
-            for execution in stepfunctions.list_executions(stateMachineArn=aws["arn"])["executions"]]
+    return [
+        stepfunctions.describe_execution(executionArn=execution["executionArn"])
+        for execution in stepfunctions.list_executions(stateMachineArn=aws["arn"])["executions"]
+    ]
 
 
 def test_starts_the_deployed_training_state_machine_with_the_console_input(aws, capsys):
@@ -117,38 +130,51 @@ def test_execution_failing_in_the_engine_names_its_error_and_cause(aws):
         set_engine(aws, execute=False)
     assert str(failed.value).startswith(
         "execution FAILED: States.Runtime: RuntimeError(Unsupported sync callback procedure in resource "
-        "arn:aws:states:::sagemaker:createTrainingJob.sync) (arn:aws:states:")
+        "arn:aws:states:::sagemaker:createTrainingJob.sync) (arn:aws:states:"
+    )
 
 
 def test_another_algorithm_deployed_fails_saying_how_to_redeploy(aws, capsys):
     before = len(executions(aws))
     status, stderr = run_fit(capsys, "--sagemaker", "--algorithm", "builtin")
     assert status == 2
-    assert stderr == (f"fit: error: {STATE_MACHINE} trains pytorch, not builtin: redeploy it with "
-                      '`make deploy STACKS="SconesDevTraining" CONTEXT="-c training_algorithm=builtin"` '
-                      "(and deploy the endpoint with the same context)\n")
+    assert stderr == (
+        f"fit: error: {STATE_MACHINE} trains pytorch, not builtin: redeploy it with "
+        '`make deploy STACKS="SconesDevTraining" CONTEXT="-c training_algorithm=builtin"` '
+        "(and deploy the endpoint with the same context)\n"
+    )
     assert len(executions(aws)) == before
 
 
 def test_stack_not_deployed_says_how_to_deploy_or_train_locally(aws, capsys):
     status, stderr = run_fit(capsys, "--sagemaker", "--env", "prod")
     assert status == 2
-    assert stderr == (f"fit: error: no state machine scones-prod-training in {REGION}: deploy the training stack with "
-                      '`make deploy STACKS="SconesProdData SconesProdTraining" CONTEXT="-c env=prod"` (see README), '
-                      "or train on this machine with --local\n")
+    assert stderr == (
+        f"fit: error: no state machine scones-prod-training in {REGION}: deploy the training stack with "
+        '`make deploy STACKS="SconesProdData SconesProdTraining" CONTEXT="-c env=prod"` (see README), '
+        "or train on this machine with --local\n"
+    )
 
 
 def test_no_credentials_says_what_to_do(aws, capsys, monkeypatch, tmp_path):
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     status, stderr = run_fit(capsys, "--sagemaker")
     assert status == 2
-    assert stderr == ("fit: error: no AWS credentials: configure them (`aws configure`, AWS_PROFILE) and deploy with "
-                      "`make deploy`, or train on this machine with --local\n")
+    assert stderr == (
+        "fit: error: no AWS credentials: configure them (`aws configure`, AWS_PROFILE) and deploy with "
+        "`make deploy`, or train on this machine with --local\n"
+    )
 
 
 def test_unstaged_data_fails_before_starting(aws, capsys):
@@ -160,8 +186,10 @@ def test_unstaged_data_fails_before_starting(aws, capsys):
     finally:
         s3.put_object(Bucket=aws["bucket"], Key="validation.lst", Body=b"staged")
     assert status == 2
-    assert stderr == (f"fit: error: s3://{aws['bucket']}/validation.lst is empty: stage the data first with "
-                      f"`python -m training.etl --out data --bucket {aws['bucket']}`\n")
+    assert stderr == (
+        f"fit: error: s3://{aws['bucket']}/validation.lst is empty: stage the data first with "
+        f"`python -m training.etl --out data --bucket {aws['bucket']}`\n"
+    )
     assert len(executions(aws)) == before
 
 
@@ -169,10 +197,17 @@ def test_ctrl_c_leaves_the_execution_running_and_says_how_to_stop_it(aws, monkey
     monkeypatch.setenv("SF_EXECUTION_HISTORY_TYPE", "SUCCESS")  # the execution stays RUNNING
     # Python keeps SIGINT ignored when it starts with it ignored, as in a job a shell started in the background
     # (`make test &`): the child is given Python's own handler so that the test does not depend on how it is run.
-    fit = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-           "runpy.run_module('training.fit', run_name='__main__', alter_sys=True)")
-    process = subprocess.Popen([sys.executable, "-c", fit, "--sagemaker"], cwd=ROOT, text=True,
-                               env={**os.environ, **aws["environment"]}, stderr=subprocess.PIPE)
+    fit = (
+        "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "runpy.run_module('training.fit', run_name='__main__', alter_sys=True)"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", fit, "--sagemaker"],
+        cwd=ROOT,
+        text=True,
+        env={**os.environ, **aws["environment"]},
+        stderr=subprocess.PIPE,
+    )
     try:
         first = process.stderr.readline()
         assert f"started {STATE_MACHINE} (pytorch): " in first, first
@@ -182,66 +217,105 @@ def test_ctrl_c_leaves_the_execution_running_and_says_how_to_stop_it(aws, monkey
         assert process.returncode == 130
     finally:
         process.kill()
-    assert rest.splitlines()[-1] == ("fit: interrupted; the execution keeps running, and its training job with it. "
-                                     f"Stop it with: aws stepfunctions stop-execution --execution-arn {execution_arn}")
+    assert rest.splitlines()[-1] == (
+        "fit: interrupted; the execution keeps running, and its training job with it. "
+        f"Stop it with: aws stepfunctions stop-execution --execution-arn {execution_arn}"
+    )
     assert boto3.client("stepfunctions").describe_execution(executionArn=execution_arn)["status"] == "RUNNING"
 
 
 def test_training_job_progress_is_a_line_per_secondary_status(aws):
     """A job created with the deployed Train state's own parameters, as the state machine would create it."""
     definition = boto3.client("stepfunctions").describe_state_machine(stateMachineArn=aws["arn"])["definition"]
-    parameters = {name: value for name, value in fit.training_job_parameters(json.loads(definition)).items()
-                  if not name.endswith(".$")}
+    parameters = {
+        name: value
+        for name, value in fit.training_job_parameters(json.loads(definition)).items()
+        if not name.endswith(".$")
+    }
     sagemaker = boto3.client("sagemaker")
     sagemaker.create_training_job(TrainingJobName="scones-dev-progress", **parameters)
     job = sagemaker.describe_training_job(TrainingJobName="scones-dev-progress")
     assert fit.training_job_lines(job) == [
         f"training job scones-dev-progress: {transition['Status']}: {transition['StatusMessage']}"
-        for transition in job["SecondaryStatusTransitions"]]
+        for transition in job["SecondaryStatusTransitions"]
+    ]
     assert fit.algorithm_of(parameters) == "pytorch"
 
 
 def test_the_newest_training_job_is_followed():
     """TaskScheduled events as the Step Functions API documents them; a retry schedules a new job."""
+
     def scheduled(resource_type, resource, name):
-        return {"type": "TaskScheduled", "taskScheduledEventDetails": {
-            "resourceType": resource_type, "resource": resource, "region": "us-east-1",
-            "parameters": json.dumps({"TrainingJobName": name, "RoleArn": "arn:aws:iam::123456789012:role/r"})}}
+        return {
+            "type": "TaskScheduled",
+            "taskScheduledEventDetails": {
+                "resourceType": resource_type,
+                "resource": resource,
+                "region": "us-east-1",
+                "parameters": json.dumps({"TrainingJobName": name, "RoleArn": "arn:aws:iam::123456789012:role/r"}),
+            },
+        }
 
     assert fit.training_job_name([{"type": "ExecutionStarted"}]) is None
-    assert fit.training_job_name([scheduled("sagemaker", "createTrainingJob.sync", "scones-dev-1"),
-                                  scheduled("sagemaker", "createModel", "not-a-job"),
-                                  scheduled("sagemaker", "createTrainingJob.sync", "scones-dev-2")]) == "scones-dev-2"
+    assert (
+        fit.training_job_name(
+            [
+                scheduled("sagemaker", "createTrainingJob.sync", "scones-dev-1"),
+                scheduled("sagemaker", "createModel", "not-a-job"),
+                scheduled("sagemaker", "createTrainingJob.sync", "scones-dev-2"),
+            ]
+        )
+        == "scones-dev-2"
+    )
 
 
 def test_model_artifact_comes_from_the_output_else_the_recorded_parameter(aws):
     ssm = boto3.client("ssm")
-    ssm.put_parameter(Name="/scones/dev/model-data-url", Value="s3://b/models/recorded/output/model.tar.gz",
-                      Type="String", Overwrite=True)
+    ssm.put_parameter(
+        Name="/scones/dev/model-data-url",
+        Value="s3://b/models/recorded/output/model.tar.gz",
+        Type="String",
+        Overwrite=True,
+    )
     output = {"output": json.dumps({"S3ModelArtifacts": "s3://b/models/job/output/model.tar.gz"})}
     assert fit.model_artifact(ssm, output, "/scones/dev/model-data-url") == "s3://b/models/job/output/model.tar.gz"
     assert fit.model_artifact(ssm, {}, "/scones/dev/model-data-url") == "s3://b/models/recorded/output/model.tar.gz"
 
 
 def test_failure_reason_prefers_the_training_jobs_own():
-    job = {"TrainingJobName": "scones-dev-1", "TrainingJobStatus": "Failed",
-           "FailureReason": "ClientError: No S3 objects found under S3 URL"}
-    assert fit.failure_reason(None, {"status": "FAILED"}, job) == \
-        "training job scones-dev-1 Failed: ClientError: No S3 objects found under S3 URL"
+    job = {
+        "TrainingJobName": "scones-dev-1",
+        "TrainingJobStatus": "Failed",
+        "FailureReason": "ClientError: No S3 objects found under S3 URL",
+    }
+    assert (
+        fit.failure_reason(None, {"status": "FAILED"}, job)
+        == "training job scones-dev-1 Failed: ClientError: No S3 objects found under S3 URL"
+    )
     cause = json.dumps({"TrainingJobName": "scones-dev-2", "FailureReason": "AlgorithmError: out of\nmemory"})
-    assert fit.failure_reason(None, {"error": "States.TaskFailed", "cause": cause}, None) == \
-        "States.TaskFailed: AlgorithmError: out of memory"
+    assert (
+        fit.failure_reason(None, {"error": "States.TaskFailed", "cause": cause}, None)
+        == "States.TaskFailed: AlgorithmError: out of memory"
+    )
 
 
-@pytest.mark.parametrize("arguments, message", [
-    ((), "one of the arguments --local --sagemaker is required"),
-    (("--local", "--sagemaker"), "argument --sagemaker: not allowed with argument --local"),
-    (("--local", "--data", "d", "--out", "o", "--algorithm", "builtin"),
-     "the built-in image-classification algorithm runs only in SageMaker: deploy the training stack with "
-     "-c training_algorithm=builtin and use --sagemaker"),
-    (("--local",), "--local needs --data DIR and --out DIR"),
-    (("--sagemaker", "--epochs", "3"), "--epochs is for --local: with --sagemaker the hyperparameters are the "
-                                       "deployed stack's (context key `hyperparameters`, see README)"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ((), "one of the arguments --local --sagemaker is required"),
+        (("--local", "--sagemaker"), "argument --sagemaker: not allowed with argument --local"),
+        (
+            ("--local", "--data", "d", "--out", "o", "--algorithm", "builtin"),
+            "the built-in image-classification algorithm runs only in SageMaker: deploy the training stack with "
+            "-c training_algorithm=builtin and use --sagemaker",
+        ),
+        (("--local",), "--local needs --data DIR and --out DIR"),
+        (
+            ("--sagemaker", "--epochs", "3"),
+            "--epochs is for --local: with --sagemaker the hyperparameters are the "
+            "deployed stack's (context key `hyperparameters`, see README)",
+        ),
+    ],
+)
 def test_usage_errors_exit_2_with_one_line(capsys, arguments, message):
     assert run_fit(capsys, *arguments) == (2, f"fit: error: {message}\n")

@@ -18,12 +18,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lambdas"))
 
-from classify_image import index as classify  # noqa: E402
-from common import ThresholdConfidenceNotMet, read_body  # noqa: E402
-from fake_endpoint import ENDPOINT_ERROR_STATUS, FakeEndpoint  # noqa: E402
-from stacks.workflow_stack import TRANSIENT_ENDPOINT_ERRORS  # noqa: E402
-from filter_inferences import index as filter_step  # noqa: E402
-from serialize_image_data import index as serialize  # noqa: E402
+from classify_image import index as classify
+from common import ThresholdConfidenceNotMet, read_body
+from fake_endpoint import ENDPOINT_ERROR_STATUS, FakeEndpoint
+from filter_inferences import index as filter_step
+from serialize_image_data import index as serialize
+
+from stacks.workflow_stack import TRANSIENT_ENDPOINT_ERRORS
 
 BUCKET = "scones-test-data"
 ENDPOINT = "scones-test-endpoint"
@@ -98,11 +99,11 @@ def fake_endpoint(monkeypatch):
 
 
 def classify_event(image: bytes) -> dict:
-    return {"image_data": base64.b64encode(image).decode(), "s3_bucket": BUCKET, "s3_key": "bike.png",
-            "inferences": []}
+    return {"image_data": base64.b64encode(image).decode(), "s3_bucket": BUCKET, "s3_key": "bike.png", "inferences": []}
 
 
 # read_body
+
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_read_body_unwraps_every_shape(shape):
@@ -120,11 +121,14 @@ def test_read_body_leaves_the_event_unchanged():
     assert event == {"inferences": "[0.1, 0.9]"}
 
 
-@pytest.mark.parametrize("event, expected", [
-    ({"body": "{not json"}, "body is a string but not JSON"),
-    ({"body": [1, 2]}, "The step's body is a list, not a JSON object"),
-    ({"inferences": "0.1, 0.9"}, "inferences is a string but not JSON"),
-])
+@pytest.mark.parametrize(
+    "event, expected",
+    [
+        ({"body": "{not json"}, "body is a string but not JSON"),
+        ({"body": [1, 2]}, "The step's body is a list, not a JSON object"),
+        ({"inferences": "0.1, 0.9"}, "inferences is a string but not JSON"),
+    ],
+)
 def test_read_body_rejects_what_is_not_a_body(event, expected):
     name, message = failure(lambda event, context: read_body(event), event)
     assert name == "InvalidEvent"
@@ -132,6 +136,7 @@ def test_read_body_rejects_what_is_not_a_body(event, expected):
 
 
 # serialize_image_data
+
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
@@ -141,18 +146,27 @@ def test_serialize_answers_the_object_base64_encoded(s3_bucket, shape, image_for
 
     result = serialize.handler(shape({"s3_bucket": BUCKET, "s3_key": "images/bike"}), None)
 
-    assert result == {"statusCode": 200, "body": {
-        "image_data": base64.b64encode(image).decode(), "s3_bucket": BUCKET, "s3_key": "images/bike",
-        "inferences": []}}
+    assert result == {
+        "statusCode": 200,
+        "body": {
+            "image_data": base64.b64encode(image).decode(),
+            "s3_bucket": BUCKET,
+            "s3_key": "images/bike",
+            "inferences": [],
+        },
+    }
     assert base64.b64decode(result["body"]["image_data"]) == image
 
 
-@pytest.mark.parametrize("event, missing", [
-    ({"s3_key": "bike.png"}, "no s3_bucket"),
-    ({"s3_bucket": BUCKET}, "no s3_key"),
-    ({"s3_bucket": BUCKET, "s3_key": ""}, "no s3_key"),
-    ({}, "no s3_bucket and no s3_key"),
-])
+@pytest.mark.parametrize(
+    "event, missing",
+    [
+        ({"s3_key": "bike.png"}, "no s3_bucket"),
+        ({"s3_bucket": BUCKET}, "no s3_key"),
+        ({"s3_bucket": BUCKET, "s3_key": ""}, "no s3_key"),
+        ({}, "no s3_bucket and no s3_key"),
+    ],
+)
 def test_serialize_names_what_the_event_lacks(event, missing):
     name, message = failure(serialize.handler, event)
     assert name == "InvalidEvent"
@@ -160,21 +174,28 @@ def test_serialize_names_what_the_event_lacks(event, missing):
     assert 'The workflow starts from {"s3_bucket": "<bucket>", "s3_key": "<key of a PNG or JPEG>"}' in message
 
 
-@pytest.mark.parametrize("bucket, key, code", [
-    (BUCKET, "missing.png", "NoSuchKey"),
-    ("no-such-bucket", "bike.png", "NoSuchBucket"),
-])
+@pytest.mark.parametrize(
+    "bucket, key, code",
+    [
+        (BUCKET, "missing.png", "NoSuchKey"),
+        ("no-such-bucket", "bike.png", "NoSuchBucket"),
+    ],
+)
 def test_serialize_fails_on_a_missing_object(s3_bucket, bucket, key, code):
     name, message = failure(serialize.handler, {"s3_bucket": bucket, "s3_key": key})
     assert name == "ImageNotFound"
     assert f"s3://{bucket}/{key} could not be read (S3 said {code})" in message
 
 
-@pytest.mark.parametrize("content, what", [
-    (b"", "is empty"),
-    (b"bicycle,motorcycle\n", "is not a PNG or JPEG image (it starts with b'bicycle,')"),
-    (image_bytes("GIF"), "is not a PNG or JPEG image (it starts with b'GIF87a"),
-], ids=["empty", "text", "GIF"])
+@pytest.mark.parametrize(
+    "content, what",
+    [
+        (b"", "is empty"),
+        (b"bicycle,motorcycle\n", "is not a PNG or JPEG image (it starts with b'bicycle,')"),
+        (image_bytes("GIF"), "is not a PNG or JPEG image (it starts with b'GIF87a"),
+    ],
+    ids=["empty", "text", "GIF"],
+)
 def test_serialize_fails_on_what_is_not_an_image(s3_bucket, content, what):
     s3_bucket.put_object(Bucket=BUCKET, Key="labels.csv", Body=content)
     name, message = failure(serialize.handler, {"s3_bucket": BUCKET, "s3_key": "labels.csv"})
@@ -212,11 +233,14 @@ def test_serialize_takes_its_limit_from_max_image_bytes(s3_bucket, monkeypatch):
 def test_serialize_rejects_an_invalid_max_image_bytes(monkeypatch, value):
     monkeypatch.setenv("MAX_IMAGE_BYTES", value)
     name, message = failure(serialize.handler, {"s3_bucket": BUCKET, "s3_key": "bike.png"})
-    assert (name, message) == ("InvalidConfiguration",
-                               f"MAX_IMAGE_BYTES={value!r} is not a positive whole number of bytes.")
+    assert (name, message) == (
+        "InvalidConfiguration",
+        f"MAX_IMAGE_BYTES={value!r} is not a positive whole number of bytes.",
+    )
 
 
 # classify_image
+
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("image_format, content_type", [("PNG", "image/png"), ("JPEG", "image/jpeg")])
@@ -228,7 +252,8 @@ def test_classify_sends_the_image_and_answers_the_probabilities(fake_endpoint, s
 
     assert result == {"statusCode": 200, "body": {**classify_event(image), "inferences": [0.0625, 0.9375]}}
     assert fake_endpoint.requests == [
-        {"path": f"/endpoints/{ENDPOINT}/invocations", "content_type": content_type, "body": image}]
+        {"path": f"/endpoints/{ENDPOINT}/invocations", "content_type": content_type, "body": image}
+    ]
 
 
 def test_classify_answers_integer_probabilities_as_floats(fake_endpoint):
@@ -259,9 +284,16 @@ def test_classify_succeeds_when_the_state_machine_retries(fake_endpoint):
 
 
 def test_transient_errors_are_the_retryable_ones():
-    assert {"ServiceUnavailable", "InternalFailure", "ThrottlingException", "ModelNotReadyException",
-            "InternalDependencyException", "EndpointConnectionError", "ConnectTimeoutError",
-            "ReadTimeoutError"} <= set(TRANSIENT_ENDPOINT_ERRORS)
+    assert {
+        "ServiceUnavailable",
+        "InternalFailure",
+        "ThrottlingException",
+        "ModelNotReadyException",
+        "InternalDependencyException",
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+    } <= set(TRANSIENT_ENDPOINT_ERRORS)
     assert not {"ModelError", "ValidationError", "BadEndpointAnswer"} & set(TRANSIENT_ENDPOINT_ERRORS)
 
 
@@ -278,15 +310,19 @@ def test_classify_keeps_botocores_name_for_an_unreachable_endpoint(monkeypatch):
     assert name in TRANSIENT_ENDPOINT_ERRORS
 
 
-@pytest.mark.parametrize("endpoint_answer", [b"bicycle", b'{"bicycle": 0.9}', b'["0.9", "0.1"]', b"[]", b"[NaN, 1]",
-                                             b"[true, false]", b"\xff\xfe"],
-                         ids=["text", "object", "strings", "empty list", "NaN", "booleans", "not UTF-8"])
+@pytest.mark.parametrize(
+    "endpoint_answer",
+    [b"bicycle", b'{"bicycle": 0.9}', b'["0.9", "0.1"]', b"[]", b"[NaN, 1]", b"[true, false]", b"\xff\xfe"],
+    ids=["text", "object", "strings", "empty list", "NaN", "booleans", "not UTF-8"],
+)
 def test_classify_fails_on_an_answer_that_is_not_probabilities(fake_endpoint, endpoint_answer):
     fake_endpoint.answer_body = endpoint_answer
     name, message = failure(classify.handler, classify_event(image_bytes("PNG")))
     assert name == "BadEndpointAnswer"
-    assert message.startswith(f"Endpoint {ENDPOINT} answered {endpoint_answer!r} for s3://{BUCKET}/bike.png, "
-                              "not a JSON list of class probabilities")
+    assert message.startswith(
+        f"Endpoint {ENDPOINT} answered {endpoint_answer!r} for s3://{BUCKET}/bike.png, "
+        "not a JSON list of class probabilities"
+    )
 
 
 def test_classify_needs_the_endpoint_name(fake_endpoint, monkeypatch):
@@ -297,20 +333,32 @@ def test_classify_needs_the_endpoint_name(fake_endpoint, monkeypatch):
     assert fake_endpoint.requests == []
 
 
-@pytest.mark.parametrize("event, expected", [
-    ({"s3_bucket": BUCKET, "s3_key": "bike.png"}, ("InvalidEvent", "The event has no image_data")),
-    ({**classify_event(b""), "image_data": "not base64!"},
-     ("InvalidEvent", f"image_data of s3://{BUCKET}/bike.png is not base64")),
-    (classify_event(b"GIF89a and so on"),
-     ("NotAnImage", f"image_data of s3://{BUCKET}/bike.png is not a PNG or JPEG image (it starts with b'GIF89a a')")),
-], ids=["no image_data", "not base64", "not an image"])
+@pytest.mark.parametrize(
+    "event, expected",
+    [
+        ({"s3_bucket": BUCKET, "s3_key": "bike.png"}, ("InvalidEvent", "The event has no image_data")),
+        (
+            {**classify_event(b""), "image_data": "not base64!"},
+            ("InvalidEvent", f"image_data of s3://{BUCKET}/bike.png is not base64"),
+        ),
+        (
+            classify_event(b"GIF89a and so on"),
+            (
+                "NotAnImage",
+                f"image_data of s3://{BUCKET}/bike.png is not a PNG or JPEG image (it starts with b'GIF89a a')",
+            ),
+        ),
+    ],
+    ids=["no image_data", "not base64", "not an image"],
+)
 def test_classify_fails_on_an_event_without_an_image(fake_endpoint, event, expected):
     name, message = failure(classify.handler, event)
-    assert (name, message[:len(expected[1])]) == expected
+    assert (name, message[: len(expected[1])]) == expected
     assert fake_endpoint.requests == []
 
 
 # filter_inferences
+
 
 def metric_record(captured: str) -> dict:
     """The one EMF line the filter printed, parsed."""
@@ -329,14 +377,19 @@ def test_filter_passes_a_confident_inference_through(capsys, shape, inferences):
 
 def test_filter_passes_an_inference_exactly_at_the_threshold(monkeypatch):
     monkeypatch.setenv("THRESHOLD", "0.75")
-    assert filter_step.handler({"inferences": [0.75, 0.25]}, None) == {"statusCode": 200,
-                                                                        "body": {"inferences": [0.75, 0.25]}}
+    assert filter_step.handler({"inferences": [0.75, 0.25]}, None) == {
+        "statusCode": 200,
+        "body": {"inferences": [0.75, 0.25]},
+    }
 
 
-@pytest.mark.parametrize("threshold, inferences, expected", [
-    (None, [0.61, 0.39], "the top probability 0.61 (class 0) is below the threshold 0.93"),
-    ("0.5", [0.2, 0.3, 0.4, 0.1], "the top probability 0.4 (class 2) is below the threshold 0.5"),
-])
+@pytest.mark.parametrize(
+    "threshold, inferences, expected",
+    [
+        (None, [0.61, 0.39], "the top probability 0.61 (class 0) is below the threshold 0.93"),
+        ("0.5", [0.2, 0.3, 0.4, 0.1], "the top probability 0.4 (class 2) is below the threshold 0.5"),
+    ],
+)
 def test_filter_fails_a_low_confidence_inference(monkeypatch, threshold, inferences, expected):
     if threshold:
         monkeypatch.setenv("THRESHOLD", threshold)
@@ -345,10 +398,13 @@ def test_filter_fails_a_low_confidence_inference(monkeypatch, threshold, inferen
     assert message == f"THRESHOLD_CONFIDENCE_NOT_MET: {expected} for s3://{BUCKET}/moto.png."
 
 
-@pytest.mark.parametrize("inferences, expected", [
-    ([0.04, 0.96], {"PredictedClass": "1", "TopProbability": 0.96, "LowConfidence": 0}),
-    ([0.7, 0.3], {"PredictedClass": "0", "TopProbability": 0.7, "LowConfidence": 1}),
-])
+@pytest.mark.parametrize(
+    "inferences, expected",
+    [
+        ([0.04, 0.96], {"PredictedClass": "1", "TopProbability": 0.96, "LowConfidence": 0}),
+        ([0.7, 0.3], {"PredictedClass": "0", "TopProbability": 0.7, "LowConfidence": 1}),
+    ],
+)
 def test_filter_prints_one_embedded_metric_line(capsys, inferences, expected):
     with contextlib.suppress(ThresholdConfidenceNotMet):
         filter_step.handler({"inferences": inferences}, None)
@@ -358,18 +414,28 @@ def test_filter_prints_one_embedded_metric_line(capsys, inferences, expected):
     metadata = record.pop("_aws")
     assert isinstance(metadata["Timestamp"], int)
     assert metadata["CloudWatchMetrics"] == [
-        {"Namespace": "SconesTest", "Dimensions": [["EndpointName"]],
-         "Metrics": [{"Name": "TopProbability", "Unit": "None"}, {"Name": "LowConfidence", "Unit": "Count"}]},
-        {"Namespace": "SconesTest", "Dimensions": [["EndpointName", "PredictedClass"]],
-         "Metrics": [{"Name": "Predictions", "Unit": "Count"}]},
+        {
+            "Namespace": "SconesTest",
+            "Dimensions": [["EndpointName"]],
+            "Metrics": [{"Name": "TopProbability", "Unit": "None"}, {"Name": "LowConfidence", "Unit": "Count"}],
+        },
+        {
+            "Namespace": "SconesTest",
+            "Dimensions": [["EndpointName", "PredictedClass"]],
+            "Metrics": [{"Name": "Predictions", "Unit": "Count"}],
+        },
     ]
     assert record == {"EndpointName": ENDPOINT, "Predictions": 1, **expected}
 
 
 def test_filter_metric_names_are_the_exported_constants():
-    assert (filter_step.ENDPOINT_DIMENSION, filter_step.CLASS_DIMENSION, filter_step.TOP_PROBABILITY_METRIC,
-            filter_step.LOW_CONFIDENCE_METRIC, filter_step.PREDICTIONS_METRIC) == (
-        "EndpointName", "PredictedClass", "TopProbability", "LowConfidence", "Predictions")
+    assert (
+        filter_step.ENDPOINT_DIMENSION,
+        filter_step.CLASS_DIMENSION,
+        filter_step.TOP_PROBABILITY_METRIC,
+        filter_step.LOW_CONFIDENCE_METRIC,
+        filter_step.PREDICTIONS_METRIC,
+    ) == ("EndpointName", "PredictedClass", "TopProbability", "LowConfidence", "Predictions")
 
 
 def test_filter_without_a_metric_namespace_fails_naming_the_variable(monkeypatch, capsys):
@@ -399,10 +465,13 @@ def test_filter_fails_on_inferences_that_are_not_probabilities(inferences):
 def test_filter_rejects_an_invalid_threshold(monkeypatch, threshold):
     monkeypatch.setenv("THRESHOLD", threshold)
     assert failure(filter_step.handler, {"inferences": [0.1, 0.9]}) == (
-        "InvalidConfiguration", f"THRESHOLD={threshold!r} is not a probability between 0 and 1.")
+        "InvalidConfiguration",
+        f"THRESHOLD={threshold!r} is not a probability between 0 and 1.",
+    )
 
 
 # the three in a row, as the state machine passes `$.Payload.body` from one to the next
+
 
 def test_the_three_steps_in_a_row(s3_bucket, fake_endpoint, capsys):
     image = image_bytes("JPEG")
@@ -413,8 +482,14 @@ def test_the_three_steps_in_a_row(s3_bucket, fake_endpoint, capsys):
     classified = classify.handler(serialized["body"], None)
     filtered = filter_step.handler(classified["body"], None)
 
-    assert filtered == {"statusCode": 200, "body": {
-        "image_data": base64.b64encode(image).decode(), "s3_bucket": BUCKET,
-        "s3_key": "test/motorcycle_s_000001.jpg", "inferences": [0.01, 0.99]}}
+    assert filtered == {
+        "statusCode": 200,
+        "body": {
+            "image_data": base64.b64encode(image).decode(),
+            "s3_bucket": BUCKET,
+            "s3_key": "test/motorcycle_s_000001.jpg",
+            "inferences": [0.01, 0.99],
+        },
+    }
     assert fake_endpoint.requests[0]["body"] == image
     assert metric_record(capsys.readouterr().out)["PredictedClass"] == "1"

@@ -19,7 +19,7 @@ import time
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import boto3
@@ -30,8 +30,16 @@ from moto.server import ThreadedMotoServer
 from PIL import Image, ImageStat
 
 import local.endpoint.capture as capture_module
-from local.endpoint import (MAX_PAYLOAD_BYTES, CaptureError, CaptureSpec, CaptureSpool, EndpointServer,
-                            EndpointSpec, spec_from_json, spec_to_json)
+from local.endpoint import (
+    MAX_PAYLOAD_BYTES,
+    CaptureError,
+    CaptureSpec,
+    CaptureSpool,
+    EndpointServer,
+    EndpointSpec,
+    spec_from_json,
+    spec_to_json,
+)
 from local.endpoint.batching import PredictionBatcher
 from local.endpoint.handler import load_inference_handler
 
@@ -42,7 +50,7 @@ BUCKET = "scones-endpoint-tests"
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 # A tiny model: p_bicycle is the image's mean red, 0..1. An image of CRASH_SIZE makes predict_fn fail.
-TINY_INFERENCE = '''
+TINY_INFERENCE = """
 import io, json
 from PIL import Image
 from shares import red_share  # a sibling module in code/
@@ -63,17 +71,18 @@ def predict_fn(image, model):
 
 def output_fn(prediction, accept):
     return json.dumps(prediction), "application/json"
-'''
-TINY_SHARES = '''
+"""
+TINY_SHARES = """
 from PIL import ImageStat
 
 def red_share(image):
     return ImageStat.Stat(image).mean[0] / 255
-'''
+"""
 CRASH_SIZE = (3, 5)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -110,8 +119,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def declared_png(width: int, height: int, rows: bytes) -> bytes:
     """A greyscale PNG declaring width x height, with `rows` (filter byte + pixels per row) as its image data."""
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(rows, 9))
-            + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(rows, 9))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def model_archive(directory: Path, files: dict[str, str]) -> Path:
@@ -132,8 +145,11 @@ def new_destination() -> str:
 
 def stored_objects(s3, destination: str) -> dict[str, bytes]:
     prefix = destination.removeprefix(f"s3://{BUCKET}/")
-    keys = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-            for item in page.get("Contents", [])]
+    keys = [
+        item["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        for item in page.get("Contents", [])
+    ]
     return {key: s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() for key in keys}
 
 
@@ -151,9 +167,24 @@ def start_server_process(spec: EndpointSpec, spool_dir: Path, tmp_path: Path, **
     spec_file.write_text(json.dumps({"endpoints": [spec_to_json(spec)]}))
     ready_file = tmp_path / "endpoint.ready.json"
     ready_file.unlink(missing_ok=True)  # a killed server leaves its own
-    process = subprocess.Popen([sys.executable, "-m", "local.endpoint", "--spec", str(spec_file), "--port", "0",
-                                "--spool-dir", str(spool_dir), "--ready-file", str(ready_file)], cwd=ROOT,
-                               env={**os.environ, "TMPDIR": str(tmp_path)}, **popen)  # where its model copy is left
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "local.endpoint",
+            "--spec",
+            str(spec_file),
+            "--port",
+            "0",
+            "--spool-dir",
+            str(spool_dir),
+            "--ready-file",
+            str(ready_file),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        **popen,
+    )  # where its model copy is left
     deadline = time.monotonic() + 60
     while not ready_file.exists():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -186,14 +217,18 @@ def ping(port: int) -> int:
 
 # --------------------------------------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 on a free port, with the AWS variables pointing boto3 (and child processes) at it."""
     port = free_port()
     with pytest.MonkeyPatch.context() as env:
-        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                            "AWS_DEFAULT_REGION": "us-east-1",
-                            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}.items():
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+        }.items():
             env.setenv(name, value)
         for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
             env.delenv(name, raising=False)
@@ -207,11 +242,14 @@ def s3():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    return model_archive(tmp_path_factory.mktemp("tiny"), {
-        "model.json": json.dumps({"crash_size": list(CRASH_SIZE)}),
-        "code/inference.py": TINY_INFERENCE,
-        "code/shares.py": TINY_SHARES,
-    })
+    return model_archive(
+        tmp_path_factory.mktemp("tiny"),
+        {
+            "model.json": json.dumps({"crash_size": list(CRASH_SIZE)}),
+            "code/inference.py": TINY_INFERENCE,
+            "code/shares.py": TINY_SHARES,
+        },
+    )
 
 
 @pytest.fixture
@@ -232,22 +270,27 @@ def serve(s3, tiny_model):
 @pytest.fixture
 def runtime(monkeypatch):
     """A sagemaker-runtime client for a server, found through AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME; no retries."""
+
     def client(server: EndpointServer):
         monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", server.url)
-        return boto3.client("sagemaker-runtime", config=Config(retries={"mode": "standard", "max_attempts": 1},
-                                                              max_pool_connections=16))
+        return boto3.client(
+            "sagemaker-runtime", config=Config(retries={"mode": "standard", "max_attempts": 1}, max_pool_connections=16)
+        )
+
     return client
 
 
 # ------------------------------------------------------------------------------------------------ tests
+
 
 def test_boto3_invocation_is_answered_and_captured_in_model_monitor_format(serve, runtime, s3):
     destination = new_destination()
     server = serve(capture=CaptureSpec(destination, json_content_types=("application/json",)))
     image = png(color=(204, 10, 10))
 
-    response = runtime(server).invoke_endpoint(EndpointName="scones", ContentType="image/png", Body=image,
-                                               InferenceId="order-17")
+    response = runtime(server).invoke_endpoint(
+        EndpointName="scones", ContentType="image/png", Body=image, InferenceId="order-17"
+    )
     answer = response["Body"].read()
     assert post(server.port, "/local/upload-captures", b"", None) == (200, b"{}")
 
@@ -256,8 +299,9 @@ def test_boto3_invocation_is_answered_and_captured_in_model_monitor_format(serve
     assert response["InvokedProductionVariant"] == "AllTraffic"
     [(key, body)] = stored_objects(s3, destination).items()
     prefix = destination.removeprefix(f"s3://{BUCKET}/")
-    layout = re.fullmatch(rf"{prefix}/scones/AllTraffic/(\d{{4}}/\d\d/\d\d/\d\d)/(\d\d-\d\d)-\d{{3}}-{UUID}\.jsonl",
-                          key)
+    layout = re.fullmatch(
+        rf"{prefix}/scones/AllTraffic/(\d{{4}}/\d\d/\d\d/\d\d)/(\d\d-\d\d)-\d{{3}}-{UUID}\.jsonl", key
+    )
     assert layout, key
     assert body.endswith(b"\n") and body.count(b"\n") == 1
     line = body.decode().rstrip("\n")
@@ -265,13 +309,26 @@ def test_boto3_invocation_is_answered_and_captured_in_model_monitor_format(serve
     assert line == json.dumps(record, separators=(",", ":"))
     assert record == {
         "captureData": {
-            "endpointInput": {"observedContentType": "image/png", "mode": "INPUT",
-                              "data": base64.b64encode(image).decode(), "encoding": "BASE64"},
-            "endpointOutput": {"observedContentType": "application/json", "mode": "OUTPUT",
-                               "data": answer.decode(), "encoding": "JSON"}},
-        "eventMetadata": {"eventId": record["eventMetadata"]["eventId"], "inferenceId": "order-17",
-                          "inferenceTime": record["eventMetadata"]["inferenceTime"]},
-        "eventVersion": "0"}
+            "endpointInput": {
+                "observedContentType": "image/png",
+                "mode": "INPUT",
+                "data": base64.b64encode(image).decode(),
+                "encoding": "BASE64",
+            },
+            "endpointOutput": {
+                "observedContentType": "application/json",
+                "mode": "OUTPUT",
+                "data": answer.decode(),
+                "encoding": "JSON",
+            },
+        },
+        "eventMetadata": {
+            "eventId": record["eventMetadata"]["eventId"],
+            "inferenceId": "order-17",
+            "inferenceTime": record["eventMetadata"]["inferenceTime"],
+        },
+        "eventVersion": "0",
+    }
     assert list(record) == ["captureData", "eventMetadata", "eventVersion"]
     assert list(record["captureData"]["endpointInput"]) == ["observedContentType", "mode", "data", "encoding"]
     assert list(record["eventMetadata"]) == ["eventId", "inferenceId", "inferenceTime"]
@@ -287,20 +344,28 @@ def test_concurrent_requests_share_capture_objects_and_each_has_its_record(serve
     images = [unique_png(number) for number in range(64)]
 
     with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda image: client.invoke_endpoint(
-            EndpointName="scones", ContentType="image/png", Body=image)["Body"].read(), images))
+        answers = list(
+            pool.map(
+                lambda image: client.invoke_endpoint(EndpointName="scones", ContentType="image/png", Body=image)[
+                    "Body"
+                ].read(),
+                images,
+            )
+        )
 
     assert all(len(json.loads(answer)) == 2 for answer in answers)
     server.upload_captures()
     objects = stored_objects(s3, destination)
-    captured = [base64.b64decode(record["captureData"]["endpointInput"]["data"])
-                for record in stored_records(s3, destination)]
+    captured = [
+        base64.b64decode(record["captureData"]["endpointInput"]["data"]) for record in stored_records(s3, destination)
+    ]
     assert sorted(captured) == sorted(images)
     assert len(objects) < len(images)  # records written between two uploads share an object
     for key, body in objects.items():
         first = json.loads(body.splitlines()[0])["eventMetadata"]["inferenceTime"]
         assert re.search(r"/(\d{4}/\d\d/\d\d/\d\d/\d\d-\d\d)-\d{3}-", key)[1] == (
-            f"{datetime.strptime(first, '%Y-%m-%dT%H:%M:%SZ'):%Y/%m/%d/%H/%M-%S}")
+            f"{datetime.strptime(first, '%Y-%m-%dT%H:%M:%SZ'):%Y/%m/%d/%H/%M-%S}"
+        )
 
 
 def test_clients_connecting_at_once_are_all_served(serve):
@@ -315,17 +380,22 @@ def test_clients_connecting_at_once_are_all_served(serve):
         assert list(pool.map(connect_and_post, range(100))) == [200] * 100
 
 
-@pytest.mark.parametrize("sampling, modes, json_types, expected", [
-    (0, ("Input", "Output"), ("application/json",), None),
-    (100, ("Input",), ("application/json",), {"endpointInput"}),
-    (100, ("Output",), (), {"endpointOutput"}),
-])
+@pytest.mark.parametrize(
+    "sampling, modes, json_types, expected",
+    [
+        (0, ("Input", "Output"), ("application/json",), None),
+        (100, ("Input",), ("application/json",), {"endpointInput"}),
+        (100, ("Output",), (), {"endpointOutput"}),
+    ],
+)
 def test_sampling_and_modes_decide_what_is_captured(serve, runtime, s3, sampling, modes, json_types, expected):
     destination = new_destination()
     server = serve(capture=CaptureSpec(destination, sampling, modes, json_content_types=json_types))
     client = runtime(server)
-    answers = [client.invoke_endpoint(EndpointName="scones", ContentType="image/png",
-                                      Body=unique_png(number))["Body"].read() for number in range(10)]
+    answers = [
+        client.invoke_endpoint(EndpointName="scones", ContentType="image/png", Body=unique_png(number))["Body"].read()
+        for number in range(10)
+    ]
 
     server.upload_captures()
     records = stored_records(s3, destination)
@@ -350,14 +420,18 @@ def test_errors_reach_boto3_as_the_real_service_sends_them(serve, runtime, s3):
         return raised.value.response
 
     unknown = error_of(EndpointName="nope", Body=png())
-    assert unknown["Error"] == {"Code": "ValidationError",
-                                "Message": "Endpoint nope of account 123456789012 not found."}
+    assert unknown["Error"] == {
+        "Code": "ValidationError",
+        "Message": "Endpoint nope of account 123456789012 not found.",
+    }
     assert unknown["ResponseMetadata"]["HTTPStatusCode"] == 400
 
-    for call, original_status in [({"Body": png(), "ContentType": "text/csv"}, 415),
-                                  ({"Body": b"not an image"}, 400),
-                                  ({"Body": b"\0" * MAX_PAYLOAD_BYTES}, 400),
-                                  ({"Body": png(size=CRASH_SIZE)}, 500)]:
+    for call, original_status in [
+        ({"Body": png(), "ContentType": "text/csv"}, 415),
+        ({"Body": b"not an image"}, 400),
+        ({"Body": b"\0" * MAX_PAYLOAD_BYTES}, 400),
+        ({"Body": png(size=CRASH_SIZE)}, 500),
+    ]:
         error = error_of(**call)
         assert error["Error"]["Code"] == "ModelError"
         assert error["ResponseMetadata"]["HTTPStatusCode"] == 424
@@ -392,8 +466,11 @@ def test_container_paths_answer_the_container_statuses(serve, s3, tiny_model):
     assert ping(server.port) == 200
     status, answer = post(server.port, "/invocations", png(color=(51, 0, 0)))
     assert status == 200 and json.loads(answer) == pytest.approx([0.2, 0.8])
-    for body, content_type, expected in [(png(), "text/plain", 415), (b"garbage", "image/png", 400),
-                                         (png(size=CRASH_SIZE), "image/jpeg", 500)]:
+    for body, content_type, expected in [
+        (png(), "text/plain", 415),
+        (b"garbage", "image/png", 400),
+        (png(size=CRASH_SIZE), "image/jpeg", 500),
+    ]:
         status, answer = post(server.port, "/invocations", body, content_type)
         assert (status, json.loads(answer)["code"]) == (expected, expected)
     assert post(server.port, "/elsewhere", png())[0] == 404
@@ -413,15 +490,29 @@ def test_fuzzed_requests_get_no_5xx_and_leave_the_server_alive(serve, s3):
         for _ in range(3):
             body[generator.randrange(len(body))] = generator.randrange(256)
     width = 10_000  # 100 million pixels: above Pillow's warning limit, below its error limit
-    cases = ([(b"", "image/png"), (valid, None)]
-             + [(generator.randbytes(generator.randrange(1, 5000)), "image/png") for _ in range(20)]
-             + [(valid[:cut], "image/png") for cut in range(0, len(valid), 9)]
-             + [(bytes(body), "image/png") for body in flipped]
-             + [(declared_png(200_000, 200_000, b"\0" * 201), "image/png"),
-                (declared_png(width, width, bytes(width + 1) * width), "image/png"),
-                (declared_png(width, width, bytes(width + 1) * 10), "image/png")]
-             + [(valid, content_type) for content_type in ("text/plain", "image/gif", "", "application/json",
-                                                           "multipart/form-data; boundary=x", "IMAGE/PNG", "image")])
+    cases = (
+        [(b"", "image/png"), (valid, None)]
+        + [(generator.randbytes(generator.randrange(1, 5000)), "image/png") for _ in range(20)]
+        + [(valid[:cut], "image/png") for cut in range(0, len(valid), 9)]
+        + [(bytes(body), "image/png") for body in flipped]
+        + [
+            (declared_png(200_000, 200_000, b"\0" * 201), "image/png"),
+            (declared_png(width, width, bytes(width + 1) * width), "image/png"),
+            (declared_png(width, width, bytes(width + 1) * 10), "image/png"),
+        ]
+        + [
+            (valid, content_type)
+            for content_type in (
+                "text/plain",
+                "image/gif",
+                "",
+                "application/json",
+                "multipart/form-data; boundary=x",
+                "IMAGE/PNG",
+                "image",
+            )
+        ]
+    )
     for body, content_type in cases:
         for path in ("/endpoints/scones/invocations", "/invocations"):
             status, answer = post(server.port, path, body, content_type)
@@ -456,8 +547,9 @@ def test_a_record_that_cannot_be_written_whole_fails_its_request_with_503(s3, ti
     def limited():
         resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))  # Python ignores SIGXFSZ: writes fail instead
 
-    process, port = start_server_process(EndpointSpec("scones", tiny_model, CaptureSpec(destination)),
-                                         tmp_path / "spool", tmp_path, preexec_fn=limited)
+    process, port = start_server_process(
+        EndpointSpec("scones", tiny_model, CaptureSpec(destination)), tmp_path / "spool", tmp_path, preexec_fn=limited
+    )
     try:
         small, large = [noise_png(number, 32) for number in range(5)], [noise_png(number, 120) for number in range(5)]
         for image in large + small:  # records of about 58 kB (do not fit) and of about 4 kB (fit)
@@ -465,8 +557,9 @@ def test_a_record_that_cannot_be_written_whole_fails_its_request_with_503(s3, ti
     finally:
         process.terminate()  # uploads what is spooled
         assert process.wait(timeout=60) == 0
-    captured = [base64.b64decode(record["captureData"]["endpointInput"]["data"])
-                for record in stored_records(s3, destination)]  # every stored line is whole
+    captured = [
+        base64.b64decode(record["captureData"]["endpointInput"]["data"]) for record in stored_records(s3, destination)
+    ]  # every stored line is whole
     assert sorted(captured) == sorted(small)
 
 
@@ -476,21 +569,27 @@ def test_records_are_stored_under_the_hour_of_their_inference(s3, tmp_path, monk
     spool = CaptureSpool(CaptureSpec(destination), "scones", tmp_path / "spool")
     with pytest.raises(RuntimeError, match="another endpoint server"):
         CaptureSpool(CaptureSpec(destination), "scones", tmp_path / "spool")
-    for number, moment in enumerate([datetime(2026, 11, 25, 10, 59, 59, 998_000, timezone.utc),
-                                     datetime(2026, 11, 25, 11, 0, 0, 1_000, timezone.utc),
-                                     datetime(2026, 11, 25, 11, 0, 1, 0, timezone.utc)]):
+    for number, moment in enumerate(
+        [
+            datetime(2026, 11, 25, 10, 59, 59, 998_000, UTC),
+            datetime(2026, 11, 25, 11, 0, 0, 1_000, UTC),
+            datetime(2026, 11, 25, 11, 0, 1, 0, UTC),
+        ]
+    ):
         spool.write({"number": number}, moment)
     spool.close()
 
     prefix = destination.removeprefix(f"s3://{BUCKET}/")
     objects = {re.sub(UUID, "ID", key): body for key, body in stored_objects(s3, destination).items()}
-    assert objects == {f"{prefix}/scones/AllTraffic/2026/11/25/10/59-59-998-ID.jsonl": b'{"number":0}\n',
-                       f"{prefix}/scones/AllTraffic/2026/11/25/11/00-00-001-ID.jsonl": b'{"number":1}\n{"number":2}\n'}
+    assert objects == {
+        f"{prefix}/scones/AllTraffic/2026/11/25/10/59-59-998-ID.jsonl": b'{"number":0}\n',
+        f"{prefix}/scones/AllTraffic/2026/11/25/11/00-00-001-ID.jsonl": b'{"number":1}\n{"number":2}\n',
+    }
     assert list((tmp_path / "spool").glob("*.jsonl")) == []
 
 
 # A torch model answering an image's mean red, green and blue, 0..1, slowly, so that requests pile up.
-TORCH_INFERENCE = '''
+TORCH_INFERENCE = """
 import io, json, time
 import numpy, torch
 from PIL import Image
@@ -517,14 +616,15 @@ def predict_fn(data, model):
 
 def output_fn(prediction, accept):
     return json.dumps(torch.as_tensor(prediction)[0].tolist()), "application/json"
-'''
+"""
 
 
 def torch_model(directory: Path, kind: str) -> tuple[Path, Path]:
     """The torch model archive and the file where its predict_fn logs each call's batch size."""
     log = directory / f"batches-{kind}.log"
-    return model_archive(directory, {"model.json": json.dumps({"kind": kind, "log": str(log)}),
-                                     "code/inference.py": TORCH_INFERENCE}), log
+    return model_archive(
+        directory, {"model.json": json.dumps({"kind": kind, "log": str(log)}), "code/inference.py": TORCH_INFERENCE}
+    ), log
 
 
 def channel_means(image: bytes) -> list[float]:
@@ -578,9 +678,15 @@ def test_captures_are_encrypted_with_the_configured_kms_key(serve, runtime, s3):
 
 
 def test_missing_handler_functions_fall_back_to_the_toolkit_defaults(serve, tmp_path):
-    without_predict_and_output = model_archive(tmp_path, {"code/inference.py": (
-        "def model_fn(model_dir):\n    return lambda data: [len(data), 0.5]\n"
-        "def input_fn(request_body, content_type):\n    return request_body\n")})
+    without_predict_and_output = model_archive(
+        tmp_path,
+        {
+            "code/inference.py": (
+                "def model_fn(model_dir):\n    return lambda data: [len(data), 0.5]\n"
+                "def input_fn(request_body, content_type):\n    return request_body\n"
+            )
+        },
+    )
     without_input = model_archive(tmp_path, {"code/inference.py": "def model_fn(model_dir):\n    return None\n"})
     server = serve(EndpointSpec("defaults", without_predict_and_output), EndpointSpec("no-input", without_input))
 
@@ -594,13 +700,24 @@ def test_missing_handler_functions_fall_back_to_the_toolkit_defaults(serve, tmp_
 
 
 def test_specs_come_from_the_endpoint_config_and_round_trip_through_json(tiny_model):
-    capture = CaptureSpec.from_data_capture_config({
-        "EnableCapture": True, "InitialSamplingPercentage": 40, "DestinationS3Uri": "s3://bucket/data_capture",
-        "KmsKeyId": "arn:aws:kms:us-east-1:123456789012:key/k",
-        "CaptureOptions": [{"CaptureMode": "Output"}, {"CaptureMode": "Input"}],
-        "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]}})
-    assert capture == CaptureSpec("s3://bucket/data_capture", 40, ("Input", "Output"), ("application/json",), (),
-                                  "arn:aws:kms:us-east-1:123456789012:key/k")
+    capture = CaptureSpec.from_data_capture_config(
+        {
+            "EnableCapture": True,
+            "InitialSamplingPercentage": 40,
+            "DestinationS3Uri": "s3://bucket/data_capture",
+            "KmsKeyId": "arn:aws:kms:us-east-1:123456789012:key/k",
+            "CaptureOptions": [{"CaptureMode": "Output"}, {"CaptureMode": "Input"}],
+            "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]},
+        }
+    )
+    assert capture == CaptureSpec(
+        "s3://bucket/data_capture",
+        40,
+        ("Input", "Output"),
+        ("application/json",),
+        (),
+        "arn:aws:kms:us-east-1:123456789012:key/k",
+    )
     assert CaptureSpec.from_data_capture_config({"EnableCapture": False}) is None
     spec = EndpointSpec("scones", tiny_model, capture)
     assert spec_from_json(json.loads(json.dumps(spec_to_json(spec)))) == spec
@@ -623,8 +740,9 @@ def test_every_answered_request_has_its_record_after_sigkill_under_load(s3, tiny
             for number in range(thread_number * 1000, thread_number * 1000 + 500):
                 image = unique_png(number)
                 try:
-                    connection.request("POST", "/endpoints/scones/invocations", body=image,
-                                       headers={"Content-Type": "image/png"})
+                    connection.request(
+                        "POST", "/endpoints/scones/invocations", body=image, headers={"Content-Type": "image/png"}
+                    )
                     response = connection.getresponse()
                     response.read()
                 except (OSError, http.client.HTTPException):
@@ -649,8 +767,10 @@ def test_every_answered_request_has_its_record_after_sigkill_under_load(s3, tiny
 
     process, _ = start_server_process(spec, tmp_path / "spool", tmp_path)  # serves once the leftovers are stored
     try:
-        captured = {base64.b64decode(record["captureData"]["endpointInput"]["data"])
-                    for record in stored_records(s3, destination)}  # every line of every object parses
+        captured = {
+            base64.b64decode(record["captureData"]["endpointInput"]["data"])
+            for record in stored_records(s3, destination)
+        }  # every line of every object parses
         assert [image for image in answered if image not in captured] == []
         assert list((tmp_path / "spool" / "scones").glob("*.jsonl")) == []
     finally:
@@ -699,8 +819,9 @@ def test_a_predict_fn_that_exits_fails_its_request_and_the_batcher_answers_the_n
 
 
 def run_server_cli(*arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "local.endpoint", *arguments], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "local.endpoint", *arguments], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_the_server_refuses_a_port_in_use_in_one_line(tmp_path):
@@ -712,8 +833,10 @@ def test_the_server_refuses_a_port_in_use_in_one_line(tmp_path):
         port = taken.getsockname()[1]
         result = run_server_cli("--spec", str(spec_file), "--spool-dir", str(tmp_path / "spool"), "--port", str(port))
     assert result.returncode == 2
-    assert result.stderr == f"local.endpoint: error: [Errno 98] cannot listen on 127.0.0.1:{port}: " \
-                            "Address already in use\n"
+    assert (
+        result.stderr == f"local.endpoint: error: [Errno 98] cannot listen on 127.0.0.1:{port}: "
+        "Address already in use\n"
+    )
 
 
 @pytest.mark.parametrize("spec_text", [None, "not json", '{"endpoints": [{"name": "no-model"}]}'])
@@ -740,7 +863,8 @@ def test_two_models_in_one_process_each_import_their_own_sibling_modules(tmp_pat
         (tmp_path / name).mkdir()
         (tmp_path / name / "network.py").write_text(f"ANSWER = {answer}\n")
         (tmp_path / name / "inference.py").write_text(
-            "import network\n\ndef model_fn(model_dir):\n    return network.ANSWER\n")
+            "import network\n\ndef model_fn(model_dir):\n    return network.ANSWER\n"
+        )
     old = load_inference_handler(tmp_path / "old", "scones_test_old_inference")
     new = load_inference_handler(tmp_path / "new", "scones_test_new_inference")
     assert (old.model_fn(None), new.model_fn(None)) == (0.25, 0.75)

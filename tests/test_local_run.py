@@ -14,16 +14,16 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import boto3
 import pytest
+from conftest import ROOT, assembly_directory
 from PIL import Image
 
-from conftest import ROOT, assembly_directory
 from local.__main__ import MODEL_PARAMETER, LocalRun, main, print_summary
 from local.executions import run_execution
 
 pytestmark = pytest.mark.slow
 
 # A model whose inference.py always answers a confident bicycle: the fault, not the model, is under test.
-CONFIDENT_MODEL = '''
+CONFIDENT_MODEL = """
 import json
 
 def model_fn(model_dir):
@@ -37,7 +37,7 @@ def predict_fn(data, model):
 
 def output_fn(prediction, accept):
     return json.dumps(prediction), "application/json"
-'''
+"""
 IMAGES = 24
 
 
@@ -57,17 +57,22 @@ def local_run(tmp_path_factory):
             member.size = len(code)
             archive.addfile(member, io.BytesIO(code))
         s3.put_object(Bucket=bucket, Key="models/confident/output/model.tar.gz", Body=model.getvalue())
-        boto3.client("ssm").put_parameter(Name=MODEL_PARAMETER.format(env="dev"), Type="String",
-                                          Value=f"s3://{bucket}/models/confident/output/model.tar.gz")
+        boto3.client("ssm").put_parameter(
+            Name=MODEL_PARAMETER.format(env="dev"),
+            Type="String",
+            Value=f"s3://{bucket}/models/confident/output/model.tar.gz",
+        )
         run.deploy([run.stack("Workflow"), run.stack("Endpoint")])
         run.serve_endpoint(deployment, info["sagemaker_runtime"])
         for number in range(IMAGES):
             image = io.BytesIO()
             Image.new("RGB", (32, 32), (number * 10, 40, 90)).save(image, "PNG")
             s3.put_object(Bucket=bucket, Key=f"test/image_{number:02d}.png", Body=image.getvalue())
-        state_machine = next(machine["Ref"] for machine in deployment.created(
-            run.stack("Workflow"), "AWS::StepFunctions::StateMachine").values()
-            if machine["Name"].endswith("-classify-image"))
+        state_machine = next(
+            machine["Ref"]
+            for machine in deployment.created(run.stack("Workflow"), "AWS::StepFunctions::StateMachine").values()
+            if machine["Name"].endswith("-classify-image")
+        )
         yield run, deployment, bucket, state_machine, info
     finally:
         run.endpoint.stop()
@@ -78,9 +83,15 @@ def test_executions_retry_through_an_endpoint_restart_and_complete(local_run):
     run, deployment, bucket, state_machine, info = local_run
     stepfunctions = boto3.client("stepfunctions")
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(run_execution, stepfunctions, state_machine,
-                               {"s3_bucket": bucket, "s3_key": f"test/image_{number:02d}.png"})
-                   for number in range(IMAGES)]
+        futures = [
+            pool.submit(
+                run_execution,
+                stepfunctions,
+                state_machine,
+                {"s3_bucket": bucket, "s3_key": f"test/image_{number:02d}.png"},
+            )
+            for number in range(IMAGES)
+        ]
         while sum(future.done() for future in futures) < 3:
             time.sleep(0.05)
         assert run.endpoint.stop()
@@ -115,13 +126,21 @@ def test_up_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["up", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for default in ("(default: .scones)", "(default: cdk.out)", "(default: 8)", "(default: the one the assembly holds)"):
+    for default in (
+        "(default: .scones)",
+        "(default: cdk.out)",
+        "(default: 8)",
+        "(default: the one the assembly holds)",
+    ):
         assert default in out
 
 
 def test_up_without_a_cloud_assembly_says_to_synthesize_one(tmp_path, capsys):
     assert main(["up", "--assembly", str(tmp_path / "cdk.out"), "--state-dir", str(tmp_path / "state")]) == 2
-    assert capsys.readouterr().err == f"local: error: no cloud assembly at {tmp_path / 'cdk.out'}: run `make synth` first\n"
+    assert (
+        capsys.readouterr().err
+        == f"local: error: no cloud assembly at {tmp_path / 'cdk.out'}: run `make synth` first\n"
+    )
 
 
 def test_up_refuses_a_concurrency_below_one_before_starting_anything(capsys):
@@ -135,15 +154,31 @@ def test_up_asked_for_dev_on_a_prod_assembly_says_what_it_holds_and_starts_nothi
     prod = assembly_directory(env="prod")
     capsys.readouterr()  # what the synthesis printed
     assert main(["up", "--assembly", str(prod), "--env", "dev", "--state-dir", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == (f"local: error: {prod} holds SconesProd*, not the dev stacks: pass --env prod, "
-                                       "or run `make synth` to synthesize them\n")
+    assert capsys.readouterr().err == (
+        f"local: error: {prod} holds SconesProd*, not the dev stacks: pass --env prod, "
+        "or run `make synth` to synthesize them\n"
+    )
     assert not (tmp_path / "aws.json").exists()
 
 
 def test_up_runs_the_environment_the_assembly_holds_and_a_failure_stops_the_local_aws_it_started(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "local", "up", "--assembly", str(assembly_directory(env="prod")),
-                             "--state-dir", str(tmp_path / "state")], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "SCONES_CIFAR100": str(tmp_path / "missing.tar.gz")}, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "local",
+            "up",
+            "--assembly",
+            str(assembly_directory(env="prod")),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SCONES_CIFAR100": str(tmp_path / "missing.tar.gz")},
+        timeout=300,
+    )
     # The prod stacks' data bucket was deployed (no KeyError: 'SconesDevData'); staging then failed, in one line.
     assert "[assembly] the prod stacks" in result.stdout
     assert result.returncode == 2
@@ -163,17 +198,27 @@ def test_up_on_a_cut_short_or_partial_assembly_says_to_synthesize_again(tmp_path
     assert err.endswith("): run `make synth` again\n") and err.count("\n") == 1
     (tmp_path / "manifest.json").write_text('{"artifacts": {}}')
     assert main(["up", "--assembly", str(tmp_path), "--state-dir", str(tmp_path / "state")]) == 2
-    assert capsys.readouterr().err == (f"local: error: {tmp_path} has no SconesDevData, SconesDevTraining, "
-                                       "SconesDevWorkflow, SconesDevEndpoint, SconesDevMonitoring: "
-                                       "run `make synth` to synthesize them\n")
+    assert capsys.readouterr().err == (
+        f"local: error: {tmp_path} has no SconesDevData, SconesDevTraining, "
+        "SconesDevWorkflow, SconesDevEndpoint, SconesDevMonitoring: "
+        "run `make synth` to synthesize them\n"
+    )
 
 
 def test_the_summary_shows_the_reports_under_the_working_folder_as_relative_paths(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     state_dir = tmp_path / ".scones"
-    summary = {"failed_by_error": {}, "model_test_accuracy": 0.9, "executions": 1, "succeeded": 1,
-               "accepted_accuracy": 1.0, "latency_ms_p50": 1, "latency_ms_p99": 1, "captured_records": 1,
-               "capture_report": str(state_dir / "report" / "report.html")}
+    summary = {
+        "failed_by_error": {},
+        "model_test_accuracy": 0.9,
+        "executions": 1,
+        "succeeded": 1,
+        "accepted_accuracy": 1.0,
+        "latency_ms_p50": 1,
+        "latency_ms_p99": 1,
+        "captured_records": 1,
+        "capture_report": str(state_dir / "report" / "report.html"),
+    }
     print_summary(summary, "bucket", ["scones-dev"], state_dir)
     printed = capsys.readouterr().out
     assert "model report              .scones/model/report.html\n" in printed

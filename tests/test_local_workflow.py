@@ -8,10 +8,10 @@ import os
 
 import boto3
 import pytest
-from PIL import Image
-
 from conftest import assembly_directory
 from fake_endpoint import FakeEndpoint
+from PIL import Image
+
 from local import aws
 from local.assembly import read_assembly
 from local.deploy import LocalDeployment
@@ -76,12 +76,16 @@ def put_image(deployment, key: str, colour=(200, 30, 30)) -> bytes:
 
 def test_confident_image_succeeds_with_the_classic_output(deployment, endpoint):
     image = put_image(deployment, "test/bicycle_s_000001.png")
-    described, events = run(deployment, "classify-image", {"s3_bucket": deployment.bucket,
-                                                            "s3_key": "test/bicycle_s_000001.png"})
+    described, events = run(
+        deployment, "classify-image", {"s3_bucket": deployment.bucket, "s3_key": "test/bicycle_s_000001.png"}
+    )
     assert described["status"] == "SUCCEEDED"
     assert json.loads(described["output"]) == {
-        "image_data": base64.b64encode(image).decode(), "s3_bucket": deployment.bucket,
-        "s3_key": "test/bicycle_s_000001.png", "inferences": [0.97, 0.03]}
+        "image_data": base64.b64encode(image).decode(),
+        "s3_bucket": deployment.bucket,
+        "s3_key": "test/bicycle_s_000001.png",
+        "inferences": [0.97, 0.03],
+    }
     assert entered(events) == ["Serialize image data", "Classify image", "Filter low confidence", "Confident"]
     assert [r["body"] for r in endpoint.requests] == [image]
     assert endpoint.requests[0]["path"] == "/endpoints/scones-dev/invocations"
@@ -91,8 +95,9 @@ def test_confident_image_succeeds_with_the_classic_output(deployment, endpoint):
 def test_low_confidence_fails_with_threshold_confidence_not_met(deployment, endpoint):
     put_image(deployment, "test/motorcycle_s_000002.png")
     endpoint.answer_body = b"[0.6, 0.4]"
-    described, events = run(deployment, "classify-image", {"s3_bucket": deployment.bucket,
-                                                            "s3_key": "test/motorcycle_s_000002.png"})
+    described, events = run(
+        deployment, "classify-image", {"s3_bucket": deployment.bucket, "s3_key": "test/motorcycle_s_000002.png"}
+    )
     assert described["status"] == "FAILED"
     assert described["error"] == "ThresholdConfidenceNotMet"
     assert json.loads(described["cause"])["errorMessage"].startswith("THRESHOLD_CONFIDENCE_NOT_MET")
@@ -102,8 +107,9 @@ def test_low_confidence_fails_with_threshold_confidence_not_met(deployment, endp
 def test_transient_endpoint_failures_are_retried_to_success(deployment, endpoint):
     put_image(deployment, "test/bicycle_s_000003.png")
     endpoint.failures = ["ServiceUnavailable", "ModelNotReadyException"]
-    described, events = run(deployment, "classify-image", {"s3_bucket": deployment.bucket,
-                                                            "s3_key": "test/bicycle_s_000003.png"})
+    described, events = run(
+        deployment, "classify-image", {"s3_bucket": deployment.bucket, "s3_key": "test/bicycle_s_000003.png"}
+    )
     assert described["status"] == "SUCCEEDED"
     failed = [e["taskFailedEventDetails"]["error"] for e in events if e["type"] == "TaskFailed"]
     assert failed == ["ServiceUnavailable", "ModelNotReadyException"]
@@ -111,8 +117,9 @@ def test_transient_endpoint_failures_are_retried_to_success(deployment, endpoint
 
 
 def test_missing_image_fails_fast_without_retries(deployment, endpoint):
-    described, events = run(deployment, "classify-image", {"s3_bucket": deployment.bucket,
-                                                            "s3_key": "test/no_such_image.png"})
+    described, events = run(
+        deployment, "classify-image", {"s3_bucket": deployment.bucket, "s3_key": "test/no_such_image.png"}
+    )
     assert described["status"] == "FAILED"
     assert described["error"] == "ImageNotFound"
     assert "test/no_such_image.png" in json.loads(described["cause"])["errorMessage"]
@@ -129,16 +136,24 @@ def test_batch_classifies_each_image_under_the_prefix_in_a_child_execution(deplo
     described, events = run(deployment, "classify-prefix", {"prefix": "batch"})
     assert described["status"] == "SUCCEEDED"
     stepfunctions = boto3.client("stepfunctions")
-    children = [stepfunctions.describe_execution(executionArn=e["executionArn"])
-                for e in stepfunctions.list_executions(stateMachineArn=state_machine_arn(deployment, "classify-image"))
-                ["executions"]]
-    children = [c for c in children
-                if json.loads(c["input"]).get("AWS_STEP_FUNCTIONS_STARTED_BY_EXECUTION_ID") == described["executionArn"]]
+    children = [
+        stepfunctions.describe_execution(executionArn=e["executionArn"])
+        for e in stepfunctions.list_executions(stateMachineArn=state_machine_arn(deployment, "classify-image"))[
+            "executions"
+        ]
+    ]
+    children = [
+        c
+        for c in children
+        if json.loads(c["input"]).get("AWS_STEP_FUNCTIONS_STARTED_BY_EXECUTION_ID") == described["executionArn"]
+    ]
     by_key = {json.loads(c["input"])["s3_key"]: c for c in children}
     assert sorted(by_key) == ["batch/a.png", "batch/b.png", "batch/c.png"]
     assert [by_key[key]["status"] for key in sorted(by_key)] == ["SUCCEEDED", "SUCCEEDED", "FAILED"]
     assert by_key["batch/c.png"]["error"] == "NotAnImage"  # recorded as its outcome; the batch goes on
     assert endpoint.failures == [] and len(endpoint.requests) == 3  # one child's classify retried, then answered
-    assert [json.loads(by_key[key]["output"])["inferences"] for key in ("batch/a.png", "batch/b.png")] == \
-        [[0.97, 0.03], [0.97, 0.03]]
+    assert [json.loads(by_key[key]["output"])["inferences"] for key in ("batch/a.png", "batch/b.png")] == [
+        [0.97, 0.03],
+        [0.97, 0.03],
+    ]
     assert json.loads(described["output"])["ResultWriterDetails"]["Key"].startswith("batch_results/")

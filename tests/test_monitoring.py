@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import boto3
@@ -23,12 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from local import aws  # noqa: E402
-from training.etl import SHARED_ARCHIVE as ARCHIVE  # noqa: E402
 from local.endpoint import CaptureSpec, EndpointServer, EndpointSpec  # noqa: E402
 from monitoring import checks  # noqa: E402
 from monitoring.__main__ import last_period, main as monitoring_main  # noqa: E402
 from monitoring.captures import list_capture_files, read_captures  # noqa: E402
 from training import etl  # noqa: E402
+from training.etl import SHARED_ARCHIVE as ARCHIVE  # noqa: E402
 from training.fit import fit_local  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -44,6 +44,7 @@ BORDER = "image_border_minus_centre"
 
 
 # ------------------------------------------------------------------------------------------ fixtures
+
 
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory):
@@ -101,9 +102,11 @@ def captured(model, staged, other_vehicles):
             "inverted": altered(staged_test_images(staged), lambda pixels: 255 - pixels),
         }
         for label, name in enumerate(OTHER_CLASSES):
-            traffic[name] = [(other_vehicles / line.split("\t")[2]).read_bytes()
-                             for line in (other_vehicles / "test.lst").read_text().splitlines()
-                             if line.split("\t")[1] == str(label)]
+            traffic[name] = [
+                (other_vehicles / line.split("\t")[2]).read_bytes()
+                for line in (other_vehicles / "test.lst").read_text().splitlines()
+                if line.split("\t")[1] == str(label)
+            ]
         capture = CaptureSpec(destination=f"s3://{BUCKET}/data_capture")
         specs = [EndpointSpec(f"scones-{kind}", model_data=model, capture=capture) for kind in traffic]
         with EndpointServer(specs) as endpoints:
@@ -124,8 +127,12 @@ def captured(model, staged, other_vehicles):
 
 
 def report(prefix: str, baseline_dir: Path, out: Path, *options: str) -> dict:
-    assert monitoring_main(["report", prefix, "--baseline", str(baseline_dir), "--out", str(out),
-                            "--no-progress", *options]) == 0
+    assert (
+        monitoring_main(
+            ["report", prefix, "--baseline", str(baseline_dir), "--out", str(out), "--no-progress", *options]
+        )
+        == 0
+    )
     return json.loads((out / "summary.json").read_text())
 
 
@@ -135,13 +142,22 @@ def violated(summary: dict) -> set[str]:
 
 # ---------------------------------------------------------------------------- baseline and endpoint traffic
 
+
 def test_baseline_follows_model_monitor_shapes(baseline_dir):
     statistics = json.loads((baseline_dir / "statistics.json").read_text())
     constraints = json.loads((baseline_dir / "constraints.json").read_text())
     assert statistics["dataset"] == {"item_count": 100, "image_count": 900}
     names = [feature["name"] for feature in statistics["features"]]
-    assert names == ["prediction", "top_probability", "low_confidence", *sorted(IMAGE_MEANS, key=names.index),
-                     *sorted(IMAGE_STDS, key=names.index), BORDER, "image_size", "image_format"]
+    assert names == [
+        "prediction",
+        "top_probability",
+        "low_confidence",
+        *sorted(IMAGE_MEANS, key=names.index),
+        *sorted(IMAGE_STDS, key=names.index),
+        BORDER,
+        "image_size",
+        "image_format",
+    ]
     border = checks.feature(statistics, BORDER)["numerical_statistics"]
     # Photos of vehicles: the border (sky, road, backdrop) is mostly lighter than the middle.
     assert border["common"]["num_present"] == 900 and 0.05 < border["mean"] < 0.2
@@ -150,7 +166,9 @@ def test_baseline_follows_model_monitor_shapes(baseline_dir):
     assert sum(bucket["count"] for bucket in top["distribution"]["kll"]["buckets"]) == 100
     assert checks.category_counts(statistics, "image_format") == {"PNG/RGB": 900}
     assert sum(checks.category_counts(statistics, "prediction").values()) == 100
-    domains = {feature["name"]: feature.get("string_constraints", {}).get("domains") for feature in constraints["features"]}
+    domains = {
+        feature["name"]: feature.get("string_constraints", {}).get("domains") for feature in constraints["features"]
+    }
     assert domains["image_size"] == ["32x32"] and domains["prediction"] == list(CLASSES)
     assert constraints["model"]["classes"] == list(CLASSES)
     assert constraints["monitoring_config"]["thresholds"] == checks.DEFAULT_THRESHOLDS
@@ -166,13 +184,16 @@ def test_in_distribution_traffic_gives_no_violation(captured, baseline_dir, tmp_
     assert json.loads((tmp_path / "constraint_violations.json").read_text()) == {"violations": []}
 
 
-@pytest.mark.parametrize("kind, expected", [
-    ("dark", IMAGE_MEANS | IMAGE_STDS),
-    ("noisy", IMAGE_STDS),
-    ("inverted", {BORDER}),
-    ("tank", {"image_std_green", "image_std_blue"}),
-    ("rocket", {"image_mean_blue"}),
-])
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("dark", IMAGE_MEANS | IMAGE_STDS),
+        ("noisy", IMAGE_STDS),
+        ("inverted", {BORDER}),
+        ("tank", {"image_std_green", "image_std_blue"}),
+        ("rocket", {"image_mean_blue"}),
+    ],
+)
 def test_drifted_traffic_names_what_moved(captured, baseline_dir, tmp_path, kind, expected):
     summary = report(captured[kind], baseline_dir, tmp_path)
     assert expected <= violated(summary), summary["checks"]
@@ -213,6 +234,7 @@ def test_other_vehicles_move_the_answers_or_the_images(captured, baseline_dir, t
 
 # ------------------------------------------------------------------ metrics, as the hourly drift job publishes them
 
+
 def published(endpoint_name: str) -> dict[tuple, tuple[float, float]]:
     """What moto's CloudWatch holds for the endpoint: {(metric, check type or None): (maximum, sample count)}.
 
@@ -220,56 +242,128 @@ def published(endpoint_name: str) -> dict[tuple, tuple[float, float]]:
     exactly), so the total's sample count also counts the per-check-type points; its maximum is still the total.
     """
     cloudwatch = boto3.client("cloudwatch")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     found = {}
-    for series in cloudwatch.list_metrics(Namespace="Scones", Dimensions=[
-            {"Name": "EndpointName", "Value": endpoint_name}])["Metrics"]:
+    for series in cloudwatch.list_metrics(
+        Namespace="Scones", Dimensions=[{"Name": "EndpointName", "Value": endpoint_name}]
+    )["Metrics"]:
         points = cloudwatch.get_metric_statistics(
-            Namespace="Scones", MetricName=series["MetricName"], Dimensions=series["Dimensions"],
-            StartTime=now - timedelta(hours=1), EndTime=now + timedelta(minutes=5), Period=3600,
-            Statistics=["Maximum", "SampleCount"])["Datapoints"]
+            Namespace="Scones",
+            MetricName=series["MetricName"],
+            Dimensions=series["Dimensions"],
+            StartTime=now - timedelta(hours=1),
+            EndTime=now + timedelta(minutes=5),
+            Period=3600,
+            Statistics=["Maximum", "SampleCount"],
+        )["Datapoints"]
         check_type = next((d["Value"] for d in series["Dimensions"] if d["Name"] == "CheckType"), None)
-        found[series["MetricName"], check_type] = (max(p["Maximum"] for p in points),
-                                                   sum(p["SampleCount"] for p in points))
+        found[series["MetricName"], check_type] = (
+            max(p["Maximum"] for p in points),
+            sum(p["SampleCount"] for p in points),
+        )
     return found
 
 
 @pytest.mark.parametrize("kind", ["dark", "clean"])
 def test_report_publishes_its_violations_to_cloudwatch(captured, baseline_dir, tmp_path, kind):
-    summary = report(captured[kind], baseline_dir, tmp_path, "--publish-metrics", "Scones",
-                     "--endpoint-name", f"scones-{kind}-published")
+    summary = report(
+        captured[kind],
+        baseline_dir,
+        tmp_path,
+        "--publish-metrics",
+        "Scones",
+        "--endpoint-name",
+        f"scones-{kind}-published",
+    )
     metrics = published(f"scones-{kind}-published")
-    by_type = {check_type: sum(1 for result in summary["results"] if result["status"] == "VIOLATION"
-                               and result["constraint_check_type"] == check_type)
-               for check_type in ("baseline_drift_check", "data_type_check", "categorical_values_check",
-                                  "parse_failure_check")}
-    assert metrics == {("DriftViolations", None): (summary["violations"], 5),
-                       **{("DriftViolations", check_type): (count, 1) for check_type, count in by_type.items()},
-                       ("DriftCheckedRecords", None): (100, 1)}
+    by_type = {
+        check_type: sum(
+            1
+            for result in summary["results"]
+            if result["status"] == "VIOLATION" and result["constraint_check_type"] == check_type
+        )
+        for check_type in ("baseline_drift_check", "data_type_check", "categorical_values_check", "parse_failure_check")
+    }
+    assert metrics == {
+        ("DriftViolations", None): (summary["violations"], 5),
+        **{("DriftViolations", check_type): (count, 1) for check_type, count in by_type.items()},
+        ("DriftCheckedRecords", None): (100, 1),
+    }
     assert (summary["violations"] > 0) == (kind == "dark"), summary["checks"]
 
 
 def test_a_quiet_hour_publishes_zeros_only_when_allowed(captured, baseline_dir, tmp_path):
-    quiet = [captured["clean"], "--baseline", str(baseline_dir), "--no-progress", "--last", "1h",
-             "--until", "2020-01-01T10:10:00Z", "--publish-metrics", "Scones", "--endpoint-name", "scones-quiet"]
-    finished = subprocess.run([sys.executable, "-m", "monitoring", "report", *quiet, "--out", str(tmp_path / "a")],
-                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    quiet = [
+        captured["clean"],
+        "--baseline",
+        str(baseline_dir),
+        "--no-progress",
+        "--last",
+        "1h",
+        "--until",
+        "2020-01-01T10:10:00Z",
+        "--publish-metrics",
+        "Scones",
+        "--endpoint-name",
+        "scones-quiet",
+    ]
+    finished = subprocess.run(
+        [sys.executable, "-m", "monitoring", "report", *quiet, "--out", str(tmp_path / "a")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert finished.returncode == 2 and "no capture files" in finished.stderr and "time range" in finished.stderr
     assert published("scones-quiet") == {}
     assert monitoring_main(["report", *quiet, "--out", str(tmp_path / "b"), "--allow-empty"]) == 0
-    assert published("scones-quiet") == {("DriftViolations", None): (0, 5), ("DriftCheckedRecords", None): (0, 1),
-                                         **{("DriftViolations", check_type): (0, 1) for check_type in (
-                                             "baseline_drift_check", "data_type_check", "categorical_values_check",
-                                             "parse_failure_check")}}
+    assert published("scones-quiet") == {
+        ("DriftViolations", None): (0, 5),
+        ("DriftCheckedRecords", None): (0, 1),
+        **{
+            ("DriftViolations", check_type): (0, 1)
+            for check_type in (
+                "baseline_drift_check",
+                "data_type_check",
+                "categorical_values_check",
+                "parse_failure_check",
+            )
+        },
+    }
 
 
 def test_a_failed_publication_fails_the_run_with_status_4(capture_folder, baseline_dir, tmp_path):
-    unreachable = {**os.environ, "AWS_ENDPOINT_URL_CLOUDWATCH": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1",
-                   "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    finished = subprocess.run([sys.executable, "-m", "monitoring", "report", str(capture_folder), "--baseline",
-                               str(baseline_dir), "--out", str(tmp_path / "out"), "--no-progress", "--publish-metrics",
-                               "Scones", "--endpoint-name", "scones-dev"], cwd=ROOT, env=unreachable,
-                              capture_output=True, text=True, timeout=120)
+    unreachable = {
+        **os.environ,
+        "AWS_ENDPOINT_URL_CLOUDWATCH": "http://127.0.0.1:9",
+        "AWS_MAX_ATTEMPTS": "1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    finished = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monitoring",
+            "report",
+            str(capture_folder),
+            "--baseline",
+            str(baseline_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+            "--publish-metrics",
+            "Scones",
+            "--endpoint-name",
+            "scones-dev",
+        ],
+        cwd=ROOT,
+        env=unreachable,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert finished.returncode == 4, finished.stderr
     assert finished.stderr.count("\n") == 1 and "cannot publish the metrics to CloudWatch" in finished.stderr
     assert (tmp_path / "out" / "report.html").is_file()  # the report itself was written
@@ -277,29 +371,58 @@ def test_a_failed_publication_fails_the_run_with_status_4(capture_folder, baseli
 
 def test_publishing_needs_the_endpoint_name(baseline_dir, tmp_path):
     with pytest.raises(SystemExit) as exit_:
-        monitoring_main(["report", str(tmp_path), "--baseline", str(baseline_dir), "--out", str(tmp_path),
-                         "--publish-metrics", "Scones"])
+        monitoring_main(
+            [
+                "report",
+                str(tmp_path),
+                "--baseline",
+                str(baseline_dir),
+                "--out",
+                str(tmp_path),
+                "--publish-metrics",
+                "Scones",
+            ]
+        )
     assert exit_.value.code == 2
 
 
-@pytest.mark.parametrize("until, since_, until_", [
-    ("2026-11-25T10:10:00.123Z", "2026-11-25T09:00:00+00:00", "2026-11-25T10:00:00+00:00"),
-    ("2026-11-25T10:00:00Z", "2026-11-25T09:00:00+00:00", "2026-11-25T10:00:00+00:00"),
-    ("2026-11-25T00:59:59Z", "2026-11-24T23:00:00+00:00", "2026-11-25T00:00:00+00:00"),
-])
+@pytest.mark.parametrize(
+    "until, since_, until_",
+    [
+        ("2026-11-25T10:10:00.123Z", "2026-11-25T09:00:00+00:00", "2026-11-25T10:00:00+00:00"),
+        ("2026-11-25T10:00:00Z", "2026-11-25T09:00:00+00:00", "2026-11-25T10:00:00+00:00"),
+        ("2026-11-25T00:59:59Z", "2026-11-24T23:00:00+00:00", "2026-11-25T00:00:00+00:00"),
+    ],
+)
 def test_last_hour_is_the_whole_hour_before_the_run(until, since_, until_):
     from monitoring.__main__ import iso_time
+
     assert [moment.isoformat() for moment in last_period("1h", iso_time(until))] == [since_, until_]
 
 
-def test_baseline_goes_to_s3_in_one_command_and_the_report_reads_it_there(captured, model, staged, baseline_dir,
-                                                                            tmp_path):
+def test_baseline_goes_to_s3_in_one_command_and_the_report_reads_it_there(
+    captured, model, staged, baseline_dir, tmp_path
+):
     boto3.client("s3").upload_file(str(model), BUCKET, "models/job-1/output/model.tar.gz")
     location = f"s3://{BUCKET}/monitoring/baseline/"
-    assert monitoring_main(["baseline", "--model", f"s3://{BUCKET}/models/job-1/output/model.tar.gz",
-                            "--data", str(staged), "--out", location]) == 0
-    keys = [entry["Key"] for entry in boto3.client("s3").list_objects_v2(
-        Bucket=BUCKET, Prefix="monitoring/baseline/")["Contents"]]
+    assert (
+        monitoring_main(
+            [
+                "baseline",
+                "--model",
+                f"s3://{BUCKET}/models/job-1/output/model.tar.gz",
+                "--data",
+                str(staged),
+                "--out",
+                location,
+            ]
+        )
+        == 0
+    )
+    keys = [
+        entry["Key"]
+        for entry in boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="monitoring/baseline/")["Contents"]
+    ]
     assert sorted(keys) == ["monitoring/baseline/constraints.json", "monitoring/baseline/statistics.json"]
     uploaded = json.loads(boto3.client("s3").get_object(Bucket=BUCKET, Key=keys[1])["Body"].read())
     assert uploaded == json.loads((baseline_dir / "statistics.json").read_text())
@@ -309,14 +432,32 @@ def test_baseline_goes_to_s3_in_one_command_and_the_report_reads_it_there(captur
 
 
 def test_command_exits_3_on_violation_and_prints_the_report_path(captured, baseline_dir, tmp_path):
-    command = [sys.executable, "-m", "monitoring", "report", "--baseline", str(baseline_dir), "--no-progress",
-               "--fail-on-violation"]
-    dark = subprocess.run([*command, captured["dark"], "--out", str(tmp_path / "dark")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    command = [
+        sys.executable,
+        "-m",
+        "monitoring",
+        "report",
+        "--baseline",
+        str(baseline_dir),
+        "--no-progress",
+        "--fail-on-violation",
+    ]
+    dark = subprocess.run(
+        [*command, captured["dark"], "--out", str(tmp_path / "dark")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert dark.returncode == 3, dark.stderr
     assert dark.stdout.strip().endswith(str(tmp_path / "dark" / "report.html"))
-    clean = subprocess.run([*command, captured["clean"], "--out", str(tmp_path / "clean")], cwd=ROOT,
-                           capture_output=True, text=True, timeout=60)
+    clean = subprocess.run(
+        [*command, captured["clean"], "--out", str(tmp_path / "clean")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert clean.returncode == 0, clean.stderr
 
 
@@ -336,30 +477,60 @@ def test_report_is_self_contained_with_decodable_pictures(captured, baseline_dir
             assert picture.format == "PNG" and picture.width > 200
     assert not re.search(r"<script|<link|\ssrc=\"(?!data:)|url\(", page)
     assert "VIOLATION" in page and "image_mean_red" in page
-    assert sorted(path.name for path in tmp_path.glob("*.png")) == sorted([
-        "class_mix_over_time.png", "confidence_over_time.png", "low_confidence_over_time.png",
-        "lowest_confidence_images.png", "top_probability_histogram.png"])
+    assert sorted(path.name for path in tmp_path.glob("*.png")) == sorted(
+        [
+            "class_mix_over_time.png",
+            "confidence_over_time.png",
+            "low_confidence_over_time.png",
+            "lowest_confidence_images.png",
+            "top_probability_histogram.png",
+        ]
+    )
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH: install Debian's `chromium` "
-                                             "(apt-get install -y chromium) to render report.html headless")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium binary on PATH: install Debian's `chromium` "
+    "(apt-get install -y chromium) to render report.html headless",
+)
 def test_report_renders_in_headless_chromium(captured, baseline_dir, tmp_path):
     report(captured["clean"], baseline_dir, tmp_path / "report")
     page = (tmp_path / "report" / "report.html").read_text()
     # A test-only copy of the page records, once loaded, how many pictures the browser decoded.
-    probe = ("<script>addEventListener('load', () => { const images = [...document.images];"
-             "document.body.dataset.loaded = images.filter(i => i.complete && i.naturalWidth > 0).length;"
-             "document.body.dataset.total = images.length; });</script>")
+    probe = (
+        "<script>addEventListener('load', () => { const images = [...document.images];"
+        "document.body.dataset.loaded = images.filter(i => i.complete && i.naturalWidth > 0).length;"
+        "document.body.dataset.total = images.length; });</script>"
+    )
     (tmp_path / "probe.html").write_text(page.replace("</body>", probe + "</body>"))
-    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run",
-               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
-    dom = subprocess.run([*browser, "--dump-dom", (tmp_path / "probe.html").as_uri()],
-                         capture_output=True, text=True, timeout=60)
+    browser = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000",
+    ]
+    dom = subprocess.run(
+        [*browser, "--dump-dom", (tmp_path / "probe.html").as_uri()], capture_output=True, text=True, timeout=60
+    )
     assert re.search(r'data-loaded="5"', dom.stdout) and re.search(r'data-total="5"', dom.stdout), dom.stderr[-2000:]
     screenshot = tmp_path / "report.png"
-    shot = subprocess.run([*browser, f"--screenshot={screenshot}", "--window-size=1200,2400",
-                           (tmp_path / "report" / "report.html").as_uri()], capture_output=True, text=True, timeout=60)
+    shot = subprocess.run(
+        [
+            *browser,
+            f"--screenshot={screenshot}",
+            "--window-size=1200,2400",
+            (tmp_path / "report" / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert shot.returncode == 0, shot.stderr[-2000:]
     with Image.open(screenshot) as picture:
         assert picture.size == (1200, 2400)
@@ -369,9 +540,10 @@ def test_report_renders_in_headless_chromium(captured, baseline_dir, tmp_path):
 
 # ------------------------------------------------------------------------------- the reader, by hand
 
+
 def png_bytes(mode: str = "RGB", size=(32, 32), color=(200, 30, 30, 255)) -> bytes:
     buffer = io.BytesIO()
-    Image.new(mode, size, color[:len(mode)]).save(buffer, "PNG")
+    Image.new(mode, size, color[: len(mode)]).save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -383,14 +555,26 @@ def jpeg_bytes() -> bytes:
 
 def record(time: str, image: bytes, answer: str, content_type="image/png", output_encoding="JSON") -> str:
     data = base64.b64encode(answer.encode()).decode() if output_encoding == "BASE64" else answer
-    return json.dumps({
-        "captureData": {
-            "endpointInput": {"observedContentType": content_type, "mode": "INPUT",
-                              "data": base64.b64encode(image).decode(), "encoding": "BASE64"},
-            "endpointOutput": {"observedContentType": "application/json", "mode": "OUTPUT",
-                               "data": data, "encoding": output_encoding}},
-        "eventMetadata": {"eventId": "6ee4f1a5-5c9c-4cbb-9fb9-3dc34e4bd8b6", "inferenceTime": time},
-        "eventVersion": "0"})
+    return json.dumps(
+        {
+            "captureData": {
+                "endpointInput": {
+                    "observedContentType": content_type,
+                    "mode": "INPUT",
+                    "data": base64.b64encode(image).decode(),
+                    "encoding": "BASE64",
+                },
+                "endpointOutput": {
+                    "observedContentType": "application/json",
+                    "mode": "OUTPUT",
+                    "data": data,
+                    "encoding": output_encoding,
+                },
+            },
+            "eventMetadata": {"eventId": "6ee4f1a5-5c9c-4cbb-9fb9-3dc34e4bd8b6", "inferenceTime": time},
+            "eventVersion": "0",
+        }
+    )
 
 
 @pytest.fixture
@@ -400,14 +584,22 @@ def capture_folder(tmp_path):
     first, second = root / "2026/11/25/08", root / "2026/11/25/09"
     first.mkdir(parents=True)
     second.mkdir(parents=True)
-    (first / "59-59-123-a.jsonl").write_text("\n".join([
-        record("2026-11-25T08:59:59Z", png_bytes("RGBA"), "[0.9388836622238159, 0.061116307973861694]"),
-        record("2026-11-25T08:59:59.512Z", jpeg_bytes(), "[1.2e-05, 0.999988]", "application/x-image", "BASE64"),
-        '{"captureData": {"endpointInput": ',
-        record("2026-11-25T08:59:59Z", b"not an image", "[0.5, 0.5]"),
-    ]) + "\n")
-    (second / "00-01-000-b.jsonl.gz").write_bytes(gzip.compress((
-        record("2026-11-25T09:00:01Z", png_bytes(), "[0.6, 0.4]", "image/jpeg") + "\n").encode()))
+    (first / "59-59-123-a.jsonl").write_text(
+        "\n".join(
+            [
+                record("2026-11-25T08:59:59Z", png_bytes("RGBA"), "[0.9388836622238159, 0.061116307973861694]"),
+                record(
+                    "2026-11-25T08:59:59.512Z", jpeg_bytes(), "[1.2e-05, 0.999988]", "application/x-image", "BASE64"
+                ),
+                '{"captureData": {"endpointInput": ',
+                record("2026-11-25T08:59:59Z", b"not an image", "[0.5, 0.5]"),
+            ]
+        )
+        + "\n"
+    )
+    (second / "00-01-000-b.jsonl.gz").write_bytes(
+        gzip.compress((record("2026-11-25T09:00:01Z", png_bytes(), "[0.6, 0.4]", "image/jpeg") + "\n").encode())
+    )
     (second / "notes.txt").write_text("not a capture file\n")
     return tmp_path / "data_capture"
 
@@ -415,8 +607,9 @@ def capture_folder(tmp_path):
 def test_reader_takes_what_sagemaker_writes(capture_folder):
     captures = read_captures(str(capture_folder), progress=False)
     assert len(captures) == 3 and captures.files == 2
-    np.testing.assert_allclose(captures.probabilities, [[0.9388836622238159, 0.061116307973861694],
-                                                        [1.2e-05, 0.999988], [0.6, 0.4]])
+    np.testing.assert_allclose(
+        captures.probabilities, [[0.9388836622238159, 0.061116307973861694], [1.2e-05, 0.999988], [0.6, 0.4]]
+    )
     assert captures.formats == ["PNG/RGBA", "JPEG/RGB", "PNG/RGB"]
     assert captures.sizes == ["32x32", "64x48", "32x32"]
     np.testing.assert_allclose(captures.times - captures.times[0], [0, 0.512, 2.0], atol=1e-6)
@@ -429,12 +622,15 @@ def test_reader_takes_what_sagemaker_writes(capture_folder):
 def test_reader_counts_broken_lines_with_file_and_line(capture_folder):
     failures = read_captures(str(capture_folder), progress=False).failures
     assert [(Path(failure.file).name, failure.line) for failure in failures] == [
-        ("59-59-123-a.jsonl", 3), ("59-59-123-a.jsonl", 4)]
+        ("59-59-123-a.jsonl", 3),
+        ("59-59-123-a.jsonl", 4),
+    ]
     assert "JSONDecodeError" in failures[0].reason and "UnidentifiedImageError" in failures[1].reason
 
 
 def test_reader_keeps_the_time_range_asked(capture_folder):
     from monitoring.__main__ import iso_time
+
     captures = read_captures(str(capture_folder), since=iso_time("2026-11-25T09:00:00Z"), progress=False)
     assert len(captures) == 1 and captures.probabilities[0, 0] == 0.6
     captures = read_captures(str(capture_folder), until=iso_time("2026-11-25T08:59:59.5Z"), progress=False)
@@ -445,23 +641,34 @@ def test_report_on_hand_written_records_flags_format_size_and_failures(capture_f
     summary = report(str(capture_folder), baseline_dir, tmp_path)
     assert summary["windows"] == 2 and summary["unreadable_records"] == 2
     rows = {row["feature_name"]: row for row in summary["checks"]}
-    assert rows["capture_record"]["status"] == "VIOLATION" and "59-59-123-a.jsonl:3" in rows["capture_record"]["description"]
+    assert (
+        rows["capture_record"]["status"] == "VIOLATION"
+        and "59-59-123-a.jsonl:3" in rows["capture_record"]["description"]
+    )
     assert rows["image_format"]["status"] == rows["image_size"]["status"] == "VIOLATION"
     assert rows["top_probability"]["status"] == "SKIPPED"  # 2 and 1 records: too few for a test
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["report", "/no/such/folder", "--baseline", "{baseline}", "--out", "{out}"], "no capture folder /no/such/folder"),
-    (["report", "{empty}", "--baseline", "{baseline}", "--out", "{out}"], "no capture files"),
-    (["report", "{empty}", "--baseline", "{out}", "--out", "{out}"], "no baseline"),
-    (["baseline", "--model", "/no/model.tar.gz", "--data", "{empty}", "--out", "{out}"], "no model archive"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (
+            ["report", "/no/such/folder", "--baseline", "{baseline}", "--out", "{out}"],
+            "no capture folder /no/such/folder",
+        ),
+        (["report", "{empty}", "--baseline", "{baseline}", "--out", "{out}"], "no capture files"),
+        (["report", "{empty}", "--baseline", "{out}", "--out", "{out}"], "no baseline"),
+        (["baseline", "--model", "/no/model.tar.gz", "--data", "{empty}", "--out", "{out}"], "no model archive"),
+    ],
+)
 def test_user_mistakes_give_one_line_errors(baseline_dir, tmp_path, arguments, message):
     (tmp_path / "empty").mkdir()
-    filled = [argument.format(baseline=baseline_dir, out=tmp_path / "out", empty=tmp_path / "empty")
-              for argument in arguments]
-    finished = subprocess.run([sys.executable, "-m", "monitoring", *filled], cwd=ROOT, capture_output=True,
-                              text=True, timeout=60)
+    filled = [
+        argument.format(baseline=baseline_dir, out=tmp_path / "out", empty=tmp_path / "empty") for argument in arguments
+    ]
+    finished = subprocess.run(
+        [sys.executable, "-m", "monitoring", *filled], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert finished.returncode == 2
     assert finished.stderr.count("\n") == 1 and message in finished.stderr, finished.stderr
 
@@ -476,16 +683,25 @@ def read_only_folder(tmp_path: Path) -> Path:
 
 
 def monitoring_command(*arguments) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "monitoring", *map(str, arguments)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "monitoring", *map(str, arguments)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize("where", ["read-only folder", "file", "folder under a file"])
-def test_a_report_where_one_cannot_write_fails_in_one_line_naming_the_folder(capture_folder, baseline_dir,
-                                                                             tmp_path, where):
+def test_a_report_where_one_cannot_write_fails_in_one_line_naming_the_folder(
+    capture_folder, baseline_dir, tmp_path, where
+):
     (tmp_path / "a-file").write_text("not a folder\n")
-    out = {"read-only folder": read_only_folder(tmp_path), "file": tmp_path / "a-file",
-           "folder under a file": tmp_path / "a-file" / "report"}[where]
+    out = {
+        "read-only folder": read_only_folder(tmp_path),
+        "file": tmp_path / "a-file",
+        "folder under a file": tmp_path / "a-file" / "report",
+    }[where]
     finished = monitoring_command("report", capture_folder, "--baseline", baseline_dir, "--out", out, "--no-progress")
     assert finished.returncode == 2, finished.stderr
     assert finished.stderr.count("\n") == 1, finished.stderr
@@ -508,10 +724,16 @@ def test_baseline_mistakes_about_the_model_and_data_give_one_line_errors(model, 
     cases = [
         (not_gzip, staged, f"monitoring: error: {not_gzip} is not a model archive"),
         (gzip_not_tar, staged, f"monitoring: error: {gzip_not_tar} is not a model archive"),
-        (model, staged_copy(staged, tmp_path / "header", "index\tlabel\tpath\n"),
-         f"monitoring: error: {tmp_path / 'header' / 'validation.lst'}:1: the label 'label' is not a number"),
-        (model, staged_copy(staged, tmp_path / "gone", f"0\t{first[1]}\tvalidation/gone.png\n"),
-         f"monitoring: error: {tmp_path / 'gone' / 'validation.lst'} lists 1 image(s) that are not there"),
+        (
+            model,
+            staged_copy(staged, tmp_path / "header", "index\tlabel\tpath\n"),
+            f"monitoring: error: {tmp_path / 'header' / 'validation.lst'}:1: the label 'label' is not a number",
+        ),
+        (
+            model,
+            staged_copy(staged, tmp_path / "gone", f"0\t{first[1]}\tvalidation/gone.png\n"),
+            f"monitoring: error: {tmp_path / 'gone' / 'validation.lst'} lists 1 image(s) that are not there",
+        ),
     ]
     for archive, data, message in cases:
         finished = monitoring_command("baseline", "--model", archive, "--data", data, "--out", tmp_path / "out")
@@ -528,18 +750,23 @@ def test_a_baseline_written_where_one_cannot_write_fails_in_one_line(model, stag
     assert finished.stderr.startswith(f"monitoring: error: cannot write the baseline into {tmp_path / 'a-file'}: ")
 
 
-@pytest.mark.parametrize("statistics, message", [
-    ("{not json", "statistics.json is not JSON"),
-    ('{"version": 0, "features": []}', "are not a baseline of this model's answers"),  # a tabular Model Monitor one
-])
-def test_a_report_against_something_else_than_a_baseline_fails_in_one_line(capture_folder, baseline_dir, tmp_path,
-                                                                          statistics, message):
+@pytest.mark.parametrize(
+    "statistics, message",
+    [
+        ("{not json", "statistics.json is not JSON"),
+        ('{"version": 0, "features": []}', "are not a baseline of this model's answers"),  # a tabular Model Monitor one
+    ],
+)
+def test_a_report_against_something_else_than_a_baseline_fails_in_one_line(
+    capture_folder, baseline_dir, tmp_path, statistics, message
+):
     other = tmp_path / "other-baseline"
     other.mkdir()
     (other / "statistics.json").write_text(statistics)
     (other / "constraints.json").write_text('{"version": 0, "features": []}')
-    finished = monitoring_command("report", capture_folder, "--baseline", other, "--out", tmp_path / "out",
-                                  "--no-progress")
+    finished = monitoring_command(
+        "report", capture_folder, "--baseline", other, "--out", tmp_path / "out", "--no-progress"
+    )
     assert finished.returncode == 2, finished.stderr
     assert finished.stderr.count("\n") == 1 and message in finished.stderr, finished.stderr
 
@@ -554,12 +781,15 @@ def test_captures_of_the_input_only_are_checked_on_their_images(baseline_dir, tm
         del captured["captureData"]["endpointOutput"]
         records.append(json.dumps(captured))
     (hour / "00-00-000-a.jsonl").write_text("\n".join(records) + "\n")
-    finished = monitoring_command("report", tmp_path / "captures", "--baseline", baseline_dir, "--out",
-                                  tmp_path / "out", "--no-progress")
+    finished = monitoring_command(
+        "report", tmp_path / "captures", "--baseline", baseline_dir, "--out", tmp_path / "out", "--no-progress"
+    )
     assert finished.returncode == 0 and finished.stderr == "", finished.stderr
     assert finished.stdout.startswith("40 records")
-    statuses = {row["feature_name"]: row["status"] for row in
-                json.loads((tmp_path / "out" / "summary.json").read_text())["checks"]}
+    statuses = {
+        row["feature_name"]: row["status"]
+        for row in json.loads((tmp_path / "out" / "summary.json").read_text())["checks"]
+    }
     assert statuses["prediction"] == statuses["top_probability"] == statuses["low_confidence"] == "SKIPPED"
     assert statuses["image_std_red"] == "VIOLATION"  # one plain colour: no spread at all
     assert (tmp_path / "out" / "report.html").is_file()
@@ -567,8 +797,10 @@ def test_captures_of_the_input_only_are_checked_on_their_images(baseline_dir, tm
 
 # --------------------------------------------------------------------------------------- statistics
 
+
 def test_border_minus_centre_is_the_border_band_less_the_middle_half():
     from monitoring.captures import image_statistics
+
     image = np.full((32, 32, 3), 200, dtype=np.uint8)  # light everywhere...
     image[8:24, 8:24] = 40  # ...but a dark middle half
     image[4:8, 4:28] = 0  # between border band and centre: counted in neither
@@ -601,7 +833,7 @@ def test_a_time_range_lists_its_hour_folders_and_the_one_before_only(tmp_path):
         folder = tmp_path / "AllTraffic" / "2026" / "11" / "25" / f"{hour:02d}"
         folder.mkdir(parents=True)
         (folder / "59-59-999-capture.jsonl").write_text("")
-    since, until = datetime(2026, 11, 25, 9, tzinfo=timezone.utc), datetime(2026, 11, 25, 10, tzinfo=timezone.utc)
+    since, until = datetime(2026, 11, 25, 9, tzinfo=UTC), datetime(2026, 11, 25, 10, tzinfo=UTC)
     hours = [Path(name).parent.name for name in list_capture_files(str(tmp_path), since, until)]
     assert hours == ["08", "09"]  # a file begun at 08:59 may hold records of 09:xx; 10:00 is past the range
 
@@ -619,14 +851,24 @@ def test_an_s3_time_range_lists_only_the_date_folders_that_may_hold_it(monkeypat
         listed = []
         boto3.setup_default_session()  # a session of its own, dropped below, for the listing hook
         boto3.DEFAULT_SESSION.events.register(
-            "provide-client-params.s3.ListObjectsV2", lambda params, **_: listed.append(params["Prefix"]))
-        since, until = datetime(2026, 11, 25, 9, tzinfo=timezone.utc), datetime(2026, 11, 25, 10, tzinfo=timezone.utc)
+            "provide-client-params.s3.ListObjectsV2", lambda params, **_: listed.append(params["Prefix"])
+        )
+        since, until = datetime(2026, 11, 25, 9, tzinfo=UTC), datetime(2026, 11, 25, 10, tzinfo=UTC)
         try:
             files = list_capture_files("s3://captures/data_capture/e/", since, until)
         finally:
             boto3.DEFAULT_SESSION = None
     assert [name.split("AllTraffic/")[1][:13] for name in files] == ["2026/11/25/08", "2026/11/25/09"]
     # the endpoint, variant, year, month and day folders, then the two hours: not 2025, October, the 24th or 10:00
-    assert sorted(listed) == sorted(f"data_capture/e/{folder}" for folder in (
-        "", "AllTraffic/", "AllTraffic/2026/", "AllTraffic/2026/11/", "AllTraffic/2026/11/25/",
-        "AllTraffic/2026/11/25/08/", "AllTraffic/2026/11/25/09/"))
+    assert sorted(listed) == sorted(
+        f"data_capture/e/{folder}"
+        for folder in (
+            "",
+            "AllTraffic/",
+            "AllTraffic/2026/",
+            "AllTraffic/2026/11/",
+            "AllTraffic/2026/11/25/",
+            "AllTraffic/2026/11/25/08/",
+            "AllTraffic/2026/11/25/09/",
+        )
+    )

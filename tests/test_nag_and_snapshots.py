@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from aws_cdk.assertions import Annotations, Match, Template
-
 from conftest import synth_stacks
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"

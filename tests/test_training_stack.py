@@ -40,23 +40,34 @@ def test_builtin_algorithm_job_uses_the_classic_channels_and_hyperparameters():
     assert set(channels) == {"train", "validation", "train_lst", "validation_lst"}
     assert {c["ContentType"] for c in channels.values()} == {"application/x-image"}
     assert job["HyperParameters"] == {
-        "image_shape": "3,32,32", "num_layers": "152", "epochs": "30", "mini_batch_size": "32",
-        "learning_rate": "0.1", "use_pretrained_model": "0", "num_classes": "2", "num_training_samples": "900"}
+        "image_shape": "3,32,32",
+        "num_layers": "152",
+        "epochs": "30",
+        "mini_batch_size": "32",
+        "learning_rate": "0.1",
+        "use_pretrained_model": "0",
+        "num_classes": "2",
+        "num_training_samples": "900",
+    }
     assert job["ResourceConfig"]["InstanceType"] == "ml.p3.2xlarge"
 
 
 def test_image_resolves_per_region_from_the_sdk_tables():
     mappings = template("Training", training_algorithm="builtin").to_json()["Mappings"]
-    assert mappings["BuiltinTrainingImage"]["us-east-1"]["uri"] == \
-        "811284229777.dkr.ecr.us-east-1.amazonaws.com/image-classification:1"
+    assert (
+        mappings["BuiltinTrainingImage"]["us-east-1"]["uri"]
+        == "811284229777.dkr.ecr.us-east-1.amazonaws.com/image-classification:1"
+    )
     pytorch = template("Training").to_json()["Mappings"]["PytorchTrainingImage"]
     assert pytorch["eu-west-1"]["uri"] == "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.6-cpu-py312"
 
 
 def test_region_given_in_context_gives_a_literal_image():
     _, job = training_job_parameters(region="eu-west-1", account="123456789012")
-    assert job["AlgorithmSpecification"]["TrainingImage"] == \
-        "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.6-cpu-py312"
+    assert (
+        job["AlgorithmSpecification"]["TrainingImage"]
+        == "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.6-cpu-py312"
+    )
 
 
 def test_user_hyperparameters_reach_the_job():
@@ -69,8 +80,8 @@ def test_outputs_name_the_training_state_machine_and_the_model_parameter():
     stack = synth_stacks()["Training"]
     outputs = template("Training").find_outputs("*")
     assert outputs["TrainingStateMachineArn"]["Value"] == {
-        "Ref": stack.get_logical_id(stack.state_machine.node.default_child)}
+        "Ref": stack.get_logical_id(stack.state_machine.node.default_child)
+    }
     assert outputs["ModelParameterName"]["Value"] == "/scones/dev/model-data-url"
     assert "training.fit --sagemaker" in outputs["TrainingStateMachineArn"]["Description"]
     assert "SSM parameter" in outputs["ModelParameterName"]["Description"]
-

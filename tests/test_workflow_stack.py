@@ -1,29 +1,33 @@
 import json
 
 from aws_cdk.assertions import Match
-
 from conftest import definition_of, synth_stacks, template
+
 from stacks.workflow_stack import TRANSIENT_ENDPOINT_ERRORS
 
 FUNCTIONS = {
     "serialize_image_data": ("SerializeImageData", {}),
     "classify_image": ("ClassifyImage", {"ENDPOINT_NAME": "scones-dev"}),
-    "filter_inferences": ("FilterInferences", {"THRESHOLD": "0.93", "ENDPOINT_NAME": "scones-dev",
-                                               "METRIC_NAMESPACE": "Scones"}),
+    "filter_inferences": (
+        "FilterInferences",
+        {"THRESHOLD": "0.93", "ENDPOINT_NAME": "scones-dev", "METRIC_NAMESPACE": "Scones"},
+    ),
 }
 
 
 def _policy_statements(workflow, construct_id: str) -> list[dict]:
-    policies = workflow.find_resources("AWS::IAM::Policy", {"Properties": {"Roles": [
-        {"Ref": Match.string_like_regexp(f"^{construct_id}Role")}]}})
+    policies = workflow.find_resources(
+        "AWS::IAM::Policy", {"Properties": {"Roles": [{"Ref": Match.string_like_regexp(f"^{construct_id}Role")}]}}
+    )
     return [s for p in policies.values() for s in p["Properties"]["PolicyDocument"]["Statement"]]
 
 
 def test_lambdas_runtime_handler_environment_timeout_tracing():
     workflow = template("Workflow")
     for name, (construct_id, environment) in FUNCTIONS.items():
-        (function,) = workflow.find_resources("AWS::Lambda::Function", {"Properties": {
-            "Handler": f"{name}.index.handler"}}).values()
+        (function,) = workflow.find_resources(
+            "AWS::Lambda::Function", {"Properties": {"Handler": f"{name}.index.handler"}}
+        ).values()
         properties = function["Properties"]
         assert properties["Runtime"] == "python3.14"
         assert properties.get("Environment", {}).get("Variables", {}) == environment
@@ -34,16 +38,22 @@ def test_lambdas_runtime_handler_environment_timeout_tracing():
 
 def test_threshold_and_endpoint_name_come_from_context():
     template("Workflow", threshold="0.8", endpoint_name="bikes").has_resource_properties(
-        "AWS::Lambda::Function", {"Handler": "filter_inferences.index.handler",
-                                  "Environment": {"Variables": {"THRESHOLD": "0.8", "ENDPOINT_NAME": "bikes",
-                                                                "METRIC_NAMESPACE": "Scones"}}})
+        "AWS::Lambda::Function",
+        {
+            "Handler": "filter_inferences.index.handler",
+            "Environment": {"Variables": {"THRESHOLD": "0.8", "ENDPOINT_NAME": "bikes", "METRIC_NAMESPACE": "Scones"}},
+        },
+    )
 
 
 def test_each_lambda_role_has_exactly_its_own_data_access():
     workflow = template("Workflow")
     data_actions = lambda statements: sorted(  # noqa: E731
-        a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
-        if not a.startswith(("logs:", "xray:")))
+        a
+        for s in statements
+        for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
+        if not a.startswith(("logs:", "xray:"))
+    )
     serialize = _policy_statements(workflow, "SerializeImageData")
     assert data_actions(serialize) == ["s3:GetObject"]
     (read,) = [s for s in serialize if s["Action"] == "s3:GetObject"]
@@ -68,15 +78,23 @@ def test_classification_states_in_order_with_retries_and_low_confidence_fail():
     for name in ("Serialize image data", "Classify image", "Filter low confidence"):
         assert states[name]["OutputPath"] == "$.Payload.body"
         assert states[name]["Retry"][0]["ErrorEquals"] == [
-            "Lambda.TooManyRequestsException", "Lambda.ServiceException", "Lambda.AWSLambdaException",
-            "Lambda.SdkClientException"]
+            "Lambda.TooManyRequestsException",
+            "Lambda.ServiceException",
+            "Lambda.AWSLambdaException",
+            "Lambda.SdkClientException",
+        ]
     assert states["Classify image"]["Retry"][1] == {
-        "ErrorEquals": TRANSIENT_ENDPOINT_ERRORS, "IntervalSeconds": 1, "MaxAttempts": 3, "BackoffRate": 2}
+        "ErrorEquals": TRANSIENT_ENDPOINT_ERRORS,
+        "IntervalSeconds": 1,
+        "MaxAttempts": 3,
+        "BackoffRate": 2,
+    }
     # a missing or bad image fails at once: only Lambda's own transient errors are retried before the classifier
     assert len(states["Serialize image data"]["Retry"]) == 1
     assert len(states["Filter low confidence"]["Retry"]) == 1
     assert states["Filter low confidence"]["Catch"] == [
-        {"ErrorEquals": ["ThresholdConfidenceNotMet"], "Next": "Low confidence"}]
+        {"ErrorEquals": ["ThresholdConfidenceNotMet"], "Next": "Low confidence"}
+    ]
     assert states["Low confidence"] == {"Type": "Fail", "ErrorPath": "$.Error", "CausePath": "$.Cause"}
 
 
@@ -110,10 +128,14 @@ def test_batch_runs_every_image_under_a_prefix_as_child_executions():
     assert child["Parameters"]["Input"]["s3_key.$"] == "$.Key"
     assert child["ResultPath"] == "$.outcome"
     # a child that ran and failed is an outcome; a classification that could not run counts against the tolerance
-    assert child["Catch"] == [{"ErrorEquals": ["States.TaskFailed"], "ResultPath": "$.outcome", "Next": "Record failure"}]
-    assert child["Retry"][0]["ErrorEquals"] == ["StepFunctions.ExecutionLimitExceededException",
-                                                "StepFunctions.SdkClientException",
-                                                "StepFunctions.AWSStepFunctionsException"]
+    assert child["Catch"] == [
+        {"ErrorEquals": ["States.TaskFailed"], "ResultPath": "$.outcome", "Next": "Record failure"}
+    ]
+    assert child["Retry"][0]["ErrorEquals"] == [
+        "StepFunctions.ExecutionLimitExceededException",
+        "StepFunctions.SdkClientException",
+        "StepFunctions.AWSStepFunctionsException",
+    ]
     assert child["ResultSelector"] == {"status.$": "$.Status", "inferences.$": "$.Output.inferences"}
 
 
@@ -126,11 +148,15 @@ def test_batch_writes_its_results_to_the_bucket_not_its_output():
 
 def test_batch_role_lists_the_bucket_and_writes_only_under_batch_results():
     statements = _policy_statements(template("Workflow"), "BatchStateMachine")
-    s3_access = sorted((sorted([s["Action"]] if isinstance(s["Action"], str) else s["Action"]), s["Resource"])
-                       for s in statements if "s3:" in json.dumps(s["Action"]))
+    s3_access = sorted(
+        (sorted([s["Action"]] if isinstance(s["Action"], str) else s["Action"]), s["Resource"])
+        for s in statements
+        if "s3:" in json.dumps(s["Action"])
+    )
     assert [actions for actions, _ in s3_access] == [
         ["s3:AbortMultipartUpload", "s3:GetObject", "s3:ListMultipartUploadParts", "s3:PutObject"],
-        ["s3:ListBucket"]]
+        ["s3:ListBucket"],
+    ]
     writes, listing = (resource for _, resource in s3_access)
     assert writes["Fn::Join"][1][-1] == "/batch_results/*"
     assert "*" not in json.dumps(listing)  # the bucket itself
@@ -139,14 +165,22 @@ def test_batch_role_lists_the_bucket_and_writes_only_under_batch_results():
 def test_outputs_name_both_state_machines_and_link_the_classify_one_in_the_console():
     stack = synth_stacks()["Workflow"]
     outputs = template("Workflow").find_outputs("*")
-    classify, batch = (stack.get_logical_id(machine.node.default_child)
-                       for machine in (stack.state_machine, stack.batch.state_machine))
+    classify, batch = (
+        stack.get_logical_id(machine.node.default_child) for machine in (stack.state_machine, stack.batch.state_machine)
+    )
     assert outputs["ClassifyStateMachineArn"]["Value"] == {"Ref": classify}
     assert outputs["ClassifyPrefixStateMachineArn"]["Value"] == {"Ref": batch}
-    assert outputs["ClassifyConsoleUrl"]["Value"] == {"Fn::Join": ["", [
-        "https://console.aws.amazon.com/states/home?region=", {"Ref": "AWS::Region"}, "#/statemachines/view/",
-        {"Ref": classify}]]}
+    assert outputs["ClassifyConsoleUrl"]["Value"] == {
+        "Fn::Join": [
+            "",
+            [
+                "https://console.aws.amazon.com/states/home?region=",
+                {"Ref": "AWS::Region"},
+                "#/statemachines/view/",
+                {"Ref": classify},
+            ],
+        ]
+    }
     assert '{"s3_bucket": "<bucket>", "s3_key": "<key>"}' in outputs["ClassifyStateMachineArn"]["Description"]
     assert '{"prefix": "<prefix>"}' in outputs["ClassifyPrefixStateMachineArn"]["Description"]
     assert "console" in outputs["ClassifyConsoleUrl"]["Description"]
-

@@ -26,7 +26,9 @@ def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor
     for b in range(CALIBRATION_BINS):
         inside = bins == b
         if inside.any():
-            error += inside.float().mean().item() * abs(correct[inside].mean().item() - confidence[inside].mean().item())
+            error += inside.float().mean().item() * abs(
+                correct[inside].mean().item() - confidence[inside].mean().item()
+            )
     return error
 
 
@@ -44,14 +46,19 @@ def selective(probabilities: torch.Tensor, labels: torch.Tensor, threshold: floa
     """Share of answers at or above `threshold` (coverage) and their accuracy."""
     confidence, predicted = probabilities.max(1)
     accepted = confidence >= threshold
-    return {"threshold": threshold, "coverage": accepted.float().mean().item(),
-            "accuracy": (predicted[accepted] == labels[accepted]).float().mean().item() if accepted.any() else None}
+    return {
+        "threshold": threshold,
+        "coverage": accepted.float().mean().item(),
+        "accuracy": (predicted[accepted] == labels[accepted]).float().mean().item() if accepted.any() else None,
+    }
 
 
 def class_report(predicted: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
     report = {}
     for label, name in enumerate(classes):
         true_positives = ((predicted == label) & (labels == label)).sum().item()
-        report[name] = {"precision": true_positives / max(1, (predicted == label).sum().item()),
-                        "recall": true_positives / max(1, (labels == label).sum().item())}
+        report[name] = {
+            "precision": true_positives / max(1, (predicted == label).sum().item()),
+            "recall": true_positives / max(1, (labels == label).sum().item()),
+        }
     return report

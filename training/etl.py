@@ -109,6 +109,7 @@ class UploadFailed(EtlError):
 
 # ------------------------------------------------------------------------------------------ source
 
+
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scones"
 
@@ -133,20 +134,32 @@ def download(url: str, destination: Path, progress: bool = True) -> None:
     partial = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
     md5 = hashlib.md5()
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as file, tqdm(
-                total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                desc=f"download {destination.name}", disable=not progress) as bar:
+        with (
+            urllib.request.urlopen(url, timeout=30) as response,
+            open(partial, "wb") as file,
+            tqdm(
+                total=int(response.headers.get("Content-Length") or 0) or None,
+                unit="B",
+                unit_scale=True,
+                desc=f"download {destination.name}",
+                disable=not progress,
+            ) as bar,
+        ):
             while chunk := response.read(1 << 20):
                 file.write(chunk)
                 md5.update(chunk)
                 bar.update(len(chunk))
         if md5.hexdigest() != OFFICIAL_MD5:
-            raise ChecksumMismatch(f"{url} has MD5 {md5.hexdigest()}, not the official archive's {OFFICIAL_MD5}; "
-                                   "to use another archive, download it and pass its path with --source")
+            raise ChecksumMismatch(
+                f"{url} has MD5 {md5.hexdigest()}, not the official archive's {OFFICIAL_MD5}; "
+                "to use another archive, download it and pass its path with --source"
+            )
         os.replace(partial, destination)
     except (OSError, http.client.HTTPException) as error:
-        raise DownloadFailed(f"cannot download {url} ({getattr(error, 'reason', error)}); without internet, "
-                             "pass a local copy with --source PATH or SCONES_CIFAR100=PATH") from None
+        raise DownloadFailed(
+            f"cannot download {url} ({getattr(error, 'reason', error)}); without internet, "
+            "pass a local copy with --source PATH or SCONES_CIFAR100=PATH"
+        ) from None
     finally:
         partial.unlink(missing_ok=True)
 
@@ -158,9 +171,11 @@ def sha256_of_file(path: Path) -> str:
 
 # ----------------------------------------------------------------------------------------- archive
 
+
 @dataclass
 class Split:
     """One archive member's images: CIFAR file names, fine-label ids and rows of 3072 bytes."""
+
     filenames: list[str]
     fine_labels: np.ndarray
     data: np.ndarray
@@ -184,8 +199,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) not in SAFE_GLOBALS:
             allowed = ", ".join(".".join(key) for key in SAFE_GLOBALS)
-            raise UnsafeArchive(f"archive member {self.member} asks for {module}.{name}; "
-                                f"a CIFAR-100 archive only needs {allowed}")
+            raise UnsafeArchive(
+                f"archive member {self.member} asks for {module}.{name}; a CIFAR-100 archive only needs {allowed}"
+            )
         return SAFE_GLOBALS[module, name]
 
 
@@ -202,8 +218,12 @@ def read_archive(path: Path, encoding: str = "bytes", progress: bool = False) ->
     wanted = {f"{MEMBER_DIR}/{name}": name for name in ("meta", "train", "test")}
     pickled = {}
     try:
-        with tqdm.wrapattr(open(path, "rb"), "read", total=path.stat().st_size, desc=f"read {path.name}",
-                           disable=not progress) as file, tarfile.open(fileobj=file, mode="r|*") as tar:
+        with (
+            tqdm.wrapattr(
+                open(path, "rb"), "read", total=path.stat().st_size, desc=f"read {path.name}", disable=not progress
+            ) as file,
+            tarfile.open(fileobj=file, mode="r|*") as tar,
+        ):
             for member in tar:
                 check_member_path(member.name)
                 if member.name not in wanted:
@@ -215,8 +235,9 @@ def read_archive(path: Path, encoding: str = "bytes", progress: bool = False) ->
     except EtlError:
         raise
     except Exception as error:  # whatever else fails while decoding untrusted bytes means they are not CIFAR-100
-        raise CorruptArchive(f"{path.name} is not a readable CIFAR-100 archive: "
-                             f"{type(error).__name__}: {error}") from None
+        raise CorruptArchive(
+            f"{path.name} is not a readable CIFAR-100 archive: {type(error).__name__}: {error}"
+        ) from None
     missing = [name for name in wanted if wanted[name] not in pickled]
     if missing:
         raise CorruptArchive(f"{path.name} is not a CIFAR-100 archive: it has no {', '.join(missing)}")
@@ -241,17 +262,23 @@ def split_of(pickled: dict, path: Path, member: str) -> Split:
     except (KeyError, TypeError, ValueError):
         raise CorruptArchive(f"{path.name}: {MEMBER_DIR}/{member} lacks filenames, fine_labels or data") from None
     count = len(filenames)
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape == (count, 3 * IMAGE_SIDE ** 2)
-            and fine_labels.shape == (count,)):
+    if not (
+        isinstance(data, np.ndarray)
+        and data.dtype == np.uint8
+        and data.shape == (count, 3 * IMAGE_SIDE**2)
+        and fine_labels.shape == (count,)
+    ):
         raise CorruptArchive(f"{path.name}: {MEMBER_DIR}/{member} does not hold {count} rows of 3072 bytes")
     return Split(filenames, fine_labels, data)
 
 
 # ------------------------------------------------------------------------------------------ output
 
+
 @dataclass
 class StageSummary:
     """What a run staged; `dataset` is the content of dataset.json."""
+
     out: Path
     dataset: dict
     written: list[str]
@@ -274,9 +301,18 @@ class StageSummary:
         return "\n".join(lines)
 
 
-def stage(source: str | os.PathLike | None, out: str | os.PathLike, classes=DEFAULT_CLASSES,
-          bucket: str | None = None, *, extra_classes=(), validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-          seed: int = 0, progress: bool = True, s3_client=None) -> StageSummary:
+def stage(
+    source: str | os.PathLike | None,
+    out: str | os.PathLike,
+    classes=DEFAULT_CLASSES,
+    bucket: str | None = None,
+    *,
+    extra_classes=(),
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+    seed: int = 0,
+    progress: bool = True,
+    s3_client=None,
+) -> StageSummary:
     """Stage the images of `classes` (labels 0..n-1 in that order) and the training images of `extra_classes`
     (labels n.., no test images) from the archive `source` into the folder `out` and, with `bucket`, to the
     root of that S3 bucket (through `s3_client`, by default a new boto3 one)."""
@@ -288,7 +324,7 @@ def stage(source: str | os.PathLike | None, out: str | os.PathLike, classes=DEFA
     archive_path = resolve_source(source, progress)
     archive = read_archive(archive_path, progress=progress)
     fine_ids = fine_label_ids(classes, archive, archive_path)
-    splits = split_rows(archive, fine_ids, fine_ids[:len(targets)], validation_fraction, seed)
+    splits = split_rows(archive, fine_ids, fine_ids[: len(targets)], validation_fraction, seed)
     images = image_files(splits)
     check_image_names([relative_path for relative_path, _ in images], archive_path)
 
@@ -307,14 +343,23 @@ def stage(source: str | os.PathLike | None, out: str | os.PathLike, classes=DEFA
     train, train_rows = splits["train"]
     dataset = {
         "source": {"name": archive_path.name, "sha256": sha256_of_file(archive_path)},
-        "classes": [{"name": name, "label": label, "cifar_fine_label": fine_id}
-                    for label, (name, fine_id) in enumerate(zip(targets, fine_ids))],
-        "extra_classes": [{"name": name, "label": label, "cifar_fine_label": fine_id}
-                          for label, (name, fine_id) in enumerate(zip(classes, fine_ids)) if label >= len(targets)],
+        "classes": [
+            {"name": name, "label": label, "cifar_fine_label": fine_id}
+            for label, (name, fine_id) in enumerate(zip(targets, fine_ids))
+        ],
+        "extra_classes": [
+            {"name": name, "label": label, "cifar_fine_label": fine_id}
+            for label, (name, fine_id) in enumerate(zip(classes, fine_ids))
+            if label >= len(targets)
+        ],
         "validation": {"fraction": validation_fraction, "seed": seed},
-        "counts": {split_name: {name: int(np.count_nonzero(split.fine_labels[rows] == fine_id))
-                                for name, fine_id in zip(classes, fine_ids)}
-                   for split_name, (split, rows) in splits.items()},
+        "counts": {
+            split_name: {
+                name: int(np.count_nonzero(split.fine_labels[rows] == fine_id))
+                for name, fine_id in zip(classes, fine_ids)
+            }
+            for split_name, (split, rows) in splits.items()
+        },
         "pixel_stats": {"of": "train", "scale": "0..1", **channel_stats(train.data[train_rows])},
         "files": dict(sorted(hashes.items())),
     }
@@ -337,13 +382,16 @@ def fine_label_ids(classes: list[str], archive: Cifar100, archive_path: Path) ->
         present = set(split.fine_labels.tolist())
         absent = [name for name, fine_id in zip(classes, fine_ids) if fine_id not in present]
         if absent:
-            raise MissingClass(f"{archive_path.name} has no {split_name} images of {', '.join(absent)}; it has "
-                               f"{', '.join(names[fine_id] for fine_id in sorted(present))}")
+            raise MissingClass(
+                f"{archive_path.name} has no {split_name} images of {', '.join(absent)}; it has "
+                f"{', '.join(names[fine_id] for fine_id in sorted(present))}"
+            )
     return fine_ids
 
 
-def split_rows(archive: Cifar100, fine_ids: list[int], test_ids: list[int], validation_fraction: float,
-               seed: int) -> dict[str, tuple[Split, np.ndarray]]:
+def split_rows(
+    archive: Cifar100, fine_ids: list[int], test_ids: list[int], validation_fraction: float, seed: int
+) -> dict[str, tuple[Split, np.ndarray]]:
     """For "train", "validation" and "test": the archive split holding the images of the classes and their
     row numbers in it, in archive order. Validation takes `validation_fraction` of each class's training
     rows, drawn with `seed`; "train" is the rest; "test" has only the classes of `test_ids`."""
@@ -351,23 +399,31 @@ def split_rows(archive: Cifar100, fine_ids: list[int], test_ids: list[int], vali
     validation = []
     for fine_id in fine_ids:
         rows = np.flatnonzero(archive.train.fine_labels == fine_id)
-        validation.append(random.permutation(rows)[:round(validation_fraction * len(rows))])
+        validation.append(random.permutation(rows)[: round(validation_fraction * len(rows))])
     validation = np.sort(np.concatenate(validation))
     train = np.setdiff1d(np.flatnonzero(np.isin(archive.train.fine_labels, fine_ids)), validation)
-    return {"train": (archive.train, train), "validation": (archive.train, validation),
-            "test": (archive.test, np.flatnonzero(np.isin(archive.test.fine_labels, test_ids)))}
+    return {
+        "train": (archive.train, train),
+        "validation": (archive.train, validation),
+        "test": (archive.test, np.flatnonzero(np.isin(archive.test.fine_labels, test_ids))),
+    }
 
 
 def image_files(splits: dict[str, tuple[Split, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
     """The relative path and CIFAR row of every image of the splits."""
-    return [(f"{IMAGE_FOLDERS[split_name]}/{split.filenames[row]}", split.data[row])
-            for split_name, (split, rows) in splits.items() for row in rows]
+    return [
+        (f"{IMAGE_FOLDERS[split_name]}/{split.filenames[row]}", split.data[row])
+        for split_name, (split, rows) in splits.items()
+        for row in rows
+    ]
 
 
 def manifest(split: Split, rows: np.ndarray, folder: str, label_of: dict[int, int]) -> bytes:
     """SageMaker's `.lst` form: `index<TAB>label<TAB>folder/name.png`, a line per image."""
-    return "".join(f"{index}\t{label_of[split.fine_labels[row]]}\t{folder}/{split.filenames[row]}\n"
-                   for index, row in enumerate(rows)).encode()
+    return "".join(
+        f"{index}\t{label_of[split.fine_labels[row]]}\t{folder}/{split.filenames[row]}\n"
+        for index, row in enumerate(rows)
+    ).encode()
 
 
 def check_image_names(relative_paths: list[str], archive_path: Path) -> None:
@@ -391,6 +447,7 @@ def png_bytes(row: np.ndarray) -> bytes:
 
 def write_images(out: Path, images: list[tuple[str, np.ndarray]], progress: bool) -> tuple[dict[str, str], list[str]]:
     """Encode and write the images; answers the SHA-256 of each and the relative paths actually written."""
+
     def write_image(image: tuple[str, np.ndarray]) -> tuple[str, str, bool]:
         relative_path, row = image
         content = png_bytes(row)
@@ -400,8 +457,9 @@ def write_images(out: Path, images: list[tuple[str, np.ndarray]], progress: bool
     # More threads than cores: Pillow holds the GIL while encoding such small images and file creation in one
     # folder serialises in the kernel, but waits on the disk overlap: 4 were the fastest of 1, 2 and 4 (bench/etl.py).
     with ThreadPoolExecutor(WRITE_THREADS) as pool:
-        for relative_path, sha256, was_written in tqdm(pool.map(write_image, images), total=len(images),
-                                                       desc="write images", unit="img", disable=not progress):
+        for relative_path, sha256, was_written in tqdm(
+            pool.map(write_image, images), total=len(images), desc="write images", unit="img", disable=not progress
+        ):
             hashes[relative_path] = sha256
             if was_written:
                 written.append(relative_path)
@@ -425,16 +483,21 @@ def write_file(path: Path, content: bytes) -> bool:
 def channel_stats(rows: np.ndarray) -> dict[str, list[float]]:
     """Mean and standard deviation of each colour channel of CIFAR rows, on the 0..1 scale."""
     channels = rows.reshape(len(rows), 3, -1)
-    return {"mean": [float(channels[:, channel].mean() / 255) for channel in range(3)],
-            "std": [float(channels[:, channel].std() / 255) for channel in range(3)]}
+    return {
+        "mean": [float(channels[:, channel].mean() / 255) for channel in range(3)],
+        "std": [float(channels[:, channel].std() / 255) for channel in range(3)],
+    }
 
 
 def _staged_keys(s3, bucket: str) -> set[str]:
     """The keys at the bucket root and under the image folders, from one listing each."""
     listings = [("", "/")] + [(f"{folder}/", "") for folder in sorted(set(IMAGE_FOLDERS.values()))]
-    return {entry["Key"] for prefix, delimiter in listings
-            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter=delimiter)
-            for entry in page.get("Contents", [])}
+    return {
+        entry["Key"]
+        for prefix, delimiter in listings
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter=delimiter)
+        for entry in page.get("Contents", [])
+    }
 
 
 def upload(out: Path, hashes: dict[str, str], bucket: str, s3_client=None, progress: bool = True) -> list[str]:
@@ -454,17 +517,33 @@ def upload(out: Path, hashes: dict[str, str], bucket: str, s3_client=None, progr
             except ClientError as error:
                 if error.response["Error"]["Code"] not in ("404", "NoSuchKey"):
                     raise
-        s3.put_object(Bucket=bucket, Key=key, Body=(out / key).read_bytes(), Metadata={"sha256": hashes[key]},
-                      ContentType=CONTENT_TYPES[Path(key).suffix])
+        s3.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=(out / key).read_bytes(),
+            Metadata={"sha256": hashes[key]},
+            ContentType=CONTENT_TYPES[Path(key).suffix],
+        )
         return True
 
     keys = sorted(key for key in hashes if key != DATASET_FILE)
     try:
         present = _staged_keys(s3, bucket)  # only these need a look at their checksum
         with ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
-            uploaded = [key for key, was_uploaded in zip(keys, tqdm(
-                pool.map(upload_file, keys), total=len(keys), desc=f"upload to s3://{bucket}", unit="file",
-                disable=not progress)) if was_uploaded]
+            uploaded = [
+                key
+                for key, was_uploaded in zip(
+                    keys,
+                    tqdm(
+                        pool.map(upload_file, keys),
+                        total=len(keys),
+                        desc=f"upload to s3://{bucket}",
+                        unit="file",
+                        disable=not progress,
+                    ),
+                )
+                if was_uploaded
+            ]
         return uploaded + ([DATASET_FILE] if upload_file(DATASET_FILE) else [])
     except (BotoCoreError, ClientError) as error:
         raise UploadFailed(f"cannot upload to s3://{bucket}: {error}") from None
@@ -472,30 +551,57 @@ def upload(out: Path, hashes: dict[str, str], bucket: str, s3_client=None, progr
 
 # ----------------------------------------------------------------------------------------- command
 
+
 def names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.etl", description=__doc__.split("\n\n")[0],
-                                     epilog="\n\n".join(__doc__.split("\n\n")[2:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", metavar="PATH|URL",
-                        help="the CIFAR-100 python archive (default: $SCONES_CIFAR100, the cached copy, a download)")
+    parser = argparse.ArgumentParser(
+        prog="python -m training.etl",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--source",
+        metavar="PATH|URL",
+        help="the CIFAR-100 python archive (default: $SCONES_CIFAR100, the cached copy, a download)",
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to stage into")
     parser.add_argument("--bucket", metavar="NAME", help="also upload to the root of this S3 bucket")
-    parser.add_argument("--classes", default=",".join(DEFAULT_CLASSES), metavar="a,b,...",
-                        help="CIFAR-100 fine label names, in label order (default: %(default)s)")
-    parser.add_argument("--extra-classes", default="", metavar="c,d,...",
-                        help="classes staged for training only, learnt alongside to sharpen the features")
-    parser.add_argument("--validation-fraction", type=float, default=DEFAULT_VALIDATION_FRACTION, metavar="F",
-                        help="part of each class's training images kept for validation (default: %(default)s)")
+    parser.add_argument(
+        "--classes",
+        default=",".join(DEFAULT_CLASSES),
+        metavar="a,b,...",
+        help="CIFAR-100 fine label names, in label order (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--extra-classes",
+        default="",
+        metavar="c,d,...",
+        help="classes staged for training only, learnt alongside to sharpen the features",
+    )
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=DEFAULT_VALIDATION_FRACTION,
+        metavar="F",
+        help="part of each class's training images kept for validation (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation draw (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
-        summary = stage(args.source, args.out, names(args.classes), args.bucket,
-                        extra_classes=names(args.extra_classes) if args.extra_classes else (),
-                        validation_fraction=args.validation_fraction, seed=args.seed, progress=sys.stderr.isatty())
+        summary = stage(
+            args.source,
+            args.out,
+            names(args.classes),
+            args.bucket,
+            extra_classes=names(args.extra_classes) if args.extra_classes else (),
+            validation_fraction=args.validation_fraction,
+            seed=args.seed,
+            progress=sys.stderr.isatty(),
+        )
     except (EtlError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

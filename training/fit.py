@@ -60,6 +60,7 @@ class Interrupted(RuntimeError):
 
 # ------------------------------------------------------------------------------------------ --local
 
+
 def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
     """Train on the staged data folder `data_dir`; answers the path of `out_dir/model.tar.gz`.
 
@@ -71,8 +72,9 @@ def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
     if not data_dir.exists():
         raise FitError(f"data folder {data_dir} does not exist {stage}")
     if not data_dir.is_dir():
-        raise FitError(f"data folder {data_dir} is a file, not a folder: pass the folder `python -m training.etl "
-                       f"--out DIR` staged")
+        raise FitError(
+            f"data folder {data_dir} is a file, not a folder: pass the folder `python -m training.etl --out DIR` staged"
+        )
     missing = [name for name in MANIFESTS if not (data_dir / name).is_file()]
     if missing:
         raise FitError(f"data folder {data_dir} has no {' or '.join(missing)} {stage}")
@@ -87,8 +89,9 @@ def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".fit-")).resolve()
     except OSError as error:
-        raise FitError(f"cannot write to {out_dir} ({error.strerror}): choose another --out folder "
-                       f"or make this one writable") from None
+        raise FitError(
+            f"cannot write to {out_dir} ({error.strerror}): choose another --out folder or make this one writable"
+        ) from None
 
     try:
         model_dir, output_dir = work / "model", work / "output"
@@ -96,9 +99,12 @@ def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
         channels = ["train", "train_lst", "validation", "validation_lst"]
         if (data_dir / "test.lst").is_file():
             channels += ["test", "test_lst"]
-        env = {**{name: value for name, value in os.environ.items() if not name.startswith("SM_")},
-               "SM_MODEL_DIR": str(model_dir), "SM_OUTPUT_DATA_DIR": str(output_dir),
-               **{f"SM_CHANNEL_{name.upper()}": str(data_dir.resolve()) for name in channels}}
+        env = {
+            **{name: value for name, value in os.environ.items() if not name.startswith("SM_")},
+            "SM_MODEL_DIR": str(model_dir),
+            "SM_OUTPUT_DATA_DIR": str(output_dir),
+            **{f"SM_CHANNEL_{name.upper()}": str(data_dir.resolve()) for name in channels},
+        }
         try:
             finished = subprocess.run([sys.executable, script.name, *arguments], cwd=script.parent, env=env)
         except KeyboardInterrupt:
@@ -121,6 +127,7 @@ def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
 
 
 # -------------------------------------------------------------------------------------- --sagemaker
+
 
 def deploy_command(env: str, stacks: list[str], context: str = "") -> str:
     context = " ".join(filter(None, [f"-c env={env}" if env != "dev" else "", context]))
@@ -163,22 +170,29 @@ def check_data_staged(s3, parameters: dict) -> None:
         except ClientError:
             continue  # not allowed to look: SageMaker will say so if the data is missing
         if not found:
-            raise FitError(f"s3://{bucket}/{key} is empty: stage the data first with "
-                           f"`python -m training.etl --out data --bucket {bucket}`")
+            raise FitError(
+                f"s3://{bucket}/{key} is empty: stage the data first with "
+                f"`python -m training.etl --out data --bucket {bucket}`"
+            )
 
 
 def training_job_name(events: list[dict]) -> str | None:
     """The newest training job's name (a retry makes a new one), from the history's TaskScheduled events."""
     scheduled = [event["taskScheduledEventDetails"] for event in events if "taskScheduledEventDetails" in event]
-    names = [json.loads(details["parameters"]).get("TrainingJobName") for details in scheduled
-             if details["resourceType"] == "sagemaker" and details["resource"].startswith("createTrainingJob")]
+    names = [
+        json.loads(details["parameters"]).get("TrainingJobName")
+        for details in scheduled
+        if details["resourceType"] == "sagemaker" and details["resource"].startswith("createTrainingJob")
+    ]
     return names[-1] if names else None
 
 
 def training_job_lines(job: dict) -> list[str]:
     """One line per secondary status the training job went through, with SageMaker's message."""
-    lines = [f"training job {job['TrainingJobName']}: {transition['Status']}: {transition.get('StatusMessage', '')}"
-             for transition in job.get("SecondaryStatusTransitions", [])]
+    lines = [
+        f"training job {job['TrainingJobName']}: {transition['Status']}: {transition.get('StatusMessage', '')}"
+        for transition in job.get("SecondaryStatusTransitions", [])
+    ]
     return lines or [f"training job {job['TrainingJobName']}: {job['TrainingJobStatus']}"]
 
 
@@ -190,8 +204,11 @@ def follow_execution(stepfunctions, sagemaker, execution_arn: str, say, poll_sec
     seen_events, job_name, job, job_said = 0, None, None, []
     while True:
         described = stepfunctions.describe_execution(executionArn=execution_arn)
-        events = [event for page in stepfunctions.get_paginator("get_execution_history").paginate(
-            executionArn=execution_arn) for event in page["events"]]
+        events = [
+            event
+            for page in stepfunctions.get_paginator("get_execution_history").paginate(executionArn=execution_arn)
+            for event in page["events"]
+        ]
         for event in events[seen_events:]:
             if "stateEnteredEventDetails" in event:
                 say(f"state {event['stateEnteredEventDetails']['name']}")
@@ -222,8 +239,10 @@ def failure_reason(stepfunctions, described: dict, job: dict | None) -> str:
     if not (error or cause):
         history = stepfunctions.get_execution_history(executionArn=described["executionArn"], reverseOrder=True)
         for event in history["events"]:
-            details = next((value for key, value in event.items()
-                            if key.startswith("execution") and key.endswith("EventDetails")), None)
+            details = next(
+                (value for key, value in event.items() if key.startswith("execution") and key.endswith("EventDetails")),
+                None,
+            )
             if details and (details.get("error") or details.get("cause")):
                 error, cause = details.get("error"), details.get("cause")
                 break
@@ -243,13 +262,19 @@ def model_artifact(ssm, described: dict, parameter_name: str) -> str:
         return ssm.get_parameter(Name=parameter_name)["Parameter"]["Value"]
 
 
-def fit_sagemaker(env: str = "dev", region: str | None = None, algorithm: str | None = None,
-                  poll_seconds: float = POLL_SECONDS, say=None) -> str:
+def fit_sagemaker(
+    env: str = "dev",
+    region: str | None = None,
+    algorithm: str | None = None,
+    poll_seconds: float = POLL_SECONDS,
+    say=None,
+) -> str:
     """Start the deployed training state machine of `env`, follow it; answers the model artifact's S3 URL."""
     config = SconesConfig(env_name=env)
     started = time.monotonic()
-    say = say or (lambda text: print(f"fit: [{_clock(time.monotonic() - started)}] {text}",
-                                     file=sys.stderr, flush=True))
+    say = say or (
+        lambda text: print(f"fit: [{_clock(time.monotonic() - started)}] {text}", file=sys.stderr, flush=True)
+    )
     session = boto3.Session(region_name=region)
     retries = Config(retries={"mode": "standard", "max_attempts": 10})
     stepfunctions, sagemaker = (session.client(name, config=retries) for name in ("stepfunctions", "sagemaker"))
@@ -257,35 +282,49 @@ def fit_sagemaker(env: str = "dev", region: str | None = None, algorithm: str | 
     name = f"{config.prefix}-training"
     arn = find_state_machine(stepfunctions, name)
     if arn is None:
-        raise FitError(f"no state machine {name} in {session.region_name}: deploy the training stack with "
-                       f"`{deploy_command(env, ['Data', 'Training'])}` (see README), "
-                       f"or train on this machine with --local")
+        raise FitError(
+            f"no state machine {name} in {session.region_name}: deploy the training stack with "
+            f"`{deploy_command(env, ['Data', 'Training'])}` (see README), "
+            f"or train on this machine with --local"
+        )
     definition = stepfunctions.describe_state_machine(stateMachineArn=arn)["definition"]
     parameters = training_job_parameters(json.loads(definition))
     deployed = algorithm_of(parameters)
     if algorithm and algorithm != deployed:
-        raise FitError(f"{name} trains {deployed}, not {algorithm}: redeploy it with "
-                       f"`{deploy_command(env, ['Training'], f'-c training_algorithm={algorithm}')}` "
-                       f"(and deploy the endpoint with the same context)")
+        raise FitError(
+            f"{name} trains {deployed}, not {algorithm}: redeploy it with "
+            f"`{deploy_command(env, ['Training'], f'-c training_algorithm={algorithm}')}` "
+            f"(and deploy the endpoint with the same context)"
+        )
     check_data_staged(session.client("s3", config=retries), parameters)
 
     execution_arn = stepfunctions.start_execution(
-        stateMachineArn=arn, name=f"fit-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}", input="{}",
+        stateMachineArn=arn,
+        name=f"fit-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}",
+        input="{}",
     )["executionArn"]
     try:
         say(f"started {name} ({deployed}): {execution_arn}")
         described, job = follow_execution(stepfunctions, sagemaker, execution_arn, say, poll_seconds)
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; the execution keeps running, and its training job with it. Stop it with: "
-                          f"aws stepfunctions stop-execution --execution-arn {execution_arn}") from None
+        raise Interrupted(
+            f"interrupted; the execution keeps running, and its training job with it. Stop it with: "
+            f"aws stepfunctions stop-execution --execution-arn {execution_arn}"
+        ) from None
     except (BotoCoreError, ClientError) as error:
-        raise TrainingFailed(f"lost track of the execution ({_aws_error(error)}); it may still be running: "
-                             f"aws stepfunctions describe-execution --execution-arn {execution_arn}") from None
+        raise TrainingFailed(
+            f"lost track of the execution ({_aws_error(error)}); it may still be running: "
+            f"aws stepfunctions describe-execution --execution-arn {execution_arn}"
+        ) from None
     if described["status"] != "SUCCEEDED":
-        raise TrainingFailed(f"execution {described['status']}: {failure_reason(stepfunctions, described, job)} "
-                             f"({execution_arn})")
-    say("succeeded; deploy the endpoint with `" + deploy_command(
-        env, ["Endpoint"], "" if deployed == "pytorch" else f"-c training_algorithm={deployed}") + "`")
+        raise TrainingFailed(
+            f"execution {described['status']}: {failure_reason(stepfunctions, described, job)} ({execution_arn})"
+        )
+    say(
+        "succeeded; deploy the endpoint with `"
+        + deploy_command(env, ["Endpoint"], "" if deployed == "pytorch" else f"-c training_algorithm={deployed}")
+        + "`"
+    )
     return model_artifact(session.client("ssm", config=retries), described, config.model_parameter_name)
 
 
@@ -297,8 +336,10 @@ def _clock(seconds: float) -> str:
 def _aws_error(error: Exception) -> str:
     """One line for an error of the AWS client."""
     if isinstance(error, NoCredentialsError):
-        return ("no AWS credentials: configure them (`aws configure`, AWS_PROFILE) and deploy with `make deploy`, "
-                "or train on this machine with --local")
+        return (
+            "no AWS credentials: configure them (`aws configure`, AWS_PROFILE) and deploy with `make deploy`, "
+            "or train on this machine with --local"
+        )
     if isinstance(error, NoRegionError):
         return "no AWS region: pass --region or set AWS_REGION"
     if isinstance(error, EndpointConnectionError):
@@ -310,33 +351,45 @@ def _aws_error(error: Exception) -> str:
 
 # --------------------------------------------------------------------------------------------- main
 
+
 def main(argv=None) -> None:
     parser = train.HyperparameterParser(
         prog="python -m training.fit",
         description="Fit the model: run training/train.py here as SageMaker's PyTorch container does and pack "
-                    "OUT/model.tar.gz (--local), or start the deployed training state machine and follow it "
-                    "(--sagemaker).")
+        "OUT/model.tar.gz (--local), or start the deployed training state machine and follow it "
+        "(--sagemaker).",
+    )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--local", action="store_true", help="train on this machine")
-    where.add_argument("--sagemaker", action="store_true",
-                       help="start the deployed training stack's state machine and wait for it")
+    where.add_argument(
+        "--sagemaker", action="store_true", help="start the deployed training stack's state machine and wait for it"
+    )
     parser.add_argument("--data", type=Path, metavar="DIR", help="--local: staged data folder (python -m training.etl)")
-    parser.add_argument("--out", type=Path, metavar="DIR",
-                        help="--local: folder for model.tar.gz, metrics.json and plots")
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="--local: folder for model.tar.gz, metrics.json and plots"
+    )
     parser.add_argument("--env", choices=("dev", "prod"), default="dev", help="--sagemaker: the deployed environment")
     parser.add_argument("--region", help="--sagemaker: AWS region (default: the AWS configuration's)")
-    parser.add_argument("--algorithm", choices=ALGORITHMS,
-                        help="pytorch (training/train.py) or builtin (SageMaker's image-classification algorithm, "
-                             "SageMaker only); with --sagemaker, fail unless the deployed stack trains it")
+    parser.add_argument(
+        "--algorithm",
+        choices=ALGORITHMS,
+        help="pytorch (training/train.py) or builtin (SageMaker's image-classification algorithm, "
+        "SageMaker only); with --sagemaker, fail unless the deployed stack trains it",
+    )
     train.add_hyperparameters(parser.add_argument_group("hyperparameters (--local), passed on to training/train.py"))
     try:
         args = parser.parse_args(argv)
-        given = {name: getattr(args, name) for name in train.HYPERPARAMETERS
-                 if getattr(args, name) != parser.get_default(name)}
+        given = {
+            name: getattr(args, name)
+            for name in train.HYPERPARAMETERS
+            if getattr(args, name) != parser.get_default(name)
+        }
         if args.local:
             if args.algorithm == "builtin":
-                raise FitError("the built-in image-classification algorithm runs only in SageMaker: deploy the "
-                               "training stack with -c training_algorithm=builtin and use --sagemaker")
+                raise FitError(
+                    "the built-in image-classification algorithm runs only in SageMaker: deploy the "
+                    "training stack with -c training_algorithm=builtin and use --sagemaker"
+                )
             if args.data is None or args.out is None:
                 raise FitError("--local needs --data DIR and --out DIR")
             print(fit_local(args.data, args.out, **given))
@@ -344,8 +397,10 @@ def main(argv=None) -> None:
         if args.data or args.out:
             raise FitError("--data and --out are for --local: --sagemaker trains on the staged bucket and writes to S3")
         if given:
-            raise FitError(f"--{next(iter(given))} is for --local: with --sagemaker the hyperparameters are the "
-                           f"deployed stack's (context key `hyperparameters`, see README)")
+            raise FitError(
+                f"--{next(iter(given))} is for --local: with --sagemaker the hyperparameters are the "
+                f"deployed stack's (context key `hyperparameters`, see README)"
+            )
         print(fit_sagemaker(args.env, args.region, args.algorithm))
     except (train.HyperparameterError, FitError) as error:
         print(f"fit: error: {error}", file=sys.stderr)

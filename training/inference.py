@@ -73,7 +73,7 @@ def input_fn(request_body, content_type):
 def predict_fn(data, model):
     settings = model["settings"]
     with torch.no_grad():
-        logits = model["model"](data.contiguous(memory_format=torch.channels_last))[:, :len(settings["classes"])]
+        logits = model["model"](data.contiguous(memory_format=torch.channels_last))[:, : len(settings["classes"])]
     return torch.softmax(logits / settings["temperature"], dim=1)
 
 

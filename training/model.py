@@ -37,10 +37,13 @@ class Classifier(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.features = nn.Sequential(
             conv_bn(3, width),
-            conv_bn(width, 2 * width, pool=True), Residual(2 * width),
+            conv_bn(width, 2 * width, pool=True),
+            Residual(2 * width),
             conv_bn(2 * width, 4 * width, pool=True),
-            conv_bn(4 * width, 8 * width, pool=True), Residual(8 * width),
-            nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+            conv_bn(4 * width, 8 * width, pool=True),
+            Residual(8 * width),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(8 * width, num_outputs)
 

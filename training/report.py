@@ -18,9 +18,12 @@ from PIL import Image
 from training.calibration import CALIBRATION_BINS
 from training.inference import to_pixels
 
-PICTURES = {"training_curves": "Training curves", "confusion_matrix": "Confusion matrix (test split)",
-            "reliability_diagram": "Reliability diagram (test split)",
-            "test_predictions": "Test images with predictions (wrong ones in red)"}
+PICTURES = {
+    "training_curves": "Training curves",
+    "confusion_matrix": "Confusion matrix (test split)",
+    "reliability_diagram": "Reliability diagram (test split)",
+    "test_predictions": "Test images with predictions (wrong ones in red)",
+}
 
 
 def write(output_dir: Path, data_dir: Path) -> None:
@@ -41,9 +44,13 @@ def test_for_plots(metrics: dict, data_dir: Path) -> dict | None:
     with np.errstate(divide="ignore"):
         scaled = metrics["temperature"] * np.log(probabilities)
     raw = np.exp(scaled - scaled.max(1, keepdims=True))
-    return {"images": [load_image(data_dir, entry["image"]) for entry in predictions],
-            "labels": [entry["label"] for entry in predictions], "predicted": probabilities.argmax(1).tolist(),
-            "probabilities": probabilities, "raw_probabilities": raw / raw.sum(1, keepdims=True)}
+    return {
+        "images": [load_image(data_dir, entry["image"]) for entry in predictions],
+        "labels": [entry["label"] for entry in predictions],
+        "predicted": probabilities.argmax(1).tolist(),
+        "probabilities": probabilities,
+        "raw_probabilities": raw / raw.sum(1, keepdims=True),
+    }
 
 
 def load_image(data_dir: Path, relative: str) -> np.ndarray:
@@ -85,22 +92,33 @@ def plot(output_dir: Path, metrics: dict, test: dict | None) -> None:
     figure, axis = plt.subplots(figsize=(4.5, 4))
     axis.imshow(confusion, cmap="Blues")
     for (row, column), count in np.ndenumerate(confusion):
-        axis.text(column, row, str(count), ha="center", va="center",
-                  color="white" if count > confusion.max() / 2 else "black")
-    axis.set(xticks=range(len(classes)), xticklabels=classes, yticks=range(len(classes)), yticklabels=classes,
-             xlabel="predicted", ylabel="true", title=f"test accuracy {metrics['test']['accuracy']:.3f}")
+        axis.text(
+            column, row, str(count), ha="center", va="center", color="white" if count > confusion.max() / 2 else "black"
+        )
+    axis.set(
+        xticks=range(len(classes)),
+        xticklabels=classes,
+        yticks=range(len(classes)),
+        yticklabels=classes,
+        xlabel="predicted",
+        ylabel="true",
+        title=f"test accuracy {metrics['test']['accuracy']:.3f}",
+    )
     save(figure, output_dir / "confusion_matrix.png")
 
     figure, axis = plt.subplots(figsize=(5, 5))
     axis.plot([0, 1], [0, 1], "k:", label="perfect calibration")
     labels = np.array(test["labels"])
-    for name, probabilities in (("before temperature", test["raw_probabilities"]),
-                                ("after temperature", test["probabilities"])):
+    for name, probabilities in (
+        ("before temperature", test["raw_probabilities"]),
+        ("after temperature", test["probabilities"]),
+    ):
         confidence, correct = probabilities.max(1), probabilities.argmax(1) == labels
         bins = np.minimum((confidence * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
         used = [b for b in range(CALIBRATION_BINS) if (bins == b).any()]
-        axis.plot([confidence[bins == b].mean() for b in used], [correct[bins == b].mean() for b in used],
-                  "o-", label=name)
+        axis.plot(
+            [confidence[bins == b].mean() for b in used], [correct[bins == b].mean() for b in used], "o-", label=name
+        )
     axis.set(xlabel="confidence", ylabel="accuracy", title="reliability on the test split", xlim=(0, 1), ylim=(0, 1))
     axis.legend()
     save(figure, output_dir / "reliability_diagram.png")
@@ -116,42 +134,70 @@ def plot(output_dir: Path, metrics: dict, test: dict | None) -> None:
             axis.imshow(test["images"][index].transpose(1, 2, 0))
             confidence = test["probabilities"][index].max()
             wrong = predicted != label
-            axis.set_title(f"{'✗ ' if wrong else ''}{classes[predicted]} {confidence:.2f}", fontsize=7,
-                           color="red" if wrong else "black")
+            axis.set_title(
+                f"{'✗ ' if wrong else ''}{classes[predicted]} {confidence:.2f}",
+                fontsize=7,
+                color="red" if wrong else "black",
+            )
     figure.suptitle("test images: prediction and confidence (wrong ones in red with ✗)")
     save(figure, output_dir / "test_predictions.png")
 
 
 def write_report(output_dir: Path, metrics: dict) -> None:
     """report.html beside the plots: the figures that matter, then every plot, embedded so it opens from disk."""
+
     def percent(value):
         return "n/a" if value is None else f"{value:.1%}"
 
-    rows = [("classes", ", ".join(metrics["classes"])), ("recipe", metrics["recipe"]),
-            ("training", f"{metrics['train_seconds']:.0f} s on {metrics['device']} ({metrics['precision']}), "
-                         f"{metrics['train_images']} images, seed {metrics['seed']}"),
-            ("validation accuracy", percent(metrics["validation"]["accuracy"])),
-            ("threshold", f"{metrics['threshold']:.4f} (accepted validation answers right at least "
-                          f"{metrics['hyperparameters']['target_accuracy']:.0%} of the time)")]
+    rows = [
+        ("classes", ", ".join(metrics["classes"])),
+        ("recipe", metrics["recipe"]),
+        (
+            "training",
+            f"{metrics['train_seconds']:.0f} s on {metrics['device']} ({metrics['precision']}), "
+            f"{metrics['train_images']} images, seed {metrics['seed']}",
+        ),
+        ("validation accuracy", percent(metrics["validation"]["accuracy"])),
+        (
+            "threshold",
+            f"{metrics['threshold']:.4f} (accepted validation answers right at least "
+            f"{metrics['hyperparameters']['target_accuracy']:.0%} of the time)",
+        ),
+    ]
     test = metrics.get("test")
     if test:
-        rows += [("test accuracy", f"{percent(test['accuracy'])} of {test['images']} images"),
-                 *((f"{name}: precision, recall", f"{percent(score['precision'])}, {percent(score['recall'])}")
-                   for name, score in test["per_class"].items()),
-                 *((f"at threshold {entry['threshold']:.4g}",
-                    f"answers {percent(entry['coverage'])} of test images, {percent(entry['accuracy'])} of them right")
-                   for entry in (test["at_threshold"], *test["at_classic_thresholds"])),
-                 ("calibration error (test)", f"{test['ece_before_temperature']:.3f} before the temperature, "
-                                              f"{test['ece_after_temperature']:.3f} after")]
+        rows += [
+            ("test accuracy", f"{percent(test['accuracy'])} of {test['images']} images"),
+            *(
+                (f"{name}: precision, recall", f"{percent(score['precision'])}, {percent(score['recall'])}")
+                for name, score in test["per_class"].items()
+            ),
+            *(
+                (
+                    f"at threshold {entry['threshold']:.4g}",
+                    f"answers {percent(entry['coverage'])} of test images, {percent(entry['accuracy'])} of them right",
+                )
+                for entry in (test["at_threshold"], *test["at_classic_thresholds"])
+            ),
+            (
+                "calibration error (test)",
+                f"{test['ece_before_temperature']:.3f} before the temperature, "
+                f"{test['ece_after_temperature']:.3f} after",
+            ),
+        ]
     table = "".join(f"<tr><th>{html.escape(name)}</th><td>{html.escape(value)}</td></tr>" for name, value in rows)
     figures = "".join(
-        f"<h2>{title}</h2><img alt=\"{title}\" src=\"data:image/png;base64,"
-        f"{base64.b64encode((output_dir / f'{name}.png').read_bytes()).decode()}\">"
-        for name, title in PICTURES.items() if (output_dir / f"{name}.png").is_file())
-    page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Model report</title><style>"
-            "body{font-family:sans-serif;margin:2em;max-width:80em}th{text-align:left;padding-right:2em}"
-            "img{max-width:100%}</style></head><body><h1>Model report</h1>"
-            f"<table>{table}</table>{figures}</body></html>\n")
+        f'<h2>{title}</h2><img alt="{title}" src="data:image/png;base64,'
+        f'{base64.b64encode((output_dir / f"{name}.png").read_bytes()).decode()}">'
+        for name, title in PICTURES.items()
+        if (output_dir / f"{name}.png").is_file()
+    )
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Model report</title><style>'
+        "body{font-family:sans-serif;margin:2em;max-width:80em}th{text-align:left;padding-right:2em}"
+        "img{max-width:100%}</style></head><body><h1>Model report</h1>"
+        f"<table>{table}</table>{figures}</body></html>\n"
+    )
     partial = output_dir / ".report.html.partial"
     partial.write_text(page)
     os.replace(partial, output_dir / "report.html")
@@ -161,4 +207,5 @@ def save(figure, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     import matplotlib.pyplot as plt
+
     plt.close(figure)

@@ -56,6 +56,7 @@ AUTO = {"float32": {"epochs": 42, "extra_fraction": 0.25}, "bfloat16": {"epochs"
 
 # ----------------------------------------------------------------------------------- hyperparameters
 
+
 class HyperparameterError(ValueError):
     """A hyperparameter is unknown or out of range; the message names it."""
 
@@ -74,11 +75,14 @@ def _bounded(kind, low, high, auto: bool = False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n' if kind is int else ''} {kind.__name__}"
-                                             f"{' or auto' if auto else ''}; valid range [{low}, {high}]") from None
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a{'n' if kind is int else ''} {kind.__name__}"
+                f"{' or auto' if auto else ''}; valid range [{low}, {high}]"
+            ) from None
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"{text} is outside the valid range [{low}, {high}]")
         return value
+
     return parse
 
 
@@ -87,6 +91,7 @@ def _one_of(choices):
         if text not in choices:
             raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
         return text
+
     return parse
 
 
@@ -100,14 +105,35 @@ HYPERPARAMETERS = {
     "width": (int, 16, 4, 256, "channels of the first layer; deeper layers have 2x, 4x, 8x"),
     "cutout": (int, 8, 0, IMAGE_SIZE, "side of the square erased from each training image (0: none)"),
     "flip_tta": (int, 1, 0, 1, "1: average the predictions of each image and its mirror image"),
-    "bfloat16": (str, "auto", ("auto", "1", "0"), None,
-                 "1: train in bfloat16 autocast; auto: where the GPU or CPU computes bfloat16 natively "
-                 "(a CPU without AVX512-BF16 or AMX emulates it, over 10x slower than float32)"),
-    "weight_average": (float, 0.99, 0.0, 0.9999,
-                       "decay of the moving average of the weights kept as the model, updated each step (0: the last weights)"),
-    "target_weight": (float, 3.0, 0.1, 100.0, "loss weight of the target classes relative to the others learnt alongside"),
-    "extra_fraction": (float, "auto", 0.0, 1.0,
-                       "share of the other classes' training images drawn afresh for each epoch"),
+    "bfloat16": (
+        str,
+        "auto",
+        ("auto", "1", "0"),
+        None,
+        "1: train in bfloat16 autocast; auto: where the GPU or CPU computes bfloat16 natively "
+        "(a CPU without AVX512-BF16 or AMX emulates it, over 10x slower than float32)",
+    ),
+    "weight_average": (
+        float,
+        0.99,
+        0.0,
+        0.9999,
+        "decay of the moving average of the weights kept as the model, updated each step (0: the last weights)",
+    ),
+    "target_weight": (
+        float,
+        3.0,
+        0.1,
+        100.0,
+        "loss weight of the target classes relative to the others learnt alongside",
+    ),
+    "extra_fraction": (
+        float,
+        "auto",
+        0.0,
+        1.0,
+        "share of the other classes' training images drawn afresh for each epoch",
+    ),
     "target_classes": (int, 2, 2, 100, "labels 0..N-1 are the classes served; further labels are learnt alongside"),
     "target_accuracy": (float, 0.99, 0.5, 1.0, "accuracy wanted on accepted answers; sets the threshold"),
     "seed": (int, 0, 0, 2**31 - 1, "seed of initialisation, shuffling and augmentation"),
@@ -117,16 +143,27 @@ HYPERPARAMETERS = {
 def add_hyperparameters(parser) -> None:
     for name, (kind, default, low, high, help_text) in HYPERPARAMETERS.items():
         if kind is str:
-            parser.add_argument(f"--{name}", type=_one_of(low), default=default, metavar="|".join(low),
-                                help=f"{help_text} (default {default})")
+            parser.add_argument(
+                f"--{name}",
+                type=_one_of(low),
+                default=default,
+                metavar="|".join(low),
+                help=f"{help_text} (default {default})",
+            )
         else:
             auto = default == "auto"
             if auto:
-                help_text += (f"; auto: {AUTO['bfloat16'][name]} where training runs in bfloat16, "
-                              f"{AUTO['float32'][name]} in float32")
-            parser.add_argument(f"--{name}", type=_bounded(kind, low, high, auto), default=default,
-                                metavar=kind.__name__.upper(),
-                                help=f"{help_text} (default {default}, range [{low}, {high}])")
+                help_text += (
+                    f"; auto: {AUTO['bfloat16'][name]} where training runs in bfloat16, "
+                    f"{AUTO['float32'][name]} in float32"
+                )
+            parser.add_argument(
+                f"--{name}",
+                type=_bounded(kind, low, high, auto),
+                default=default,
+                metavar=kind.__name__.upper(),
+                help=f"{help_text} (default {default}, range [{low}, {high}])",
+            )
 
 
 def parse_hyperparameters(argv) -> argparse.Namespace:
@@ -136,6 +173,7 @@ def parse_hyperparameters(argv) -> argparse.Namespace:
 
 
 # -------------------------------------------------------------------------------------------- data
+
 
 def channel(name: str, required: bool = True) -> Path | None:
     variable = f"SM_CHANNEL_{name.upper()}"
@@ -183,7 +221,9 @@ def load_split(image_dir: Path, manifest: Path) -> tuple[np.ndarray, np.ndarray,
             with Image.open(path) as image:
                 images[index] = to_pixels(image)
         except (OSError, SyntaxError, ValueError) as error:
-            raise SystemExit(f"train.py: error: {path} (listed in {manifest}) is not a readable image: {error}") from None
+            raise SystemExit(
+                f"train.py: error: {path} (listed in {manifest}) is not a readable image: {error}"
+            ) from None
     return images, np.array([label for label, _ in rows], dtype=np.int64), [relative for _, relative in rows]
 
 
@@ -205,15 +245,20 @@ def class_names(num_classes: int, search_dirs) -> list[str]:
             try:
                 classes = json.loads(path.read_text()).get("classes")
             except (ValueError, AttributeError):
-                raise SystemExit(f"train.py: error: {path} is not the JSON object `python -m training.etl` writes") from None
+                raise SystemExit(
+                    f"train.py: error: {path} is not the JSON object `python -m training.etl` writes"
+                ) from None
             if classes:
-                named = [(entry["label"], entry["name"]) if isinstance(entry, dict) else (index, entry)
-                         for index, entry in enumerate(classes)]
+                named = [
+                    (entry["label"], entry["name"]) if isinstance(entry, dict) else (index, entry)
+                    for index, entry in enumerate(classes)
+                ]
                 return [name for _, name in sorted(named)][:num_classes]
     return [str(label) for label in range(num_classes)]
 
 
 # -------------------------------------------------------------------------------------------- training
+
 
 def augment(images: torch.Tensor, generator: torch.Generator, cutout: int) -> torch.Tensor:
     """Random 4-pixel-padded crops, horizontal flips and cutout of a uint8 batch, as floats 0..1."""
@@ -237,8 +282,12 @@ def evaluate(model, images: np.ndarray, num_classes: int, flip_tta: bool, device
     """Target logits of uint8 images, in float32 on the CPU."""
     model.eval()
     with torch.no_grad():
-        return torch.cat([target_logits(model, to_inputs(batch).to(device), num_classes, flip_tta).cpu()
-                          for batch in np.array_split(images, max(1, math.ceil(len(images) / 500)))])
+        return torch.cat(
+            [
+                target_logits(model, to_inputs(batch).to(device), num_classes, flip_tta).cpu()
+                for batch in np.array_split(images, max(1, math.ceil(len(images) / 500)))
+            ]
+        )
 
 
 def use_bfloat16(setting: str, device) -> bool:
@@ -262,9 +311,12 @@ def train(args, data, num_classes: int, device, bfloat16: bool) -> tuple[Classif
 
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=args.learning_rate, momentum=0.9, nesterov=True)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+        momentum=0.9,
+        nesterov=True,
+    )
     target_rows = torch.nonzero(train_labels < num_classes).flatten()
     extra_rows = torch.nonzero(train_labels >= num_classes).flatten()
     extras_per_epoch = round(args.extra_fraction * len(extra_rows))
@@ -272,20 +324,23 @@ def train(args, data, num_classes: int, device, bfloat16: bool) -> tuple[Classif
     batch_size = min(args.batch_size, epoch_size)
     steps_per_epoch = epoch_size // batch_size
     averaged = copy.deepcopy(model)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.learning_rate, epochs=args.epochs,
-                                                   steps_per_epoch=steps_per_epoch, pct_start=0.25)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.learning_rate, epochs=args.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.25
+    )
     validation_images, validation_labels = data["validation"][0], torch.as_tensor(data["validation"][1])
 
     history = []
     started = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         model.train()
-        rows = torch.cat([target_rows, extra_rows[torch.randperm(len(extra_rows), generator=generator)[:extras_per_epoch]]])
+        rows = torch.cat(
+            [target_rows, extra_rows[torch.randperm(len(extra_rows), generator=generator)[:extras_per_epoch]]]
+        )
         order = rows[torch.randperm(len(rows), generator=generator)]
         loss_sum = correct = seen = 0
         lr = schedule.get_last_lr()[0]
         for step in range(steps_per_epoch):
-            batch = order[step * batch_size:(step + 1) * batch_size]
+            batch = order[step * batch_size : (step + 1) * batch_size]
             inputs = augment(train_images[batch], generator, args.cutout).to(device)
             labels = train_labels[batch].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
@@ -300,15 +355,22 @@ def train(args, data, num_classes: int, device, bfloat16: bool) -> tuple[Classif
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(batch)
         logits = evaluate(averaged, validation_images, num_classes, bool(args.flip_tta), device)
-        record = {"epoch": epoch, "lr": lr, "images": seen, "train_loss": loss_sum / seen,
-                  "train_accuracy": correct / seen,
-                  "validation_loss": F.cross_entropy(logits, validation_labels).item(),
-                  "validation_accuracy": (logits.argmax(1) == validation_labels).float().mean().item(),
-                  "seconds": time.perf_counter() - started}
+        record = {
+            "epoch": epoch,
+            "lr": lr,
+            "images": seen,
+            "train_loss": loss_sum / seen,
+            "train_accuracy": correct / seen,
+            "validation_loss": F.cross_entropy(logits, validation_labels).item(),
+            "validation_accuracy": (logits.argmax(1) == validation_labels).float().mean().item(),
+            "seconds": time.perf_counter() - started,
+        }
         history.append(record)
-        log(f"epoch {epoch:3d}/{args.epochs}  lr {lr:.4f}  train loss {record['train_loss']:.4f} "
+        log(
+            f"epoch {epoch:3d}/{args.epochs}  lr {lr:.4f}  train loss {record['train_loss']:.4f} "
             f"acc {record['train_accuracy']:.3f}  validation loss {record['validation_loss']:.4f} "
-            f"acc {record['validation_accuracy']:.3f}  {record['seconds']:.0f}s")
+            f"acc {record['validation_accuracy']:.3f}  {record['seconds']:.0f}s"
+        )
     return averaged, history
 
 
@@ -326,6 +388,7 @@ def update_average(averaged: Classifier, model: Classifier, decay: float, step: 
 
 # ------------------------------------------------------------------------------------------ evaluation
 
+
 def test_report(model, split, classes, temperature: float, threshold: float, flip_tta: bool, device) -> dict:
     """Test metrics, with every image's probabilities as served (the model report plots them)."""
     images, labels, paths = split
@@ -341,13 +404,16 @@ def test_report(model, split, classes, temperature: float, threshold: float, fli
         "ece_after_temperature": expected_calibration_error(probabilities, label_tensor),
         "at_threshold": selective(probabilities, label_tensor, threshold),
         "at_classic_thresholds": [selective(probabilities, label_tensor, t) for t in CLASSIC_THRESHOLDS],
-        "predictions": [{"image": path, "label": int(label), "probabilities": row}
-                        for path, label, row in zip(paths, labels, probabilities.tolist())],
+        "predictions": [
+            {"image": path, "label": int(label), "probabilities": row}
+            for path, label, row in zip(paths, labels, probabilities.tolist())
+        ],
     }
     return report
 
 
 # ----------------------------------------------------------------------------------------------- main
+
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -362,8 +428,10 @@ def load_data(num_classes: int) -> tuple[dict, list[str]]:
     validation_dir, validation_lst = channel("validation"), channel("validation_lst")
     test_dir, test_lst = channel("test", required=False), channel("test_lst", required=False)
     validation = load_split(validation_dir, validation_lst / "validation.lst")
-    data = {"train": concatenate(load_split(image_dir, train_lst / "train.lst"), subset(validation, num_classes, False)),
-            "validation": subset(validation, num_classes)}
+    data = {
+        "train": concatenate(load_split(image_dir, train_lst / "train.lst"), subset(validation, num_classes, False)),
+        "validation": subset(validation, num_classes),
+    }
     if test_dir and test_lst and (test_lst / "test.lst").is_file():
         test = subset(load_split(test_dir, test_lst / "test.lst"), num_classes)
         if len(test[1]):
@@ -374,8 +442,10 @@ def load_data(num_classes: int) -> tuple[dict, list[str]]:
     if missing:
         raise SystemExit(f"train.py: error: no training or validation images of target labels {missing}")
     if not len(data["validation"][1]):
-        raise SystemExit(f"train.py: error: {validation_lst / 'validation.lst'} lists no images of the target "
-                         f"classes, on which the temperature and threshold are fitted")
+        raise SystemExit(
+            f"train.py: error: {validation_lst / 'validation.lst'} lists no images of the target "
+            f"classes, on which the temperature and threshold are fitted"
+        )
     return data, class_names(num_classes, [train_lst, image_dir, validation_lst])
 
 
@@ -398,10 +468,12 @@ def main(argv=None) -> None:
     loading = time.perf_counter()
     num_classes = args.target_classes
     data, classes = load_data(num_classes)
-    log(f"{len(data['train'][0])} training, {len(data['validation'][0])} validation, "
+    log(
+        f"{len(data['train'][0])} training, {len(data['validation'][0])} validation, "
         f"{len(data['test'][0]) if 'test' in data else 0} test images loaded in "
         f"{time.perf_counter() - loading:.1f}s; classes {classes}; device {device}, "
-        f"{'bfloat16' if bfloat16 else 'float32'}")
+        f"{'bfloat16' if bfloat16 else 'float32'}"
+    )
 
     for directory in (model_dir, output_dir):  # after the data is found, before training
         try:
@@ -426,12 +498,12 @@ def main(argv=None) -> None:
         "seed": args.seed,
         "hyperparameters": vars(args),
         "recipe": f"ResNet-9-style convnet (width {args.width}), SGD Nesterov, one-cycle LR, "
-                  f"{f'label smoothing {args.label_smoothing:g}, ' if args.label_smoothing else ''}"
-                  f"{model.head.out_features} classes learnt (targets weighted {args.target_weight:g}x, "
-                  f"{args.extra_fraction:.0%} of the others' images drawn each epoch), "
-                  f"crop+flip{'+cutout' if args.cutout else ''} augmentation, "
-                  f"{f'moving average of the weights (decay {args.weight_average:g}), ' if args.weight_average else ''}"
-                  f"{'flip test-time augmentation, ' if flip_tta else ''}temperature scaling",
+        f"{f'label smoothing {args.label_smoothing:g}, ' if args.label_smoothing else ''}"
+        f"{model.head.out_features} classes learnt (targets weighted {args.target_weight:g}x, "
+        f"{args.extra_fraction:.0%} of the others' images drawn each epoch), "
+        f"crop+flip{'+cutout' if args.cutout else ''} augmentation, "
+        f"{f'moving average of the weights (decay {args.weight_average:g}), ' if args.weight_average else ''}"
+        f"{'flip test-time augmentation, ' if flip_tta else ''}temperature scaling",
         "device": str(device),
         "precision": "bfloat16" if bfloat16 else "float32",
         "train_images": len(data["train"][0]),
@@ -442,7 +514,9 @@ def main(argv=None) -> None:
         "threshold": threshold,
         "validation": {
             "accuracy": (validation_logits.argmax(1) == validation_labels).float().mean().item(),
-            "ece_before_temperature": expected_calibration_error(torch.softmax(validation_logits, 1), validation_labels),
+            "ece_before_temperature": expected_calibration_error(
+                torch.softmax(validation_logits, 1), validation_labels
+            ),
             "ece_after_temperature": expected_calibration_error(validation_probabilities, validation_labels),
             "at_threshold": selective(validation_probabilities, validation_labels, threshold),
         },
@@ -450,22 +524,34 @@ def main(argv=None) -> None:
     if "test" in data:
         metrics["test"] = test_report(model, data["test"], classes, temperature, threshold, flip_tta, device)
         at_threshold = metrics["test"]["at_threshold"]
-        log(f"test accuracy {metrics['test']['accuracy']:.3f}; threshold {threshold:.4f} answers "
-            f"{at_threshold['coverage']:.0%} of test images")
-    log(f"trained in {train_seconds:.1f}s; validation accuracy {metrics['validation']['accuracy']:.3f}, "
-        f"temperature {temperature:.3f}")
+        log(
+            f"test accuracy {metrics['test']['accuracy']:.3f}; threshold {threshold:.4f} answers "
+            f"{at_threshold['coverage']:.0%} of test images"
+        )
+    log(
+        f"trained in {train_seconds:.1f}s; validation accuracy {metrics['validation']['accuracy']:.3f}, "
+        f"temperature {temperature:.3f}"
+    )
 
     torch.save(model.to("cpu").state_dict(), model_dir / "model.pt")
-    settings = {"classes": classes, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
-                "image_size": IMAGE_SIZE, "architecture": model.architecture(),
-                "flip_tta": flip_tta, "temperature": temperature, "threshold": threshold,
-                "target_accuracy": args.target_accuracy}
+    settings = {
+        "classes": classes,
+        "mean": model.mean.flatten().tolist(),
+        "std": model.std.flatten().tolist(),
+        "image_size": IMAGE_SIZE,
+        "architecture": model.architecture(),
+        "flip_tta": flip_tta,
+        "temperature": temperature,
+        "threshold": threshold,
+        "target_accuracy": args.target_accuracy,
+    }
     (model_dir / "model.json").write_text(json.dumps(settings, indent=2) + "\n")
     (model_dir / "code").mkdir(exist_ok=True)
     for name in SERVING_CODE:
         shutil.copyfile(Path(__file__).with_name(name), model_dir / "code" / name)
     for directory in (output_dir, model_dir):
         (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
 
 if __name__ == "__main__":
     try:

@@ -7,9 +7,18 @@ import json
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
-
-from common import (BadEndpointAnswer, InvalidEvent, NotAnImage, answer, as_probabilities, aws_error,
-                    image_content_type, image_location, read_body, setting)
+from common import (
+    BadEndpointAnswer,
+    InvalidEvent,
+    NotAnImage,
+    answer,
+    as_probabilities,
+    aws_error,
+    image_content_type,
+    image_location,
+    read_body,
+    setting,
+)
 
 
 @functools.cache
@@ -17,8 +26,9 @@ def sagemaker_runtime():
     # One attempt: the state machine owns the retries, so they show in the execution history. The read
     # timeout stays below the function's 30 s timeout so that a stuck endpoint fails as ReadTimeoutError,
     # which is retried, rather than as a Lambda timeout.
-    return boto3.client("sagemaker-runtime", config=Config(
-        retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=25))
+    return boto3.client(
+        "sagemaker-runtime", config=Config(retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=25)
+    )
 
 
 def handler(event, context):
@@ -28,14 +38,14 @@ def handler(event, context):
     try:
         image = base64.b64decode(body["image_data"], validate=True)
     except ValueError as error:
-        raise InvalidEvent(f"image_data of {location} is not base64 ({error}); it should be what "
-                           "serialize-image-data answered.") from error
+        raise InvalidEvent(
+            f"image_data of {location} is not base64 ({error}); it should be what serialize-image-data answered."
+        ) from error
     content_type = image_content_type(image)
     if content_type is None:
         raise NotAnImage(f"image_data of {location} is not a PNG or JPEG image (it starts with {image[:8]!r}).")
     try:
-        response = sagemaker_runtime().invoke_endpoint(
-            EndpointName=endpoint_name, ContentType=content_type, Body=image)
+        response = sagemaker_runtime().invoke_endpoint(EndpointName=endpoint_name, ContentType=content_type, Body=image)
     except ClientError as error:
         code, message = error.response["Error"]["Code"], error.response["Error"]["Message"]
         raise aws_error(code)(f"Endpoint {endpoint_name} answered {code} for {location}: {message}") from error
@@ -45,6 +55,8 @@ def handler(event, context):
     except ValueError:
         inferences = None
     if inferences is None:
-        raise BadEndpointAnswer(f"Endpoint {endpoint_name} answered {raw_answer[:200]!r} for "
-                                f"{location}, not a JSON list of class probabilities like [0.9, 0.1].")
+        raise BadEndpointAnswer(
+            f"Endpoint {endpoint_name} answered {raw_answer[:200]!r} for "
+            f"{location}, not a JSON list of class probabilities like [0.9, 0.1]."
+        )
     return answer({**body, "inferences": inferences})

@@ -65,16 +65,20 @@ def read_body(event: dict | str, *required: str) -> dict:
         if isinstance(body, dict) and wrapper in body:
             body = _decoded(body[wrapper], wrapper)
     if not isinstance(body, dict):
-        raise InvalidEvent(f"The step's body is a {type(body).__name__}, not a JSON object such as "
-                           '{"s3_bucket": "...", "s3_key": "..."}.')
+        raise InvalidEvent(
+            f"The step's body is a {type(body).__name__}, not a JSON object such as "
+            '{"s3_bucket": "...", "s3_key": "..."}.'
+        )
     body = dict(body)
     if "inferences" in body:
         body["inferences"] = _decoded(body["inferences"], "inferences")
     missing = [key for key in required if not body.get(key)]
     if missing:
-        raise InvalidEvent(f"The event has no {' and no '.join(missing)} (it has: {', '.join(body) or 'nothing'}). "
-                           'The workflow starts from {"s3_bucket": "<bucket>", "s3_key": "<key of a PNG or JPEG>"} and '
-                           "each step takes the body the step before it answered.")
+        raise InvalidEvent(
+            f"The event has no {' and no '.join(missing)} (it has: {', '.join(body) or 'nothing'}). "
+            'The workflow starts from {"s3_bucket": "<bucket>", "s3_key": "<key of a PNG or JPEG>"} and '
+            "each step takes the body the step before it answered."
+        )
     return body
 
 
@@ -125,6 +129,8 @@ def setting(name: str, default: str | None = None) -> str:
     """The environment variable `name`, or `default` when it is unset or empty."""
     value = os.environ.get(name) or default
     if not value:
-        raise InvalidConfiguration(f"The environment variable {name} is not set; the workflow stack sets it "
-                                   "on the function, and a local run must set it in the environment.")
+        raise InvalidConfiguration(
+            f"The environment variable {name} is not set; the workflow stack sets it "
+            "on the function, and a local run must set it in the environment."
+        )
     return value

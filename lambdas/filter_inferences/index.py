@@ -11,8 +11,17 @@ import json
 import math
 import time
 
-from common import (InvalidConfiguration, InvalidEvent, NoInferences, ThresholdConfidenceNotMet, answer,
-                    as_probabilities, image_location, read_body, setting)
+from common import (
+    InvalidConfiguration,
+    InvalidEvent,
+    NoInferences,
+    ThresholdConfidenceNotMet,
+    answer,
+    as_probabilities,
+    image_location,
+    read_body,
+    setting,
+)
 
 ENDPOINT_DIMENSION = "EndpointName"
 CLASS_DIMENSION = "PredictedClass"
@@ -33,36 +42,49 @@ def threshold() -> float:
     return value
 
 
-def metric_line(namespace: str, endpoint_name: str, predicted_class: int, top_probability: float,
-                low_confidence: bool) -> str:
-    return json.dumps({
-        "_aws": {
-            "Timestamp": int(time.time() * 1000),
-            "CloudWatchMetrics": [
-                {"Namespace": namespace, "Dimensions": [[ENDPOINT_DIMENSION]],
-                 "Metrics": [{"Name": TOP_PROBABILITY_METRIC, "Unit": "None"},
-                             {"Name": LOW_CONFIDENCE_METRIC, "Unit": "Count"}]},
-                {"Namespace": namespace, "Dimensions": [[ENDPOINT_DIMENSION, CLASS_DIMENSION]],
-                 "Metrics": [{"Name": PREDICTIONS_METRIC, "Unit": "Count"}]},
-            ],
-        },
-        ENDPOINT_DIMENSION: endpoint_name,
-        CLASS_DIMENSION: str(predicted_class),
-        TOP_PROBABILITY_METRIC: top_probability,
-        LOW_CONFIDENCE_METRIC: int(low_confidence),
-        PREDICTIONS_METRIC: 1,
-    })
+def metric_line(
+    namespace: str, endpoint_name: str, predicted_class: int, top_probability: float, low_confidence: bool
+) -> str:
+    return json.dumps(
+        {
+            "_aws": {
+                "Timestamp": int(time.time() * 1000),
+                "CloudWatchMetrics": [
+                    {
+                        "Namespace": namespace,
+                        "Dimensions": [[ENDPOINT_DIMENSION]],
+                        "Metrics": [
+                            {"Name": TOP_PROBABILITY_METRIC, "Unit": "None"},
+                            {"Name": LOW_CONFIDENCE_METRIC, "Unit": "Count"},
+                        ],
+                    },
+                    {
+                        "Namespace": namespace,
+                        "Dimensions": [[ENDPOINT_DIMENSION, CLASS_DIMENSION]],
+                        "Metrics": [{"Name": PREDICTIONS_METRIC, "Unit": "Count"}],
+                    },
+                ],
+            },
+            ENDPOINT_DIMENSION: endpoint_name,
+            CLASS_DIMENSION: str(predicted_class),
+            TOP_PROBABILITY_METRIC: top_probability,
+            LOW_CONFIDENCE_METRIC: int(low_confidence),
+            PREDICTIONS_METRIC: 1,
+        }
+    )
 
 
 def handler(event, context):
     body = read_body(event)
     if not body.get("inferences"):
-        raise NoInferences(f"The event for {image_location(body)} has no inferences: the filter runs on what "
-                           "classify-image answered.")
+        raise NoInferences(
+            f"The event for {image_location(body)} has no inferences: the filter runs on what classify-image answered."
+        )
     inferences = as_probabilities(body["inferences"])
     if inferences is None:
-        raise InvalidEvent(f"inferences of {image_location(body)} are {body['inferences']!r}, not a list of "
-                           "class probabilities.")
+        raise InvalidEvent(
+            f"inferences of {image_location(body)} are {body['inferences']!r}, not a list of class probabilities."
+        )
     minimum = threshold()
     endpoint_name = setting("ENDPOINT_NAME")
     namespace = setting("METRIC_NAMESPACE")
@@ -73,5 +95,6 @@ def handler(event, context):
     if low_confidence:
         raise ThresholdConfidenceNotMet(
             f"THRESHOLD_CONFIDENCE_NOT_MET: the top probability {top_probability:g} (class {predicted_class}) "
-            f"is below the threshold {minimum:g} for {image_location(body)}.")
+            f"is below the threshold {minimum:g} for {image_location(body)}."
+        )
     return answer(body)

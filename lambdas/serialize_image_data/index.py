@@ -5,9 +5,17 @@ import functools
 
 import boto3
 from botocore.exceptions import ClientError
-
-from common import (ImageNotFound, ImageTooLarge, InvalidConfiguration, NotAnImage, answer, image_content_type,
-                    image_location, read_body, setting)
+from common import (
+    ImageNotFound,
+    ImageTooLarge,
+    InvalidConfiguration,
+    NotAnImage,
+    answer,
+    image_content_type,
+    image_location,
+    read_body,
+    setting,
+)
 
 # A Step Functions state is capped at 256 KB and base64 makes the image 4/3 larger: 180,000 bytes become
 # 240,000 characters, which leaves room for the rest of the state. The endpoint alone would take 6 MB.
@@ -39,21 +47,27 @@ def handler(event, context):
         code = error.response["Error"]["Code"]
         if code not in MISSING_OBJECT_ERRORS:
             raise
-        raise ImageNotFound(f"{location} could not be read (S3 said {code}): check the bucket and key, upload "
-                            "the image there, or let this function s3:GetObject it.") from error
+        raise ImageNotFound(
+            f"{location} could not be read (S3 said {code}): check the bucket and key, upload "
+            "the image there, or let this function s3:GetObject it."
+        ) from error
     size = s3_object["ContentLength"]
     if size > limit:
         s3_object["Body"].close()
-        raise ImageTooLarge(f"{location} is {size:,} bytes, over the limit of {limit:,} (MAX_IMAGE_BYTES): the "
-                            "image travels base64-encoded, 4/3 larger, in the Step Functions state, which is "
-                            "capped at 256 KB. Resize or recompress the image.")
+        raise ImageTooLarge(
+            f"{location} is {size:,} bytes, over the limit of {limit:,} (MAX_IMAGE_BYTES): the "
+            "image travels base64-encoded, 4/3 larger, in the Step Functions state, which is "
+            "capped at 256 KB. Resize or recompress the image."
+        )
     data = s3_object["Body"].read()
     if image_content_type(data) is None:
         what = "empty" if not data else f"not a PNG or JPEG image (it starts with {data[:8]!r})"
         raise NotAnImage(f"{location} is {what}: point s3_key at a PNG or JPEG image.")
-    return answer({
-        "image_data": base64.b64encode(data).decode("ascii"),
-        "s3_bucket": body["s3_bucket"],
-        "s3_key": body["s3_key"],
-        "inferences": [],
-    })
+    return answer(
+        {
+            "image_data": base64.b64encode(data).decode("ascii"),
+            "s3_bucket": body["s3_bucket"],
+            "s3_key": body["s3_key"],
+            "inferences": [],
+        }
+    )

@@ -17,5 +17,15 @@ from local.endpoint.handler import load_inference_handler
 from local.endpoint.server import MAX_PAYLOAD_BYTES, EndpointServer
 from local.endpoint.spec import CaptureSpec, EndpointSpec, spec_from_json, spec_to_json
 
-__all__ = ["MAX_PAYLOAD_BYTES", "CaptureError", "CaptureSpec", "CaptureSpool", "EndpointServer", "EndpointSpec",
-           "load_inference_handler", "main", "spec_from_json", "spec_to_json"]
+__all__ = [
+    "MAX_PAYLOAD_BYTES",
+    "CaptureError",
+    "CaptureSpec",
+    "CaptureSpool",
+    "EndpointServer",
+    "EndpointSpec",
+    "load_inference_handler",
+    "main",
+    "spec_from_json",
+    "spec_to_json",
+]

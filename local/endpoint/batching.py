@@ -9,7 +9,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 MAX_BATCH_SIZE = 16  # inputs predicted together at most
 
@@ -116,22 +116,26 @@ class PredictionBatcher:
             predictions = self._predict_fn(torch.cat([waiting.data for waiting in group]), self._model)
         except Exception:
             predictions = None  # predicting each input alone tells whether an input or the batching failed
-        rows = (isinstance(predictions, torch.Tensor) and predictions.dim() > 0
-                and predictions.shape[0] == len(group))
+        rows = isinstance(predictions, torch.Tensor) and predictions.dim() > 0 and predictions.shape[0] == len(group)
         if rows and self._checked:
             for number, waiting in enumerate(group):
-                waiting.prediction = predictions[number:number + 1]
+                waiting.prediction = predictions[number : number + 1]
             return
         for waiting in group:
             self._predict_alone(waiting)
         if rows:
-            self._checked = self._batching = all(_same(waiting.prediction, predictions[number:number + 1])
-                                                 for number, waiting in enumerate(group))
+            self._checked = self._batching = all(
+                _same(waiting.prediction, predictions[number : number + 1]) for number, waiting in enumerate(group)
+            )
         elif predictions is not None or all(waiting.error is None for waiting in group):
             self._batching = False
         if not self._batching:
-            print(f"local.endpoint: {self._name}: predict_fn does not answer a batch as its inputs one by one: "
-                  "each input is predicted alone", file=sys.stderr, flush=True)
+            print(
+                f"local.endpoint: {self._name}: predict_fn does not answer a batch as its inputs one by one: "
+                "each input is predicted alone",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _predict_alone(self, waiting: _Waiting) -> None:
         try:
@@ -143,7 +147,10 @@ class PredictionBatcher:
 def _same(alone, row) -> bool:
     torch = sys.modules["torch"]
     try:
-        return (isinstance(alone, torch.Tensor) and alone.shape == row.shape
-                and torch.allclose(alone, row, rtol=1e-4, atol=1e-6))
+        return (
+            isinstance(alone, torch.Tensor)
+            and alone.shape == row.shape
+            and torch.allclose(alone, row, rtol=1e-4, atol=1e-6)
+        )
     except RuntimeError:
         return False

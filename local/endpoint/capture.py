@@ -38,8 +38,15 @@ class SpoolBusy(RuntimeError):
     """Another endpoint server spools captures in the folder."""
 
 
-def capture_record(spec: CaptureSpec, request: bytes, request_type: str, answer: bytes, answer_type: str,
-                   inference_id: str | None, inference_time: datetime) -> dict:
+def capture_record(
+    spec: CaptureSpec,
+    request: bytes,
+    request_type: str,
+    answer: bytes,
+    answer_type: str,
+    inference_id: str | None,
+    inference_time: datetime,
+) -> dict:
     """One Model Monitor capture record, its keys in the order SageMaker writes them."""
     data = {}
     if "Input" in spec.modes:
@@ -55,8 +62,13 @@ def capture_record(spec: CaptureSpec, request: bytes, request_type: str, answer:
 
 def _captured(body: bytes, content_type: str, mode: str, spec: CaptureSpec) -> dict:
     kind = media_type(content_type)
-    encoding = ("JSON" if kind in _lowered(spec.json_content_types)
-                else "CSV" if kind in _lowered(spec.csv_content_types) else "BASE64")
+    encoding = (
+        "JSON"
+        if kind in _lowered(spec.json_content_types)
+        else "CSV"
+        if kind in _lowered(spec.csv_content_types)
+        else "BASE64"
+    )
     try:
         data = body.decode("utf-8") if encoding != "BASE64" else None
     except UnicodeDecodeError:
@@ -87,8 +99,9 @@ class CaptureSpool:
     def __init__(self, spec: CaptureSpec, endpoint_name: str, directory: Path):
         self._bucket, prefix = split_s3_uri(spec.destination)
         self._prefix = "/".join(part for part in (prefix.strip("/"), endpoint_name, VARIANT_NAME) if part)
-        self._encryption = ({"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": spec.kms_key_id}
-                            if spec.kms_key_id else {})
+        self._encryption = (
+            {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": spec.kms_key_id} if spec.kms_key_id else {}
+        )
         self._s3 = boto3.session.Session().client("s3")
         self._directory = directory
         directory.mkdir(parents=True, exist_ok=True)
@@ -104,8 +117,7 @@ class CaptureSpool:
         self._last_error = ""
         self._closing = threading.Event()
         self._upload_logging_errors()  # what a server that was killed left
-        self._thread = threading.Thread(target=self._upload_periodically, name=f"capture-{endpoint_name}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._upload_periodically, name=f"capture-{endpoint_name}", daemon=True)
         self._thread.start()
 
     def write(self, record: dict, inference_time: datetime) -> None:
@@ -116,8 +128,9 @@ class CaptureSpool:
             try:
                 if self._spool is None or self._spool[1] != hour:
                     self._close_spool()
-                    name = (f"{hour}-{inference_time:%M-%S}-{inference_time.microsecond // 1000:03d}-"
-                            f"{uuid.uuid4()}.jsonl")
+                    name = (
+                        f"{hour}-{inference_time:%M-%S}-{inference_time.microsecond // 1000:03d}-{uuid.uuid4()}.jsonl"
+                    )
                     self._spool = os.open(self._directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND), hour
                 written = os.write(self._spool[0], line)
                 if written == len(line):
@@ -141,8 +154,10 @@ class CaptureSpool:
                 except Exception as error:  # kept in the spool for the next upload
                     failures.append(f"{path.name}: {error}")
             if failures:
-                raise CaptureError(f"capture records not stored in s3://{self._bucket}/{self._prefix} "
-                                   f"(kept in {self._directory}): {'; '.join(failures)}")
+                raise CaptureError(
+                    f"capture records not stored in s3://{self._bucket}/{self._prefix} "
+                    f"(kept in {self._directory}): {'; '.join(failures)}"
+                )
 
     def close(self) -> None:
         """Upload every record written, then stop; raises CaptureError if some could not be."""
@@ -161,11 +176,12 @@ class CaptureSpool:
 
     def _store(self, path: Path) -> None:
         body = path.read_bytes()
-        body = body[:body.rfind(b"\n") + 1]  # without a line whose write was cut short
+        body = body[: body.rfind(b"\n") + 1]  # without a line whose write was cut short
         if body:
             key = f"{self._prefix}/{path.name[:13].replace('-', '/')}/{path.name[14:]}"
-            self._s3.put_object(Bucket=self._bucket, Key=key, Body=body, ContentType="application/jsonl",
-                                **self._encryption)
+            self._s3.put_object(
+                Bucket=self._bucket, Key=key, Body=body, ContentType="application/jsonl", **self._encryption
+            )
         path.unlink()
 
     def _upload_periodically(self) -> None:
@@ -178,6 +194,7 @@ class CaptureSpool:
             self._last_error = ""
         except CaptureError as error:
             if str(error) != self._last_error:  # once, not every interval while the store is down
-                print(f"local.endpoint: {error}; retrying every {UPLOAD_INTERVAL_SECONDS}s", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"local.endpoint: {error}; retrying every {UPLOAD_INTERVAL_SECONDS}s", file=sys.stderr, flush=True
+                )
             self._last_error = str(error)

@@ -18,20 +18,34 @@ from local.endpoint.spec import spec_from_json
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m local.endpoint",
-        description="Serve SageMaker endpoints locally until SIGTERM or SIGINT.")
-    parser.add_argument("--spec", type=Path, required=True,
-                        help='JSON file {"endpoints": [spec, ...]}, each spec as local.endpoint.spec_to_json writes it')
-    parser.add_argument("--port", type=_number(0, 65535), default=8080,
-                        help="port to listen on; 0 picks a free one (default 8080)")
+        prog="python -m local.endpoint", description="Serve SageMaker endpoints locally until SIGTERM or SIGINT."
+    )
+    parser.add_argument(
+        "--spec",
+        type=Path,
+        required=True,
+        help='JSON file {"endpoints": [spec, ...]}, each spec as local.endpoint.spec_to_json writes it',
+    )
+    parser.add_argument(
+        "--port", type=_number(0, 65535), default=8080, help="port to listen on; 0 picks a free one (default 8080)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--workers", type=_number(1, 1024), default=DEFAULT_WORKERS,
-                        help=f"threads serving connections (default {DEFAULT_WORKERS})")
-    parser.add_argument("--spool-dir", type=Path, required=True,
-                        help="folder where capture records are written before their answers and kept until uploaded "
-                             "to S3; a server started on the folder of one that was killed uploads what it left")
-    parser.add_argument("--ready-file", type=Path,
-                        help='once serving, write {"port": N, "pid": P} here; removed when the server stops')
+    parser.add_argument(
+        "--workers",
+        type=_number(1, 1024),
+        default=DEFAULT_WORKERS,
+        help=f"threads serving connections (default {DEFAULT_WORKERS})",
+    )
+    parser.add_argument(
+        "--spool-dir",
+        type=Path,
+        required=True,
+        help="folder where capture records are written before their answers and kept until uploaded "
+        "to S3; a server started on the folder of one that was killed uploads what it left",
+    )
+    parser.add_argument(
+        "--ready-file", type=Path, help='once serving, write {"port": N, "pid": P} here; removed when the server stops'
+    )
     args = parser.parse_args(argv)
 
     # One torch thread: the images are 32x32 and concurrent requests are batched; OpenMP's threads would
@@ -45,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signal_number, lambda *_: stop.set())
     try:
-        server = EndpointServer(specs, port=args.port, host=args.host, workers=args.workers,
-                                spool_dir=args.spool_dir)
+        server = EndpointServer(specs, port=args.port, host=args.host, workers=args.workers, spool_dir=args.spool_dir)
     except (OSError, tarfile.TarError, SpoolBusy) as error:
         return _failed(str(error))
     with server:
@@ -73,5 +86,5 @@ def _number(lowest: int, highest: int):
         if not text.isdigit() or not lowest <= int(text) <= highest:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {lowest} to {highest}")
         return int(text)
-    return number
 
+    return number

@@ -6,10 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
 
 
 class InvocationError(Exception):
@@ -38,6 +38,7 @@ def default_input_fn(request_body, content_type):
 
 def default_predict_fn(data, model):
     import torch
+
     with torch.no_grad():
         return model(data)
 
@@ -52,7 +53,9 @@ def load_inference_handler(code_dir: Path, module_name: str) -> InferenceHandler
     The modules it imports from `code_dir` (such as `model.py`) are its own: a second model served by the
     same process imports its own siblings, not the first one's from sys.modules.
     """
-    siblings = {path.stem for path in code_dir.glob("*.py")} | {path.name for path in code_dir.iterdir() if path.is_dir()}
+    siblings = {path.stem for path in code_dir.glob("*.py")} | {
+        path.name for path in code_dir.iterdir() if path.is_dir()
+    }
     is_sibling = lambda name: name.split(".")[0] in siblings  # noqa: E731
     saved = {name: sys.modules.pop(name) for name in list(sys.modules) if is_sibling(name)}
     module_spec = importlib.util.spec_from_file_location(module_name, code_dir / "inference.py")
@@ -77,10 +80,12 @@ def _handler_of(module: ModuleType) -> InferenceHandler:
         raise ValueError(f"{module.__file__} defines no model_fn")
     if hasattr(module, "transform_fn"):
         raise ValueError(f"{module.__file__} defines transform_fn, which this server does not support")
-    return InferenceHandler(model_fn=module.model_fn,
-                            input_fn=getattr(module, "input_fn", default_input_fn),
-                            predict_fn=getattr(module, "predict_fn", default_predict_fn),
-                            output_fn=getattr(module, "output_fn", default_output_fn))
+    return InferenceHandler(
+        model_fn=module.model_fn,
+        input_fn=getattr(module, "input_fn", default_input_fn),
+        predict_fn=getattr(module, "predict_fn", default_predict_fn),
+        output_fn=getattr(module, "output_fn", default_output_fn),
+    )
 
 
 def answer_of(output, accept: str) -> tuple[bytes, str]:

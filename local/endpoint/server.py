@@ -27,10 +27,10 @@ import tarfile
 import tempfile
 import threading
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Callable, Iterable
 from urllib.parse import quote, unquote, urlsplit
 
 from local.endpoint.batching import PredictionBatcher
@@ -73,14 +73,16 @@ class Endpoint:
     def invoke(self, body: bytes, content_type: str, accept: str, inference_id: str | None = None) -> tuple[bytes, str]:
         """The model's answer (body, content type), captured if sampled; raises InvocationError or CaptureError."""
         if media_type(content_type) not in CONTENT_TYPES:
-            raise InvocationError(415, f"content type {content_type!r} is not supported: send one of "
-                                       f"{', '.join(CONTENT_TYPES)}")
+            raise InvocationError(
+                415, f"content type {content_type!r} is not supported: send one of {', '.join(CONTENT_TYPES)}"
+            )
         capture = self.spec.capture
         answer, answer_type = self._predict(body, content_type, accept)
         if capture is not None and random.random() * 100 < capture.sampling_percentage:
-            now = datetime.now(timezone.utc)
-            self._capture.write(capture_record(capture, body, content_type, answer, answer_type, inference_id, now),
-                                now)
+            now = datetime.now(UTC)
+            self._capture.write(
+                capture_record(capture, body, content_type, answer, answer_type, inference_id, now), now
+            )
         return answer, answer_type
 
     def upload_captures(self) -> None:
@@ -96,8 +98,9 @@ class Endpoint:
             except InvocationError:
                 raise
             except Exception as error:
-                raise InvocationError(400, f"input_fn could not read the request body: "
-                                           f"{type(error).__name__}: {error}") from error
+                raise InvocationError(
+                    400, f"input_fn could not read the request body: {type(error).__name__}: {error}"
+                ) from error
             batched = self._batcher.takes(data)
             if not batched:
                 try:
@@ -152,8 +155,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._invoke(endpoints[name], runtime_path=True)
         elif path == "/invocations":
             if len(endpoints) != 1:
-                return self._error(400, "ValidationError", f"this server serves {len(endpoints)} endpoints: "
-                                                           "POST /endpoints/{name}/invocations")
+                return self._error(
+                    400,
+                    "ValidationError",
+                    f"this server serves {len(endpoints)} endpoints: POST /endpoints/{{name}}/invocations",
+                )
             self._invoke(next(iter(endpoints.values())), runtime_path=False)
         elif path == "/local/upload-captures":  # not SageMaker's: a local caller about to read every record
             if self._read_body() is None:
@@ -179,23 +185,36 @@ class _Handler(BaseHTTPRequestHandler):
             return
         accept = self.headers.get("Accept") or DEFAULT_ACCEPT
         try:
-            answer, answer_type = endpoint.invoke(body, self.headers.get("Content-Type", ""),
-                                                  DEFAULT_ACCEPT if accept == "*/*" else accept,
-                                                  self.headers.get("X-Amzn-SageMaker-Inference-Id"))
+            answer, answer_type = endpoint.invoke(
+                body,
+                self.headers.get("Content-Type", ""),
+                DEFAULT_ACCEPT if accept == "*/*" else accept,
+                self.headers.get("X-Amzn-SageMaker-Inference-Id"),
+            )
         except InvocationError as error:
             if runtime_path:
                 side = "client" if error.status < 500 else "server"
-                self._error(424, "ModelError",
-                            f'Received {side} error ({error.status}) from primary with message "{error.message}". '
-                            "See the local endpoint server's log for more information.",
-                            OriginalStatusCode=error.status, OriginalMessage=error.message)
+                self._error(
+                    424,
+                    "ModelError",
+                    f'Received {side} error ({error.status}) from primary with message "{error.message}". '
+                    "See the local endpoint server's log for more information.",
+                    OriginalStatusCode=error.status,
+                    OriginalMessage=error.message,
+                )
             else:
-                self._answer(error.status, json.dumps({"code": error.status, "message": error.message}).encode(),
-                             "application/json")
+                self._answer(
+                    error.status,
+                    json.dumps({"code": error.status, "message": error.message}).encode(),
+                    "application/json",
+                )
                 self.log_message("%s answered %d: %s", self.requestline, error.status, error.message)
         except CaptureError as error:
-            self._error(503, "ServiceUnavailable",
-                        f"{error}; the answer is withheld so that every answer has its record: try again")
+            self._error(
+                503,
+                "ServiceUnavailable",
+                f"{error}; the answer is withheld so that every answer has its record: try again",
+            )
         else:
             self._answer(200, answer, answer_type, {"x-Amzn-Invoked-Production-Variant": VARIANT_NAME})
 
@@ -264,8 +283,10 @@ class _PooledHTTPServer(HTTPServer):
         self._accepted: queue.Queue[tuple[socket.socket, tuple] | None] = queue.Queue(maxsize=workers)
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
-        self._workers = [threading.Thread(target=self._serve_connections, name=f"endpoint-worker-{number}",
-                                          daemon=True) for number in range(workers)]
+        self._workers = [
+            threading.Thread(target=self._serve_connections, name=f"endpoint-worker-{number}", daemon=True)
+            for number in range(workers)
+        ]
         for worker in self._workers:
             worker.start()
 
@@ -312,8 +333,14 @@ class EndpointServer:
     is used, removed on close once its records are uploaded.
     """
 
-    def __init__(self, specs: Iterable[EndpointSpec], port: int = 0, host: str = "127.0.0.1",
-                 workers: int = DEFAULT_WORKERS, spool_dir: Path | None = None):
+    def __init__(
+        self,
+        specs: Iterable[EndpointSpec],
+        port: int = 0,
+        host: str = "127.0.0.1",
+        workers: int = DEFAULT_WORKERS,
+        spool_dir: Path | None = None,
+    ):
         inference_slots = threading.Semaphore(os.cpu_count() or 1)
         self._temporary_spool = spool_dir is None
         self._spool_dir = Path(tempfile.mkdtemp(prefix="scones-endpoint-spool-") if spool_dir is None else spool_dir)
@@ -330,8 +357,9 @@ class EndpointServer:
         except BaseException:
             self._close_endpoints()
             raise
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="endpoint-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="endpoint-server", daemon=True
+        )
         self._thread.start()
 
     @property

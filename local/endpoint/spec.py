@@ -41,12 +41,14 @@ class CaptureSpec:
             mode = option["CaptureMode"]
             modes.update(CAPTURE_MODES if mode == "InputAndOutput" else (mode,))
         header = config.get("CaptureContentTypeHeader") or {}
-        return cls(destination=config["DestinationS3Uri"],
-                   sampling_percentage=int(config["InitialSamplingPercentage"]),
-                   modes=tuple(mode for mode in CAPTURE_MODES if mode in modes),
-                   json_content_types=tuple(header.get("JsonContentTypes", ())),
-                   csv_content_types=tuple(header.get("CsvContentTypes", ())),
-                   kms_key_id=config.get("KmsKeyId"))
+        return cls(
+            destination=config["DestinationS3Uri"],
+            sampling_percentage=int(config["InitialSamplingPercentage"]),
+            modes=tuple(mode for mode in CAPTURE_MODES if mode in modes),
+            json_content_types=tuple(header.get("JsonContentTypes", ())),
+            csv_content_types=tuple(header.get("CsvContentTypes", ())),
+            kms_key_id=config.get("KmsKeyId"),
+        )
 
 
 @dataclass(frozen=True)
@@ -60,15 +62,25 @@ def spec_from_json(data: dict) -> EndpointSpec:
     """An EndpointSpec from its JSON form (as `spec_to_json` writes it)."""
     capture = data.get("capture")
     if capture is not None:
-        capture = CaptureSpec(**{key: tuple(value) if isinstance(value, list) else value
-                                 for key, value in capture.items()})
+        capture = CaptureSpec(
+            **{key: tuple(value) if isinstance(value, list) else value for key, value in capture.items()}
+        )
     return EndpointSpec(name=data["name"], model_data=Path(data["model_data"]), capture=capture)
 
 
 def spec_to_json(spec: EndpointSpec) -> dict:
     capture = spec.capture
-    return {"name": spec.name, "model_data": str(spec.model_data),
-            "capture": None if capture is None else {
-                "destination": capture.destination, "sampling_percentage": capture.sampling_percentage,
-                "modes": list(capture.modes), "json_content_types": list(capture.json_content_types),
-                "csv_content_types": list(capture.csv_content_types), "kms_key_id": capture.kms_key_id}}
+    return {
+        "name": spec.name,
+        "model_data": str(spec.model_data),
+        "capture": None
+        if capture is None
+        else {
+            "destination": capture.destination,
+            "sampling_percentage": capture.sampling_percentage,
+            "modes": list(capture.modes),
+            "json_content_types": list(capture.json_content_types),
+            "csv_content_types": list(capture.csv_content_types),
+            "kms_key_id": capture.kms_key_id,
+        },
+    }
