@@ -28,7 +28,7 @@ def build(app: cdk.App) -> list[cdk.Stack]:
     env = cdk.Environment(account=config.account, region=config.region)
     # No bootstrap-version rule: the same templates deploy to the local emulation (see local/).
     synthesizer = lambda: cdk.DefaultStackSynthesizer(generate_bootstrap_version_rule=False)  # noqa: E731
-    common = dict(config=config, env=env)
+    common = {"config": config, "env": env}
     name = lambda stack: stack_name(config.env_name, stack)  # noqa: E731
 
     data = DataStack(app, name("Data"), synthesizer=synthesizer(), **common)

@@ -321,7 +321,7 @@ def main() -> None:
             }
             figures = {
                 name: bench_model(key, archive, images, s3, work, args, log)
-                for (name, archive), key in zip(models.items(), ("trained", "tiny"))
+                for (name, archive), key in zip(models.items(), ("trained", "tiny"), strict=False)
             }
     finally:
         moto.terminate()

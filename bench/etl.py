@@ -8,6 +8,7 @@ is recorded because other work on the machine slows file creation a lot.
 """
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -78,8 +79,8 @@ def time_command(classes: list[str], goal: float) -> dict:
     for _ in range(REPEATS):
         with tempfile.TemporaryDirectory(prefix="etl-bench-") as folder:
             out = Path(folder) / "out"
-            fresh.append(seconds(lambda: run_command(classes, out)))
-            nothing_new.append(seconds(lambda: run_command(classes, out)))
+            fresh.append(seconds(functools.partial(run_command, classes, out)))
+            nothing_new.append(seconds(functools.partial(run_command, classes, out)))
             files = sum(1 for path in out.rglob("*") if path.is_file())
     return {
         "classes": classes,

@@ -50,7 +50,7 @@ def recipe(text: str) -> tuple[str, dict]:
     words = shlex.split(arguments)
     if not name or len(words) % 2 or not all(word.startswith("--") for word in words[::2]):
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME=--hyperparameter value ...")
-    return name, {word[2:]: value for word, value in zip(words[::2], words[1::2])}
+    return name, {word[2:]: value for word, value in zip(words[::2], words[1::2], strict=False)}
 
 
 def make_folds(data: Path, work: Path, count: int) -> list[Path]:
@@ -69,8 +69,8 @@ def make_folds(data: Path, work: Path, count: int) -> list[Path]:
         folder.mkdir()
         for name in ("train", "dataset.json"):
             (folder / name).symlink_to(data / name)
-        for manifest, keep in (("train.lst", lambda path: path not in held), ("validation.lst", held.__contains__)):
-            kept = [(label, path) for label, path in rows if keep(path)]
+        for manifest, held_out in (("train.lst", False), ("validation.lst", True)):
+            kept = [(label, path) for label, path in rows if (path in held) == held_out]
             (folder / manifest).write_text(
                 "".join(f"{index}\t{label}\t{path}\n" for index, (label, path) in enumerate(kept))
             )
@@ -119,7 +119,7 @@ def main() -> None:
             with ThreadPoolExecutor(args.jobs) as pool:
                 folds = list(
                     pool.map(
-                        lambda fold: fit_fold(
+                        lambda fold, name=name, hyperparameters=hyperparameters: fit_fold(
                             folders[fold], Path(work) / name / str(fold), fold, args.first_seed + fold, hyperparameters
                         ),
                         range(args.folds),

@@ -325,15 +325,19 @@ def _relative_to_cwd(path) -> str:
 def print_summary(summary: dict, bucket: str, endpoints: list[str], state_dir: Path) -> None:
     failed = ", ".join(f"{count} {error}" for error, count in summary["failed_by_error"].items()) or "none"
     accuracy = summary["model_test_accuracy"]
+    endpoint = endpoints[0] if endpoints else ""
+    capture_report = (
+        _relative_to_cwd(summary["capture_report"]) if "capture_report" in summary else "none (no endpoint)"
+    )
     print(f"""
 scones on this machine
   model test accuracy       {accuracy if accuracy is None else f"{accuracy:.3f}"}
   executions                {summary["executions"]}: {summary["succeeded"]} succeeded; failed: {failed}
   accuracy of accepted      {summary["accepted_accuracy"]}
   execution latency         p50 {summary["latency_ms_p50"]} ms, p99 {summary["latency_ms_p99"]} ms
-  captured records          {summary["captured_records"]} under s3://{bucket}/data_capture/{endpoints[0] if endpoints else ""}
+  captured records          {summary["captured_records"]} under s3://{bucket}/data_capture/{endpoint}
   model report              {_relative_to_cwd(state_dir / "model" / "report.html")}
-  capture report            {_relative_to_cwd(summary["capture_report"]) if "capture_report" in summary else "none (no endpoint)"}
+  capture report            {capture_report}
   summary                   {_relative_to_cwd(state_dir / "summary.json")}
   stop everything           make stop   (or: python -m local down)
 """)

@@ -27,8 +27,10 @@ NOT_EMULATED_WHY = {
     "Custom::S3AutoDeleteObjects": "auto-delete of objects runs on stack deletion in AWS only",
     "AWS::ApplicationAutoScaling::ScalableTarget": "endpoint auto scaling: one local server process",
     "AWS::ApplicationAutoScaling::ScalingPolicy": "endpoint auto scaling: one local server process",
-    "AWS::CloudWatch::Alarm": "alarms and the dashboard need CloudWatch metrics; locally the capture report checks drift",
-    "AWS::CloudWatch::Dashboard": "alarms and the dashboard need CloudWatch metrics; locally the capture report checks drift",
+    "AWS::CloudWatch::Alarm": "alarms and the dashboard need CloudWatch metrics; locally the capture report "
+    "checks drift",
+    "AWS::CloudWatch::Dashboard": "alarms and the dashboard need CloudWatch metrics; locally the capture report "
+    "checks drift",
     "AWS::SNS::Topic": "alarm notifications are sent by AWS only",
     "AWS::SNS::TopicPolicy": "alarm notifications are sent by AWS only",
     "AWS::SNS::Subscription": "alarm notifications are sent by AWS only",
@@ -207,14 +209,14 @@ class LocalDeployment:
             else (source.read_bytes() if source else code.get("ZipFile", "").encode())
         )
         lam = self.client("lambda")
-        settings = dict(
-            Role=properties["Role"],
-            Handler=properties.get("Handler", "index.handler"),
-            Runtime=properties.get("Runtime", "python3.11"),
-            Timeout=properties.get("Timeout", 3),
-            MemorySize=properties.get("MemorySize", 128),
-            Environment={"Variables": properties.get("Environment", {}).get("Variables", {})},
-        )
+        settings = {
+            "Role": properties["Role"],
+            "Handler": properties.get("Handler", "index.handler"),
+            "Runtime": properties.get("Runtime", "python3.11"),
+            "Timeout": properties.get("Timeout", 3),
+            "MemorySize": properties.get("MemorySize", 128),
+            "Environment": {"Variables": properties.get("Environment", {}).get("Variables", {})},
+        }
         try:
             lam.get_function(FunctionName=name)
             lam.update_function_code(FunctionName=name, ZipFile=zipped)

@@ -173,7 +173,7 @@ def numerical_feature(name: str, values: np.ndarray, inferred_type: str = "Fract
                 "kll": {
                     "buckets": [
                         {"lower_bound": float(low), "upper_bound": float(high), "count": int(count)}
-                        for low, high, count in zip(edges[:-1], edges[1:], counts)
+                        for low, high, count in zip(edges[:-1], edges[1:], counts, strict=True)
                     ],
                     "sketch": {"parameters": {"c": 0.64, "k": SKETCH_K}, "data": [sketch.tolist()]},
                 }
@@ -237,7 +237,7 @@ def write(statistics: dict, constraints: dict, out: Path | str) -> None:
 
         bucket, prefix = _s3_location(str(out))
         try:
-            for name, content in zip(BASELINE_FILES, contents):
+            for name, content in zip(BASELINE_FILES, contents, strict=True):
                 boto3.client("s3").put_object(
                     Bucket=bucket, Key=prefix + name, Body=content.encode(), ContentType="application/json"
                 )
@@ -247,7 +247,7 @@ def write(statistics: dict, constraints: dict, out: Path | str) -> None:
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for name, content in zip(BASELINE_FILES, contents):
+        for name, content in zip(BASELINE_FILES, contents, strict=True):
             write_file(out / name, content.encode())
     except OSError as error:
         raise BaselineError(f"cannot write the baseline into {out}: {error.strerror or error}") from None
@@ -290,7 +290,7 @@ def _parsed(texts: list[bytes], names: list[str]) -> tuple[dict, dict]:
     """statistics.json and constraints.json, refused in one line unless `python -m monitoring baseline` wrote them
     (a Model Monitor baseline of a tabular dataset has the same file names but not the model's classes)."""
     documents = []
-    for text, name in zip(texts, names):
+    for text, name in zip(texts, names, strict=True):
         try:
             documents.append(json.loads(text))
         except ValueError as error:

@@ -209,7 +209,7 @@ class Checker:
         p = homogeneity_test(window, base)
         mix = ", ".join(
             f"{name_} {share:.0%} (baseline {base_share:.0%})"
-            for name_, share, base_share in zip(self.classes, window / window.sum(), base / base.sum())
+            for name_, share, base_share in zip(self.classes, window / window.sum(), base / base.sum(), strict=True)
         )
         violated = p < self.thresholds["alpha"] and distance > self.thresholds["class_mix_min_tvd"]
         return Result(

@@ -243,10 +243,12 @@ def plot_lowest_images(captures: Captures, classes: list[str]) -> bytes:
     figure, axes = plt.subplots(rows, GRID_COLUMNS, figsize=(1.4 * GRID_COLUMNS, 1.7 * rows), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
-    for axis, capture in zip(axes.flat, kept):
+    for axis, capture in zip(axes.flat, kept, strict=False):
         with Image.open(io.BytesIO(capture.image)) as image:
             axis.imshow(np.asarray(image.convert("RGB")))
-        answer = "\n".join(f"{name[:4]} {value:.2f}" for name, value in zip(classes, capture.probabilities))
+        answer = "\n".join(
+            f"{name[:4]} {value:.2f}" for name, value in zip(classes, capture.probabilities, strict=True)
+        )
         axis.set_title(answer, fontsize=7)
     figure.suptitle("lowest-confidence captured images" if kept else "no captured images", fontsize=10)
     return png_of(figure)

@@ -92,7 +92,8 @@ class SageMakerRole(Construct):
             [
                 {
                     "id": "AwsSolutions-IAM5",
-                    "reason": "ecr:GetAuthorizationToken and cloudwatch:PutMetricData take no resource; log streams are named by SageMaker at run "
+                    "reason": "ecr:GetAuthorizationToken and cloudwatch:PutMetricData take no resource; log "
+                    "streams are named by SageMaker at run "
                     "time; bucket wildcards are the key prefixes this role was granted.",
                 }
             ],

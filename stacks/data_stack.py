@@ -12,7 +12,7 @@ CAPTURE_PREFIX = "data_capture/"
 class DataStack(Stack):
     def __init__(self, scope: Construct, construct_id: str, *, config: SconesConfig, **kwargs) -> None:
         super().__init__(scope, construct_id, **kwargs)
-        removal = dict(removal_policy=config.removal, auto_delete_objects=config.removal == RemovalPolicy.DESTROY)
+        removal = {"removal_policy": config.removal, "auto_delete_objects": config.removal == RemovalPolicy.DESTROY}
         self.access_log_bucket = s3.Bucket(
             self,
             "AccessLogs",
@@ -28,7 +28,8 @@ class DataStack(Stack):
             [
                 {
                     "id": "AwsSolutions-S1",
-                    "reason": "This bucket receives the data bucket's server access logs; logging it to itself would loop.",
+                    "reason": "This bucket receives the data bucket's server access logs; logging it to itself "
+                    "would loop.",
                 }
             ],
         )

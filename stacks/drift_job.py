@@ -171,7 +171,8 @@ class DriftJob(Construct):
             [
                 {
                     "id": "AwsSolutions-IAM5",
-                    "reason": "ecr:GetAuthorizationToken takes no resource and cloudwatch:PutMetricData none either (it is "
+                    "reason": "ecr:GetAuthorizationToken takes no resource and cloudwatch:PutMetricData none "
+                    "either (it is "
                     "held to the metric namespace by a condition); SageMaker names the job's log streams at run "
                     "time; the S3 wildcards are the three key prefixes the job reads or writes: this endpoint's "
                     "captures, the baseline, the reports.",
@@ -309,7 +310,8 @@ class DriftJob(Construct):
             [
                 {
                     "id": "AwsSolutions-IAM5",
-                    "reason": "X-Ray and CloudWatch Logs delivery actions take no resource; processing jobs are named per "
+                    "reason": "X-Ray and CloudWatch Logs delivery actions take no resource; processing jobs are "
+                    "named per "
                     "run (<prefix>-drift-<uuid>), so the job actions are granted on that name prefix.",
                     "appliesTo": [
                         "Resource::*",

@@ -169,7 +169,8 @@ class TrainingStack(Stack):
             [
                 {
                     "id": "AwsSolutions-IAM5",
-                    "reason": "CDK's SageMaker tasks grant sagemaker:*TrainingJob on training-job/<prefix>* and the events "
+                    "reason": "CDK's SageMaker tasks grant sagemaker:*TrainingJob on training-job/<prefix>* and "
+                    "the events "
                     "rule of the .sync integration; job and model names are generated per execution.",
                 }
             ],

@@ -158,7 +158,8 @@ class WorkflowStack(Stack):
             [
                 {
                     "id": "AwsSolutions-IAM5",
-                    "reason": "Serialize reads whichever image key the execution names, so s3:GetObject on the bucket's objects.",
+                    "reason": "Serialize reads whichever image key the execution names, so s3:GetObject on the "
+                    "bucket's objects.",
                     "appliesTo": [{"regex": "/^Resource::.*Data.*\\/\\*$/"}],
                 }
             ],

@@ -197,7 +197,9 @@ def test_the_state_machine_runs_one_processing_job_to_its_end():
             {
                 "OutputName": "report",
                 "S3Output": {
-                    "S3Uri.$": f"States.Format('s3://{bucket}/monitoring/reports/scones-dev/{{}}/', $$.Execution.StartTime)",
+                    "S3Uri.$": (
+                        f"States.Format('s3://{bucket}/monitoring/reports/scones-dev/{{}}/', $$.Execution.StartTime)"
+                    ),
                     "LocalPath": "/opt/ml/processing/report",
                     "S3UploadMode": "EndOfJob",
                 },
@@ -321,7 +323,9 @@ def test_the_state_machine_may_run_drift_jobs_and_pass_only_the_job_role():
                 "sagemaker:StopProcessingJob",
             ],
             "Effect": "Allow",
-            "Resource": "arn:<AWS::Partition>:sagemaker:<AWS::Region>:<AWS::AccountId>:processing-job/scones-dev-drift-*",
+            "Resource": (
+                "arn:<AWS::Partition>:sagemaker:<AWS::Region>:<AWS::AccountId>:processing-job/scones-dev-drift-*"
+            ),
         },
         {
             "Action": ["events:DescribeRule", "events:PutRule", "events:PutTargets"],

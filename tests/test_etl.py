@@ -266,10 +266,10 @@ def test_stage_writes_exact_images_manifests_and_dataset(tmp_path, archive, cifa
     rows_by_path = {
         f"{folder}/{filename.decode()}": (row, TINY_NAMES[fine_label])
         for folder, split in (("train", cifar["train"]), ("test", cifar["test"]))
-        for filename, fine_label, row in zip(split[b"filenames"], split[b"fine_labels"], split[b"data"])
+        for filename, fine_label, row in zip(split[b"filenames"], split[b"fine_labels"], split[b"data"], strict=True)
     }
     lists = {name: manifest(out, name) for name in ("train.lst", "validation.lst", "test.lst")}
-    for name, rows in lists.items():
+    for rows in lists.values():
         assert [index for index, _, _ in rows] == list(range(len(rows)))
         for _, label, path in rows:
             assert classes[label] == rows_by_path[path][1]
@@ -539,7 +539,7 @@ def test_shared_copy_labels_and_pixels_match_the_archive(shared_staged):
     names = reference["meta"]["fine_label_names"]
     for name in ("train.lst", "validation.lst", "test.lst"):
         split = reference["test" if name == "test.lst" else "train"]
-        fine_label_of = dict(zip(split["filenames"], split["fine_labels"]))
+        fine_label_of = dict(zip(split["filenames"], split["fine_labels"], strict=True))
         for _, label, path in manifest(out, name):
             assert ["bicycle", "motorcycle"][label] == names[fine_label_of[path.split("/")[1]]]
 

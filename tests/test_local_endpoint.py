@@ -647,7 +647,7 @@ def test_requests_that_arrive_together_are_predicted_together(serve, tmp_path):
 
     status, answer = answers.pop(32)
     assert (status, json.loads(answer)["OriginalStatusCode"]) == (424, 500)  # the others of its batch are answered
-    for image, (status, answer) in zip(images, answers):
+    for image, (status, answer) in zip(images, answers, strict=True):
         assert status == 200 and json.loads(answer) == pytest.approx(channel_means(image))
     assert max(int(size) for size in log.read_text().split()) > 1
 
@@ -660,7 +660,7 @@ def test_a_predict_fn_that_does_not_batch_row_by_row_gets_each_input_alone(serve
 
     answers = invoke_all(server, "alone", images)
 
-    for image, (status, answer) in zip(images, answers):
+    for image, (status, answer) in zip(images, answers, strict=True):
         assert status == 200 and json.loads(answer) == pytest.approx(channel_means(image))
     assert sum(int(size) > 1 for size in log.read_text().split()) == 1  # the batch that showed it
 

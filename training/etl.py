@@ -345,18 +345,18 @@ def stage(
         "source": {"name": archive_path.name, "sha256": sha256_of_file(archive_path)},
         "classes": [
             {"name": name, "label": label, "cifar_fine_label": fine_id}
-            for label, (name, fine_id) in enumerate(zip(targets, fine_ids))
+            for label, (name, fine_id) in enumerate(zip(targets, fine_ids, strict=False))
         ],
         "extra_classes": [
             {"name": name, "label": label, "cifar_fine_label": fine_id}
-            for label, (name, fine_id) in enumerate(zip(classes, fine_ids))
+            for label, (name, fine_id) in enumerate(zip(classes, fine_ids, strict=True))
             if label >= len(targets)
         ],
         "validation": {"fraction": validation_fraction, "seed": seed},
         "counts": {
             split_name: {
                 name: int(np.count_nonzero(split.fine_labels[rows] == fine_id))
-                for name, fine_id in zip(classes, fine_ids)
+                for name, fine_id in zip(classes, fine_ids, strict=True)
             }
             for split_name, (split, rows) in splits.items()
         },
@@ -380,7 +380,7 @@ def fine_label_ids(classes: list[str], archive: Cifar100, archive_path: Path) ->
     fine_ids = [names.index(name) for name in classes]
     for split_name, split in (("train", archive.train), ("test", archive.test)):
         present = set(split.fine_labels.tolist())
-        absent = [name for name, fine_id in zip(classes, fine_ids) if fine_id not in present]
+        absent = [name for name, fine_id in zip(classes, fine_ids, strict=True) if fine_id not in present]
         if absent:
             raise MissingClass(
                 f"{archive_path.name} has no {split_name} images of {', '.join(absent)}; it has "
@@ -541,6 +541,7 @@ def upload(out: Path, hashes: dict[str, str], bucket: str, s3_client=None, progr
                         unit="file",
                         disable=not progress,
                     ),
+                    strict=True,
                 )
                 if was_uploaded
             ]

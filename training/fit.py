@@ -21,6 +21,7 @@ no credentials, stack not deployed, another algorithm deployed, data not staged,
 130 interrupted (with --sagemaker the execution keeps running).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -246,10 +247,8 @@ def failure_reason(stepfunctions, described: dict, job: dict | None) -> str:
             if details and (details.get("error") or details.get("cause")):
                 error, cause = details.get("error"), details.get("cause")
                 break
-    try:  # a failed .sync task's cause is the training job's description, as JSON
+    with contextlib.suppress(TypeError, ValueError, AttributeError):  # a failed .sync task's cause is the job's JSON
         cause = json.loads(cause).get("FailureReason", cause)
-    except (TypeError, ValueError, AttributeError):
-        pass
     reason = ": ".join(str(part) for part in (error, cause) if part) or "no reason given"
     return " ".join(reason.split())[:500]
 
@@ -404,16 +403,16 @@ def main(argv=None) -> None:
         print(fit_sagemaker(args.env, args.region, args.algorithm))
     except (train.HyperparameterError, FitError) as error:
         print(f"fit: error: {error}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     except (BotoCoreError, ClientError) as error:
         print(f"fit: error: {_aws_error(error)}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     except Interrupted as error:
         print(f"fit: {error}", file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(130) from None
     except TrainingFailed as error:
         print(f"fit: error: {error}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def plot(output_dir: Path, metrics: dict, test: dict | None) -> None:
         axes[0].plot(epochs, [record[f"{split}_loss"] for record in history], label=label)
         axes[1].plot(epochs, [record[f"{split}_accuracy"] for record in history], label=label)
     axes[2].plot(epochs, [record["lr"] for record in history])
-    for axis, title in zip(axes, ("loss", "accuracy", "learning rate (epoch start)")):
+    for axis, title in zip(axes, ("loss", "accuracy", "learning rate (epoch start)"), strict=True):
         axis.set(title=title, xlabel="epoch")
     axes[0].legend()
     axes[1].legend()
@@ -87,7 +87,7 @@ def plot(output_dir: Path, metrics: dict, test: dict | None) -> None:
         return
 
     confusion = np.zeros((len(classes), len(classes)), dtype=int)
-    for label, predicted in zip(test["labels"], test["predicted"]):
+    for label, predicted in zip(test["labels"], test["predicted"], strict=True):
         confusion[label, predicted] += 1
     figure, axis = plt.subplots(figsize=(4.5, 4))
     axis.imshow(confusion, cmap="Blues")

@@ -95,7 +95,8 @@ def _one_of(choices):
     return parse
 
 
-# name: (type, default, low, high, help), or for a choice (str, default, choices, None, help); SageMaker passes each as `--name value`.
+# name: (type, default, low, high, help), or for a choice (str, default, choices, None, help);
+# SageMaker passes each as `--name value`.
 HYPERPARAMETERS = {
     "epochs": (int, "auto", 1, 1000, "passes over the target classes' training images"),
     "batch_size": (int, 128, 1, 4096, "images per step"),
@@ -230,7 +231,7 @@ def load_split(image_dir: Path, manifest: Path) -> tuple[np.ndarray, np.ndarray,
 def subset(split, num_classes: int, targets: bool = True):
     """The rows of a split whose labels are (or, with `targets=False`, are not) below `num_classes`."""
     keep = (split[1] < num_classes) == targets
-    return split[0][keep], split[1][keep], [path for path, kept in zip(split[2], keep) if kept]
+    return split[0][keep], split[1][keep], [path for path, kept in zip(split[2], keep, strict=True) if kept]
 
 
 def concatenate(split, other):
@@ -379,7 +380,7 @@ def update_average(averaged: Classifier, model: Classifier, decay: float, step: 
     for the first steps, so that the initial weights do not linger in the average of a short run."""
     decay = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
-        for kept, current in zip(averaged.state_dict().values(), model.state_dict().values()):
+        for kept, current in zip(averaged.state_dict().values(), model.state_dict().values(), strict=True):
             if kept.dtype.is_floating_point:
                 kept.lerp_(current, 1 - decay)
             else:
@@ -406,7 +407,7 @@ def test_report(model, split, classes, temperature: float, threshold: float, fli
         "at_classic_thresholds": [selective(probabilities, label_tensor, t) for t in CLASSIC_THRESHOLDS],
         "predictions": [
             {"image": path, "label": int(label), "probabilities": row}
-            for path, label, row in zip(paths, labels, probabilities.tolist())
+            for path, label, row in zip(paths, labels, probabilities.tolist(), strict=True)
         ],
     }
     return report
@@ -454,7 +455,7 @@ def main(argv=None) -> None:
         args = parse_hyperparameters(sys.argv[1:] if argv is None else argv)
     except HyperparameterError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     model_dir = Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
     output_dir = Path(os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"))
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, on a GPU
@@ -479,7 +480,7 @@ def main(argv=None) -> None:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise SystemExit(f"train.py: error: cannot create {directory}: {error.strerror}")
+            raise SystemExit(f"train.py: error: cannot create {directory}: {error.strerror}") from None
 
     started, cpu_started = time.perf_counter(), time.process_time()
     model, history = train(args, data, num_classes, device, bfloat16)

@@ -105,7 +105,8 @@ class CaptureSpool:
         self._s3 = boto3.session.Session().client("s3")
         self._directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self._owner = open(directory / ".lock", "w")  # one server at a time appends to and uploads these files
+        # Held open for the server's life (closed in close()): one server at a time appends to and uploads these files.
+        self._owner = open(directory / ".lock", "w")  # noqa: SIM115
         try:
             fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -15,6 +15,7 @@ far, for a caller about to read them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -315,10 +316,8 @@ class _PooledHTTPServer(HTTPServer):
         """End every connection once its current answer is out, and the workers with them."""
         with self._lock:
             for connection in self._connections:
-                try:
+                with contextlib.suppress(OSError):
                     connection.shutdown(socket.SHUT_RD)  # a worker waiting for the next request sees the end
-                except OSError:
-                    pass
         for _ in self._workers:
             self._accepted.put(None)
         for worker in self._workers:
