@@ -1,6 +1,7 @@
 """Stage CIFAR-100 images of chosen classes as PNG files with SageMaker `.lst` manifests.
 
     python -m training.etl --source ARCHIVE --out DIR [--bucket NAME] [--classes a,b,...] [--extra-classes c,d,...]
+                           [--photos DIR|s3://BUCKET/PREFIX/]
 
 The archive is the official CIFAR-100 python archive or a copy in its format (such as the shared
 vehicles-only one). It is the first of: `--source PATH|URL`, `$SCONES_CIFAR100`, the cached copy
@@ -14,6 +15,14 @@ Validation images are a stratified, seeded part of the training images; they sta
 Extra classes are staged for training only (labels after the classes', no test images): the training
 script learns them alongside to sharpen its features, and serves only the classes.
 Running again writes and uploads only what differs, and completes an interrupted run.
+
+`--photos` adds a company's own labelled photos: a folder or S3 prefix with a subfolder per class (`bicycle/`,
+`motorcycle/`, `neither/`, or another staged class), such as `s3://BUCKET/labels/` where reviewed photos land.
+Each photo is decoded to check it and staged with its original bytes as `train/photo-<sha256>.<ext>`, listed in
+train.lst or validation.lst by a hash of its bytes (adding photos moves no other photo). Photos of `neither/`
+take the label after every other class; dataset.json names it among the extra classes. Files that are no photo
+of a class (not an image, truncated, too large, outside a class folder) are printed, recorded in dataset.json
+under `photos.skipped` and not staged.
 """
 
 import argparse
@@ -37,6 +46,8 @@ from numpy._core.multiarray import _reconstruct
 from PIL import Image
 from tqdm import tqdm
 
+from training import photos as photo_staging
+
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 OFFICIAL_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 ARCHIVE_NAME = "cifar-100-python.tar.gz"
@@ -56,7 +67,16 @@ WRITE_THREADS = 4
 UPLOAD_WORKERS = 16
 DATASET_FILE = "dataset.json"
 IMAGE_FOLDERS = {"train": "train", "validation": "train", "test": "test"}
-CONTENT_TYPES = {".png": "image/png", ".lst": "text/plain", ".json": "application/json"}
+CONTENT_TYPES = {
+    ".png": "image/png",
+    ".lst": "text/plain",
+    ".json": "application/json",
+    ".jpg": "image/jpeg",
+    ".webp": "image/webp",
+    ".gif": "image/gif",
+    ".bmp": "image/bmp",
+    ".tif": "image/tiff",
+}
 SAFE_IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.png")
 
 # Every global the official pickles name (checked with pickletools): the pieces of a NumPy array.
@@ -105,6 +125,10 @@ class InvalidOption(EtlError):
 
 class UploadFailed(EtlError):
     """S3 refused or could not be reached."""
+
+
+class BadPhotoSource(EtlError):
+    """The --photos folder or prefix is missing, empty or unreadable."""
 
 
 # ------------------------------------------------------------------------------------------ source
@@ -294,6 +318,13 @@ class StageSummary:
             lines = [f"staged {self.file_count} files in {self.out} ({len(self.written)} written)"]
         else:
             lines = [f"nothing new: {self.file_count} files already staged in {self.out}"]
+        if "photos" in self.dataset:
+            photos = self.dataset["photos"]
+            staged = {split: sum(counts.values()) for split, counts in photos["counts"].items()}
+            lines.append(
+                f"photos from {photos['source']}: {staged['train']} for training, {staged['validation']} for "
+                f"validation, {len(photos['skipped'])} skipped (listed in {DATASET_FILE} under photos.skipped)"
+            )
         if self.bucket and self.uploaded:
             lines.append(f"uploaded {len(self.uploaded)} of {self.file_count} files to s3://{self.bucket}")
         elif self.bucket:
@@ -312,10 +343,12 @@ def stage(
     seed: int = 0,
     progress: bool = True,
     s3_client=None,
+    photos: str | os.PathLike | None = None,
 ) -> StageSummary:
     """Stage the images of `classes` (labels 0..n-1 in that order) and the training images of `extra_classes`
     (labels n.., no test images) from the archive `source` into the folder `out` and, with `bucket`, to the
-    root of that S3 bucket (through `s3_client`, by default a new boto3 one)."""
+    root of that S3 bucket (through `s3_client`, by default a new boto3 one). `photos`, a folder or an
+    `s3://` prefix, adds labelled photos for training and validation (see training/photos.py)."""
     targets, classes = list(classes), list(classes) + list(extra_classes)
     if not targets or len(set(classes)) != len(classes) or "" in classes:
         raise InvalidOption(f"classes and extra classes must be distinct, non-empty names; got {','.join(classes)!r}")
@@ -327,6 +360,10 @@ def stage(
     splits = split_rows(archive, fine_ids, fine_ids[: len(targets)], validation_fraction, seed)
     images = image_files(splits)
     check_image_names([relative_path for relative_path, _ in images], archive_path)
+    try:
+        photo_source = photo_staging.find(photos, s3_client) if photos else None
+    except photo_staging.PhotoError as error:
+        raise BadPhotoSource(str(error)) from None
 
     out = Path(out)
     for folder in (out, out / "train", out / "test"):
@@ -335,8 +372,39 @@ def stage(
             stray.unlink()
     hashes, written = write_images(out, images, progress)
     label_of = {fine_id: label for label, fine_id in enumerate(fine_ids)}
-    for split_name, (split, rows) in splits.items():
-        name, content = f"{split_name}.lst", manifest(split, rows, IMAGE_FOLDERS[split_name], label_of)
+    listed = {
+        split_name: [
+            (label_of[split.fine_labels[row]], f"{IMAGE_FOLDERS[split_name]}/{split.filenames[row]}") for row in rows
+        ]
+        for split_name, (split, rows) in splits.items()
+    }
+    counts = {
+        split_name: {
+            name: int(np.count_nonzero(split.fine_labels[rows] == fine_id))
+            for name, fine_id in zip(classes, fine_ids, strict=True)
+        }
+        for split_name, (split, rows) in splits.items()
+    }
+    staged_photos = None
+    if photo_source:
+        try:
+            staged_photos = photo_staging.stage(
+                photo_source, out, classes, validation_fraction=validation_fraction, seed=seed, progress=progress
+            )
+        except photo_staging.PhotoError as error:
+            raise BadPhotoSource(str(error)) from None
+        hashes.update(staged_photos.hashes)
+        written += staged_photos.written
+        photo_counts = staged_photos.section["counts"]
+        # "neither" is a label only once a photo has it: after all the others, so that no label moves.
+        with_neither = classes + [photo_staging.NEITHER] * any(split["neither"] for split in photo_counts.values())
+        for split_name, rows in staged_photos.rows.items():
+            listed[split_name] += [(with_neither.index(name), path) for name, path in rows]
+        for split_name, split_counts in counts.items():
+            for name in with_neither:
+                split_counts[name] = split_counts.get(name, 0) + photo_counts.get(split_name, {}).get(name, 0)
+    for split_name, lines in listed.items():
+        name, content = f"{split_name}.lst", manifest(lines)
         hashes[name] = hashlib.sha256(content).hexdigest()
         written += [name] if write_file(out / name, content) else []
 
@@ -353,16 +421,16 @@ def stage(
             if label >= len(targets)
         ],
         "validation": {"fraction": validation_fraction, "seed": seed},
-        "counts": {
-            split_name: {
-                name: int(np.count_nonzero(split.fine_labels[rows] == fine_id))
-                for name, fine_id in zip(classes, fine_ids, strict=True)
-            }
-            for split_name, (split, rows) in splits.items()
-        },
+        "counts": counts,
         "pixel_stats": {"of": "train", "scale": "0..1", **channel_stats(train.data[train_rows])},
         "files": dict(sorted(hashes.items())),
     }
+    if staged_photos:
+        if photo_staging.NEITHER in counts["train"]:
+            dataset["extra_classes"].append(
+                {"name": photo_staging.NEITHER, "label": len(classes), "cifar_fine_label": None}
+            )
+        dataset["photos"] = staged_photos.section
     content = (json.dumps(dataset, indent=2) + "\n").encode()
     written += [DATASET_FILE] if write_file(out / DATASET_FILE, content) else []
     summary = StageSummary(out, dataset, written, bucket)
@@ -418,12 +486,9 @@ def image_files(splits: dict[str, tuple[Split, np.ndarray]]) -> list[tuple[str, 
     ]
 
 
-def manifest(split: Split, rows: np.ndarray, folder: str, label_of: dict[int, int]) -> bytes:
-    """SageMaker's `.lst` form: `index<TAB>label<TAB>folder/name.png`, a line per image."""
-    return "".join(
-        f"{index}\t{label_of[split.fine_labels[row]]}\t{folder}/{split.filenames[row]}\n"
-        for index, row in enumerate(rows)
-    ).encode()
+def manifest(lines: list[tuple[int, str]]) -> bytes:
+    """SageMaker's `.lst` form: `index<TAB>label<TAB>relative/path`, a line per (label, path)."""
+    return "".join(f"{index}\t{label}\t{path}\n" for index, (label, path) in enumerate(lines)).encode()
 
 
 def check_image_names(relative_paths: list[str], archive_path: Path) -> None:
@@ -591,6 +656,12 @@ def main(argv: list[str] | None = None) -> int:
         help="part of each class's training images kept for validation (default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation draw (default: %(default)s)")
+    parser.add_argument(
+        "--photos",
+        metavar="DIR|s3://BUCKET/PREFIX/",
+        help="also stage the labelled photos of this folder or S3 prefix: <class>/<photo>, with class bicycle, "
+        "motorcycle, neither or another staged class",
+    )
     args = parser.parse_args(argv)
     try:
         summary = stage(
@@ -602,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
             validation_fraction=args.validation_fraction,
             seed=args.seed,
             progress=sys.stderr.isatty(),
+            photos=args.photos,
         )
     except (EtlError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -609,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to finish", file=sys.stderr)
         return 130
+    for skipped in summary.dataset.get("photos", {}).get("skipped", []):
+        print(f"skipped photo {skipped['path']}: {skipped['reason']}", file=sys.stderr)
     print(summary.report())
     return 0
 
