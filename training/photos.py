@@ -185,7 +185,7 @@ def stage(
     bytes also lie in another class's folder is then skipped, not staged."""
     classes = [*classes, NEITHER]
     skipped = []
-    found: dict[str, list[tuple[str, str, str | None]]] = {}  # SHA-256 -> (path, class, temporary file) of each copy
+    found: dict[str, list[tuple[str, str, Path | None]]] = {}  # SHA-256 -> (path, class, temporary file) of each copy
     staged_name = {}
 
     def read(entry: Entry) -> bytes | str:
