@@ -1,10 +1,13 @@
 """The serving handler's image reading (training/inference.py): photos as phones and cameras write them, and the
-4xx answers to what it cannot or will not read. Images are made in the tests."""
+4xx answers to what it cannot or will not read, directly and through the local endpoint server. Images are made
+in the tests."""
 
+import http.client
 import io
 import json
 import shutil
 import struct
+import tarfile
 import time
 import zlib
 from pathlib import Path
@@ -14,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from local.endpoint.handler import load_inference_handler
+from local.endpoint import EndpointServer, EndpointSpec
+from local.endpoint.handler import load_inference_handler, toolkit_error
 from training.inference import MAX_PIXELS, NEUTRAL, RequestError, input_fn, open_image, to_pixels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,6 +247,9 @@ def test_request_errors_have_the_shape_the_inference_toolkit_answers():
     error = RequestError(413, "too many pixels")
     assert (error.status_code, error.message, error.phrase, str(error)) == (413, *["too many pixels"] * 3)
     assert "BaseInferenceToolkitError" in {kind.__name__ for kind in type(error).__mro__}
+    answer = toolkit_error(error)
+    assert (answer.status, answer.message) == (413, "too many pixels")
+    assert toolkit_error(ValueError("plain")) is None
 
 
 # ------------------------------------------------------------------------------- served from model.json
@@ -270,3 +277,27 @@ def test_model_json_sets_the_size_and_resize_input_fn_uses(stub_model_dir):
     assert close(inputs[0, :, 24, 24].mul(255).round().tolist(), RED, 1)
     probabilities = json.loads(handler.output_fn(handler.predict_fn(inputs, model), "application/json")[0])
     assert len(probabilities) == 2 and sum(probabilities) == pytest.approx(1)
+
+
+def test_the_local_server_answers_a_bomb_413_with_its_message(stub_model_dir, tmp_path):
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in stub_model_dir.rglob("*"):
+            tar.add(path, path.relative_to(stub_model_dir).as_posix(), recursive=False)
+    with EndpointServer([EndpointSpec("photos", archive)]) as server:
+        answers = {}
+        for name, body in [("photo", encoded(halves((120, 80)), "JPEG")), ("bomb", declared_png(10_000, 6_000))]:
+            for path in ("/endpoints/photos/invocations", "/invocations"):
+                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+                connection.request("POST", path, body=body, headers={"Content-Type": "image/png"})
+                response = connection.getresponse()
+                answers[name, path] = response.status, json.loads(response.read())
+                connection.close()
+    status, probabilities = answers["photo", "/invocations"]
+    assert status == 200 and len(probabilities) == 2
+    status, runtime_error = answers["bomb", "/endpoints/photos/invocations"]
+    assert (status, runtime_error["OriginalStatusCode"]) == (424, 413)  # SageMaker's ModelError
+    assert runtime_error["OriginalMessage"].startswith("the image is 10000x6000 pixels, more than the 50 megapixels")
+    status, container_error = answers["bomb", "/invocations"]
+    assert (status, container_error["code"]) == (413, 413)
+    assert container_error["message"] == runtime_error["OriginalMessage"]
