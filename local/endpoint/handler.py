@@ -21,6 +21,18 @@ class InvocationError(Exception):
         self.message = message
 
 
+def toolkit_error(error: BaseException) -> InvocationError | None:
+    """The answer of SageMaker's inference toolkit to an error that a handler function raised, if it is a
+    `sagemaker_inference.errors.BaseInferenceToolkitError`: its `status_code` and `message` (the toolkit's
+    transformer sends those; any other exception is its 500). Where the toolkit is not installed, a model's class of
+    that name and shape stands for it, as training/inference.py defines one."""
+    names = {kind.__name__ for kind in type(error).__mro__}
+    status, message = getattr(error, "status_code", None), getattr(error, "message", None)
+    if "BaseInferenceToolkitError" in names and isinstance(status, int) and 400 <= status < 600:
+        return InvocationError(status, str(message))
+    return None
+
+
 @dataclass(frozen=True)
 class InferenceHandler:
     """The functions of a model's inference.py, with the toolkit's defaults where it defines none."""

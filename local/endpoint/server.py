@@ -4,13 +4,16 @@ It answers where boto3's `sagemaker-runtime` client sends `invoke_endpoint` when
 `AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME` points at it (`POST /endpoints/{name}/invocations`), and at the container
 paths `GET /ping` and `POST /invocations`.
 
-Errors are those of the real service. On the runtime path, the container's own errors (415 for a content type
-other than an image, 400 when `input_fn` cannot read the body, 500 when the model fails) reach the caller as
+Errors are those of the real service. On the runtime path, the container's own errors reach the caller as
 SageMaker passes them on: `ModelError`, HTTP 424, with `OriginalStatusCode`; `/invocations` answers them
 directly. An unknown endpoint is a 400 `ValidationError`, a body over 6 MiB a 413. A request whose capture record
 could not be written is answered 503 `ServiceUnavailable` (retried by boto3) instead of 200, where SageMaker
 would answer and lose the record. `POST /local/upload-captures` (not SageMaker's) uploads every record written so
 far, for a caller about to read them.
+
+The container's own errors: 415 for a content type other than an image; an error the inference toolkit answers
+itself (a BaseInferenceToolkitError, see handler.toolkit_error) with its status and message; otherwise 400 when
+`input_fn` cannot read the body (the toolkit would answer 500) and 500 when the model fails.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from local.endpoint.batching import PredictionBatcher
 from local.endpoint.capture import CaptureError, CaptureSpool, capture_record
-from local.endpoint.handler import InvocationError, answer_of, load_inference_handler, media_type
+from local.endpoint.handler import InvocationError, answer_of, load_inference_handler, media_type, toolkit_error
 from local.endpoint.spec import VARIANT_NAME, EndpointSpec
 
 ACCOUNT_ID = "123456789012"  # moto's default account; the real service names the caller's in "not found" errors
@@ -99,7 +102,7 @@ class Endpoint:
             except InvocationError:
                 raise
             except Exception as error:
-                raise InvocationError(
+                raise toolkit_error(error) or InvocationError(
                     400, f"input_fn could not read the request body: {type(error).__name__}: {error}"
                 ) from error
             batched = self._batcher.takes(data)
@@ -127,7 +130,7 @@ class Endpoint:
 
 
 def _model_failed(error: Exception) -> InvocationError:
-    return InvocationError(500, f"the model failed: {type(error).__name__}: {error}")
+    return toolkit_error(error) or InvocationError(500, f"the model failed: {type(error).__name__}: {error}")
 
 
 _RUNTIME_PATH = re.compile(r"/endpoints/(?P<name>[^/]+)/invocations")
