@@ -66,7 +66,7 @@ BAD = {
     "motorcycle/truncated.jpg": (TRUNCATED, "unreadable: image file is truncated"),
     "motorcycle/huge.png": (
         huge_png(),
-        "10000x10000 pixels: more than a camera makes (over 89.5 megapixels)",
+        "10000x10000 pixels: more than a camera makes (over 50 megapixels)",
     ),
     "car/car.jpg": (encoded(seed=11), "folder 'car' is no class (bicycle/, motorcycle/, bus/, neither/)"),
     "loose.jpg": (encoded(seed=12), "not in a class folder (bicycle/, motorcycle/, bus/, neither/)"),
@@ -379,3 +379,9 @@ def test_help_documents_photos():
     )
     assert helped.returncode == 0
     assert "--photos DIR|s3://BUCKET/PREFIX/" in helped.stdout and "photos.skipped" in helped.stdout
+
+
+def test_the_etl_stages_no_photo_the_endpoint_would_refuse():
+    from training import inference
+
+    assert photos.MAX_PHOTO_PIXELS == inference.MAX_PIXELS
