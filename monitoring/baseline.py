@@ -25,6 +25,7 @@ from monitoring.captures import CHANNELS
 SKETCH_K = 2048  # Model Monitor's KLL parameter k; more values than this are kept as k evenly spaced quantiles
 KLL_BUCKETS = 10
 PREDICTION_BATCH = 256
+CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg"}  # staged photos may be JPEGs; CIFAR's are PNGs
 
 
 class BaselineError(Exception):
@@ -93,7 +94,10 @@ def predict(handler, model, images: list[Path]) -> np.ndarray:
     answers = []
     for start in range(0, len(images), PREDICTION_BATCH):
         batch = torch.cat(
-            [handler.input_fn(path.read_bytes(), "image/png") for path in images[start : start + PREDICTION_BATCH]]
+            [
+                handler.input_fn(path.read_bytes(), CONTENT_TYPES.get(path.suffix.lower(), "image/png"))
+                for path in images[start : start + PREDICTION_BATCH]
+            ]
         )
         prediction = handler.predict_fn(batch, model)
         for row in range(len(batch)):
