@@ -82,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
         "--publish-metrics",
         metavar="NAMESPACE",
         help="put the violations into CloudWatch (DriftViolations in total and per check type, "
-        "DriftCheckedRecords), dimension EndpointName",
+        "DriftCheckedRecords, NeitherShare), dimension EndpointName",
     )
     report.add_argument("--endpoint-name", help="the EndpointName dimension of the published metrics")
     report.add_argument(

@@ -1,5 +1,9 @@
 """The baseline: what the model answers on its validation images and what its training images look like.
 
+The validation images are those of the model's classes (labels 0..n-1 of the staged manifest), the traffic the
+endpoint is there for; so the "neither" share of the baseline is how often the model calls a bicycle or a
+motorcycle neither, and a window with many photos of something else stands out against it.
+
 Written as Model Monitor's `statistics.json` and `constraints.json` (same keys where they fit; a numerical
 feature's KLL sketch holds every value when there are fewer than its `k`, as a KLL sketch of so few items does).
 The thresholds of the checks go into constraints.json, so that the report reads them from there as Model
@@ -25,6 +29,7 @@ from monitoring.captures import CHANNELS
 SKETCH_K = 2048  # Model Monitor's KLL parameter k; more values than this are kept as k evenly spaced quantiles
 KLL_BUCKETS = 10
 PREDICTION_BATCH = 256
+CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg"}  # staged photos may be JPEGs; CIFAR's are PNGs
 
 
 class BaselineError(Exception):
@@ -93,7 +98,10 @@ def predict(handler, model, images: list[Path]) -> np.ndarray:
     answers = []
     for start in range(0, len(images), PREDICTION_BATCH):
         batch = torch.cat(
-            [handler.input_fn(path.read_bytes(), "image/png") for path in images[start : start + PREDICTION_BATCH]]
+            [
+                handler.input_fn(path.read_bytes(), CONTENT_TYPES.get(path.suffix.lower(), "image/png"))
+                for path in images[start : start + PREDICTION_BATCH]
+            ]
         )
         prediction = handler.predict_fn(batch, model)
         for row in range(len(batch)):
@@ -126,15 +134,26 @@ def image_statistics(images: list[Path]) -> dict:
 def compute(model_archive: Path, data_dir: Path) -> tuple[dict, dict]:
     """statistics.json and constraints.json of the model's validation answers and its training images."""
     handler, model, settings = load_model(model_archive)
-    classes, threshold = settings["classes"], float(settings["threshold"])
+    classes = settings["classes"]
     probabilities = predict(handler, model, manifest_images(data_dir, "validation.lst", len(classes)))
     training = image_statistics(manifest_images(data_dir, "train.lst", len(classes)))
+    return statistics_of(probabilities, training, settings)
+
+
+def statistics_of(probabilities: np.ndarray, training: dict, settings: dict) -> tuple[dict, dict]:
+    """statistics.json and constraints.json of validation answers (N, classes), statistics of training images (as
+    image_statistics answers them) and the model's model.json settings."""
+    classes, threshold = settings["classes"], float(settings["threshold"])
     top = probabilities.max(axis=1)
-    predicted = [classes[index] for index in probabilities.argmax(axis=1)]
+    neither = checks.neither_most_likely(probabilities)
+    # As the class-mix check reads a window: the classes of the answers that name one.
+    predicted = [classes[index] for index in probabilities[~neither].argmax(axis=1)]
     features = [
         categorical_feature("prediction", predicted, classes),
         numerical_feature("top_probability", top),
         numerical_feature("low_confidence", (top < threshold).astype(float), "Integral"),
+        numerical_feature("neither", neither.astype(float), "Integral"),
+        numerical_feature("neither_probability", checks.neither_probability(probabilities)),
     ]
     for channel, name in enumerate(CHANNELS):
         features.append(numerical_feature(f"image_mean_{name}", training["channel_means"][:, channel]))

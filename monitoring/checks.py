@@ -31,6 +31,11 @@ DEFAULT_THRESHOLDS = {
     # Low-confidence rate (one-sided two-proportion z-test against the validation rate): it must also be
     # at least this much above the baseline rate, i.e. one more answer in ten refused.
     "low_confidence_margin": 0.10,
+    # "Neither" share (one-sided two-proportion z-test of the share of answers whose neither probability,
+    # 1 - sum of the class probabilities, exceeds every class probability, against that share on the validation
+    # images of the model's classes): it must also be at least this much above the baseline share, i.e. one more
+    # answer in ten says "neither bicycle nor motorcycle".
+    "neither_margin": 0.10,
     # Per-image channel mean and std, and border-minus-centre luminance (two-sample KS test against the
     # training images): the KS distance must also exceed this; 0.2 is a shift of about half a standard
     # deviation of that statistic. Measured on 100 of the staged bicycle and motorcycle test images against
@@ -43,6 +48,7 @@ DEFAULT_THRESHOLDS = {
     # Records that could not be read: any is a violation, since SageMaker's own records always parse.
     "max_parse_failures": 0,
 }
+NEITHER_ROUNDING = 1e-6  # a float32 softmax sums to 1 within about 1e-7: a classic answer's neither is 0
 PSI_BINS = 5  # few bins: PSI's bias grows with bins/records, and windows hold 50-100 records
 PSI_FLOOR = 1e-4  # share given to an empty bin, so that PSI stays finite
 
@@ -133,11 +139,28 @@ def one_sided_proportion_test(window_rate: float, window_count: int, base_rate: 
     return 0.5 * math.erfc((window_rate - base_rate) / spread / math.sqrt(2))
 
 
+def neither_probability(probabilities: np.ndarray) -> np.ndarray:
+    """Per answer (a row of class probabilities), the probability that the photo is neither class: 1 - sum."""
+    neither = 1 - probabilities.sum(axis=1)
+    return np.where(neither > NEITHER_ROUNDING, neither, 0.0)
+
+
+def neither_most_likely(probabilities: np.ndarray) -> np.ndarray:
+    """Per answer, whether "neither" is more likely than every class."""
+    if not probabilities.size:
+        return np.zeros(len(probabilities), dtype=bool)
+    return neither_probability(probabilities) > probabilities.max(axis=1)
+
+
 # ------------------------------------------------------------------------------------------- baseline
 
 
 def feature(statistics: dict, name: str) -> dict:
     return next(entry for entry in statistics["features"] if entry["name"] == name)
+
+
+def has_feature(statistics: dict, name: str) -> bool:
+    return any(entry["name"] == name for entry in statistics["features"])
 
 
 def sketch_values(statistics: dict, name: str) -> np.ndarray:
@@ -170,10 +193,12 @@ class Checker:
         probabilities = captures.probabilities[rows]
         probabilities = probabilities[~np.isnan(probabilities).any(axis=1)] if probabilities.size else probabilities
         with_image = rows[~np.isnan(captures.channel_means[rows, 0])]
+        neither = neither_most_likely(probabilities)
         results = [
-            self.class_mix(probabilities, label),
+            self.class_mix(probabilities[~neither], label, int(neither.sum())),
             self.top_probability(probabilities, label),
             self.low_confidence(probabilities, label),
+            self.neither(probabilities, label),
         ]
         for name, (attribute, channel) in IMAGE_FEATURES.items():
             column = getattr(captures, attribute)
@@ -189,7 +214,8 @@ class Checker:
             return Result(name, check_type, label, "SKIPPED", f"{count} records, fewer than the {needed} a test needs")
         return None
 
-    def class_mix(self, probabilities: np.ndarray, label: str) -> Result:
+    def class_mix(self, probabilities: np.ndarray, label: str, neither: int = 0) -> Result:
+        """The mix of the classes among the answers that name one; `neither` answers were left out."""
         name, check_type = "prediction", "baseline_drift_check"
         if skipped := self._too_few(name, check_type, len(probabilities), label):
             return skipped
@@ -218,7 +244,8 @@ class Checker:
             label,
             "VIOLATION" if violated else "OK",
             f"class mix {mix}: total variation distance {distance:.3f} (limit "
-            f"{self.thresholds['class_mix_min_tvd']}), chi-square p={p:.2g} (alpha {self.thresholds['alpha']})",
+            f"{self.thresholds['class_mix_min_tvd']}), chi-square p={p:.2g} (alpha {self.thresholds['alpha']})"
+            + (f"; {neither} answers most likely neither left out (see the neither check)" if neither else ""),
         )
 
     def top_probability(self, probabilities: np.ndarray, label: str) -> Result:
@@ -258,11 +285,46 @@ class Checker:
             f"limit baseline + {margin:.0%}), p={p:.2g} (alpha {self.thresholds['alpha']})",
         )
 
+    def neither(self, probabilities: np.ndarray, label: str) -> Result:
+        name, check_type = "neither", "baseline_drift_check"
+        if not has_feature(self.statistics, name):
+            return Result(
+                name,
+                check_type,
+                label,
+                "SKIPPED",
+                "the baseline has no neither statistics (it predates answers that may mean neither): rebuild it "
+                "with `python -m monitoring baseline`",
+            )
+        if skipped := self._too_few(name, check_type, len(probabilities), label):
+            return skipped
+        if probabilities.shape[1] != len(self.classes):
+            return Result(
+                name, check_type, label, "SKIPPED", "the answers do not hold one probability per class (see prediction)"
+            )
+        statistics = feature(self.statistics, name)["numerical_statistics"]
+        base_rate, base_count = statistics["mean"], statistics["common"]["num_present"]
+        rate = float(neither_most_likely(probabilities).mean())
+        mean = float(neither_probability(probabilities).mean())
+        base_mean = feature(self.statistics, "neither_probability")["numerical_statistics"]["mean"]
+        p = one_sided_proportion_test(rate, len(probabilities), base_rate, base_count)
+        margin = self.thresholds["neither_margin"]
+        violated = p < self.thresholds["alpha"] and rate > base_rate + margin
+        return Result(
+            name,
+            check_type,
+            label,
+            "VIOLATION" if violated else "OK",
+            f"{rate:.1%} of answers most likely neither (baseline {base_rate:.1%}, limit baseline + {margin:.0%}), "
+            f"mean neither probability {mean:.3f} (baseline {base_mean:.3f}), p={p:.2g} "
+            f"(alpha {self.thresholds['alpha']})",
+        )
+
     def image_statistic(self, name: str, values: np.ndarray, label: str) -> Result:
         check_type = "baseline_drift_check"
         if skipped := self._too_few(name, check_type, len(values), label):
             return skipped
-        if not any(entry["name"] == name for entry in self.statistics["features"]):
+        if not has_feature(self.statistics, name):
             return Result(
                 name,
                 check_type,

@@ -6,7 +6,9 @@ the run:
 - `DriftViolations` {EndpointName}: every violated check of the run (over its windows), the number alarmed on;
 - `DriftViolations` {EndpointName, CheckType}: the same per Model Monitor check type, zeros included, so that
   each series has a point per run;
-- `DriftCheckedRecords` {EndpointName}: capture records read, so that a quiet hour is told from a clean one.
+- `DriftCheckedRecords` {EndpointName}: capture records read, so that a quiet hour is told from a clean one;
+- `NeitherShare` {EndpointName}: the percentage of the answers read whose "neither" (1 - sum of the class
+  probabilities) is the most likely; no point when nothing was answered, since a quiet hour has no share.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from datetime import UTC, datetime
 
 VIOLATIONS = "DriftViolations"
 CHECKED_RECORDS = "DriftCheckedRecords"
+NEITHER_SHARE = "NeitherShare"
 # Every constraint_check_type the checks answer (monitoring.checks), in Model Monitor's names.
 CHECK_TYPES = ("baseline_drift_check", "data_type_check", "categorical_values_check", "parse_failure_check")
 
@@ -28,15 +31,16 @@ def metric_data(summary: dict, endpoint_name: str, timestamp: datetime | None = 
     )
     endpoint = [{"Name": "EndpointName", "Value": endpoint_name}]
 
-    def datum(name: str, value: float, dimensions: list[dict]) -> dict:
+    def datum(name: str, value: float, dimensions: list[dict], unit: str = "Count") -> dict:
         return {
             "MetricName": name,
             "Dimensions": dimensions,
             "Timestamp": moment,
             "Value": float(value),
-            "Unit": "Count",
+            "Unit": unit,
         }
 
+    share = summary.get("neither_share")
     return [
         datum(VIOLATIONS, sum(violated.values()), endpoint),
         *(
@@ -44,6 +48,7 @@ def metric_data(summary: dict, endpoint_name: str, timestamp: datetime | None = 
             for check_type in sorted(set(CHECK_TYPES) | set(violated))
         ),
         datum(CHECKED_RECORDS, summary.get("records", 0), endpoint),
+        *([datum(NEITHER_SHARE, 100 * share, endpoint, "Percent")] if share is not None else []),
     ]
 
 

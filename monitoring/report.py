@@ -102,8 +102,10 @@ def build(
         "confidence_over_time.png": plot_confidence_over_time(captures, checker.threshold),
         "class_mix_over_time.png": plot_class_mix(captures, windows, checker.classes),
         "low_confidence_over_time.png": plot_low_confidence(captures, windows, statistics, checker),
+        "neither_over_time.png": plot_neither(captures, windows, statistics, checker),
         "lowest_confidence_images.png": plot_lowest_images(captures, checker.classes),
     }
+    answers = answered(captures.probabilities)
     for name, png in pictures.items():
         write_file(out / name, png)
     summary = {
@@ -115,6 +117,9 @@ def build(
         "first_record": iso(captures.times.min()),
         "last_record": iso(captures.times.max()),
         "windows": len(windows),
+        "answered_records": len(answers),
+        # share of the answers whose "neither" (1 - sum of the class probabilities) is the most likely
+        "neither_share": float(checks.neither_most_likely(answers).mean()) if len(answers) else None,
         "violations": len(violations),
         "checks": summary_rows(results),
         "results": [asdict(result) for result in results],
@@ -161,6 +166,11 @@ def png_of(figure) -> bytes:
     return buffer.getvalue()
 
 
+def answered(probabilities: np.ndarray) -> np.ndarray:
+    """The rows of records that hold a whole answer."""
+    return probabilities[~np.isnan(probabilities).any(axis=1)] if probabilities.size else probabilities
+
+
 def top_probabilities(probabilities: np.ndarray) -> np.ndarray:
     """Each record's highest probability; NaN for a record without an answer (no warning about it)."""
     answered = ~np.isnan(probabilities).all(axis=1)
@@ -200,20 +210,23 @@ def plot_confidence_over_time(captures: Captures, threshold: float) -> bytes:
 
 
 def plot_class_mix(captures: Captures, windows: list[Window], classes: list[str]) -> bytes:
+    """Per window, the share of answers of each class and of those most likely neither."""
     figure, axis = plt.subplots(figsize=(9, 3.6))
     shares = []
     for each in windows:
-        rows = captures.probabilities[each.rows]
-        rows = rows[~np.isnan(rows).any(axis=1)]
-        counts = np.zeros(len(classes))
+        rows = answered(captures.probabilities[each.rows])
+        counts = np.zeros(len(classes) + 1)
         if len(rows):
-            counts = np.bincount(rows.argmax(axis=1), minlength=len(classes))[: len(classes)]
+            neither = checks.neither_most_likely(rows)
+            named = np.bincount(rows[~neither].argmax(axis=1), minlength=len(classes))[: len(classes)]
+            counts = np.append(named, neither.sum())
         shares.append(counts / max(1, len(rows)))
-    shares = np.array(shares).reshape(len(windows), len(classes))
+    shares = np.array(shares).reshape(len(windows), len(classes) + 1)
     positions = np.arange(len(windows))
     bottom = np.zeros(len(windows))
-    for index, name in enumerate(classes):
-        axis.bar(positions, shares[:, index], bottom=bottom, label=name)
+    for index, name in enumerate([*classes, "neither"]):
+        color = "tab:gray" if index == len(classes) else None
+        axis.bar(positions, shares[:, index], bottom=bottom, label=name, color=color)
         bottom += shares[:, index]
     axis.set_xticks(positions, [f"{moment:%m-%d %H:%M}" for moment in _window_times(windows)], rotation=30)
     axis.set(title="predicted class mix per window", ylabel="share of answers", ylim=(0, 1))
@@ -237,24 +250,56 @@ def plot_low_confidence(captures: Captures, windows: list[Window], statistics: d
     return png_of(figure)
 
 
+def plot_neither(captures: Captures, windows: list[Window], statistics: dict, checker) -> bytes:
+    shares = []
+    for each in windows:
+        rows = answered(captures.probabilities[each.rows])
+        shares.append(float(checks.neither_most_likely(rows).mean()) if len(rows) else np.nan)
+    figure, axis = plt.subplots(figsize=(9, 3.6))
+    positions = np.arange(len(windows))  # as the class mix's bars: one window alone is not spread over years
+    axis.plot(positions, shares, "o-", label="captured")
+    if checks.has_feature(statistics, "neither"):  # a baseline written before "neither" has no share to draw
+        base = checks.feature(statistics, "neither")["numerical_statistics"]["mean"]
+        axis.axhline(base, color="tab:green", label=f"baseline {base:.0%}")
+        axis.axhline(
+            base + checker.thresholds["neither_margin"], color="tab:red", linestyle="--", label="baseline + margin"
+        )
+    axis.set_xticks(positions, [f"{moment:%m-%d %H:%M}" for moment in _window_times(windows)], rotation=30)
+    axis.set(title="answers most likely neither (1 - sum above every class) per window", ylabel="share", ylim=(0, 1.05))
+    axis.legend(loc="upper left")
+    return png_of(figure)
+
+
 def plot_lowest_images(captures: Captures, classes: list[str]) -> bytes:
     kept = captures.lowest
     rows = max(1, -(-len(kept) // GRID_COLUMNS))
-    figure, axes = plt.subplots(rows, GRID_COLUMNS, figsize=(1.4 * GRID_COLUMNS, 1.7 * rows), squeeze=False)
+    neither = [checks.neither_probability(np.array([capture.probabilities]))[0] for capture in kept]
+    title_lines = len(classes) + any(neither)
+    figure, axes = plt.subplots(
+        rows, GRID_COLUMNS, figsize=(1.4 * GRID_COLUMNS, (1.35 + 0.17 * title_lines) * rows), squeeze=False
+    )
     for axis in axes.flat:
         axis.axis("off")
-    for axis, capture in zip(axes.flat, kept, strict=False):
+    for axis, capture, its_neither in zip(axes.flat, kept, neither, strict=False):
         with Image.open(io.BytesIO(capture.image)) as image:
             axis.imshow(np.asarray(image.convert("RGB")))
         answer = "\n".join(
             f"{name[:4]} {value:.2f}" for name, value in zip(classes, capture.probabilities, strict=True)
         )
+        answer += f"\nneit {its_neither:.2f}" if its_neither else ""
         axis.set_title(answer, fontsize=7)
     figure.suptitle("lowest-confidence captured images" if kept else "no captured images", fontsize=10)
     return png_of(figure)
 
 
 # ------------------------------------------------------------------------------------------------ html
+
+
+def neither_share(summary: dict) -> str:
+    if not summary["answered_records"]:
+        return ""
+    return f" Of {summary['answered_records']} answers, {summary['neither_share']:.1%} were most likely neither."
+
 
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top;font-size:.9em}
@@ -289,7 +334,7 @@ def render_html(summary: dict, pictures: dict[str, bytes]) -> str:
 <p>{summary["records"]} records from {summary["files"]} files under {escape(summary["source"])},
 {summary["first_record"]} to {summary["last_record"]}, in {summary["windows"]} window(s) of {summary["window"]};
 {summary["unreadable_records"]} unreadable. Checks: {counts["OK"]} OK, {counts["VIOLATION"]} VIOLATION,
-{counts["SKIPPED"]} SKIPPED.</p>
+{counts["SKIPPED"]} SKIPPED.{neither_share(summary)}</p>
 <h2>Summary</h2>
 <table><tr><th>feature</th><th>check</th><th>status</th><th>windows violated</th><th>window shown</th>
 <th>numbers</th></tr>{rows}</table>

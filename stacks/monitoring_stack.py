@@ -257,7 +257,7 @@ class MonitoringStack(Stack):
         dashboard.add_widgets(
             cloudwatch.GraphWidget(
                 title="Drift: violations of the hourly capture report",
-                width=16,
+                width=8,
                 stacked=True,
                 left=[
                     scones_metric(drift_metrics.VIOLATIONS, "Maximum", CheckType=check_type).with_(
@@ -270,6 +270,16 @@ class MonitoringStack(Stack):
                         period=ONE_HOUR, label="records checked"
                     )
                 ],
+            ),
+            cloudwatch.GraphWidget(
+                title="Drift: answers most likely neither (%)",
+                width=8,
+                left=[
+                    scones_metric(drift_metrics.NEITHER_SHARE, "Maximum").with_(
+                        period=ONE_HOUR, label="neither bicycle nor motorcycle"
+                    )
+                ],
+                left_y_axis=cloudwatch.YAxisProps(min=0, max=100),
             ),
             cloudwatch.GraphWidget(
                 title="Drift job runs",

@@ -152,6 +152,8 @@ def test_baseline_follows_model_monitor_shapes(baseline_dir):
         "prediction",
         "top_probability",
         "low_confidence",
+        "neither",
+        "neither_probability",
         *sorted(IMAGE_MEANS, key=names.index),
         *sorted(IMAGE_STDS, key=names.index),
         BORDER,
@@ -165,6 +167,11 @@ def test_baseline_follows_model_monitor_shapes(baseline_dir):
     assert top["common"]["num_present"] == 100 and 0.5 <= top["min"] <= top["mean"] <= top["max"] <= 1
     assert sum(bucket["count"] for bucket in top["distribution"]["kll"]["buckets"]) == 100
     assert checks.category_counts(statistics, "image_format") == {"PNG/RGB": 900}
+    assert checks.feature(statistics, "neither")["inferred_type"] == "Integral"
+    neither = checks.feature(statistics, "neither")["numerical_statistics"]
+    assert neither["common"]["num_present"] == 100
+    # This tiny model is a classic one (its answers sum to 1): it never says neither.
+    assert neither["mean"] == checks.feature(statistics, "neither_probability")["numerical_statistics"]["max"] == 0
     assert sum(checks.category_counts(statistics, "prediction").values()) == 100
     domains = {
         feature["name"]: feature.get("string_constraints", {}).get("domains") for feature in constraints["features"]
@@ -288,6 +295,7 @@ def test_report_publishes_its_violations_to_cloudwatch(captured, baseline_dir, t
         ("DriftViolations", None): (summary["violations"], 5),
         **{("DriftViolations", check_type): (count, 1) for check_type, count in by_type.items()},
         ("DriftCheckedRecords", None): (100, 1),
+        ("NeitherShare", None): (100 * summary["neither_share"], 1),
     }
     assert (summary["violations"] > 0) == (kind == "dark"), summary["checks"]
 
@@ -469,7 +477,7 @@ def test_report_is_self_contained_with_decodable_pictures(captured, baseline_dir
     report(captured["dark"], baseline_dir, tmp_path)
     page = (tmp_path / "report.html").read_text()
     sources = data_uris(page)
-    assert len(sources) == 5 and page.count("<img") == 5
+    assert len(sources) == 6 and page.count("<img") == 6
     for source in sources:
         assert source.startswith("data:image/png;base64,")
         with Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1], validate=True))) as picture:
@@ -483,6 +491,7 @@ def test_report_is_self_contained_with_decodable_pictures(captured, baseline_dir
             "confidence_over_time.png",
             "low_confidence_over_time.png",
             "lowest_confidence_images.png",
+            "neither_over_time.png",
             "top_probability_histogram.png",
         ]
     )
@@ -518,7 +527,7 @@ def test_report_renders_in_headless_chromium(captured, baseline_dir, tmp_path):
     dom = subprocess.run(
         [*browser, "--dump-dom", (tmp_path / "probe.html").as_uri()], capture_output=True, text=True, timeout=60
     )
-    assert re.search(r'data-loaded="5"', dom.stdout) and re.search(r'data-total="5"', dom.stdout), dom.stderr[-2000:]
+    assert re.search(r'data-loaded="6"', dom.stdout) and re.search(r'data-total="6"', dom.stdout), dom.stderr[-2000:]
     screenshot = tmp_path / "report.png"
     shot = subprocess.run(
         [
@@ -872,3 +881,128 @@ def test_an_s3_time_range_lists_only_the_date_folders_that_may_hold_it(monkeypat
             "AllTraffic/2026/11/25/09/",
         )
     )
+
+
+# ------------------------------------------------- "neither": 1 - sum of the answer, on synthetic answers
+
+SETTINGS = {"classes": list(CLASSES), "threshold": 0.8, "temperature": 1.0}
+NEITHER_ANSWER = [0.05, 0.02]  # a model that learnt "neither": 0.93 of it
+
+
+def vehicle_answers(count: int, seed: int = 0, neither: float = 0.0) -> list[list[float]]:
+    """Confident answers, bicycle and motorcycle alike, leaving `neither` to neither."""
+    rng = np.random.default_rng(seed)
+    tops = rng.uniform(0.85, 0.99, count) * (1 - neither)
+    return [[top, 1 - neither - top][:: 1 if index % 2 else -1] for index, top in enumerate(tops)]
+
+
+def synthetic_baseline(folder: Path, answers: list[list[float]]) -> Path:
+    """A baseline of these validation answers and of training images like the captured ones (png_bytes)."""
+    images = folder / "training"
+    images.mkdir(parents=True)
+    for index in range(40):
+        (images / f"{index}.png").write_bytes(png_bytes())
+    from monitoring import baseline
+
+    statistics, constraints = baseline.statistics_of(
+        np.array(answers), baseline.image_statistics(sorted(images.glob("*.png"))), SETTINGS
+    )
+    baseline.write(statistics, constraints, folder / "baseline")
+    return folder / "baseline"
+
+
+def synthetic_captures(folder: Path, answers: list[list[float]]) -> Path:
+    hour = folder / "scones" / "AllTraffic" / "2026" / "11" / "25" / "08"
+    hour.mkdir(parents=True)
+    lines = [
+        record(f"2026-11-25T08:{index // 60:02d}:{index % 60:02d}Z", png_bytes(), json.dumps(answer))
+        for index, answer in enumerate(answers)
+    ]
+    (hour / "00-00-000-a.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def rows_of(summary: dict) -> dict[str, dict]:
+    return {row["feature_name"]: row for row in summary["checks"]}
+
+
+def test_neither_is_what_the_answer_leaves_and_zero_for_answers_that_sum_to_1():
+    classic = np.array([[0.9388836622238159, 0.061116307973861694], [0.3, 0.7], [np.float32(0.6), np.float32(0.4)]])
+    np.testing.assert_array_equal(checks.neither_probability(classic), 0)  # rounding either side of 1
+    assert not checks.neither_most_likely(classic).any()
+    three_way = np.array([NEITHER_ANSWER, [0.45, 0.1], [0.7, 0.2]])
+    np.testing.assert_allclose(checks.neither_probability(three_way), [0.93, 0.45, 0.1])
+    assert checks.neither_most_likely(three_way).tolist() == [True, False, False]
+
+
+def test_classic_answers_give_a_neither_baseline_of_zero_and_pass_the_check(tmp_path):
+    baseline_dir = synthetic_baseline(tmp_path, vehicle_answers(100))
+    statistics = json.loads((baseline_dir / "statistics.json").read_text())
+    assert checks.feature(statistics, "neither")["numerical_statistics"]["mean"] == 0
+    assert checks.feature(statistics, "neither_probability")["numerical_statistics"]["max"] == 0
+    summary = report(
+        str(synthetic_captures(tmp_path / "captures", vehicle_answers(60, seed=1))), baseline_dir, tmp_path
+    )
+    rows = rows_of(summary)
+    assert rows["neither"]["status"] == "OK" and "0.0% of answers most likely neither" in rows["neither"]["description"]
+    assert summary["neither_share"] == 0 and summary["violations"] == 0, summary["checks"]
+
+
+def test_a_window_of_many_neither_answers_against_a_baseline_of_few_violates(tmp_path):
+    from monitoring import metrics
+
+    validation = vehicle_answers(98, neither=0.03) + [NEITHER_ANSWER] * 2
+    baseline_dir = synthetic_baseline(tmp_path, validation)
+    statistics = json.loads((baseline_dir / "statistics.json").read_text())
+    assert checks.feature(statistics, "neither")["numerical_statistics"]["mean"] == pytest.approx(0.02)
+    assert sum(checks.category_counts(statistics, "prediction").values()) == 98  # neither answers name no class
+    window = vehicle_answers(40, seed=2, neither=0.03) + [NEITHER_ANSWER] * 20
+    summary = report(str(synthetic_captures(tmp_path / "captures", window)), baseline_dir, tmp_path / "out")
+    rows = rows_of(summary)
+    assert rows["neither"]["status"] == "VIOLATION", rows["neither"]
+    assert rows["neither"]["description"].startswith("33.3% of answers most likely neither (baseline 2.0%")
+    # The class mix is that of the answers naming a class: unmoved, and it says what it left out.
+    assert rows["prediction"]["status"] == "OK", rows["prediction"]
+    assert "20 answers most likely neither left out" in rows["prediction"]["description"]
+    assert summary["neither_share"] == pytest.approx(1 / 3)
+    (share,) = [datum for datum in metrics.metric_data(summary, "scones-dev") if datum["MetricName"] == "NeitherShare"]
+    assert (share["Value"], share["Unit"]) == (pytest.approx(100 / 3), "Percent")
+
+
+def test_a_window_of_neither_answers_only_skips_the_class_mix(tmp_path):
+    baseline_dir = synthetic_baseline(tmp_path, vehicle_answers(100))
+    summary = report(
+        str(synthetic_captures(tmp_path / "captures", [NEITHER_ANSWER] * 40)), baseline_dir, tmp_path / "out"
+    )
+    rows = rows_of(summary)
+    assert rows["prediction"]["status"] == "SKIPPED" and rows["neither"]["status"] == "VIOLATION"
+    assert summary["neither_share"] == 1
+
+
+def test_a_baseline_written_before_neither_skips_that_check_only(tmp_path):
+    baseline_dir = synthetic_baseline(tmp_path, vehicle_answers(100))
+    statistics = json.loads((baseline_dir / "statistics.json").read_text())
+    statistics["features"] = [entry for entry in statistics["features"] if not entry["name"].startswith("neither")]
+    (baseline_dir / "statistics.json").write_text(json.dumps(statistics))
+    constraints = json.loads((baseline_dir / "constraints.json").read_text())
+    constraints["features"] = [entry for entry in constraints["features"] if not entry["name"].startswith("neither")]
+    del constraints["monitoring_config"]["thresholds"]["neither_margin"]
+    (baseline_dir / "constraints.json").write_text(json.dumps(constraints))
+    window = vehicle_answers(40, seed=3) + [NEITHER_ANSWER] * 20
+    summary = report(str(synthetic_captures(tmp_path / "captures", window)), baseline_dir, tmp_path / "out")
+    rows = rows_of(summary)
+    assert rows["neither"]["status"] == "SKIPPED", rows["neither"]
+    assert "no neither statistics" in rows["neither"]["description"] and "rebuild it" in rows["neither"]["description"]
+    assert rows["top_probability"]["status"] != "SKIPPED" and rows["prediction"]["status"] == "OK"
+
+
+def test_report_shows_the_neither_share(tmp_path):
+    baseline_dir = synthetic_baseline(tmp_path, vehicle_answers(100))
+    window = vehicle_answers(45, seed=4) + [NEITHER_ANSWER] * 15
+    report(str(synthetic_captures(tmp_path / "captures", window)), baseline_dir, tmp_path / "out")
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Of 60 answers, 25.0% were most likely neither." in page
+    assert "25.0% of answers most likely neither (baseline 0.0%" in page
+    assert 'alt="neither_over_time.png"' in page
+    with Image.open(tmp_path / "out" / "neither_over_time.png") as picture:
+        assert picture.format == "PNG" and picture.width > 200

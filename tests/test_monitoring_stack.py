@@ -119,9 +119,16 @@ def test_dashboard_has_every_part():
         "Low-confidence answers",
         "Predicted class mix",
         "Drift: violations of the hourly capture report",
+        "Drift: answers most likely neither (%)",
         "Drift job runs",
     ):
         assert title in body
+
+
+def test_dashboard_reads_the_neither_share_the_report_publishes():
+    (dashboard,) = template("Monitoring").find_resources("AWS::CloudWatch::Dashboard").values()
+    body = json.dumps(dashboard["Properties"]["DashboardBody"])
+    assert f'[\\"{_filter_namespace()}\\",\\"{metrics.NEITHER_SHARE}\\",\\"EndpointName\\",\\"scones-dev\\"' in body
 
 
 def test_drift_alarms_read_what_the_report_publishes():
