@@ -406,7 +406,7 @@ def test_the_source_directory_packs_the_same_bytes_each_time(tmp_path):
     first, second = sourcedir.pack(tmp_path / "a.tar.gz"), sourcedir.pack(tmp_path / "b.tar.gz")
     assert first.read_bytes() == second.read_bytes()
     with tarfile.open(first) as tar:
-        assert tar.getnames() == ["train.py", "model.py", "inference.py", "calibration.py"]
+        assert tar.getnames() == ["train.py", "model.py", "inference.py", "calibration.py", "requirements.txt"]
         assert all(tar.extractfile(name).read() == (ROOT / "training" / name).read_bytes() for name in tar.getnames())
 
 

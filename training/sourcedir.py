@@ -4,6 +4,13 @@
 does, so a file missing from the list fails a local fit too. `pack` writes them as SageMaker's
 `sourcedir.tar.gz` for the training stack to ship; the container extracts it into its code folder when
 `sagemaker_submit_directory` names the archive, and runs `sagemaker_program` (`train.py`) from there.
+
+Before that, the container's training toolkit runs `pip install -r requirements.txt` in the extracted folder when
+the file is there (sagemaker-training-toolkit, `entry_point.install`): `requirements.txt` here is how a package the
+container lacks reaches the job. The serving container does the same with the model's `code/requirements.txt`
+when its model server starts (sagemaker-pytorch-inference-toolkit, `torchserve.start_torchserve`); the model
+carries none today (`train.SERVING_CODE`). What each container provides is below; `tests/test_sourcedir.py`
+fails when a shipped file imports anything else.
 """
 
 import gzip
@@ -14,7 +21,36 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ENTRY_POINT = "train.py"
-FILES = (ENTRY_POINT, "model.py", "inference.py", "calibration.py")
+# requirements.txt: what the container pip-installs before the entry point runs (nothing yet; one line a package)
+FILES = (ENTRY_POINT, "model.py", "inference.py", "calibration.py", "requirements.txt")
+
+# The containers' Python, and the standard library modules that this machine's Python (3.11, whose
+# sys.stdlib_module_names the check uses) knows but 3.12 removed (PEP 594 and PEP 632).
+CONTAINER_PYTHON = "3.12"
+REMOVED_FROM_STDLIB = frozenset({"asynchat", "asyncore", "distutils", "imp", "smtpd"})
+
+# Importable packages of SageMaker's PyTorch 2.6 CPU images (py312), by import name, from the "sagemaker" stages
+# of aws/deep-learning-containers pytorch/training/docker/2.6/py3/Dockerfile.cpu (training) and
+# pytorch/inference/docker/2.6/py3/Dockerfile.cpu (inference); the core_packages.json files beside them pin
+# torch 2.6.0+cpu and torchvision 0.21.0+cpu. Only what a Dockerfile names (and hard dependencies: botocore under
+# boto3, Pillow under torchvision), not what comes along with something else (matplotlib under seaborn in
+# training): such a package may be gone in the next build of the image. numpy: training pins "numpy<2" (for
+# fastai), so 1.x; inference installs it unpinned. Code must run on both. sagemaker there is the v2 SDK.
+_BOTH = {
+    "torch", "torchvision", "torchaudio", "torchtext", "torchdata",
+    "numpy", "scipy", "PIL", "cv2", "h5py", "boto3", "botocore", "requests", "urllib3", "idna", "charset_normalizer",
+    "tqdm", "packaging", "setuptools", "Cython", "cryptography", "OpenSSL", "parso", "IPython", "awscli",
+}  # fmt: skip
+TRAINING_CONTAINER = frozenset(_BOTH | {
+    "yaml", "click", "psutil", "ipykernel", "fsspec", "mpi4py", "pybind11",
+    "torchtnt", "s3torchconnector", "fastai", "accelerate", "spacy", "thinc", "blis",
+    "smclarify", "sagemaker", "smexperiments", "sagemaker_pytorch_container", "sagemaker_training",
+    "bokeh", "imageio", "numba", "pandas", "plotly", "sklearn", "seaborn", "shap", "cloudpickle",
+})  # fmt: skip
+SERVING_CONTAINER = frozenset(_BOTH | {
+    "pytz", "tzdata", "ts", "model_archiver",
+    "sklearn", "pandas", "sagemaker_pytorch_serving_container", "sagemaker_inference", "s3transfer",
+})  # fmt: skip
 
 
 def copy(directory: Path) -> Path:
