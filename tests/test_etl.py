@@ -35,7 +35,7 @@ needs_shared = pytest.mark.skipif(not SHARED.is_file(), reason=f"the shared CIFA
 # "rocket" is in the tiny meta but has no images.
 TINY_NAMES = ["apple", "bicycle", "bus", "motorcycle", "rocket"]
 TINY_CLASSES = ["bicycle", "bus", "motorcycle"]
-MANIFEST_LINE = re.compile(r"(\d+)\t(\d+)\t((train|test)/[A-Za-z0-9_]+\.png)")
+MANIFEST_LINE = re.compile(r"(\d+)\t(\d+)\t((train|test)/[A-Za-z0-9_]+(\.[a-z_]+)?\.png)")
 
 
 # ----------------------------------------------------------------------------------- tiny archives
@@ -233,11 +233,80 @@ def test_an_image_name_with_a_path_is_refused(tmp_path, cifar):
     assert not list(tmp_path.rglob("escaped.png"))
 
 
-def test_two_images_with_one_name_are_refused(tmp_path, cifar):
-    name = cifar["test"][b"filenames"][1] = cifar["test"][b"filenames"][0]
+def rows_of(split: dict, name: str) -> list[int]:
+    return [row for row, label in enumerate(split[b"fine_labels"]) if TINY_NAMES[label] == name]
+
+
+@pytest.mark.parametrize("same_pixels", [False, True])
+def test_two_images_of_one_class_with_one_name_are_refused(tmp_path, cifar, same_pixels):
+    """CIFAR-100 never does this and a tampered archive would: even the same pixels are refused, not dropped."""
+    first, second = rows_of(cifar["test"], "bus")[:2]
+    name = cifar["test"][b"filenames"][second] = cifar["test"][b"filenames"][first]
+    if same_pixels:
+        cifar["test"][b"data"][second] = cifar["test"][b"data"][first]
     doubled = write_archive(tmp_path / "doubled.tar.gz", cifar_members(cifar))
-    with pytest.raises(etl.CorruptArchive, match=f"more than one image named test/{name.decode()}$"):
+    with pytest.raises(etl.CorruptArchive, match=f"more than one image of class bus named test/{name.decode()}$"):
         etl.stage(doubled, tmp_path / "out", TINY_CLASSES, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def shared_name(tmp_path, cifar):
+    """An archive whose later (in archive order) training image of bus has the name of an earlier bicycle's."""
+    bicycle = rows_of(cifar["train"], "bicycle")[0]
+    bus = next(row for row in rows_of(cifar["train"], "bus") if row > bicycle)
+    name = cifar["train"][b"filenames"][bus] = cifar["train"][b"filenames"][bicycle]
+    archive = write_archive(tmp_path / "shared-name.tar.gz", cifar_members(cifar))
+    return archive, name.decode(), bicycle, bus
+
+
+@pytest.mark.parametrize("encoding", ["bytes", "latin1"])
+def test_images_of_two_classes_with_one_name_are_both_staged(tmp_path, cifar, shared_name, encoding, monkeypatch):
+    monkeypatch.setattr(etl, "read_archive", functools.partial(etl.read_archive, encoding=encoding))
+    archive, name, bicycle, bus = shared_name
+    out = tmp_path / "out"
+    summary = etl.stage(archive, out, ["bicycle", "motorcycle"], extra_classes=["bus"], progress=False)
+
+    kept, renamed = f"train/{name}", f"train/{name.removesuffix('.png')}.bus.png"
+    assert etl.SAFE_IMAGE_NAME.fullmatch(Path(renamed).name)
+    assert summary.dataset["renamed"] == [{"name": name, "staged_as": renamed, "class": "bus"}]
+    assert json.loads((out / "dataset.json").read_text())["renamed"] == summary.dataset["renamed"]
+    for path, row in ((kept, bicycle), (renamed, bus)):
+        assert np.array_equal(decoded(out / path), pixels_from_row(cifar["train"][b"data"][row]))
+        assert path in summary.dataset["files"]
+    listed = {path: label for lst in ("train.lst", "validation.lst") for _, label, path in manifest(out, lst)}
+    assert (listed[kept], listed[renamed]) == (0, 2)
+    assert len(listed) == sum(sum(summary.dataset["counts"][split].values()) for split in ("train", "validation")) == 30
+    assert sorted(staged_files(out)) == sorted([*summary.dataset["files"], "dataset.json"])
+
+    again = etl.stage(archive, out, ["bicycle", "motorcycle"], extra_classes=["bus"], progress=False)
+    assert again.written == [] and again.dataset == summary.dataset
+
+
+def test_a_shared_name_among_classes_not_staged_needs_nothing(tmp_path, shared_name):
+    archive, name, _, _ = shared_name
+    for classes in (["bicycle"], ["bus"]):
+        summary = etl.stage(archive, tmp_path / classes[0], classes, progress=False)
+        assert "renamed" not in summary.dataset
+        assert f"train/{name}" in summary.dataset["files"]
+
+
+def test_a_renamed_image_that_meets_another_name_is_refused(tmp_path, cifar, shared_name):
+    archive, name, _, bus = shared_name
+    later = next(row for row in rows_of(cifar["train"], "motorcycle") if row > bus)
+    cifar["train"][b"filenames"][bus] = name.encode()
+    cifar["train"][b"filenames"][later] = f"{name.removesuffix('.png')}.bus.png".encode()
+    clash = write_archive(tmp_path / "clash.tar.gz", cifar_members(cifar))
+    with pytest.raises(etl.CorruptArchive, match=f"more than one image named train/{re.escape(name[:-4])}.bus.png$"):
+        etl.stage(clash, tmp_path / "out", TINY_CLASSES, progress=False)
+
+
+def test_command_prints_each_renamed_image(tmp_path, shared_name, capsys):
+    archive, name, _, _ = shared_name
+    assert etl.main(["--source", str(archive), "--out", str(tmp_path / "out"), "--classes", "bicycle,bus"]) == 0
+    assert capsys.readouterr().err == (
+        f"renamed {name} of class bus to train/{name[:-4]}.bus.png: an image of another class has that name first\n"
+    )
 
 
 def test_a_truncated_archive_is_corrupt(tmp_path, archive):

@@ -12,6 +12,9 @@ is already cached is not fetched again.
 The output folder (and, with `--bucket`, the bucket root) gets `train/<cifar name>.png`,
 `test/<cifar name>.png`, `train.lst`, `validation.lst`, `test.lst` and, last, `dataset.json`.
 Validation images are a stratified, seeded part of the training images; they stay under `train/`.
+The official archive gives a few names to images of two classes (baby_s_000333.png is a girl and a baby):
+the first in archive order keeps the name, a later one is staged as `<cifar name minus .png>.<its
+class>.png`, printed and listed in dataset.json under `renamed`.
 Extra classes are staged for training only (labels after the classes', no test images): the training
 script learns them alongside to sharpen its features, and serves only the classes.
 Running again writes and uploads only what differs, and completes an interrupted run.
@@ -358,8 +361,8 @@ def stage(
     archive = read_archive(archive_path, progress=progress)
     fine_ids = fine_label_ids(classes, archive, archive_path)
     splits = split_rows(archive, fine_ids, fine_ids[: len(targets)], validation_fraction, seed)
-    images = image_files(splits)
-    check_image_names([relative_path for relative_path, _ in images], archive_path)
+    paths, renamed = staged_paths(splits, archive.fine_label_names, archive_path)
+    images = image_files(splits, paths)
     try:
         photo_source = photo_staging.find(photos, s3_client) if photos else None
     except photo_staging.PhotoError as error:
@@ -374,7 +377,7 @@ def stage(
     label_of = {fine_id: label for label, fine_id in enumerate(fine_ids)}
     listed = {
         split_name: [
-            (label_of[split.fine_labels[row]], f"{IMAGE_FOLDERS[split_name]}/{split.filenames[row]}") for row in rows
+            (label_of[split.fine_labels[row]], path) for row, path in zip(rows, paths[split_name], strict=True)
         ]
         for split_name, (split, rows) in splits.items()
     }
@@ -425,6 +428,8 @@ def stage(
         "pixel_stats": {"of": "train", "scale": "0..1", **channel_stats(train.data[train_rows])},
         "files": dict(sorted(hashes.items())),
     }
+    if renamed:
+        dataset["renamed"] = renamed
     if staged_photos:
         if photo_staging.NEITHER in counts["train"]:
             dataset["extra_classes"].append(
@@ -477,12 +482,15 @@ def split_rows(
     }
 
 
-def image_files(splits: dict[str, tuple[Split, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
-    """The relative path and CIFAR row of every image of the splits."""
+def image_files(
+    splits: dict[str, tuple[Split, np.ndarray]], paths: dict[str, list[str]] | None = None
+) -> list[tuple[str, np.ndarray]]:
+    """The relative path and CIFAR row of every image of the splits; the paths are `paths` (from
+    `staged_paths`), by default `<folder>/<cifar name>`."""
     return [
-        (f"{IMAGE_FOLDERS[split_name]}/{split.filenames[row]}", split.data[row])
+        (paths[split_name][index] if paths else f"{IMAGE_FOLDERS[split_name]}/{split.filenames[row]}", split.data[row])
         for split_name, (split, rows) in splits.items()
-        for row in rows
+        for index, row in enumerate(rows)
     ]
 
 
@@ -491,15 +499,53 @@ def manifest(lines: list[tuple[int, str]]) -> bytes:
     return "".join(f"{index}\t{label}\t{path}\n" for index, (label, path) in enumerate(lines)).encode()
 
 
-def check_image_names(relative_paths: list[str], archive_path: Path) -> None:
-    """The archive names the images: each name must be a plain file name, and unique in its folder."""
-    for relative_path in relative_paths:
-        name = relative_path.split("/", 1)[1]
-        if not SAFE_IMAGE_NAME.fullmatch(name):
-            raise UnsafeArchive(f"{archive_path.name} names an image {name!r}, not a plain file name")
-    repeated = [path for path, count in collections.Counter(relative_paths).items() if count > 1]
-    if repeated:
-        raise CorruptArchive(f"{archive_path.name} has more than one image named {repeated[0]}")
+def staged_paths(
+    splits: dict[str, tuple[Split, np.ndarray]], class_names: list[str], archive_path: Path
+) -> tuple[dict[str, list[str]], list[dict]]:
+    """Where each image of the splits is staged (per split, a relative path per row) and the images renamed.
+
+    The archive names the images, and each name must be a plain file name. The first image with a name (in
+    archive order, among the staged images of its folder) is staged under it; a later image of another class
+    with the same name is staged as `<name>.<its class>.png` (an image may be staged twice, once per label): the
+    official archive itself names train/baby_s_000333.png and test/baby_s_000223.png twice, each time the same
+    pixels labelled girl and then baby. Two images of one class with one name are refused, even with the same
+    pixels: CIFAR-100 has none, so they mean a tampered or mis-built archive, to be noticed rather than repaired
+    in silence (dropping one would also make the staged counts differ from the archive's)."""
+    staged = {}  # (folder, row) -> relative path
+    renamed = []
+    for folder in dict.fromkeys(IMAGE_FOLDERS.values()):
+        in_folder = [
+            (split, rows) for split_name, (split, rows) in splits.items() if IMAGE_FOLDERS[split_name] == folder
+        ]
+        split = in_folder[0][0]  # the folders' splits share their archive member
+        classes_of = collections.defaultdict(list)  # cifar name -> fine labels of the images with it, in order
+        taken = set()
+        for row in np.sort(np.concatenate([rows for _, rows in in_folder])).tolist():
+            name, fine_label = split.filenames[row], int(split.fine_labels[row])
+            if not SAFE_IMAGE_NAME.fullmatch(name):
+                raise UnsafeArchive(f"{archive_path.name} names an image {name!r}, not a plain file name")
+            if fine_label in classes_of[name]:
+                raise CorruptArchive(
+                    f"{archive_path.name} has more than one image of class {class_names[fine_label]} "
+                    f"named {folder}/{name}"
+                )
+            path = f"{folder}/{name}"
+            if classes_of[name]:
+                path = f"{folder}/{name.removesuffix('.png')}.{class_names[fine_label]}.png"
+                if not SAFE_IMAGE_NAME.fullmatch(path.split("/", 1)[1]):
+                    raise UnsafeArchive(
+                        f"{archive_path.name} has a class {class_names[fine_label]!r}, not a plain name"
+                    )
+                renamed.append({"name": name, "staged_as": path, "class": class_names[fine_label]})
+            if path in taken:
+                raise CorruptArchive(f"{archive_path.name} has more than one image named {path}")
+            classes_of[name].append(fine_label)
+            taken.add(path)
+            staged[folder, row] = path
+    return {
+        split_name: [staged[IMAGE_FOLDERS[split_name], row] for row in rows.tolist()]
+        for split_name, (_, rows) in splits.items()
+    }, renamed
 
 
 def png_bytes(row: np.ndarray) -> bytes:
@@ -681,6 +727,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to finish", file=sys.stderr)
         return 130
+    for renamed in summary.dataset.get("renamed", []):
+        print(
+            f"renamed {renamed['name']} of class {renamed['class']} to {renamed['staged_as']}: "
+            "an image of another class has that name first",
+            file=sys.stderr,
+        )
     for skipped in summary.dataset.get("photos", {}).get("skipped", []):
         print(f"skipped photo {skipped['path']}: {skipped['reason']}", file=sys.stderr)
     print(summary.report())
