@@ -31,6 +31,8 @@ from training.etl import SHARED_ARCHIVE as SHARED
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_shared = pytest.mark.skipif(not SHARED.is_file(), reason=f"the shared CIFAR-100 copy is not at {SHARED}")
+SUBSET = SHARED.with_name("cifar-100-python-subset.tar.gz")
+needs_subset = pytest.mark.skipif(not SUBSET.is_file(), reason=f"the shared CIFAR-100 subset is not at {SUBSET}")
 
 # "rocket" is in the tiny meta but has no images.
 TINY_NAMES = ["apple", "bicycle", "bus", "motorcycle", "rocket"]
@@ -622,6 +624,39 @@ def test_shared_copy_labels_and_pixels_match_the_archive(shared_staged):
         ("test", test, last_test),
     ):
         assert np.array_equal(decoded(out / folder / split["filenames"][index]), pixels_from_row(split["data"][index]))
+
+
+@needs_subset
+@pytest.mark.parametrize(
+    "classes, extra_classes", [(["bicycle", "motorcycle"], ["baby", "girl"]), (["girl", "baby"], [])]
+)
+def test_the_subset_stages_baby_and_girl_despite_their_shared_names(tmp_path, classes, extra_classes):
+    """The official archive names a training and a test image twice, once as girl and, later, once as baby."""
+    out = tmp_path / "out"
+    summary = etl.stage(SUBSET, out, classes, extra_classes=extra_classes, progress=False)
+    folders = ["train"] + ["test"] * (not extra_classes)
+    number = {"train": "000333", "test": "000223"}
+    assert summary.dataset["renamed"] == [
+        {
+            "name": f"baby_s_{number[folder]}.png",
+            "staged_as": f"{folder}/baby_s_{number[folder]}.baby.png",
+            "class": "baby",
+        }
+        for folder in folders
+    ]
+    archive = etl.read_archive(SUBSET)
+    label_of = {"baby": (classes + extra_classes).index("baby"), "girl": (classes + extra_classes).index("girl")}
+    listed = {
+        path: label for lst in ("train.lst", "validation.lst", "test.lst") for _, label, path in manifest(out, lst)
+    }
+    for folder in folders:
+        split = getattr(archive, folder)
+        rows = [row for row, name in enumerate(split.filenames) if name == f"baby_s_{number[folder]}.png"]
+        assert [archive.fine_label_names[split.fine_labels[row]] for row in rows] == ["girl", "baby"]
+        for row, path in zip(rows, [f"baby_s_{number[folder]}.png", f"baby_s_{number[folder]}.baby.png"], strict=True):
+            assert np.array_equal(decoded(out / folder / path), pixels_from_row(split.data[row]))
+        assert listed[f"{folder}/baby_s_{number[folder]}.png"] == label_of["girl"]
+        assert listed[f"{folder}/baby_s_{number[folder]}.baby.png"] == label_of["baby"]
 
 
 # ---------------------------------------------------------------------------------------------- S3
