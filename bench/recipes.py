@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from training import etl, train  # noqa: E402
+from training.data import read_manifest  # noqa: E402
 from training.etl import SHARED_ARCHIVE, VEHICLE_EXTRA_CLASSES as EXTRA_CLASSES  # noqa: E402
 from training.fit import fit_local  # noqa: E402
 
@@ -56,7 +57,7 @@ def recipe(text: str) -> tuple[str, dict]:
 def make_folds(data: Path, work: Path, count: int) -> list[Path]:
     """Folders holding a fold's manifests (its 100 target images as the validation split, every other image
     for training) and links to the staged images."""
-    rows = [row for manifest in ("train.lst", "validation.lst") for row in train.read_manifest(data / manifest)]
+    rows = [row for manifest in ("train.lst", "validation.lst") for row in read_manifest(data / manifest)]
     by_class = {label: sorted(path for row_label, path in rows if row_label == label) for label in (0, 1)}
     shuffle = random.Random(12345)
     for paths in by_class.values():

@@ -16,6 +16,7 @@ from PIL import Image
 from test_etl import cifar_members, staged_files, tiny_cifar, write_archive
 
 from training import etl, photos
+from training.data import load_split
 
 ROOT = Path(__file__).resolve().parent.parent
 # The real photographs beside the checkout (../shared/data/README.md): read from there, never copied into the repo.
@@ -166,13 +167,12 @@ def test_photos_are_staged_as_their_bytes_listed_with_their_labels_and_recorded(
 
 
 def test_the_training_script_reads_every_staged_photo_here_and_as_sagemaker_downloads_the_channel(tmp_path, archive):
-    from training import train
 
     out = tmp_path / "out"
     stage(archive, out, write_folder(tmp_path / "photos", GOOD))
     channel = shutil.copytree(out / "train", tmp_path / "channel")  # the S3 prefix `train`, without `train/`
     for data_dir in (out, channel):
-        images, labels, paths = train.load_split(data_dir, out / "train.lst")
+        images, labels, paths = load_split(data_dir, out / "train.lst")
         assert len(images) == len(rows(out, "train.lst")) and sum(path.startswith("train/photo-") for path in paths)
 
 

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from training import calibration, etl, report, sourcedir, train  # noqa: E402
+from training.data import load_split  # noqa: E402
 from training.etl import SHARED_ARCHIVE as ARCHIVE  # noqa: E402
 from training.fit import FitError, fit_local  # noqa: E402
 
@@ -406,7 +407,7 @@ def test_the_source_directory_packs_the_same_bytes_each_time(tmp_path):
     first, second = sourcedir.pack(tmp_path / "a.tar.gz"), sourcedir.pack(tmp_path / "b.tar.gz")
     assert first.read_bytes() == second.read_bytes()
     with tarfile.open(first) as tar:
-        assert tar.getnames() == ["train.py", "model.py", "inference.py", "calibration.py", "requirements.txt"]
+        assert tar.getnames() == list(sourcedir.FILES)
         assert all(tar.extractfile(name).read() == (ROOT / "training" / name).read_bytes() for name in tar.getnames())
 
 
@@ -440,8 +441,8 @@ def test_temperature_is_left_at_1_when_every_validation_answer_is_right():
 
 def test_images_are_found_where_sagemaker_puts_them(data_dir):
     """On SageMaker the `train` channel may hold `x.png` where the manifest says `train/x.png`."""
-    as_staged = train.load_split(data_dir, data_dir / "validation.lst")
-    as_downloaded = train.load_split(data_dir / "train", data_dir / "validation.lst")
+    as_staged = load_split(data_dir, data_dir / "validation.lst")
+    as_downloaded = load_split(data_dir / "train", data_dir / "validation.lst")
     assert len(as_staged[0]) == 150
     assert (as_staged[0] == as_downloaded[0]).all() and (as_staged[1] == as_downloaded[1]).all()
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 CALIBRATION_BINS = 10
+CLASSIC_THRESHOLDS = (0.80, 0.93)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -61,4 +62,25 @@ def class_report(predicted: torch.Tensor, labels: torch.Tensor, classes: list[st
             "precision": true_positives / max(1, (predicted == label).sum().item()),
             "recall": true_positives / max(1, (labels == label).sum().item()),
         }
+    return report
+
+
+def test_report(raw: torch.Tensor, probabilities: torch.Tensor, labels, paths, classes, threshold: float) -> dict:
+    """Test metrics from the target probabilities before the temperature (`raw`) and as served, with every
+    image's served probabilities (the model report plots them)."""
+    label_tensor = torch.as_tensor(labels)
+    predicted = probabilities.argmax(1)
+    report = {
+        "accuracy": (predicted == label_tensor).float().mean().item(),
+        "images": len(labels),
+        "per_class": class_report(predicted, label_tensor, classes),
+        "ece_before_temperature": expected_calibration_error(raw, label_tensor),
+        "ece_after_temperature": expected_calibration_error(probabilities, label_tensor),
+        "at_threshold": selective(probabilities, label_tensor, threshold),
+        "at_classic_thresholds": [selective(probabilities, label_tensor, t) for t in CLASSIC_THRESHOLDS],
+        "predictions": [
+            {"image": path, "label": int(label), "probabilities": row}
+            for path, label, row in zip(paths, labels, probabilities.tolist(), strict=True)
+        ],
+    }
     return report

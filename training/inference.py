@@ -3,7 +3,9 @@
 
 Training copies this file and `model.py` into the model as `code/`; nothing else serves. The answer is a JSON
 list of the target classes' probabilities in label order, e.g. `[p_bicycle, p_motorcycle]`, after the
-temperature fitted on their validation images.
+temperature fitted on held-out images. `1 - sum` is the probability that the photo is neither: 0 for the
+first models (`resnet9`), which answer the targets alone; the photo model (`efficientnet_lite0`, `model.ts`)
+has an output for neither. Clients that test `max(p) >= threshold` work with both.
 
 `input_fn` reads any JPEG or PNG a phone or a camera writes (and WebP, GIF, BMP): EXIF orientation applied, any
 mode converted to RGB, any size made square as `model.json` says (`image_size`, and `resize`: "crop", "pad", or
@@ -143,10 +145,12 @@ def model_fn(model_dir):
     size, resize = settings.get("image_size", DEFAULT_IMAGE_SIZE), settings.get("resize", DEFAULT_RESIZE)
     if resize not in RESIZES:
         raise ValueError(f"model.json: resize {resize!r} is none of {', '.join(RESIZES)}")
+    _image_size, _resize = size, resize
+    if (model_dir / "model.ts").is_file():  # the photo model: a frozen TorchScript graph, needing torch only
+        return {"model": torch.jit.load(model_dir / "model.ts", map_location="cpu").eval(), "settings": settings}
     model = from_settings(settings)
     model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
     model = model.to(memory_format=torch.channels_last).eval()
-    _image_size, _resize = size, resize
     return {"model": frozen(MirrorAveraged(model) if settings["flip_tta"] else model, size), "settings": settings}
 
 
@@ -179,10 +183,14 @@ def input_fn(request_body, content_type):
 
 
 def predict_fn(data, model):
-    settings = model["settings"]
+    """The target classes' probabilities. A model with a "neither" output (model.json `neither`) answers them out of
+    all its outputs, so that 1 - their sum is the probability of neither; the first models answer them alone."""
+    settings, targets = model["settings"], len(model["settings"]["classes"])
     with torch.no_grad():
-        logits = model["model"](data.contiguous(memory_format=torch.channels_last))[:, : len(settings["classes"])]
-    return torch.softmax(logits / settings["temperature"], dim=1)
+        logits = model["model"](data.contiguous(memory_format=torch.channels_last))
+    if not settings.get("neither"):
+        logits = logits[:, :targets]
+    return torch.softmax(logits / settings["temperature"], dim=1)[:, :targets]
 
 
 def output_fn(prediction, accept):

@@ -34,20 +34,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 if __package__:  # imported from this repository as training.train
-    from .calibration import choose_threshold, class_report, expected_calibration_error, fit_temperature, selective
-    from .inference import to_inputs, to_pixels
+    from .calibration import choose_threshold, expected_calibration_error, fit_temperature, selective, test_report
+    from .data import channel, class_names, image_path, load_data, log, read_manifest
+    from .inference import to_inputs
     from .model import IMAGE_SIZE, Classifier, target_logits
 else:  # run as a script from the source directory, as SageMaker runs it
-    from calibration import choose_threshold, class_report, expected_calibration_error, fit_temperature, selective
-    from inference import to_inputs, to_pixels
+    from calibration import choose_threshold, expected_calibration_error, fit_temperature, selective, test_report
+    from data import channel, class_names, image_path, load_data, log, read_manifest
+    from inference import to_inputs
     from model import IMAGE_SIZE, Classifier, target_logits
 
 # What the serving container needs, copied from beside this file into the model as code/.
 SERVING_CODE = ("inference.py", "model.py")
-CLASSIC_THRESHOLDS = (0.80, 0.93)
+ARCHITECTURES = ("resnet9", "efficientnet_lite0")
 # The hyperparameters whose default is "auto", by the precision training runs in: bfloat16 on a CPU with
 # AVX512-BF16 computes this model about 3 times faster than float32 on AVX2, and the recipe uses that time
 # (measured on 2 cores: 168 s in float32 on AVX2, 149 s in bfloat16 on AVX512-BF16; the goal is 3 minutes).
@@ -135,6 +136,26 @@ HYPERPARAMETERS = {
         1.0,
         "share of the other classes' training images drawn afresh for each epoch",
     ),
+    "architecture": (
+        str,
+        "resnet9",
+        ARCHITECTURES,
+        None,
+        "resnet9: the 32x32 convnet trained from scratch, serving the targets only; efficientnet_lite0: frozen "
+        "ImageNet features and a linear head that also answers neither (the photo recipe, training/backbone.py)",
+    ),
+    "image_size": (int, 128, 32, 320, "efficientnet_lite0: side of the square the photo is resized to"),
+    "resize": (
+        str,
+        "crop",
+        ("crop", "pad"),
+        None,
+        "efficientnet_lite0: a photo's largest centred square, or all of it padded",
+    ),
+    "neither_per_class": (int, 50, 1, 100000, "efficientnet_lite0: images of each non-target label learnt as neither"),
+    "head_steps": (int, 200, 1, 100000, "efficientnet_lite0: Adam steps of 512 images fitting the linear head"),
+    "head_learning_rate": (float, 1e-3, 1e-6, 1.0, "efficientnet_lite0: Adam's learning rate for the head"),
+    "head_weight_decay": (float, 1e-3, 0.0, 1.0, "efficientnet_lite0: L2 penalty on the head's weights"),
     "target_classes": (int, 2, 2, 100, "labels 0..N-1 are the classes served; further labels are learnt alongside"),
     "target_accuracy": (float, 0.99, 0.5, 1.0, "accuracy wanted on accepted answers; sets the threshold"),
     "seed": (int, 0, 0, 2**31 - 1, "seed of initialisation, shuffling and augmentation"),
@@ -171,91 +192,6 @@ def parse_hyperparameters(argv) -> argparse.Namespace:
     parser = HyperparameterParser(prog="train.py")
     add_hyperparameters(parser)
     return parser.parse_args(argv)
-
-
-# -------------------------------------------------------------------------------------------- data
-
-
-def channel(name: str, required: bool = True) -> Path | None:
-    variable = f"SM_CHANNEL_{name.upper()}"
-    directory = Path(os.environ.get(variable, f"/opt/ml/input/data/{name}"))
-    if directory.is_dir():
-        return directory
-    if required:
-        raise SystemExit(f"train.py: error: channel {name!r} not found at {directory} (set {variable})")
-    return None
-
-
-def read_manifest(path: Path) -> list[tuple[int, str]]:
-    """(label, relative image path) rows of a SageMaker `.lst` manifest: `index<TAB>label<TAB>path`."""
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise SystemExit(f"train.py: error: {path} is not a text manifest") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            fields = line.split("\t")
-            if len(fields) < 3:
-                raise SystemExit(f"train.py: error: {path}:{number}: not `index<TAB>label<TAB>path`")
-            try:
-                label = int(float(fields[1]))
-            except ValueError:
-                label = -1
-            if label < 0:
-                raise SystemExit(f"train.py: error: {path}:{number}: label {fields[1]!r} is not a number 0 or above")
-            rows.append((label, fields[-1]))
-    return rows
-
-
-def load_split(image_dir: Path, manifest: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decoded uint8 images (N, 3, 32, 32), their labels and manifest paths."""
-    rows = read_manifest(manifest)
-    images = np.empty((len(rows), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
-    for index, (_, relative) in enumerate(rows):
-        path = image_dir / relative
-        if not path.is_file():  # SageMaker may drop the `train/` of `train/x.png` when it downloads a channel
-            path = image_dir / Path(relative).name
-        if not path.is_file():
-            raise SystemExit(f"train.py: error: {relative} (listed in {manifest}) is not in {image_dir}")
-        try:
-            with Image.open(path) as image:
-                images[index] = to_pixels(image)
-        except (OSError, SyntaxError, ValueError) as error:
-            raise SystemExit(
-                f"train.py: error: {path} (listed in {manifest}) is not a readable image: {error}"
-            ) from None
-    return images, np.array([label for label, _ in rows], dtype=np.int64), [relative for _, relative in rows]
-
-
-def subset(split, num_classes: int, targets: bool = True):
-    """The rows of a split whose labels are (or, with `targets=False`, are not) below `num_classes`."""
-    keep = (split[1] < num_classes) == targets
-    return split[0][keep], split[1][keep], [path for path, kept in zip(split[2], keep, strict=True) if kept]
-
-
-def concatenate(split, other):
-    return np.concatenate([split[0], other[0]]), np.concatenate([split[1], other[1]]), split[2] + other[2]
-
-
-def class_names(num_classes: int, search_dirs) -> list[str]:
-    """Target class names in label order, from a dataset.json beside the data if there is one."""
-    for directory in search_dirs:
-        path = directory / "dataset.json"
-        if path.is_file():
-            try:
-                classes = json.loads(path.read_text()).get("classes")
-            except (ValueError, AttributeError):
-                raise SystemExit(
-                    f"train.py: error: {path} is not the JSON object `python -m training.etl` writes"
-                ) from None
-            if classes:
-                named = [
-                    (entry["label"], entry["name"]) if isinstance(entry, dict) else (index, entry)
-                    for index, entry in enumerate(classes)
-                ]
-                return [name for _, name in sorted(named)][:num_classes]
-    return [str(label) for label in range(num_classes)]
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -387,67 +323,7 @@ def update_average(averaged: Classifier, model: Classifier, decay: float, step: 
                 kept.copy_(current)
 
 
-# ------------------------------------------------------------------------------------------ evaluation
-
-
-def test_report(model, split, classes, temperature: float, threshold: float, flip_tta: bool, device) -> dict:
-    """Test metrics, with every image's probabilities as served (the model report plots them)."""
-    images, labels, paths = split
-    logits = evaluate(model, images, len(classes), flip_tta, device)
-    label_tensor = torch.as_tensor(labels)
-    probabilities = torch.softmax(logits / temperature, dim=1)
-    predicted = probabilities.argmax(1)
-    report = {
-        "accuracy": (predicted == label_tensor).float().mean().item(),
-        "images": len(labels),
-        "per_class": class_report(predicted, label_tensor, classes),
-        "ece_before_temperature": expected_calibration_error(torch.softmax(logits, 1), label_tensor),
-        "ece_after_temperature": expected_calibration_error(probabilities, label_tensor),
-        "at_threshold": selective(probabilities, label_tensor, threshold),
-        "at_classic_thresholds": [selective(probabilities, label_tensor, t) for t in CLASSIC_THRESHOLDS],
-        "predictions": [
-            {"image": path, "label": int(label), "probabilities": row}
-            for path, label, row in zip(paths, labels, probabilities.tolist(), strict=True)
-        ],
-    }
-    return report
-
-
 # ----------------------------------------------------------------------------------------------- main
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def load_data(num_classes: int) -> tuple[dict, list[str]]:
-    """The train, validation and (if its channels are there) test splits, and the target class names.
-
-    Only target labels are validated and tested; the validation images of other labels join the training set.
-    """
-    image_dir, train_lst = channel("train"), channel("train_lst")
-    validation_dir, validation_lst = channel("validation"), channel("validation_lst")
-    test_dir, test_lst = channel("test", required=False), channel("test_lst", required=False)
-    validation = load_split(validation_dir, validation_lst / "validation.lst")
-    data = {
-        "train": concatenate(load_split(image_dir, train_lst / "train.lst"), subset(validation, num_classes, False)),
-        "validation": subset(validation, num_classes),
-    }
-    if test_dir and test_lst and (test_lst / "test.lst").is_file():
-        test = subset(load_split(test_dir, test_lst / "test.lst"), num_classes)
-        if len(test[1]):
-            data["test"] = test
-        else:
-            log(f"{test_lst / 'test.lst'} lists no images of the target classes: no test metrics")
-    missing = sorted(set(range(num_classes)) - set(data["train"][1].tolist()) - set(data["validation"][1].tolist()))
-    if missing:
-        raise SystemExit(f"train.py: error: no training or validation images of target labels {missing}")
-    if not len(data["validation"][1]):
-        raise SystemExit(
-            f"train.py: error: {validation_lst / 'validation.lst'} lists no images of the target "
-            f"classes, on which the temperature and threshold are fitted"
-        )
-    return data, class_names(num_classes, [train_lst, image_dir, validation_lst])
 
 
 def main(argv=None) -> None:
@@ -466,6 +342,9 @@ def main(argv=None) -> None:
         if getattr(args, name) == "auto":
             setattr(args, name, value)
 
+    if args.architecture == "efficientnet_lite0":
+        main_photo(args, model_dir, output_dir)
+        return
     loading = time.perf_counter()
     num_classes = args.target_classes
     data, classes = load_data(num_classes)
@@ -476,12 +355,7 @@ def main(argv=None) -> None:
         f"{'bfloat16' if bfloat16 else 'float32'}"
     )
 
-    for directory in (model_dir, output_dir):  # after the data is found, before training
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise SystemExit(f"train.py: error: cannot create {directory}: {error.strerror}") from None
-
+    make_directories(model_dir, output_dir)
     started, cpu_started = time.perf_counter(), time.process_time()
     model, history = train(args, data, num_classes, device, bfloat16)
     train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
@@ -523,12 +397,11 @@ def main(argv=None) -> None:
         },
     }
     if "test" in data:
-        metrics["test"] = test_report(model, data["test"], classes, temperature, threshold, flip_tta, device)
-        at_threshold = metrics["test"]["at_threshold"]
-        log(
-            f"test accuracy {metrics['test']['accuracy']:.3f}; threshold {threshold:.4f} answers "
-            f"{at_threshold['coverage']:.0%} of test images"
-        )
+        images, labels, paths = data["test"]
+        logits = evaluate(model, images, num_classes, flip_tta, device)
+        served = torch.softmax(logits / temperature, dim=1)
+        metrics["test"] = test_report(torch.softmax(logits, 1), served, labels, paths, classes, threshold)
+        log_test(metrics)
     log(
         f"trained in {train_seconds:.1f}s; validation accuracy {metrics['validation']['accuracy']:.3f}, "
         f"temperature {temperature:.3f}"
@@ -546,12 +419,87 @@ def main(argv=None) -> None:
         "threshold": threshold,
         "target_accuracy": args.target_accuracy,
     }
+    write_model(model_dir, output_dir, settings, metrics)
+
+
+def log_test(metrics: dict) -> None:
+    log(
+        f"test accuracy {metrics['test']['accuracy']:.3f}; threshold {metrics['threshold']:.4f} answers "
+        f"{metrics['test']['at_threshold']['coverage']:.0%} of test images"
+    )
+
+
+def write_model(model_dir: Path, output_dir: Path, settings: dict, metrics: dict) -> None:
+    """model.json, the serving code as code/, and metrics.json (beside the model and in the output data)."""
     (model_dir / "model.json").write_text(json.dumps(settings, indent=2) + "\n")
     (model_dir / "code").mkdir(exist_ok=True)
     for name in SERVING_CODE:
         shutil.copyfile(Path(__file__).with_name(name), model_dir / "code" / name)
     for directory in (output_dir, model_dir):
         (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def make_directories(*directories: Path) -> None:
+    for directory in directories:  # after the data is found, before training
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SystemExit(f"train.py: error: cannot create {directory}: {error.strerror}") from None
+
+
+def main_photo(args, model_dir: Path, output_dir: Path) -> None:
+    """The efficientnet_lite0 recipe (training/backbone.py), served as TorchScript: `model.ts`."""
+    if __package__:
+        from . import backbone
+    else:
+        import backbone
+    rows, paths = [], []
+    for name in ("train", "validation"):
+        manifest = channel(f"{name}_lst") / f"{name}.lst"
+        image_dir = channel(name)
+        for label, relative in read_manifest(manifest):
+            rows.append(label)
+            paths.append(image_path(image_dir, relative, manifest))
+    labels = np.array(rows, dtype=np.int64)
+    missing = sorted(set(range(args.target_classes)) - set(rows))
+    if missing:
+        raise SystemExit(f"train.py: error: no training or validation images of target labels {missing}")
+    classes = class_names(args.target_classes, [channel("train_lst"), channel("train")])
+    make_directories(model_dir, output_dir)
+    metrics, settings, model = backbone.train_photo_model(args, paths, labels, log)
+    metrics = {
+        "classes": classes,
+        "seed": args.seed,
+        "hyperparameters": vars(args),
+        "device": "cpu",
+        "precision": "float32",
+        **metrics,
+    }
+    test_dir, test_lst = channel("test", required=False), channel("test_lst", required=False)
+    if test_dir and test_lst and (test_lst / "test.lst").is_file():
+        test = [(label, relative) for label, relative in read_manifest(test_lst / "test.lst") if label < len(classes)]
+        if test:
+            manifest = test_lst / "test.lst"
+            read = backbone.read_image(args.image_size, args.resize)
+            with torch.no_grad():
+                images = torch.from_numpy(np.stack([read(image_path(test_dir, rel, manifest)) for _, rel in test]))
+                logits = model(images.float().div(255))
+            temperature, labels = metrics["temperature"], [label for label, _ in test]
+            served = torch.softmax(logits / temperature, 1)[:, : len(classes)]
+            raw = torch.softmax(logits, 1)[:, : len(classes)]
+            metrics["test"] = test_report(raw, served, labels, [rel for _, rel in test], classes, metrics["threshold"])
+            log_test(metrics)
+    torch.jit.save(backbone.trace(model, args.image_size), model_dir / "model.ts")
+    settings = {
+        "classes": classes,
+        "architecture": {"name": args.architecture, "num_outputs": len(classes) + 1},
+        "flip_tta": False,
+        "temperature": metrics["temperature"],
+        "threshold": metrics["threshold"],
+        "target_accuracy": args.target_accuracy,
+        **settings,
+    }
+    write_model(model_dir, output_dir, settings, metrics)
 
 
 if __name__ == "__main__":

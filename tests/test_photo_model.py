@@ -1,0 +1,106 @@
+"""The photo recipe (`--architecture efficientnet_lite0`): frozen ImageNet features, a head that answers neither,
+served as TorchScript by the model's own code/inference.py."""
+
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from local.endpoint.handler import load_inference_handler  # noqa: E402
+from training import etl  # noqa: E402
+from training.fit import fit_local  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+CLASSES = ("bicycle", "motorcycle")
+NEITHER_CLASS = "bus"  # staged after the targets: learnt as neither
+PHOTO = {"architecture": "efficientnet_lite0", "neither_per_class": 100}
+
+
+@pytest.fixture(scope="module")
+def photo_model(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("data")
+    etl.stage(etl.SHARED_ARCHIVE, data_dir, CLASSES + (NEITHER_CLASS,), progress=False)
+    out = tmp_path_factory.mktemp("fit")
+    archive = fit_local(data_dir, out, **PHOTO)
+    model_dir = tmp_path_factory.mktemp("model")
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        tar.extractall(model_dir, filter="data")
+    handler = load_inference_handler(model_dir / "code", "scones_test_photo_inference")
+    return {
+        "names": names,
+        "model_dir": model_dir,
+        "data_dir": data_dir,
+        "metrics": json.loads((out / "metrics.json").read_text()),
+        "handler": handler,
+        "model": handler.model_fn(str(model_dir)),
+    }
+
+
+def answer(photo_model, body: bytes, content_type: str) -> list[float]:
+    handler = photo_model["handler"]
+    data = handler.input_fn(body, content_type)
+    answer, _ = handler.output_fn(handler.predict_fn(data, photo_model["model"]), "application/json")
+    return json.loads(answer)
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_the_photo_model_is_served_as_torchscript_with_its_geometry(photo_model):
+    assert {"model.ts", "model.json", "code/inference.py", "code/model.py"} <= photo_model["names"]
+    assert "model.pt" not in photo_model["names"]
+    settings = json.loads((photo_model["model_dir"] / "model.json").read_text())
+    assert settings["classes"] == list(CLASSES)
+    assert (settings["image_size"], settings["resize"], settings["neither"]) == (128, "crop", True)
+    assert settings["threshold"] == photo_model["metrics"]["threshold"]
+
+
+def test_served_answers_are_the_test_probabilities_training_computed(photo_model):
+    for prediction in photo_model["metrics"]["test"]["predictions"][:5]:
+        body = (photo_model["data_dir"] / prediction["image"]).read_bytes()
+        assert answer(photo_model, body, "image/png") == pytest.approx(prediction["probabilities"], abs=1e-5)
+
+
+def test_answers_leave_room_for_neither_and_a_bus_is_more_often_neither_than_a_bicycle(photo_model):
+    cifar = etl.read_archive(etl.SHARED_ARCHIVE)
+    names = cifar.fine_label_names
+    labels = np.asarray(cifar.test.fine_labels)
+    images = cifar.test.data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+    def neither(name: str) -> float:
+        rows = np.flatnonzero(labels == names.index(name))[:20]
+        answers = [answer(photo_model, png(images[row]), "image/png") for row in rows]
+        assert all(len(probabilities) == 2 and sum(probabilities) <= 1 + 1e-6 for probabilities in answers)
+        return float(np.mean([1 - sum(probabilities) for probabilities in answers]))
+
+    assert neither(NEITHER_CLASS) > neither("bicycle") + 0.1
+
+
+def test_a_photo_of_any_shape_is_answered(photo_model):
+    buffer = io.BytesIO()
+    Image.new("RGB", (1200, 500), (90, 120, 200)).save(buffer, format="JPEG")
+    probabilities = answer(photo_model, buffer.getvalue(), "image/jpeg")
+    assert len(probabilities) == 2 and 0 <= sum(probabilities) <= 1 + 1e-6
+
+
+def test_the_metrics_record_the_recipe_and_how_often_neither_images_were_accepted(photo_model):
+    metrics = photo_model["metrics"]
+    assert metrics["recipe"].startswith("EfficientNet-Lite0")
+    assert metrics["history"] and {"epoch", "train_loss", "validation_loss", "validation_accuracy"} <= set(
+        metrics["history"][-1]
+    )
+    assert 0 <= metrics["validation"]["neither_accepted"] <= 1
+    assert 0 < metrics["threshold"] <= 1
