@@ -1,6 +1,6 @@
 """Score the default recipe's model on real photographs: `.venv/bin/python bench/realphotos.py`.
 
-    .venv/bin/python bench/realphotos.py [--seeds 0,1,2] [--jobs 1|2]
+    .venv/bin/python bench/realphotos.py [--seeds 0,1,2] [--jobs 1|2] [--keep DIR]
     .venv/bin/python bench/realphotos.py --model PATH/model.tar.gz [PATH/model.tar.gz ...]
 
 Without `--model`: stages the CIFAR-100 data as `make run` does (`local/__main__.py`: the shared archive, or
@@ -111,6 +111,10 @@ def share(hits: int, total: int) -> float | None:
     return round(hits / total, 4) if total else None
 
 
+def rounded(p: list[float] | None) -> list[float] | None:
+    return None if p is None else [round(value, 4) for value in p]
+
+
 def three_way(p: list[float]) -> str:
     """The most likely of bicycle, motorcycle and neither (ties to the first)."""
     scores = [p[0], p[1], max(0.0, 1.0 - p[0] - p[1])]
@@ -181,12 +185,12 @@ def score(archive: Path, photos: list[tuple[str, str, bytes, str]], name: str) -
     figures["latency_ms_p50"] = round(1000 * statistics.median(seconds), 2)
     figures["latency_ms_p90"] = round(1000 * percentile(seconds, 0.9), 2)
     figures["wrong"] = [
-        {"file": a["file"], "answer": None if a["p"] is None else three_way(a["p"]), "p": a["p"]}
+        {"file": a["file"], "answer": None if a["p"] is None else three_way(a["p"]), "p": rounded(a["p"])}
         for a in targets
         if not right(a, three_way)
     ]
     figures["non_vehicles_accepted"] = [
-        {"file": a["file"], "p": a["p"]}
+        {"file": a["file"], "p": rounded(a["p"])}
         for a in answers
         if a["file"] in figures["at_model_threshold"]["accepted_non_vehicle_files"]
     ]
@@ -269,6 +273,9 @@ def main() -> int:
         "--model", type=Path, nargs="+", metavar="MODEL_TAR_GZ", help="score these archives instead of fitting"
     )
     parser.add_argument("--jobs", type=int, choices=(1, 2), default=1, help="fits at once (default 1)")
+    parser.add_argument(
+        "--keep", type=Path, metavar="DIR", help="keep each fitted seed's model and report in DIR/seedN (to rescore)"
+    )
     parser.add_argument("--photos", type=Path, default=PHOTOS, help=f"default {PHOTOS}")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"default {RESULTS.relative_to(ROOT)}")
     args = parser.parse_args()
@@ -296,7 +303,9 @@ def main() -> int:
             etl.stage(source, data, extra_classes=etl.VEHICLE_EXTRA_CLASSES, progress=False)
             os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))  # read by train.py
             with ThreadPoolExecutor(args.jobs) as pool:
-                archives = list(pool.map(lambda seed: fit_seed(data, Path(work) / f"seed{seed}", seed), args.seeds))
+                archives = list(
+                    pool.map(lambda seed: fit_seed(data, (args.keep or Path(work)) / f"seed{seed}", seed), args.seeds)
+                )
             labels = [f"seed{seed}" for seed in args.seeds]
         runs = []
         for archive, label in zip(archives, labels, strict=True):
@@ -319,6 +328,7 @@ def main() -> int:
         command += " --model " + " ".join(str(path) for path in args.model)
     else:
         command += f" --seeds {','.join(map(str, args.seeds))}" + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
+        command += f" --keep {args.keep}" if args.keep else ""
     results = {
         "benchmark": "the default recipe's model on real-photos-dev, served through its own code/inference.py",
         "command": command,
