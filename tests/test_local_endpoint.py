@@ -41,7 +41,9 @@ from local.endpoint import (
     spec_to_json,
 )
 from local.endpoint.batching import PredictionBatcher
+from local.endpoint.capture import capture_record, record_line
 from local.endpoint.handler import load_inference_handler
+from local.endpoint.server import CAPTURE_AHEAD_BYTES
 
 pytestmark = pytest.mark.slow
 
@@ -366,6 +368,54 @@ def test_concurrent_requests_share_capture_objects_and_each_has_its_record(serve
         assert re.search(r"/(\d{4}/\d\d/\d\d/\d\d/\d\d-\d\d)-\d{3}-", key)[1] == (
             f"{datetime.strptime(first, '%Y-%m-%dT%H:%M:%SZ'):%Y/%m/%d/%H/%M-%S}"
         )
+
+
+def test_large_photos_are_captured_whole_in_the_json_encoders_line(serve, runtime, s3):
+    # Bodies of CAPTURE_AHEAD_BYTES or more are base64-encoded while the model works; every record's base64 is
+    # spliced into its line, which must still be the JSON encoder's line, byte for byte.
+    destination = new_destination()
+    server = serve(capture=CaptureSpec(destination, json_content_types=("application/json",)))
+    client = runtime(server)
+    large = [noise_png(number, 400) for number in range(4)]
+    assert min(map(len, large)) >= CAPTURE_AHEAD_BYTES
+    images = large + [unique_png(number) for number in range(4)]
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(
+            pool.map(
+                lambda image: client.invoke_endpoint(EndpointName="scones", ContentType="image/png", Body=image)[
+                    "Body"
+                ].read(),
+                images,
+            )
+        )
+
+    server.upload_captures()
+    records = {
+        base64.b64decode(record["captureData"]["endpointInput"]["data"]): record
+        for record in stored_records(s3, destination)
+    }
+    assert sorted(records) == sorted(images)
+    for image, answer in zip(images, answers, strict=True):
+        assert records[image]["captureData"]["endpointInput"]["observedContentType"] == "image/png"
+        assert records[image]["captureData"]["endpointOutput"]["data"] == answer.decode()
+    for body in stored_objects(s3, destination).values():
+        for line in body.splitlines(keepends=True):
+            assert line == (json.dumps(json.loads(line), separators=(",", ":")) + "\n").encode()
+
+
+@pytest.mark.parametrize(
+    "request_body, request_type",
+    [(png(), "image/png"), (b'{"caf\xc3\xa9": 1}', "application/json"), (b"\xff\xfe not UTF-8", "application/json")],
+)
+def test_record_line_is_the_json_encoders_line(request_body, request_type):
+    spec = CaptureSpec("s3://bucket/prefix", json_content_types=("application/json",), csv_content_types=("text/csv",))
+    for answer, answer_type in (('["\u00e9t\u00e9", "\\"]'.encode(), "application/json"), (b"0.5,0.5", "text/csv")):
+        record = capture_record(
+            spec, request_body, request_type, answer, answer_type, "order-1", datetime(2026, 12, 3, tzinfo=UTC)
+        )
+        expected = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        assert b"".join(record_line(record)) == expected
 
 
 def test_clients_connecting_at_once_are_all_served(serve):
