@@ -39,6 +39,7 @@ import boto3
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_name  # noqa: E402
 from local.endpoint import CaptureSpec, EndpointSpec, spec_to_json  # noqa: E402
 from training import etl, fit  # noqa: E402
 from training.etl import SHARED_ARCHIVE  # noqa: E402
@@ -400,14 +401,7 @@ def tiny_model(work: Path) -> Path:
 
 
 def machine() -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    cpu = cpu_name()
     import moto
     import torch
 

@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_name  # noqa: E402
 from monitoring import baseline, checks, report  # noqa: E402
 from monitoring.captures import read_captures  # noqa: E402
 from training import etl  # noqa: E402
@@ -116,14 +117,7 @@ def fake_baseline(captures) -> tuple[dict, dict]:
 
 
 def machine() -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    cpu = cpu_name()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

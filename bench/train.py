@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_name  # noqa: E402
 from training import etl  # noqa: E402
 from training.etl import SHARED_ARCHIVE, VEHICLE_EXTRA_CLASSES as EXTRA_CLASSES  # noqa: E402
 from training.fit import fit_local  # noqa: E402
@@ -33,14 +34,7 @@ SEEDS = (0, 1, 2)
 
 
 def machine() -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    cpu = cpu_name()
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),

@@ -7,8 +7,10 @@ from pathlib import Path
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")  # before jsii starts
 
 import aws_cdk as cdk
+import boto3
 import pytest
 from aws_cdk.assertions import Template
+from moto import mock_aws
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -67,3 +69,20 @@ def definition_of(state_machine) -> dict:
         return json.loads(definition)
     parts = definition["Fn::Join"][1]
     return json.loads("".join(part if isinstance(part, str) else _placeholder(part) for part in parts))
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """An S3 client on moto's in-process S3 (no AWS reached) with the bucket `scones-data`."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        monkeypatch.setenv(name, value)
+    with mock_aws():
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="scones-data")
+        yield client

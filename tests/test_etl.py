@@ -18,10 +18,8 @@ import tarfile
 import threading
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
-from moto import mock_aws
 from numpy._core.multiarray import _reconstruct
 from numpy.testing._private.utils import runstring
 from PIL import Image
@@ -660,22 +658,6 @@ def test_the_subset_stages_baby_and_girl_despite_their_shared_names(tmp_path, cl
 
 
 # ---------------------------------------------------------------------------------------------- S3
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in (
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ):
-        monkeypatch.setenv(name, value)
-    with mock_aws():
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="scones-data")
-        yield client
 
 
 def test_upload_puts_every_file_with_its_sha256_and_only_once(tmp_path, archive, s3):

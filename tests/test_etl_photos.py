@@ -8,10 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
-from moto import mock_aws
 from PIL import Image
 from test_etl import cifar_members, staged_files, tiny_cifar, write_archive
 
@@ -268,22 +266,6 @@ def test_real_photos_are_staged(tmp_path, archive):
 
 
 # ---------------------------------------------------------------------------------------------- S3
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in (
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ):
-        monkeypatch.setenv(name, value)
-    with mock_aws():
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="scones-data")
-        yield client
 
 
 def test_reviewed_photos_are_staged_from_an_s3_prefix_and_uploaded_once(tmp_path, archive, s3):
