@@ -266,16 +266,21 @@ class Checker:
             f"(alpha {self.thresholds['alpha']})",
         )
 
+    def _rate_above_baseline(self, name: str, rate: float, count: int) -> tuple[float, float, float, bool]:
+        """The baseline's share of feature `name`, the margin (`<name>_margin`), the one-sided p of `rate` over
+        `count` answers exceeding it, and whether it exceeds it by more than the margin, significantly."""
+        statistics = feature(self.statistics, name)["numerical_statistics"]
+        base_rate, base_count = statistics["mean"], statistics["common"]["num_present"]
+        p = one_sided_proportion_test(rate, count, base_rate, base_count)
+        margin = self.thresholds[f"{name}_margin"]
+        return base_rate, margin, p, p < self.thresholds["alpha"] and rate > base_rate + margin
+
     def low_confidence(self, probabilities: np.ndarray, label: str) -> Result:
         name, check_type = "low_confidence", "baseline_drift_check"
         if skipped := self._too_few(name, check_type, len(probabilities), label):
             return skipped
-        statistics = feature(self.statistics, name)["numerical_statistics"]
-        base_rate, base_count = statistics["mean"], statistics["common"]["num_present"]
         rate = float((probabilities.max(axis=1) < self.threshold).mean())
-        p = one_sided_proportion_test(rate, len(probabilities), base_rate, base_count)
-        margin = self.thresholds["low_confidence_margin"]
-        violated = p < self.thresholds["alpha"] and rate > base_rate + margin
+        base_rate, margin, p, violated = self._rate_above_baseline(name, rate, len(probabilities))
         return Result(
             name,
             check_type,
@@ -302,14 +307,10 @@ class Checker:
             return Result(
                 name, check_type, label, "SKIPPED", "the answers do not hold one probability per class (see prediction)"
             )
-        statistics = feature(self.statistics, name)["numerical_statistics"]
-        base_rate, base_count = statistics["mean"], statistics["common"]["num_present"]
         rate = float(neither_most_likely(probabilities).mean())
         mean = float(neither_probability(probabilities).mean())
         base_mean = feature(self.statistics, "neither_probability")["numerical_statistics"]["mean"]
-        p = one_sided_proportion_test(rate, len(probabilities), base_rate, base_count)
-        margin = self.thresholds["neither_margin"]
-        violated = p < self.thresholds["alpha"] and rate > base_rate + margin
+        base_rate, margin, p, violated = self._rate_above_baseline(name, rate, len(probabilities))
         return Result(
             name,
             check_type,
