@@ -25,6 +25,7 @@ from numpy.testing._private.utils import runstring
 from PIL import Image
 
 from training import etl
+from training.cifar import OFFICIAL_MD5
 from training.etl import SHARED_ARCHIVE as SHARED
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -527,7 +528,7 @@ def test_the_environment_variable_names_the_source(tmp_path, archive, no_source_
 
 
 def test_offline_without_a_source_says_how_to_give_one(tmp_path, no_source_configured, monkeypatch):
-    monkeypatch.setattr(etl, "OFFICIAL_URL", closed_port_url())
+    monkeypatch.setattr("training.cifar.OFFICIAL_URL", closed_port_url())
     with pytest.raises(etl.DownloadFailed) as raised:
         etl.stage(None, tmp_path / "out", progress=False)
     assert "--source PATH or SCONES_CIFAR100=PATH" in str(raised.value)
@@ -540,13 +541,13 @@ def test_a_download_is_checked_cached_and_then_used_offline(
 ):
     folder, url = web_server
     (folder / etl.ARCHIVE_NAME).write_bytes(archive.read_bytes())
-    monkeypatch.setattr(etl, "OFFICIAL_URL", f"{url}/{etl.ARCHIVE_NAME}")
-    monkeypatch.setattr(etl, "OFFICIAL_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setattr("training.cifar.OFFICIAL_URL", f"{url}/{etl.ARCHIVE_NAME}")
+    monkeypatch.setattr("training.cifar.OFFICIAL_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
     downloaded = etl.stage(None, tmp_path / "out", TINY_CLASSES, progress=False)
     assert no_source_configured.read_bytes() == archive.read_bytes()
     assert downloaded.dataset["source"] == {"name": etl.ARCHIVE_NAME, "sha256": sha256(archive)}
 
-    monkeypatch.setattr(etl, "OFFICIAL_URL", closed_port_url())
+    monkeypatch.setattr("training.cifar.OFFICIAL_URL", closed_port_url())
     assert etl.stage(None, tmp_path / "out", TINY_CLASSES, progress=False).written == []
 
 
@@ -555,7 +556,7 @@ def test_a_download_with_the_wrong_md5_is_not_kept(tmp_path, archive, no_source_
     (folder / "other.tar.gz").write_bytes(archive.read_bytes())
     with pytest.raises(
         etl.ChecksumMismatch,
-        match=f"has MD5 {hashlib.md5(archive.read_bytes()).hexdigest()}, not the official archive's {etl.OFFICIAL_MD5}",
+        match=f"has MD5 {hashlib.md5(archive.read_bytes()).hexdigest()}, not the official archive's {OFFICIAL_MD5}",
     ):
         etl.stage(f"{url}/other.tar.gz", tmp_path / "out", progress=False)
     assert list(no_source_configured.parent.iterdir()) == []
