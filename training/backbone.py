@@ -53,8 +53,7 @@ def load_backbone(size: int) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights, image_size=size)
-    model.set_swish(memory_efficient=False)  # the memory-efficient swish is a Python autograd function: untraceable
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)  # Lite0's activation is ReLU6, which traces (set_swish would replace it)
 
 
 def pooled(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
