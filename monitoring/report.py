@@ -237,17 +237,8 @@ def plot_class_mix(captures: Captures, windows: list[Window], classes: list[str]
 def plot_low_confidence(captures: Captures, windows: list[Window], statistics: dict, checker) -> bytes:
     top = top_probabilities(captures.probabilities)
     rates = [float(np.mean(top[each.rows] < checker.threshold)) for each in windows]
-    base = checks.feature(statistics, "low_confidence")["numerical_statistics"]["mean"]
-    figure, axis = plt.subplots(figsize=(9, 3.6))
-    axis.plot(_window_times(windows), rates, "o-", label="captured")
-    axis.axhline(base, color="tab:green", label=f"baseline {base:.0%}")
-    axis.axhline(
-        base + checker.thresholds["low_confidence_margin"], color="tab:red", linestyle="--", label="baseline + margin"
-    )
-    axis.set(title=f"answers below the threshold {checker.threshold:.3f} per window", ylabel="rate", ylim=(0, 1.05))
-    axis.legend(loc="lower left")
-    figure.autofmt_xdate()
-    return png_of(figure)
+    title = f"answers below the threshold {checker.threshold:.3f} per window"
+    return _rate_per_window(windows, rates, statistics, checker, "low_confidence", title)
 
 
 def plot_neither(captures: Captures, windows: list[Window], statistics: dict, checker) -> bytes:
@@ -255,17 +246,22 @@ def plot_neither(captures: Captures, windows: list[Window], statistics: dict, ch
     for each in windows:
         rows = answered(captures.probabilities[each.rows])
         shares.append(float(checks.neither_most_likely(rows).mean()) if len(rows) else np.nan)
+    title = "answers most likely neither (1 - sum above every class) per window"
+    return _rate_per_window(windows, shares, statistics, checker, "neither", title)
+
+
+def _rate_per_window(windows: list[Window], rates: list[float], statistics: dict, checker, name: str, title: str):
+    """A window's share of answers against the baseline's share of feature `name` and its drift limit."""
     figure, axis = plt.subplots(figsize=(9, 3.6))
     positions = np.arange(len(windows))  # as the class mix's bars: one window alone is not spread over years
-    axis.plot(positions, shares, "o-", label="captured")
-    if checks.has_feature(statistics, "neither"):  # a baseline written before "neither" has no share to draw
-        base = checks.feature(statistics, "neither")["numerical_statistics"]["mean"]
+    axis.plot(positions, rates, "o-", label="captured")
+    if checks.has_feature(statistics, name):  # a baseline written before "neither" has no share to draw
+        base = checks.feature(statistics, name)["numerical_statistics"]["mean"]
         axis.axhline(base, color="tab:green", label=f"baseline {base:.0%}")
-        axis.axhline(
-            base + checker.thresholds["neither_margin"], color="tab:red", linestyle="--", label="baseline + margin"
-        )
+        limit = base + checker.thresholds[f"{name}_margin"]
+        axis.axhline(limit, color="tab:red", linestyle="--", label="baseline + margin")
     axis.set_xticks(positions, [f"{moment:%m-%d %H:%M}" for moment in _window_times(windows)], rotation=30)
-    axis.set(title="answers most likely neither (1 - sum above every class) per window", ylabel="share", ylim=(0, 1.05))
+    axis.set(title=title, ylabel="share of answers", ylim=(0, 1.05))
     axis.legend(loc="upper left")
     return png_of(figure)
 
