@@ -17,8 +17,8 @@ child executions, two for speed.
 - The engine builds a new boto3 client, with a new connection, for every task it runs (7 ms each here, three
   per classification); each service's client is built once and shared, as boto3 clients are thread-safe.
 
-`local.engine_jsonata` adds what moto lacks, installed with these fixes: it evaluates JSONata
-(`"QueryLanguage": "JSONata"`).
+Two more modules add what moto lacks, installed with these fixes: `local.engine_jsonata` evaluates JSONata
+(`"QueryLanguage": "JSONata"`), `local.engine_result_writer` writes a Distributed Map's result files.
 
 `install()` patches the engine in this process; the definitions it runs are not touched.
 """
@@ -49,7 +49,7 @@ from moto.stepfunctions.parser.asl.parse.asl_parser import AmazonStateLanguagePa
 from moto.stepfunctions.parser.asl.utils.boto_client import boto_client_for
 from moto.stepfunctions.parser.models import StepFunctionsParserBackend
 
-from local import engine_jsonata
+from local import engine_jsonata, engine_result_writer
 
 _model = botocore.session.get_session().get_service_model("stepfunctions")
 _operations = {name.lower(): name for name in _model.operation_names}
@@ -85,6 +85,7 @@ def shared_client(region, service, state_credentials=None):
 
 def install() -> None:
     engine_jsonata.install()
+    engine_result_writer.install()
     if getattr(StepFunctionsParserBackend, "_scones_installed", False):
         return
     start_execution = StepFunctionsParserBackend.start_execution
