@@ -20,6 +20,9 @@ child executions, two for speed.
   parser whose construction builds its LALR tables (0.4 ms each, about ten per classification); each path is
   compiled once, as compiled paths hold no state of the data they are applied to.
 
+Two more modules add what moto lacks, installed with these fixes: `local.engine_jsonata` evaluates JSONata
+(`"QueryLanguage": "JSONata"`), `local.engine_result_writer` writes a Distributed Map's result files.
+
 `install()` patches the engine in this process; the definitions it runs are not touched.
 """
 
@@ -50,6 +53,8 @@ from moto.stepfunctions.parser.asl.parse.asl_parser import AmazonStateLanguagePa
 from moto.stepfunctions.parser.asl.utils import json_path
 from moto.stepfunctions.parser.asl.utils.boto_client import boto_client_for
 from moto.stepfunctions.parser.models import StepFunctionsParserBackend
+
+from local import engine_jsonata, engine_result_writer
 
 _model = botocore.session.get_session().get_service_model("stepfunctions")
 _operations = {name.lower(): name for name in _model.operation_names}
@@ -84,6 +89,8 @@ def shared_client(region, service, state_credentials=None):
 
 
 def install() -> None:
+    engine_jsonata.install()
+    engine_result_writer.install()
     if getattr(StepFunctionsParserBackend, "_scones_installed", False):
         return
     start_execution = StepFunctionsParserBackend.start_execution
