@@ -15,8 +15,10 @@ and through the same three handlers chained directly in a loop (what the engine 
   sizes), uploaded to the bucket under photos/. Photos over the inline limit travel by reference; where the
   serialize step refuses them, the figures say so under "outcomes".
 Latency is the engine's own (the execution's startDate to stopDate); executions/s is over the wall time of a
-run; `aws_cpu_ms_per_execution` is the CPU time the local AWS process spent per execution (user + system).
-Repeats each run and reports medians; records the machine's load; writes bench/results/workflow.json.
+run; `aws_cpu_ms_per_execution` is the CPU time (user + system) the local AWS process spent per execution,
+`endpoint_cpu_ms_per_execution` the endpoint's and `client_cpu_ms_per_execution` this process's.
+After one warm-up pass of each set, repeats each run and reports medians; records the machine's load; writes
+bench/results/workflow.json.
 """
 
 import argparse
@@ -46,7 +48,6 @@ from local.deploy import LocalDeployment  # noqa: E402
 from local.endpoint import CaptureSpec, EndpointSpec, spec_to_json  # noqa: E402
 from local.executions import percentile, run_executions  # noqa: E402
 from local.services import BackgroundService  # noqa: E402
-from stacks.workflow_stack import METRIC_NAMESPACE  # noqa: E402
 from training import etl, fit  # noqa: E402
 from training.etl import SHARED_ARCHIVE  # noqa: E402
 
@@ -74,15 +75,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def engine_run(state_machine: str, bucket: str, keys: list[str], concurrency: int, aws_pid: int) -> dict:
-    cpu_before, started = cpu_seconds(aws_pid), time.perf_counter()
+def engine_run(state_machine: str, bucket: str, keys: list[str], concurrency: int, pids: dict[str, int]) -> dict:
+    """`pids`: the processes whose CPU time per execution is reported, by name ("aws", "endpoint")."""
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    client_before, started = time.process_time(), time.perf_counter()
     executions = run_executions(state_machine, bucket, keys, concurrency, progress=False)
-    wall, cpu = time.perf_counter() - started, cpu_seconds(aws_pid) - cpu_before
+    wall, client = time.perf_counter() - started, time.process_time() - client_before
+    cpu = {f"{name}_cpu_ms_per_execution": cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
     latencies = [(e["stopDate"] - e["startDate"]).total_seconds() * 1000 for e in executions]
     outcomes = collections.Counter(e.get("error") or e["status"] for e in executions)
     return {
         **latency_figures(latencies, wall),
-        "aws_cpu_ms_per_execution": round(1000 * cpu / len(keys), 1),
+        **{figure: round(1000 * seconds / len(keys), 1) for figure, seconds in cpu.items()},
+        "client_cpu_ms_per_execution": round(1000 * client / len(keys), 1),
         "outcomes": dict(sorted(outcomes.items())),
     }
 
@@ -178,16 +183,14 @@ def main(argv: list[str] | None = None) -> None:
         spec = EndpointSpec(name=ENDPOINT, model_data=model, capture=CaptureSpec(f"s3://{bucket}/data_capture"))
         (work / "endpoint-spec.json").write_text(json.dumps({"endpoints": [spec_to_json(spec)]}))
         endpoint_args = ["--spec", str(work / "endpoint-spec.json"), "--spool-dir", str(work / "spool")]
-        endpoint.start(["-m", "local.endpoint", *endpoint_args, "--port", runtime_url.rsplit(":", 1)[1]])
-        os.environ.update(
-            {
-                "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": runtime_url,  # for the handlers chained here
-                "ENDPOINT_NAME": ENDPOINT,
-                "THRESHOLD": "0.93",
-                "METRIC_NAMESPACE": METRIC_NAMESPACE,
-            }
+        endpoint_info = endpoint.start(
+            ["-m", "local.endpoint", *endpoint_args, "--port", runtime_url.rsplit(":", 1)[1]]
         )
+        pids = {"aws": info["pid"], "endpoint": endpoint_info["pid"]}
         deployment.deploy(stacks["SconesDevWorkflow"])
+        for function in boto3.client("lambda").list_functions()["Functions"]:  # for the handlers chained here
+            os.environ.update(function.get("Environment", {}).get("Variables", {}))
+        os.environ["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"] = runtime_url
         machine = next(
             m["Ref"]
             for m in deployment.created("SconesDevWorkflow", "AWS::StepFunctions::StateMachine").values()
@@ -195,9 +198,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         runs = {}
         for image_set, image_keys in keys.items():
+            engine_run(machine, bucket, image_keys, max(CONCURRENCY), pids)  # warm-up: first clients, handlers, caches
             runs[image_set] = {
                 f"engine_concurrency_{c}": [
-                    engine_run(machine, bucket, image_keys, c, info["pid"]) for _ in range(args.repeats)
+                    engine_run(machine, bucket, image_keys, c, pids) for _ in range(args.repeats)
                 ]
                 for c in CONCURRENCY
             }
