@@ -6,6 +6,10 @@ backends with a call of the function's real handler, loaded from the function's 
 environment the template gave it. Errors come back as Lambda reports them (`errorType` is the
 exception's class name), which is what Step Functions turns into the execution's error name.
 
+The Step Functions engine's Lambda tasks call the handler through `EngineLambdaClient` rather than through
+moto's Lambda API over boto3: the same answer (StatusCode 200, the payload, FunctionError "Unhandled" with
+the error payload) without encoding, signing, routing and decoding the request and the image it carries.
+
 Limits, by design: one process serves every function, so two functions may not set one environment
 variable to different values (a clear error says so); there is no timeout enforcement or memory cap.
 """
@@ -29,8 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moto.awslambda.models import LambdaBackend
+from moto.awslambda.models import LambdaBackend, lambda_backends
 from moto.awslambda_simple.models import LambdaSimpleBackend
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.core.botocore_stubber import MockRawResponse
 
 _lock = threading.Lock()
 _handlers: dict[str, Callable[[Any, Any], Any]] = {}
@@ -118,6 +124,44 @@ def _invoke(
             }
         )
     return payload.encode()
+
+
+# moto's Lambda API answers a payload over 6,000,000 bytes with this error in the payload's place
+_TOO_LARGE = {
+    "errorMessage": "Response payload size exceeded maximum allowed payload size (6291556 bytes).",
+    "errorType": "Function.ResponseSizeTooLarge",
+}
+
+
+class EngineLambdaClient:
+    """The `invoke` of a boto3 Lambda client for the Step Functions engine in this process: a synchronous
+    invocation of a function this process holds runs its handler here; anything else (another invocation
+    type, an unknown function) goes to `fallback`, the boto3 client, as before."""
+
+    def __init__(self, fallback, region: str) -> None:
+        self._fallback = fallback
+        self._region = region
+
+    def invoke(self, **parameters):
+        name = parameters.get("FunctionName", "")
+        direct = set(parameters) <= {"FunctionName", "Payload", "Qualifier", "InvocationType"}
+        if not direct or parameters.get("InvocationType", "RequestResponse") != "RequestResponse":
+            return self._fallback.invoke(**parameters)
+        parts = name.split(":")  # arn:aws:lambda:REGION:ACCOUNT:function:NAME[:QUALIFIER], or a plain name
+        region, account = (parts[3], parts[4]) if name.startswith("arn:") and len(parts) >= 7 else (self._region, None)
+        backend = lambda_backends[account or DEFAULT_ACCOUNT_ID][region]
+        try:
+            backend.get_function(name, parameters.get("Qualifier"))
+        except Exception:  # moto's own answer (ResourceNotFoundException...) is the boto3 client's to give
+            return self._fallback.invoke(**parameters)
+        response_headers: dict[str, str] = {}
+        payload = _invoke(backend, name, parameters.get("Qualifier"), parameters.get("Payload"), {}, response_headers)
+        answer = {"StatusCode": 200}
+        if len(payload) > 6_000_000:
+            payload, response_headers["x-amz-function-error"] = json.dumps(_TOO_LARGE).encode(), "Unhandled"
+        if "x-amz-function-error" in response_headers:
+            answer["FunctionError"] = response_headers["x-amz-function-error"]
+        return {**answer, "Payload": MockRawResponse(payload)}
 
 
 def install() -> None:

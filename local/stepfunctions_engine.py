@@ -16,6 +16,7 @@ child executions, two for speed.
   are given out at parse time so that concurrent first executions cannot race for them).
 - The engine builds a new boto3 client, with a new connection, for every task it runs (7 ms each here, three
   per classification); each service's client is built once and shared, as boto3 clients are thread-safe.
+  Its Lambda client runs the in-process handlers directly (`lambda_runtime.EngineLambdaClient`).
 - The engine compiles every JSONPath (`$.Payload.body`, ...) each time it applies one, with a new jsonpath_ng
   parser whose construction builds its LALR tables (0.4 ms each, about ten per classification); each path is
   compiled once, as compiled paths hold no state of the data they are applied to.
@@ -54,7 +55,7 @@ from moto.stepfunctions.parser.asl.utils import json_path
 from moto.stepfunctions.parser.asl.utils.boto_client import boto_client_for
 from moto.stepfunctions.parser.models import StepFunctionsParserBackend
 
-from local import engine_jsonata, engine_result_writer
+from local import engine_jsonata, engine_result_writer, lambda_runtime
 
 _model = botocore.session.get_session().get_service_model("stepfunctions")
 _operations = {name.lower(): name for name in _model.operation_names}
@@ -79,7 +80,8 @@ def _give_heap_keys(value, seen: set[int]) -> None:
 
 @functools.cache
 def _shared_client(region, service, port, in_process):
-    return boto_client_for(region, service)
+    client = boto_client_for(region, service)
+    return lambda_runtime.EngineLambdaClient(client, region) if service == "lambda" else client
 
 
 def shared_client(region, service, state_credentials=None):
