@@ -186,3 +186,43 @@ def test_batch_classifies_each_image_under_the_prefix_in_a_child_execution(deplo
         [0.97, 0.03],
     ]
     assert json.loads(described["output"])["ResultWriterDetails"]["Key"].startswith("batch_results/")
+
+
+def test_a_task_naming_a_function_that_does_not_exist_fails_with_lambdas_error(deployment):
+    stepfunctions = boto3.client("stepfunctions")
+    missing = "arn:aws:lambda:us-east-1:123456789012:function:no-such-function"
+    definition = {
+        "StartAt": "Invoke",
+        "States": {
+            "Invoke": {
+                "Type": "Task",
+                "Resource": "arn:aws:states:::lambda:invoke",
+                "Parameters": {"FunctionName": missing, "Payload.$": "$"},
+                "End": True,
+            }
+        },
+    }
+    machine = stepfunctions.create_state_machine(
+        name="invokes-a-missing-function",
+        definition=json.dumps(definition),
+        roleArn="arn:aws:iam::123456789012:role/any",
+    )["stateMachineArn"]
+    described = run_execution(stepfunctions, machine, {})
+    assert described["status"] == "FAILED"
+    assert described["error"] == "Lambda.ResourceNotFoundException"
+
+
+def test_requests_from_the_local_aws_own_process_keep_keys_queries_and_errors(deployment):
+    s3 = boto3.client("s3")  # this test runs in the local AWS's process: its requests skip the socket
+    keys = ["odd-keys/a+b c(2).jpg", "odd-keys/ünï/%41.png", "odd-keys/x?y=1&z.png"]
+    for number, key in enumerate(keys):
+        s3.put_object(Bucket=deployment.bucket, Key=key, Body=bytes([number]) * 300_000)
+    assert [s3.get_object(Bucket=deployment.bucket, Key=key)["Body"].read()[:1] for key in keys] == [
+        b"\x00",
+        b"\x01",
+        b"\x02",
+    ]
+    listed = s3.list_objects_v2(Bucket=deployment.bucket, Prefix="odd-keys/", MaxKeys=2)
+    assert [entry["Key"] for entry in listed["Contents"]] == sorted(keys)[:2] and listed["IsTruncated"]
+    with pytest.raises(s3.exceptions.NoSuchKey):
+        s3.get_object(Bucket=deployment.bucket, Key="odd-keys/absent.jpg")
