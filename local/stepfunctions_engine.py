@@ -17,6 +17,9 @@ child executions, two for speed.
 - The engine builds a new boto3 client, with a new connection, for every task it runs (7 ms each here, three
   per classification); each service's client is built once and shared, as boto3 clients are thread-safe.
 
+Two more modules add what moto lacks, installed with these fixes: `local.engine_jsonata` evaluates JSONata
+(`"QueryLanguage": "JSONata"`), `local.engine_result_writer` writes a Distributed Map's result files.
+
 `install()` patches the engine in this process; the definitions it runs are not touched.
 """
 
@@ -45,6 +48,8 @@ from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state
 from moto.stepfunctions.parser.asl.parse.asl_parser import AmazonStateLanguageParser
 from moto.stepfunctions.parser.asl.utils.boto_client import boto_client_for
 from moto.stepfunctions.parser.models import StepFunctionsParserBackend
+
+from local import engine_jsonata, engine_result_writer
 
 _model = botocore.session.get_session().get_service_model("stepfunctions")
 _operations = {name.lower(): name for name in _model.operation_names}
@@ -79,6 +84,8 @@ def shared_client(region, service, state_credentials=None):
 
 
 def install() -> None:
+    engine_jsonata.install()
+    engine_result_writer.install()
     if getattr(StepFunctionsParserBackend, "_scones_installed", False):
         return
     start_execution = StepFunctionsParserBackend.start_execution
