@@ -240,7 +240,7 @@ def _milliseconds(start, stop) -> float | None:
     return round((ended - begun) * 1000, 1) if begun is not None and ended is not None else None
 
 
-def outcome_of_item(entry: dict, deployed: dict) -> tuple[str | None, dict]:
+def outcome_of_item(entry: dict, deployed: dict, stepfunctions) -> tuple[str | None, dict]:
     """The s3_key and outcome of one entry of a SUCCEEDED_n/FAILED_n result file."""
     item, output = _json(entry.get("Input")) or {}, _json(entry.get("Output")) or {}
     key = item.get("Key") if isinstance(item, dict) else None
@@ -265,9 +265,12 @@ def outcome_of_item(entry: dict, deployed: dict) -> tuple[str | None, dict]:
     child = _json(outcome.get("Cause"))  # the child execution's description, as startExecution.sync:2 fails with
     if isinstance(child, dict) and child.get("Error"):
         error, reason = child["Error"], reason_of(child["Error"], child.get("Cause"))
+        inferences = inferences_in_history(stepfunctions, child["ExecutionArn"]) if "ExecutionArn" in child else None
     else:
         error, reason = outcome.get("Error"), reason_of(outcome.get("Error"), outcome.get("Cause"))
-    return key, {**fields, **answer_fields(None, None), "accepted": False, "error": error, "reason": reason}
+        inferences = None
+    answer = answer_fields(inferences, deployed.get("classes"))
+    return key, {**fields, **answer, "accepted": False, "error": error, "reason": reason}
 
 
 def classify_batch(deployed: dict, prefix: str, rows: list[dict]) -> tuple[dict, list[dict]]:
@@ -286,7 +289,8 @@ def classify_batch(deployed: dict, prefix: str, rows: list[dict]) -> tuple[dict,
     }
     if described["status"] != "SUCCEEDED":
         batch["reason"] = reason_of(described.get("error"), described.get("cause"))
-    writer = (_json(described.get("output")) or {}).get("ResultWriterDetails")
+    output = _json(described.get("output"))
+    writer = output.get("ResultWriterDetails") if isinstance(output, dict) else None
     if not writer:
         batch["reason"] = (
             batch.get("reason") or "the batch wrote no result files (no ResultWriterDetails in its output)"
@@ -302,7 +306,7 @@ def classify_batch(deployed: dict, prefix: str, rows: list[dict]) -> tuple[dict,
             body = s3.get_object(Bucket=manifest.get("DestinationBucket", writer["Bucket"]), Key=result_file["Key"])
             for entry in json.loads(body["Body"].read() or b"[]"):
                 counts[status.lower()] += 1
-                key, outcome = outcome_of_item(entry, deployed)
+                key, outcome = outcome_of_item(entry, deployed, stepfunctions)
                 outcomes[key] = outcome
     batch["items"] = counts
     missing = {"status": None, "accepted": False, "reason": "not in the batch's result files"}
@@ -349,7 +353,7 @@ def print_summary(rows: list[dict], bucket: str, prefix: str, batch: dict | None
     print(f"\n{len(rows)} photo(s): {accepted} accepted, {len(rows) - accepted} not" + (f" ({why})" if why else ""))
     print(f"uploaded to s3://{bucket}/{prefix}")
     if batch:
-        items = ", ".join(f"{count} {status}" for status, count in batch.get("items", {}).items())
+        items = ", ".join(f"{count} {status.upper()}" for status, count in batch.get("items", {}).items() if count)
         print(f"batch {batch['status']} in {batch['latency_ms']:.0f} ms" + (f"; items: {items}" if items else ""))
         if batch.get("manifest"):
             print(f"result files: {batch['manifest']}")

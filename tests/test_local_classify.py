@@ -205,11 +205,14 @@ def test_a_folder_is_classified_by_the_batch_and_its_result_files_summarised(sta
     assert rows["today/red.png"]["probabilities"] == {"bicycle": 0.97, "motorcycle": 0.02}
     assert rows["today/grey.jpg"]["accepted"] is False
     assert rows["today/grey.jpg"]["error"] == "ThresholdConfidenceNotMet", rows["today/grey.jpg"]
+    assert rows["today/grey.jpg"]["reason"].startswith("ThresholdConfidenceNotMet: THRESHOLD_CONFIDENCE_NOT_MET")
+    # from the history of the child execution that the result file names
+    assert rows["today/grey.jpg"]["probabilities"] == {"bicycle": 0.55, "motorcycle": 0.35}
 
     status, printed = classify(capsys, state_dir, "--prefix", folder / "red.png", folder / "grey.jpg")
     assert status == 0, printed
     assert "\n2 photo(s): 1 accepted, 1 not (1 ThresholdConfidenceNotMet)\n" in printed
-    assert "batch SUCCEEDED in " in printed and "; items: " in printed
+    assert "batch SUCCEEDED in " in printed and " ms; items: 2 SUCCEEDED\n" in printed
     assert f"result files: s3://{bucket}/batch_results/" in printed
 
 
