@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 ENVIRONMENTS = ("dev", "prod")
 ALGORITHMS = ("pytorch", "builtin")
 REMOVAL_POLICIES = ("destroy", "retain")
+# The filter's confidence threshold while no trained model has recorded its own and none is given.
+DEFAULT_THRESHOLD = 0.93
 CIFAR100_FINE_LABELS = tuple(
     """
     apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel
@@ -197,9 +199,11 @@ class SconesConfig:
         100, "share of requests captured (what the hourly drift job checks)", _number(int, 0, 100)
     )
     capture_retention_days: int = _setting(30, "lifecycle of `data_capture/`", _number(int, 1))
-    threshold: float = _setting(
-        0.93,
-        "the filter's confidence threshold (the training writes a calibrated one beside the model)",
+    threshold: float | None = _setting(
+        None,
+        "the filter's confidence threshold, overriding the trained model's own; unset, the filter applies the "
+        "threshold the training calibrated and recorded in SSM `/scones/<env>/threshold` beside the model "
+        f"({DEFAULT_THRESHOLD:g} while none is recorded)",
         _number(float, 0.0, 1.0),
     )
     training_algorithm: str = _setting(
@@ -258,6 +262,11 @@ class SconesConfig:
     def model_parameter_name(self) -> str:
         """SSM parameter where the training state machine records the newest model artifact."""
         return f"/scones/{self.env_name}/model-data-url"
+
+    @property
+    def threshold_parameter_name(self) -> str:
+        """SSM parameter where the training state machine records the newest model's calibrated threshold."""
+        return f"/scones/{self.env_name}/threshold"
 
     @property
     def removal(self) -> RemovalPolicy:

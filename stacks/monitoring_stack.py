@@ -129,7 +129,7 @@ class MonitoringStack(Stack):
                 "LowConfidenceRate",
                 alarm_name=f"{config.prefix}-low-confidence-rate",
                 alarm_description=f"Over an hour, more than {config.low_confidence_alarm_percent}% of answers "
-                f"were below the threshold {config.threshold}: the cheapest sign that the "
+                "were below the filter's threshold: the cheapest sign that the "
                 "images drifted from what the model was trained on.",
                 threshold=config.low_confidence_alarm_percent,
                 evaluation_periods=1,

@@ -13,7 +13,7 @@ from aws_cdk import (
 from cdk_nag import NagSuppressions
 from constructs import Construct
 
-from stacks.config import SconesConfig
+from stacks.config import DEFAULT_THRESHOLD, SconesConfig
 from stacks.constructs import LoggedStateMachine, PythonFunction
 
 # Names the classify handler raises for failures worth retrying (the endpoint's own error codes and
@@ -97,19 +97,37 @@ class WorkflowStack(Stack):
         self.classify.add_to_role_policy(
             iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint"], resources=[self.endpoint_arn])
         )
+        # An image too large to travel in the state travels as its S3 location, read here.
+        self.classify.add_to_role_policy(
+            iam.PolicyStatement(actions=["s3:GetObject"], resources=[bucket.arn_for_objects("*")])
+        )
 
+        filter_environment = self._filter_environment(config)
         self.filter = PythonFunction(
             self,
             "FilterInferences",
             config=config,
             name="filter_inferences",
-            environment={
-                "THRESHOLD": str(config.threshold),
-                "ENDPOINT_NAME": config.endpoint_name,
-                "METRIC_NAMESPACE": METRIC_NAMESPACE,
-            },
+            environment=filter_environment,
             timeout=Duration.seconds(10),
         ).function
+        # The parameters the filter reads at run time: the trained model's threshold unless overridden, and the
+        # model's URL unless given.
+        parameter_names = [
+            name
+            for variable, name in filter_environment.items()
+            if variable in ("THRESHOLD_PARAMETER", "MODEL_PARAMETER")
+        ]
+        if parameter_names:
+            self.filter.add_to_role_policy(
+                iam.PolicyStatement(
+                    actions=["ssm:GetParameters"],
+                    resources=[
+                        self.format_arn(service="ssm", resource="parameter", resource_name=name.lstrip("/"))
+                        for name in parameter_names
+                    ],
+                )
+            )
 
         self.workflow = LoggedStateMachine(
             self,
@@ -153,18 +171,19 @@ class WorkflowStack(Stack):
             f"#/statemachines/view/{self.state_machine.state_machine_arn}",
         )
 
-        NagSuppressions.add_resource_suppressions(
-            self.serialize.role,
-            [
-                {
-                    "id": "AwsSolutions-IAM5",
-                    "reason": "Serialize reads whichever image key the execution names, so s3:GetObject on the "
-                    "bucket's objects.",
-                    "appliesTo": [{"regex": "/^Resource::.*Data.*\\/\\*$/"}],
-                }
-            ],
-            apply_to_children=True,
-        )
+        for function in (self.serialize, self.classify):
+            NagSuppressions.add_resource_suppressions(
+                function.role,
+                [
+                    {
+                        "id": "AwsSolutions-IAM5",
+                        "reason": "Serialize and classify read whichever image key the execution names, so "
+                        "s3:GetObject on the bucket's objects.",
+                        "appliesTo": [{"regex": "/^Resource::.*Data.*\\/\\*$/"}],
+                    }
+                ],
+                apply_to_children=True,
+            )
         NagSuppressions.add_resource_suppressions(
             [self.workflow, self.batch],
             [
@@ -177,6 +196,25 @@ class WorkflowStack(Stack):
             ],
             apply_to_children=True,
         )
+
+    @staticmethod
+    def _filter_environment(config: SconesConfig) -> dict[str, str]:
+        """The threshold: an override when given, else the trained model's (SSM), else the default."""
+        environment = {
+            "CLASS_NAMES": ",".join(config.classes),
+            "ENDPOINT_NAME": config.endpoint_name,
+            "METRIC_NAMESPACE": METRIC_NAMESPACE,
+        }
+        if config.threshold is None:
+            environment["THRESHOLD_PARAMETER"] = config.threshold_parameter_name
+            environment["DEFAULT_THRESHOLD"] = str(DEFAULT_THRESHOLD)
+        else:
+            environment["THRESHOLD"] = str(config.threshold)
+        if config.model_data_url is None:
+            environment["MODEL_PARAMETER"] = config.model_parameter_name
+        else:
+            environment["MODEL_DATA_URL"] = config.model_data_url
+        return environment
 
     def _invoke(self, construct_id: str, function) -> tasks.LambdaInvoke:
         """A step whose input is the previous step's body, as the classic `$.Payload.body` wiring did."""
@@ -228,6 +266,7 @@ class WorkflowStack(Stack):
             ),
             result_selector={
                 "status": sfn.JsonPath.string_at("$.Status"),
+                "class": sfn.JsonPath.string_at("$.Output.class"),
                 "inferences": sfn.JsonPath.list_at("$.Output.inferences"),
             },
             result_path="$.outcome",

@@ -18,7 +18,8 @@ def test_defaults_are_the_classic_project_on_pytorch():
     default = config()
     assert default.classes == ("bicycle", "motorcycle")
     assert default.endpoint_name == "scones-dev"
-    assert default.threshold == 0.93
+    assert default.threshold is None  # the trained model's own, read by the filter from SSM
+    assert default.threshold_parameter_name == "/scones/dev/threshold"
     assert default.capture_sampling_percentage == 100
     assert default.training_algorithm == "pytorch"
     assert default.removal_policy == "destroy"
@@ -131,7 +132,11 @@ def test_config_table_has_one_row_per_key_with_its_default():
     rows = config_table().splitlines()
     assert rows[:2] == ["| key | default | meaning |", "|---|---|---|"]
     assert len(rows) == 2 + 23
-    assert "| `threshold` | 0.93 | the filter's confidence threshold" in config_table()
+    assert (
+        "| `threshold` | unset | the filter's confidence threshold, overriding the trained model's own; unset, the "
+        "filter applies the threshold the training calibrated and recorded in SSM `/scones/<env>/threshold` beside "
+        "the model (0.93 while none is recorded) |"
+    ) in config_table()
     assert "| `removal_policy` | `destroy` (`prod`: `retain`) |" in config_table()
     assert "| `training_instance_type` | `ml.m5.xlarge` (`builtin`: `ml.p3.2xlarge`) |" in config_table()
     assert "| `classes` | `bicycle,motorcycle` |" in config_table()

@@ -18,6 +18,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lambdas"))
 
+import common
 from classify_image import index as classify
 from common import ThresholdConfidenceNotMet, read_body
 from fake_endpoint import ENDPOINT_ERROR_STATUS, FakeEndpoint
@@ -28,6 +29,9 @@ from stacks.workflow_stack import TRANSIENT_ENDPOINT_ERRORS
 
 BUCKET = "scones-test-data"
 ENDPOINT = "scones-test-endpoint"
+THRESHOLD_PARAMETER = "/scones/test/threshold"
+MODEL_PARAMETER = "/scones/test/model-data-url"
+MODEL_URL = "s3://scones-test-data/models/job-1/output/model.tar.gz"
 
 # The shapes the classic state machines passed a body around in.
 SHAPES = {
@@ -45,11 +49,11 @@ def image_bytes(image_format: str, size: tuple[int, int] = (32, 32)) -> bytes:
     return buffer.getvalue()
 
 
-def noise_png(side: int) -> bytes:
-    """A PNG of random pixels, which compresses to about 3 bytes a pixel."""
+def noise_jpeg(side: int) -> bytes:
+    """A real JPEG of random pixels, which compresses badly: about 1.5 bytes a pixel at quality 95."""
     pixels = random.Random(0).randbytes(side * side * 3)
     buffer = io.BytesIO()
-    Image.frombytes("RGB", (side, side), pixels).save(buffer, format="PNG")
+    Image.frombytes("RGB", (side, side), pixels).save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
 
 
@@ -66,8 +70,8 @@ def lambda_environment(monkeypatch):
     for name in list(os.environ):
         if name.startswith("AWS_"):
             monkeypatch.delenv(name)
-    monkeypatch.delenv("THRESHOLD", raising=False)
-    monkeypatch.delenv("MAX_IMAGE_BYTES", raising=False)
+    for name in ("THRESHOLD", "MODEL_DATA_URL"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -75,20 +79,40 @@ def lambda_environment(monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("ENDPOINT_NAME", ENDPOINT)
     monkeypatch.setenv("METRIC_NAMESPACE", "SconesTest")
-    serialize.s3_client.cache_clear()
-    classify.sagemaker_runtime.cache_clear()
+    # what the workflow stack gives the filter by default (tests/test_workflow_stack.py checks it does)
+    monkeypatch.setenv("CLASS_NAMES", "bicycle,motorcycle")
+    monkeypatch.setenv("THRESHOLD_PARAMETER", THRESHOLD_PARAMETER)
+    monkeypatch.setenv("MODEL_PARAMETER", MODEL_PARAMETER)
+    monkeypatch.setenv("DEFAULT_THRESHOLD", "0.93")
+    fresh_clients()
     yield
-    serialize.s3_client.cache_clear()
-    classify.sagemaker_runtime.cache_clear()
+    fresh_clients()
+
+
+def fresh_clients():
+    for client in (common.s3_client, classify.sagemaker_runtime, filter_step.ssm_client):
+        client.cache_clear()
+    filter_step._parameters.clear()
+
+
+@pytest.fixture(autouse=True)
+def aws():
+    """moto's S3 and SSM, in-process; the SageMaker endpoint is the fake_endpoint fixture's real server."""
+    with mock_aws():
+        yield
 
 
 @pytest.fixture
 def s3_bucket():
     """A moto S3 bucket; put objects in it with the returned client."""
-    with mock_aws():
-        s3 = boto3.client("s3")
-        s3.create_bucket(Bucket=BUCKET)
-        yield s3
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    return s3
+
+
+@pytest.fixture
+def ssm():
+    return boto3.client("ssm")
 
 
 @pytest.fixture
@@ -203,40 +227,55 @@ def test_serialize_fails_on_what_is_not_an_image(s3_bucket, content, what):
     assert f"s3://{BUCKET}/labels.csv {what}" in message
 
 
-def test_serialize_refuses_an_image_the_state_could_not_carry(s3_bucket):
-    image = noise_png(300)
-    assert len(image) > serialize.DEFAULT_MAX_IMAGE_BYTES
-    s3_bucket.put_object(Bucket=BUCKET, Key="big.png", Body=image)
+def test_serialize_passes_a_larger_image_by_reference_without_reading_it(s3_bucket):
+    photo = noise_jpeg(500)
+    assert serialize.INLINE_IMAGE_BYTES < len(photo) <= common.MAX_IMAGE_BYTES
+    s3_bucket.put_object(Bucket=BUCKET, Key="photos/moto.jpg", Body=photo)
 
-    name, message = failure(serialize.handler, {"s3_bucket": BUCKET, "s3_key": "big.png"})
+    result = serialize.handler({"s3_bucket": BUCKET, "s3_key": "photos/moto.jpg"}, None)
 
-    assert name == "ImageTooLarge"
-    assert f"s3://{BUCKET}/big.png is {len(image):,} bytes, over the limit of 180,000 (MAX_IMAGE_BYTES)" in message
-    assert "capped at 256 KB" in message
+    assert result == {
+        "statusCode": 200,
+        "body": {"s3_bucket": BUCKET, "s3_key": "photos/moto.jpg", "image_bytes": len(photo), "inferences": []},
+    }
+    assert len(json.dumps(result)) < 1000  # what the state carries, whatever the photo's size
 
 
-def test_serialize_takes_its_limit_from_max_image_bytes(s3_bucket, monkeypatch):
+def test_serialize_keeps_an_image_of_exactly_the_inline_limit_inline(s3_bucket):
     image = image_bytes("PNG")
-    s3_bucket.put_object(Bucket=BUCKET, Key="bike.png", Body=image)
-    event = {"s3_bucket": BUCKET, "s3_key": "bike.png"}
-
-    monkeypatch.setenv("MAX_IMAGE_BYTES", str(len(image)))
-    assert serialize.handler(event, None)["body"]["image_data"] == base64.b64encode(image).decode()
-
-    monkeypatch.setenv("MAX_IMAGE_BYTES", str(len(image) - 1))
-    name, message = failure(serialize.handler, event)
-    assert name == "ImageTooLarge"
-    assert f"over the limit of {len(image) - 1:,}" in message
+    image += b"\0" * (serialize.INLINE_IMAGE_BYTES - len(image))  # PNG decoders stop at IEND
+    s3_bucket.put_object(Bucket=BUCKET, Key="edge.png", Body=image)
+    body = serialize.handler({"s3_bucket": BUCKET, "s3_key": "edge.png"}, None)["body"]
+    assert base64.b64decode(body["image_data"]) == image
+    assert len(json.dumps(body)) < 256 * 1024  # Step Functions' cap on a state
 
 
-@pytest.mark.parametrize("value", ["big", "0", "-5", "1e5"])
-def test_serialize_rejects_an_invalid_max_image_bytes(monkeypatch, value):
-    monkeypatch.setenv("MAX_IMAGE_BYTES", value)
-    name, message = failure(serialize.handler, {"s3_bucket": BUCKET, "s3_key": "bike.png"})
-    assert (name, message) == (
-        "InvalidConfiguration",
-        f"MAX_IMAGE_BYTES={value!r} is not a positive whole number of bytes.",
+def test_serialize_checks_the_format_of_a_large_object_from_its_first_bytes(s3_bucket):
+    s3_bucket.put_object(Bucket=BUCKET, Key="video.mp4", Body=b"\0\0\0\x18ftypmp42" + bytes(500_000))
+    name, message = failure(serialize.handler, {"s3_bucket": BUCKET, "s3_key": "video.mp4"})
+    assert name == "NotAnImage"
+    assert message == (
+        f"s3://{BUCKET}/video.mp4 is not a PNG or JPEG image (it starts with b'\\x00\\x00\\x00\\x18ftyp'): "
+        "point s3_key at a PNG or JPEG image."
     )
+
+
+def test_serialize_refuses_an_image_over_the_endpoints_limit(s3_bucket):
+    s3_bucket.put_object(Bucket=BUCKET, Key="huge.jpg", Body=b"\xff\xd8\xff" + bytes(7 * 1024 * 1024))
+
+    name, message = failure(serialize.handler, {"s3_bucket": BUCKET, "s3_key": "huge.jpg"})
+
+    assert name == "ImageTooLarge"
+    assert message.startswith(
+        f"s3://{BUCKET}/huge.jpg is {7 * 1024 * 1024 + 3:,} bytes, over the limit of 6,291,456: a SageMaker "
+        "endpoint takes at most 6 MB per request. Resize or recompress the image"
+    )
+
+
+def test_the_image_limit_is_the_local_endpoints():
+    from local.endpoint import MAX_PAYLOAD_BYTES
+
+    assert common.MAX_IMAGE_BYTES == MAX_PAYLOAD_BYTES == 6_291_456
 
 
 # classify_image
@@ -336,7 +375,10 @@ def test_classify_needs_the_endpoint_name(fake_endpoint, monkeypatch):
 @pytest.mark.parametrize(
     "event, expected",
     [
-        ({"s3_bucket": BUCKET, "s3_key": "bike.png"}, ("InvalidEvent", "The event has no image_data")),
+        (
+            {"s3_key": "bike.png", "inferences": []},
+            ("InvalidEvent", "The event has neither image_data nor s3_bucket and s3_key (it has: s3_key, inferences)"),
+        ),
         (
             {**classify_event(b""), "image_data": "not base64!"},
             ("InvalidEvent", f"image_data of s3://{BUCKET}/bike.png is not base64"),
@@ -349,10 +391,53 @@ def test_classify_needs_the_endpoint_name(fake_endpoint, monkeypatch):
             ),
         ),
     ],
-    ids=["no image_data", "not base64", "not an image"],
+    ids=["no image", "not base64", "not an image"],
 )
 def test_classify_fails_on_an_event_without_an_image(fake_endpoint, event, expected):
     name, message = failure(classify.handler, event)
+    assert (name, message[: len(expected[1])]) == expected
+    assert fake_endpoint.requests == []
+
+
+def test_classify_reads_an_image_passed_by_reference_from_s3(s3_bucket, fake_endpoint):
+    photo = noise_jpeg(500)
+    s3_bucket.put_object(Bucket=BUCKET, Key="photos/moto.jpg", Body=photo)
+    fake_endpoint.answer_body = b"[0.02, 0.97]"
+    event = serialize.handler({"s3_bucket": BUCKET, "s3_key": "photos/moto.jpg"}, None)
+
+    result = classify.handler(event, None)
+
+    assert result == {
+        "statusCode": 200,
+        "body": {
+            "s3_bucket": BUCKET,
+            "s3_key": "photos/moto.jpg",
+            "image_bytes": len(photo),
+            "inferences": [0.02, 0.97],
+        },
+    }
+    assert fake_endpoint.requests == [
+        {"path": f"/endpoints/{ENDPOINT}/invocations", "content_type": "image/jpeg", "body": photo}
+    ]
+
+
+@pytest.mark.parametrize(
+    "key, content, expected",
+    [
+        ("gone.jpg", None, ("ImageNotFound", f"s3://{BUCKET}/gone.jpg could not be read (S3 said NoSuchKey)")),
+        ("notes.txt", b"not a photo", ("NotAnImage", f"s3://{BUCKET}/notes.txt is not a PNG or JPEG image")),
+        (
+            "huge.jpg",
+            b"\xff\xd8\xff" + bytes(7 * 1024 * 1024),
+            ("ImageTooLarge", f"s3://{BUCKET}/huge.jpg is 7,340,035 bytes, over the limit of 6,291,456"),
+        ),
+    ],
+    ids=["missing", "not an image", "too large"],
+)
+def test_classify_fails_on_a_reference_to_no_usable_image(s3_bucket, fake_endpoint, key, content, expected):
+    if content is not None:
+        s3_bucket.put_object(Bucket=BUCKET, Key=key, Body=content)
+    name, message = failure(classify.handler, {"s3_bucket": BUCKET, "s3_key": key, "inferences": []})
     assert (name, message[: len(expected[1])]) == expected
     assert fake_endpoint.requests == []
 
@@ -367,42 +452,151 @@ def metric_record(captured: str) -> dict:
     return json.loads(lines[0])
 
 
+def readable(inferences, neither, threshold, source, model=None, key="moto.png", predicted="motorcycle") -> dict:
+    """The filter's answer, which is the execution's output."""
+    return {
+        "statusCode": 200,
+        "body": {
+            "s3_bucket": BUCKET,
+            "s3_key": key,
+            "class": predicted,
+            "inferences": inferences,
+            "neither": neither,
+            "threshold": threshold,
+            "threshold_source": source,
+            "model": model,
+        },
+    }
+
+
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("inferences", [[0.05, 0.95], "[0.05, 0.95]"], ids=["list", "JSON"])
-def test_filter_passes_a_confident_inference_through(capsys, shape, inferences):
+def test_filter_answers_a_confident_inference_readably(capsys, shape, inferences):
     body = {"image_data": "aW1hZ2U=", "s3_bucket": BUCKET, "s3_key": "moto.png", "inferences": inferences}
-    assert filter_step.handler(shape(body), None) == {"statusCode": 200, "body": {**body, "inferences": [0.05, 0.95]}}
+    assert filter_step.handler(shape(body), None) == readable([0.05, 0.95], 0.0, 0.93, "default")
     assert metric_record(capsys.readouterr().out)["LowConfidence"] == 0
+
+
+def test_filter_applies_the_trained_models_threshold_from_ssm_and_names_the_model(ssm):
+    ssm.put_parameter(Name=THRESHOLD_PARAMETER, Value="0.844", Type="String")
+    ssm.put_parameter(Name=MODEL_PARAMETER, Value=MODEL_URL, Type="String")
+    event = {"s3_bucket": BUCKET, "s3_key": "moto.png", "inferences": [0.02, 0.97]}
+
+    assert filter_step.handler(event, None) == readable([0.02, 0.97], 0.01, 0.844, "model", MODEL_URL)
+
+    name, message = failure(filter_step.handler, {**event, "inferences": [0.2, 0.8]})
+    assert name == "ThresholdConfidenceNotMet"
+    assert message == (
+        "THRESHOLD_CONFIDENCE_NOT_MET: the top probability 0.8 (motorcycle) is below the threshold 0.844 "
+        f"(the trained model's own) for s3://{BUCKET}/moto.png."
+    )
+
+
+def test_filter_applies_the_default_while_no_model_recorded_a_threshold(ssm):
+    ssm.put_parameter(Name=MODEL_PARAMETER, Value=MODEL_URL, Type="String")
+    event = {"s3_bucket": BUCKET, "s3_key": "bike.png", "inferences": [0.95, 0.04]}
+    assert filter_step.handler(event, None) == readable(
+        [0.95, 0.04], 0.01, 0.93, "default", MODEL_URL, key="bike.png", predicted="bicycle"
+    )
+
+
+def test_an_override_wins_over_the_models_threshold(ssm, monkeypatch):
+    ssm.put_parameter(Name=THRESHOLD_PARAMETER, Value="0.844", Type="String")
+    ssm.put_parameter(Name=MODEL_PARAMETER, Value=MODEL_URL, Type="String")
+    monkeypatch.setenv("THRESHOLD", "0.9")
+    event = {"s3_bucket": BUCKET, "s3_key": "moto.png", "inferences": [0.12, 0.88]}
+
+    name, message = failure(filter_step.handler, event)
+
+    assert name == "ThresholdConfidenceNotMet"
+    assert "is below the threshold 0.9 (set with -c threshold)" in message
+    event["inferences"] = [0.05, 0.95]
+    assert filter_step.handler(event, None) == readable([0.05, 0.95], 0.0, 0.9, "override", MODEL_URL)
+
+
+def test_with_an_override_and_a_given_model_url_the_filter_does_not_call_ssm(monkeypatch):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SSM", f"http://127.0.0.1:{port}")  # any call would fail to connect
+    monkeypatch.setenv("THRESHOLD", "0.9")
+    monkeypatch.setenv("MODEL_DATA_URL", MODEL_URL)
+    event = {"s3_bucket": BUCKET, "s3_key": "moto.png", "inferences": [0.05, 0.95]}
+    assert filter_step.handler(event, None) == readable([0.05, 0.95], 0.0, 0.9, "override", MODEL_URL)
+
+    monkeypatch.delenv("THRESHOLD")
+    assert failure(filter_step.handler, event)[0] == "EndpointConnectionError"
+
+
+def test_the_parameters_are_read_again_after_the_cache_expires(ssm, monkeypatch):
+    ssm.put_parameter(Name=THRESHOLD_PARAMETER, Value="0.844", Type="String")
+    event = {"s3_bucket": BUCKET, "s3_key": "moto.png", "inferences": [0.1, 0.86]}
+    assert filter_step.handler(event, None)["body"]["threshold"] == 0.844
+
+    ssm.put_parameter(Name=THRESHOLD_PARAMETER, Value="0.9", Type="String", Overwrite=True)
+    assert filter_step.handler(event, None)["body"]["threshold"] == 0.844  # cached
+
+    now = filter_step.time.monotonic()
+    monkeypatch.setattr(filter_step.time, "monotonic", lambda: now + filter_step.PARAMETER_CACHE_SECONDS + 1)
+    assert failure(filter_step.handler, event)[1].startswith(
+        "THRESHOLD_CONFIDENCE_NOT_MET: the top probability 0.86 (motorcycle) is below the threshold 0.9"
+    )
+
+
+@pytest.mark.parametrize("value", ["high", "1.5", "-0.1"])
+def test_filter_names_a_bad_threshold_parameter(ssm, value, capsys):
+    ssm.put_parameter(Name=THRESHOLD_PARAMETER, Value=value, Type="String")
+    name, message = failure(filter_step.handler, {"inferences": [0.1, 0.9]})
+    assert name == "InvalidConfiguration"
+    assert message == (
+        f"the SSM parameter {THRESHOLD_PARAMETER}={value!r} is not a probability between 0 and 1: the training "
+        "records the trained model's calibrated threshold there; put a number such as 0.85 in it, or delete it "
+        "to apply the default."
+    )
+    assert capsys.readouterr().out == ""
+
+
+def test_filter_names_the_classes_from_class_names_in_label_order(monkeypatch):
+    monkeypatch.setenv("CLASS_NAMES", "bus,bicycle,motorcycle,tractor")
+    result = filter_step.handler({"s3_bucket": BUCKET, "s3_key": "moto.png", "inferences": [0, 0.01, 0.03, 0.95]}, None)
+    assert (result["body"]["class"], result["body"]["neither"]) == ("tractor", 0.01)
+
+
+def test_filter_refuses_answers_for_other_classes_than_configured():
+    name, message = failure(filter_step.handler, {"inferences": [0.2, 0.3, 0.5]})
+    assert name == "InvalidConfiguration"
+    assert message.startswith(
+        "The endpoint answered 3 probabilities but the workflow knows 2 classes (CLASS_NAMES=bicycle,motorcycle)"
+    )
 
 
 def test_filter_passes_an_inference_exactly_at_the_threshold(monkeypatch):
     monkeypatch.setenv("THRESHOLD", "0.75")
-    assert filter_step.handler({"inferences": [0.75, 0.25]}, None) == {
-        "statusCode": 200,
-        "body": {"inferences": [0.75, 0.25]},
-    }
+    assert filter_step.handler({"inferences": [0.75, 0.25]}, None)["body"]["class"] == "bicycle"
 
 
 @pytest.mark.parametrize(
     "threshold, inferences, expected",
     [
-        (None, [0.61, 0.39], "the top probability 0.61 (class 0) is below the threshold 0.93"),
-        ("0.5", [0.2, 0.3, 0.4, 0.1], "the top probability 0.4 (class 2) is below the threshold 0.5"),
+        (None, [0.61, 0.39], "the top probability 0.61 (bicycle) is below the threshold 0.93 (the default, as no "),
+        ("0.5", [0.2, 0.3, 0.4, 0.1], "the top probability 0.4 (motorcycle) is below the threshold 0.5 (set with"),
     ],
 )
 def test_filter_fails_a_low_confidence_inference(monkeypatch, threshold, inferences, expected):
     if threshold:
         monkeypatch.setenv("THRESHOLD", threshold)
+        monkeypatch.setenv("CLASS_NAMES", "bicycle,bus,motorcycle,tractor")
     name, message = failure(filter_step.handler, {"s3_bucket": BUCKET, "s3_key": "moto.png", "inferences": inferences})
     assert name == "ThresholdConfidenceNotMet"
-    assert message == f"THRESHOLD_CONFIDENCE_NOT_MET: {expected} for s3://{BUCKET}/moto.png."
+    assert message.startswith(f"THRESHOLD_CONFIDENCE_NOT_MET: {expected}")
+    assert message.endswith(f" for s3://{BUCKET}/moto.png.")
 
 
 @pytest.mark.parametrize(
     "inferences, expected",
     [
-        ([0.04, 0.96], {"PredictedClass": "1", "TopProbability": 0.96, "LowConfidence": 0}),
-        ([0.7, 0.3], {"PredictedClass": "0", "TopProbability": 0.7, "LowConfidence": 1}),
+        ([0.04, 0.96], {"PredictedClass": "1", "TopProbability": 0.96, "LowConfidence": 0, "Threshold": 0.93}),
+        ([0.7, 0.3], {"PredictedClass": "0", "TopProbability": 0.7, "LowConfidence": 1, "Threshold": 0.93}),
     ],
 )
 def test_filter_prints_one_embedded_metric_line(capsys, inferences, expected):
@@ -461,35 +655,31 @@ def test_filter_fails_on_inferences_that_are_not_probabilities(inferences):
     assert f"inferences of the image are {inferences!r}, not a list of class probabilities" in message
 
 
+@pytest.mark.parametrize("variable", ["THRESHOLD", "DEFAULT_THRESHOLD"])
 @pytest.mark.parametrize("threshold", ["high", "1.5", "-0.1", "nan"])
-def test_filter_rejects_an_invalid_threshold(monkeypatch, threshold):
-    monkeypatch.setenv("THRESHOLD", threshold)
+def test_filter_rejects_an_invalid_threshold(monkeypatch, variable, threshold):
+    monkeypatch.setenv(variable, threshold)
     assert failure(filter_step.handler, {"inferences": [0.1, 0.9]}) == (
         "InvalidConfiguration",
-        f"THRESHOLD={threshold!r} is not a probability between 0 and 1.",
+        f"{variable}={threshold!r} is not a probability between 0 and 1.",
     )
 
 
 # the three in a row, as the state machine passes `$.Payload.body` from one to the next
 
 
-def test_the_three_steps_in_a_row(s3_bucket, fake_endpoint, capsys):
-    image = image_bytes("JPEG")
-    s3_bucket.put_object(Bucket=BUCKET, Key="test/motorcycle_s_000001.jpg", Body=image)
+@pytest.mark.parametrize("photo", [image_bytes("JPEG"), noise_jpeg(500)], ids=["inline", "by reference"])
+def test_the_three_steps_in_a_row(s3_bucket, ssm, fake_endpoint, capsys, photo):
+    s3_bucket.put_object(Bucket=BUCKET, Key="test/motorcycle_s_000001.jpg", Body=photo)
+    ssm.put_parameter(Name=THRESHOLD_PARAMETER, Value="0.844", Type="String")
+    ssm.put_parameter(Name=MODEL_PARAMETER, Value=MODEL_URL, Type="String")
     fake_endpoint.answer_body = b"[0.01, 0.99]"
 
     serialized = serialize.handler({"s3_bucket": BUCKET, "s3_key": "test/motorcycle_s_000001.jpg"}, None)
     classified = classify.handler(serialized["body"], None)
     filtered = filter_step.handler(classified["body"], None)
 
-    assert filtered == {
-        "statusCode": 200,
-        "body": {
-            "image_data": base64.b64encode(image).decode(),
-            "s3_bucket": BUCKET,
-            "s3_key": "test/motorcycle_s_000001.jpg",
-            "inferences": [0.01, 0.99],
-        },
-    }
-    assert fake_endpoint.requests[0]["body"] == image
+    assert ("image_data" in serialized["body"]) == (len(photo) <= serialize.INLINE_IMAGE_BYTES)
+    assert filtered == readable([0.01, 0.99], 0.0, 0.844, "model", MODEL_URL, key="test/motorcycle_s_000001.jpg")
+    assert fake_endpoint.requests[0]["body"] == photo
     assert metric_record(capsys.readouterr().out)["PredictedClass"] == "1"

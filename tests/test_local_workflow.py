@@ -1,10 +1,10 @@
 """The synthesized workflow definition executed by moto's Step Functions engine, with the real handlers
 running in-process from their asset folders and a stand-in endpoint speaking the SageMaker Runtime API."""
 
-import base64
 import io
 import json
 import os
+import random
 
 import boto3
 import pytest
@@ -81,15 +81,44 @@ def test_confident_image_succeeds_with_the_classic_output(deployment, endpoint):
     )
     assert described["status"] == "SUCCEEDED"
     assert json.loads(described["output"]) == {
-        "image_data": base64.b64encode(image).decode(),
         "s3_bucket": deployment.bucket,
         "s3_key": "test/bicycle_s_000001.png",
+        "class": "bicycle",
         "inferences": [0.97, 0.03],
+        "neither": 0.0,
+        "threshold": 0.93,
+        "threshold_source": "default",
+        "model": None,
     }
     assert entered(events) == ["Serialize image data", "Classify image", "Filter low confidence", "Confident"]
     assert [r["body"] for r in endpoint.requests] == [image]
     assert endpoint.requests[0]["path"] == "/endpoints/scones-dev/invocations"
     assert endpoint.requests[0]["content_type"] == "image/png"
+
+
+def test_a_photo_too_large_for_the_state_travels_by_reference(deployment, endpoint):
+    buffer = io.BytesIO()  # random pixels: a JPEG of about 300 KB
+    Image.frombytes("RGB", (500, 500), random.Random(0).randbytes(500 * 500 * 3)).save(buffer, "JPEG", quality=95)
+    photo = buffer.getvalue()
+    assert 180_000 < len(photo) < 6 * 1024 * 1024
+    boto3.client("s3").put_object(Bucket=deployment.bucket, Key="photos/large.jpg", Body=photo)
+    described, events = run(
+        deployment, "classify-image", {"s3_bucket": deployment.bucket, "s3_key": "photos/large.jpg"}
+    )
+    assert described["status"] == "SUCCEEDED"
+    assert json.loads(described["output"])["class"] == "bicycle"
+    assert [r["body"] for r in endpoint.requests] == [photo]
+    assert all(len(json.dumps(e, default=str)) < 20_000 for e in events)  # the photo never entered the state
+
+
+def test_a_photo_over_the_endpoints_limit_fails_naming_what_to_do(deployment, endpoint):
+    boto3.client("s3").put_object(
+        Bucket=deployment.bucket, Key="photos/huge.jpg", Body=b"\xff\xd8\xff" + bytes(7 << 20)
+    )
+    described, _ = run(deployment, "classify-image", {"s3_bucket": deployment.bucket, "s3_key": "photos/huge.jpg"})
+    assert (described["status"], described["error"]) == ("FAILED", "ImageTooLarge")
+    assert "Resize or recompress the image" in json.loads(described["cause"])["errorMessage"]
+    assert endpoint.requests == []
 
 
 def test_low_confidence_fails_with_threshold_confidence_not_met(deployment, endpoint):

@@ -1,4 +1,13 @@
+import json
+import re
+import time
+
+import boto3
+import pytest
 from conftest import definition_of, synth_stacks, template
+from moto import mock_aws
+
+from stacks import training_stack
 
 
 def training_job_parameters(**context) -> tuple[dict, dict]:
@@ -85,3 +94,96 @@ def test_outputs_name_the_training_state_machine_and_the_model_parameter():
     assert outputs["ModelParameterName"]["Value"] == "/scones/dev/model-data-url"
     assert "training.fit --sagemaker" in outputs["TrainingStateMachineArn"]["Description"]
     assert "SSM parameter" in outputs["ModelParameterName"]["Description"]
+
+
+def test_pytorch_job_reports_the_calibrated_threshold_as_a_metric_the_builtin_one_does_not():
+    _, job = training_job_parameters()
+    assert job["AlgorithmSpecification"]["MetricDefinitions"] == [
+        {"Name": "threshold", "Regex": training_stack.THRESHOLD_METRIC_REGEX}
+    ]
+    _, builtin = training_job_parameters(training_algorithm="builtin")
+    assert "MetricDefinitions" not in builtin["AlgorithmSpecification"]
+
+
+def test_the_metric_regex_reads_the_threshold_train_py_prints(tmp_path, capsys):
+    from training import train
+
+    train.write_model(tmp_path, tmp_path, {"threshold": 0.8440000414848328}, {})
+    (value,) = re.findall(training_stack.THRESHOLD_METRIC_REGEX, capsys.readouterr().out)
+    assert float(value) == 0.8440000414848328
+
+
+def test_the_threshold_states_and_their_exact_permissions():
+    states, _ = training_job_parameters()
+    assert states["RecordModel"]["Next"] == "HasMetrics"
+    record = states["EachMetric"]["ItemProcessor"]["States"]["RecordThreshold"]
+    assert record["Resource"].endswith(":states:::aws-sdk:ssm:putParameter")
+    assert record["Parameters"] == {
+        "Name": "/scones/dev/threshold",
+        "Value.$": "States.JsonToString($.Value)",
+        "Type": "String",
+        "Overwrite": True,
+    }
+    assert states["ForgetThreshold"]["Resource"].endswith(":states:::aws-sdk:ssm:deleteParameter")
+    ssm = sorted(
+        (
+            s["Action"],
+            sorted(
+                r["Fn::Join"][1][-1] for r in (s["Resource"] if isinstance(s["Resource"], list) else [s["Resource"]])
+            ),
+        )
+        for policy in template("Training").find_resources("AWS::IAM::Policy").values()
+        for s in policy["Properties"]["PolicyDocument"]["Statement"]
+        if "ssm:" in json.dumps(s["Action"])
+    )
+    assert ssm == [
+        ("ssm:deleteParameter", [":parameter/scones/dev/threshold"]),
+        ("ssm:putParameter", [":parameter/scones/dev/model-data-url", ":parameter/scones/dev/threshold"]),
+    ]
+
+
+THRESHOLD, MODEL = "/scones/dev/threshold", "/scones/dev/model-data-url"
+
+
+@pytest.mark.parametrize(
+    "metrics, before, after",
+    [
+        ([{"MetricName": "threshold", "Value": 0.844}], None, "0.844"),
+        ([{"MetricName": "loss", "Value": 0.3}, {"MetricName": "threshold", "Value": 0.9}], "0.844", "0.9"),
+        ([{"MetricName": "validation:accuracy", "Value": 0.93}], "0.844", None),
+        ([], None, None),
+        (None, "0.844", None),
+    ],
+    ids=["recorded", "among other metrics", "builtin forgets an older one", "no metrics", "no metric list"],
+)
+def test_after_the_job_the_state_machine_records_its_threshold_beside_the_model(metrics, before, after):
+    """The definition's states after the training job, run on moto's Step Functions engine (which cannot
+    run createTrainingJob.sync or createModel), from what the job's description holds."""
+    states, _ = training_job_parameters()
+    tail = {
+        "StartAt": "RecordModel",
+        "States": {name: state for name, state in states.items() if name not in ("Train", "CreateModel")},
+    }
+    job = {"TrainingJobName": "scones-dev-1", "ModelArtifacts": {"S3ModelArtifacts": "s3://data/models/1/model.tar.gz"}}
+    if metrics is not None:
+        job["FinalMetricDataList"] = [{**metric, "Timestamp": "2026-12-05T10:00:00Z"} for metric in metrics]
+    with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
+        ssm, stepfunctions = boto3.client("ssm", "us-east-1"), boto3.client("stepfunctions", "us-east-1")
+        if before:
+            ssm.put_parameter(Name=THRESHOLD, Value=before, Type="String")
+        machine = stepfunctions.create_state_machine(
+            name="training-tail",
+            definition=json.dumps(tail).replace("arn:<Ref:AWS::Partition>:", "arn:aws:"),
+            roleArn="arn:aws:iam::123456789012:role/training",
+        )["stateMachineArn"]
+        execution = stepfunctions.start_execution(stateMachineArn=machine, input=json.dumps(job))["executionArn"]
+        deadline = time.monotonic() + 30
+        while (described := stepfunctions.describe_execution(executionArn=execution))["status"] == "RUNNING":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        recorded = {p["Name"]: p["Value"] for p in ssm.get_parameters(Names=[THRESHOLD, MODEL])["Parameters"]}
+    assert (described["status"], json.loads(described["output"])) == (
+        "SUCCEEDED",
+        {"S3ModelArtifacts": "s3://data/models/1/model.tar.gz"},
+    )
+    assert recorded == {MODEL: "s3://data/models/1/model.tar.gz", **({THRESHOLD: after} if after else {})}

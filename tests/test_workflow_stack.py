@@ -10,7 +10,14 @@ FUNCTIONS = {
     "classify_image": ("ClassifyImage", {"ENDPOINT_NAME": "scones-dev"}),
     "filter_inferences": (
         "FilterInferences",
-        {"THRESHOLD": "0.93", "ENDPOINT_NAME": "scones-dev", "METRIC_NAMESPACE": "Scones"},
+        {
+            "CLASS_NAMES": "bicycle,motorcycle",
+            "THRESHOLD_PARAMETER": "/scones/dev/threshold",
+            "DEFAULT_THRESHOLD": "0.93",
+            "MODEL_PARAMETER": "/scones/dev/model-data-url",
+            "ENDPOINT_NAME": "scones-dev",
+            "METRIC_NAMESPACE": "Scones",
+        },
     ),
 }
 
@@ -36,14 +43,51 @@ def test_lambdas_runtime_handler_environment_timeout_tracing():
         assert properties["LoggingConfig"]["LogGroup"]["Ref"].startswith(construct_id)
 
 
-def test_threshold_and_endpoint_name_come_from_context():
-    template("Workflow", threshold="0.8", endpoint_name="bikes").has_resource_properties(
+def test_threshold_override_model_url_classes_and_endpoint_name_come_from_context():
+    template(
+        "Workflow",
+        threshold="0.8",
+        endpoint_name="bikes",
+        classes="tank,tractor",
+        model_data_url="s3://models/m/model.tar.gz",
+    ).has_resource_properties(
         "AWS::Lambda::Function",
         {
             "Handler": "filter_inferences.index.handler",
-            "Environment": {"Variables": {"THRESHOLD": "0.8", "ENDPOINT_NAME": "bikes", "METRIC_NAMESPACE": "Scones"}},
+            "Environment": {
+                "Variables": {
+                    "CLASS_NAMES": "tank,tractor",
+                    "THRESHOLD": "0.8",
+                    "MODEL_DATA_URL": "s3://models/m/model.tar.gz",
+                    "ENDPOINT_NAME": "bikes",
+                    "METRIC_NAMESPACE": "Scones",
+                }
+            },
         },
     )
+
+
+def _parameter_reads(**context) -> list[tuple[str, list[str]]]:
+    """The filter's SSM statements: (action, the parameter paths of its resources)."""
+    return [
+        (
+            s["Action"],
+            sorted(r["Fn::Join"][1][-1] for r in ([s["Resource"]] if "Fn::Join" in s["Resource"] else s["Resource"])),
+        )
+        for s in _policy_statements(template("Workflow", **context), "FilterInferences")
+        if "ssm:" in json.dumps(s["Action"])
+    ]
+
+
+def test_filter_may_read_exactly_the_parameters_it_reads():
+    assert _parameter_reads() == [
+        ("ssm:GetParameters", [":parameter/scones/dev/model-data-url", ":parameter/scones/dev/threshold"])
+    ]
+    assert _parameter_reads(threshold="0.8") == [("ssm:GetParameters", [":parameter/scones/dev/model-data-url"])]
+    assert _parameter_reads(model_data_url="s3://models/m/model.tar.gz", env="prod") == [
+        ("ssm:GetParameters", [":parameter/scones/prod/threshold"])
+    ]
+    assert _parameter_reads(threshold="0.8", model_data_url="s3://models/m/model.tar.gz") == []
 
 
 def test_each_lambda_role_has_exactly_its_own_data_access():
@@ -60,11 +104,16 @@ def test_each_lambda_role_has_exactly_its_own_data_access():
     assert read["Resource"]["Fn::Join"][1][1] == "/*"
 
     classify = _policy_statements(workflow, "ClassifyImage")
-    assert data_actions(classify) == ["sagemaker:InvokeEndpoint"]
+    assert data_actions(classify) == ["s3:GetObject", "sagemaker:InvokeEndpoint"]
     (invoke,) = [s for s in classify if s["Action"] == "sagemaker:InvokeEndpoint"]
     assert invoke["Resource"]["Fn::Join"][1][-1] == ":endpoint/scones-dev"
+    # a photo passed by reference: the bucket's objects, not the bucket or anything else
+    (read,) = [s for s in classify if s["Action"] == "s3:GetObject"]
+    bucket_arn, objects = read["Resource"]["Fn::Join"][1]
+    assert objects == "/*" and "Data" in bucket_arn["Fn::ImportValue"]
+    assert read == next(s for s in serialize if s["Action"] == "s3:GetObject")
 
-    assert data_actions(_policy_statements(workflow, "FilterInferences")) == []
+    assert data_actions(_policy_statements(workflow, "FilterInferences")) == ["ssm:GetParameters"]
 
 
 def test_classification_states_in_order_with_retries_and_low_confidence_fail():
@@ -136,7 +185,11 @@ def test_batch_runs_every_image_under_a_prefix_as_child_executions():
         "StepFunctions.SdkClientException",
         "StepFunctions.AWSStepFunctionsException",
     ]
-    assert child["ResultSelector"] == {"status.$": "$.Status", "inferences.$": "$.Output.inferences"}
+    assert child["ResultSelector"] == {
+        "status.$": "$.Status",
+        "class.$": "$.Output.class",
+        "inferences.$": "$.Output.inferences",
+    }
 
 
 def test_batch_writes_its_results_to_the_bucket_not_its_output():

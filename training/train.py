@@ -430,7 +430,12 @@ def log_test(metrics: dict) -> None:
 
 
 def write_model(model_dir: Path, output_dir: Path, settings: dict, metrics: dict) -> None:
-    """model.json, the serving code as code/, and metrics.json (beside the model and in the output data)."""
+    """model.json, the serving code as code/, and metrics.json (beside the model and in the output data).
+
+    Prints the calibrated threshold as `scones-threshold=<value>`, the line the training stack's SageMaker
+    metric definition reads, so that the training state machine records it beside the model.
+    """
+    print(f"scones-threshold={settings['threshold']!r}", flush=True)
     (model_dir / "model.json").write_text(json.dumps(settings, indent=2) + "\n")
     (model_dir / "code").mkdir(exist_ok=True)
     for name in SERVING_CODE:

@@ -1,4 +1,8 @@
-"""Step 2: send the image to the SageMaker endpoint and add its class probabilities as `inferences`."""
+"""Step 2: send the image to the SageMaker endpoint and add its class probabilities as `inferences`.
+
+The image is the body's `image_data` when it travelled inline, else the object at `s3_bucket`/`s3_key`,
+read from S3 here.
+"""
 
 import base64
 import functools
@@ -16,6 +20,7 @@ from common import (
     aws_error,
     image_content_type,
     image_location,
+    open_image,
     read_body,
     setting,
 )
@@ -32,18 +37,14 @@ def sagemaker_runtime():
 
 
 def handler(event, context):
-    body = read_body(event, "image_data")
+    body = read_body(event)
     endpoint_name = setting("ENDPOINT_NAME")
+    image = image_of(body)
     location = image_location(body)
-    try:
-        image = base64.b64decode(body["image_data"], validate=True)
-    except ValueError as error:
-        raise InvalidEvent(
-            f"image_data of {location} is not base64 ({error}); it should be what serialize-image-data answered."
-        ) from error
     content_type = image_content_type(image)
     if content_type is None:
-        raise NotAnImage(f"image_data of {location} is not a PNG or JPEG image (it starts with {image[:8]!r}).")
+        what = "image_data of " if body.get("image_data") else ""
+        raise NotAnImage(f"{what}{location} is not a PNG or JPEG image (it starts with {image[:8]!r}).")
     try:
         response = sagemaker_runtime().invoke_endpoint(EndpointName=endpoint_name, ContentType=content_type, Body=image)
     except ClientError as error:
@@ -60,3 +61,25 @@ def handler(event, context):
             f"{location}, not a JSON list of class probabilities like [0.9, 0.1]."
         )
     return answer({**body, "inferences": inferences})
+
+
+def image_of(body: dict) -> bytes:
+    """The image's bytes: `image_data` decoded, or the object at `s3_bucket`/`s3_key`."""
+    location = image_location(body)
+    if body.get("image_data"):
+        try:
+            return base64.b64decode(body["image_data"], validate=True)
+        except ValueError as error:
+            raise InvalidEvent(
+                f"image_data of {location} is not base64 ({error}); it should be what serialize-image-data answered."
+            ) from error
+    if not (body.get("s3_bucket") and body.get("s3_key")):
+        raise InvalidEvent(
+            f"The event has neither image_data nor s3_bucket and s3_key (it has: {', '.join(body) or 'nothing'}); "
+            "classify-image takes the body serialize-image-data answered."
+        )
+    s3_object = open_image(body)
+    try:
+        return s3_object["Body"].read()
+    finally:
+        s3_object["Body"].close()

@@ -10,6 +10,16 @@ import json
 import math
 import os
 
+import boto3
+from botocore.exceptions import ClientError
+
+# What a SageMaker real-time endpoint takes in one request (InvokeEndpoint's limit, 6 MB): the largest image
+# the workflow accepts, whichever way it travels.
+MAX_IMAGE_BYTES = 6 * 1024 * 1024
+
+# Without s3:ListBucket on the bucket, S3 answers a missing key with AccessDenied rather than NoSuchKey.
+MISSING_OBJECT_ERRORS = ("NoSuchKey", "NoSuchBucket", "AccessDenied")
+
 
 class StepError(Exception):
     """Base of the errors the steps raise on purpose."""
@@ -134,3 +144,35 @@ def setting(name: str, default: str | None = None) -> str:
             "on the function, and a local run must set it in the environment."
         )
     return value
+
+
+@functools.cache
+def s3_client():
+    return boto3.client("s3")
+
+
+def open_image(body: dict) -> dict:
+    """S3's GetObject answer for the body's `s3_bucket`/`s3_key`, its `Body` not yet read.
+
+    Raises ImageNotFound when it cannot be read and ImageTooLarge when it is over what the endpoint takes.
+    """
+    location = image_location(body)
+    try:
+        s3_object = s3_client().get_object(Bucket=body["s3_bucket"], Key=body["s3_key"])
+    except ClientError as error:
+        code = error.response["Error"]["Code"]
+        if code not in MISSING_OBJECT_ERRORS:
+            raise
+        raise ImageNotFound(
+            f"{location} could not be read (S3 said {code}): check the bucket and key, upload "
+            "the image there, or let this function s3:GetObject it."
+        ) from error
+    size = s3_object["ContentLength"]
+    if size > MAX_IMAGE_BYTES:
+        s3_object["Body"].close()
+        raise ImageTooLarge(
+            f"{location} is {size:,} bytes, over the limit of {MAX_IMAGE_BYTES:,}: a SageMaker endpoint takes "
+            "at most 6 MB per request. Resize or recompress the image (a phone photo saved as a JPEG of "
+            "2000 pixels on its longer side is well under)."
+        )
+    return s3_object
