@@ -29,11 +29,9 @@ from local.deploy import LocalDeployment, UnresolvedReference
 from local.executions import percentile, run_executions
 from local.services import BackgroundService, ServiceFailed
 from monitoring.captures import split_s3_uri
-from stacks.config import stack_name
+from stacks.config import SconesConfig, stack_name
 from training.etl import EtlError
 
-MODEL_PARAMETER = "/scones/{env}/model-data-url"
-THRESHOLD_PARAMETER = "/scones/{env}/threshold"
 DEFAULT_CONCURRENCY = 8
 STACKS = ("Data", "Training", "Workflow", "Endpoint", "Monitoring")  # what `up` deploys, by short name
 
@@ -115,13 +113,11 @@ class LocalRun:
         key = f"models/local-{dataset_sha[:12]}/output/model.tar.gz"
         boto3.client("s3").upload_file(str(archive), bucket, key)
         url = f"s3://{bucket}/{key}"
-        ssm = boto3.client("ssm")
-        ssm.put_parameter(Name=MODEL_PARAMETER.format(env=self.env_name), Value=url, Type="String", Overwrite=True)
+        config, ssm = SconesConfig(env_name=self.env_name), boto3.client("ssm")
+        ssm.put_parameter(Name=config.model_parameter_name, Value=url, Type="String", Overwrite=True)
         threshold = model_settings(archive).get("threshold")
         if threshold is not None:  # as the training state machine records it beside the model's URL
-            ssm.put_parameter(
-                Name=THRESHOLD_PARAMETER.format(env=self.env_name), Value=str(threshold), Type="String", Overwrite=True
-            )
+            ssm.put_parameter(Name=config.threshold_parameter_name, Value=str(threshold), Type="String", Overwrite=True)
         return url
 
     def capture_report(self, bucket: str, endpoint: str, filter_threshold: float | None = None) -> Path:

@@ -89,8 +89,8 @@ def running_deployment(state_dir: Path, env_name: str | None) -> dict | None:
 
 
 def filter_threshold(workflow_template: dict, model: dict) -> dict:
-    """The threshold the filter applies: the synthesized filter function's THRESHOLD (`-c threshold`), else the
-    model's own (which the filter reads from SSM); {"value": None, "source": "default"} if neither."""
+    """The threshold the synthesized filter function applies: its THRESHOLD (`-c threshold`), else the model's own
+    (which it reads from SSM), else its DEFAULT_THRESHOLD. {"value", "source"}; value None if it names none."""
     variables = next(
         (
             resource["Properties"].get("Environment", {}).get("Variables", {})
@@ -103,7 +103,8 @@ def filter_threshold(workflow_template: dict, model: dict) -> dict:
         return {"value": float(variables["THRESHOLD"]), "source": "override"}
     if model.get("threshold") is not None:
         return {"value": float(model["threshold"]), "source": "model"}
-    return {"value": None, "source": "default"}
+    default = variables.get("DEFAULT_THRESHOLD")
+    return {"value": float(default) if default else None, "source": "default"}
 
 
 # ------------------------------------------------------------------------------------------- photos

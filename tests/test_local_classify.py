@@ -13,8 +13,9 @@ import pytest
 from conftest import assembly_directory
 from PIL import Image
 
-from local.__main__ import MODEL_PARAMETER, THRESHOLD_PARAMETER, LocalRun, main, model_settings
+from local.__main__ import LocalRun, main, model_settings
 from local.classify import record_deployed
+from stacks.config import SconesConfig
 
 pytestmark = pytest.mark.slow
 
@@ -112,8 +113,8 @@ def classify_json(capsys, state_dir: Path, *arguments) -> dict:
 def test_up_records_the_trained_models_threshold_beside_its_url(stack):
     state_dir, bucket, model_url = stack
     ssm = boto3.client("ssm")
-    assert ssm.get_parameter(Name=MODEL_PARAMETER.format(env="dev"))["Parameter"]["Value"] == model_url
-    assert ssm.get_parameter(Name=THRESHOLD_PARAMETER.format(env="dev"))["Parameter"]["Value"] == "0.9"
+    assert ssm.get_parameter(Name=SconesConfig(env_name="dev").model_parameter_name)["Parameter"]["Value"] == model_url
+    assert ssm.get_parameter(Name=SconesConfig(env_name="dev").threshold_parameter_name)["Parameter"]["Value"] == "0.9"
 
 
 def test_photos_are_classified_one_execution_each_with_class_probabilities_and_why_not(stack, tmp_path, capsys):
