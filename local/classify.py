@@ -163,11 +163,11 @@ def _json(text):
     return text
 
 
-def reason_of(error: str | None, cause) -> str:
-    """A failed execution's error and the message of its cause (a Lambda error's errorMessage)."""
+def reason_of(error: str | None, cause) -> str | None:
+    """Why an execution failed: its cause's message (a Lambda error's errorMessage), else the error's name."""
     cause = _json(cause)
     message = cause.get("errorMessage") or cause.get("Cause") if isinstance(cause, dict) else cause
-    return f"{error}: {message}" if message else str(error)
+    return message or error
 
 
 def answer_fields(inferences, classes: list[str] | None, output: dict | None = None) -> dict:
@@ -289,7 +289,7 @@ def classify_batch(deployed: dict, prefix: str, rows: list[dict]) -> tuple[dict,
         "latency_ms": round((described["stopDate"] - described["startDate"]).total_seconds() * 1000, 1),
     }
     if described["status"] != "SUCCEEDED":
-        batch["reason"] = reason_of(described.get("error"), described.get("cause"))
+        batch["reason"] = f"{described.get('error')}: {reason_of(described.get('error'), described.get('cause'))}"
     output = _json(described.get("output"))
     writer = output.get("ResultWriterDetails") if isinstance(output, dict) else None
     if not writer:
@@ -324,7 +324,7 @@ def _accepted_text(row: dict) -> str:
         source = {"model": "the model's", "override": "-c threshold", "default": "the default"}
         threshold = row.get("threshold")
         where = source.get(row.get("threshold_source"), row.get("threshold_source"))
-        return f"accepted (threshold {threshold:g}, {where})" if threshold is not None else "accepted"
+        return f"accepted (threshold {threshold:.3g}, {where})" if threshold is not None else "accepted"
     return f"not accepted: {row.get('error') or row['status']}"
 
 

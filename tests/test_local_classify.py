@@ -139,7 +139,7 @@ def test_photos_are_classified_one_execution_each_with_class_probabilities_and_w
     unsure = rows["grey.png"]
     assert not unsure["accepted"] and unsure["error"] == "ThresholdConfidenceNotMet"
     assert unsure["probabilities"] == {"bicycle": 0.55, "motorcycle": 0.35}  # what the filter refused
-    assert unsure["reason"].startswith("ThresholdConfidenceNotMet: THRESHOLD_CONFIDENCE_NOT_MET")
+    assert unsure["reason"].startswith("THRESHOLD_CONFIDENCE_NOT_MET: ")
     assert "threshold 0.9 " in unsure["reason"]
     assert rows["notes.png"]["error"] == "NotAnImage" and "point s3_key at a PNG or JPEG" in rows["notes.png"]["reason"]
     assert all(0 < row["latency_ms"] < 30_000 for row in rows.values())
@@ -162,7 +162,7 @@ def test_the_text_output_names_each_photo_its_answer_and_the_reason(stack, tmp_p
     assert lines[1].strip() == "bicycle 0.970  motorcycle 0.020  neither 0.010"
     assert lines[2].startswith("grey.png  bicycle     not accepted: ThresholdConfidenceNotMet  ")
     assert lines[3].strip() == "bicycle 0.550  motorcycle 0.350  neither 0.100"
-    assert lines[4].strip().startswith("ThresholdConfidenceNotMet: THRESHOLD_CONFIDENCE_NOT_MET: the top probability")
+    assert lines[4].strip().startswith("THRESHOLD_CONFIDENCE_NOT_MET: the top probability 0.55 (bicycle) is below")
     assert "\n2 photo(s): 1 accepted, 1 not (1 ThresholdConfidenceNotMet)\n" in printed
     assert f"uploaded to s3://{bucket}/photos/" in printed
 
@@ -206,7 +206,7 @@ def test_a_folder_is_classified_by_the_batch_and_its_result_files_summarised(sta
     assert rows["today/red.png"]["probabilities"] == {"bicycle": 0.97, "motorcycle": 0.02}
     assert rows["today/grey.jpg"]["accepted"] is False
     assert rows["today/grey.jpg"]["error"] == "ThresholdConfidenceNotMet", rows["today/grey.jpg"]
-    assert rows["today/grey.jpg"]["reason"].startswith("ThresholdConfidenceNotMet: THRESHOLD_CONFIDENCE_NOT_MET")
+    assert rows["today/grey.jpg"]["reason"].startswith("THRESHOLD_CONFIDENCE_NOT_MET: ")
     # from the history of the child execution that the result file names
     assert rows["today/grey.jpg"]["probabilities"] == {"bicycle": 0.55, "motorcycle": 0.35}
 
