@@ -14,8 +14,8 @@ from conftest import assembly_directory
 from PIL import Image
 
 from local.__main__ import LocalRun, main, model_settings
-from local.classify import record_deployed
-from stacks.config import SconesConfig
+from local.classify import filter_threshold, record_deployed
+from stacks.config import DEFAULT_THRESHOLD, SconesConfig
 
 pytestmark = pytest.mark.slow
 
@@ -237,3 +237,16 @@ def test_classify_with_nothing_up_and_no_cloud_assembly_says_to_synthesize(tmp_p
     status = main(["classify", str(photo), "--state-dir", str(tmp_path / "state"), "--assembly", str(tmp_path / "out")])
     assert status == 2
     assert capsys.readouterr().err == f"local: error: no cloud assembly at {tmp_path / 'out'}: run `make synth` first\n"
+
+
+@pytest.mark.parametrize(
+    ("context", "model", "expected"),
+    [
+        ({}, MODEL_JSON, {"value": 0.9, "source": "model"}),
+        ({"threshold": "0.95"}, MODEL_JSON, {"value": 0.95, "source": "override"}),
+        ({}, {"classes": ["bicycle", "motorcycle"]}, {"value": DEFAULT_THRESHOLD, "source": "default"}),
+    ],
+)
+def test_the_threshold_named_is_the_one_the_synthesized_filter_applies(context, model, expected):
+    workflow = json.loads((assembly_directory(**context) / "SconesDevWorkflow.template.json").read_text())
+    assert filter_threshold(workflow, model) == expected
