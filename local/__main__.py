@@ -4,6 +4,7 @@
 the CIFAR-100 data into the synthesized bucket, trains the model with the training module, deploys the
 stacks, serves the endpoint with data capture, starts the state machine once per test image and
 prints a summary. A second `up` reuses the running services, the staged data and the trained model.
+`classify` (local/classify.py) runs one's own photos through what `up` brought up, bringing it up first if needed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import socket
 import sys
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -21,16 +23,16 @@ from pathlib import Path
 
 import boto3
 
-from local import aws
+from local import aws, classify
 from local.assembly import AssemblyError, read_assembly
 from local.deploy import LocalDeployment, UnresolvedReference
 from local.executions import percentile, run_executions
 from local.services import BackgroundService, ServiceFailed
 from monitoring.captures import split_s3_uri
-from stacks.config import stack_name
+from stacks.config import SconesConfig, stack_name
 from training.etl import EtlError
 
-MODEL_PARAMETER = "/scones/{env}/model-data-url"
+DEFAULT_CONCURRENCY = 8
 STACKS = ("Data", "Training", "Workflow", "Endpoint", "Monitoring")  # what `up` deploys, by short name
 
 
@@ -111,12 +113,14 @@ class LocalRun:
         key = f"models/local-{dataset_sha[:12]}/output/model.tar.gz"
         boto3.client("s3").upload_file(str(archive), bucket, key)
         url = f"s3://{bucket}/{key}"
-        boto3.client("ssm").put_parameter(
-            Name=MODEL_PARAMETER.format(env=self.env_name), Value=url, Type="String", Overwrite=True
-        )
+        config, ssm = SconesConfig(env_name=self.env_name), boto3.client("ssm")
+        ssm.put_parameter(Name=config.model_parameter_name, Value=url, Type="String", Overwrite=True)
+        threshold = model_settings(archive).get("threshold")
+        if threshold is not None:  # as the training state machine records it beside the model's URL
+            ssm.put_parameter(Name=config.threshold_parameter_name, Value=str(threshold), Type="String", Overwrite=True)
         return url
 
-    def capture_report(self, bucket: str, endpoint: str) -> Path:
+    def capture_report(self, bucket: str, endpoint: str, filter_threshold: float | None = None) -> Path:
         """The monitoring report over this endpoint's captures, against the trained model's baseline."""
         from monitoring.__main__ import main as monitoring
 
@@ -146,6 +150,7 @@ class LocalRun:
                 "--out",
                 str(out),
                 "--no-progress",
+                *(["--filter-threshold", str(filter_threshold)] if filter_threshold is not None else []),
             ]
         )
         return out / "report.html"
@@ -266,27 +271,11 @@ def up(state_dir: Path, assembly_dir: Path, env_name: str | None, concurrency: i
 
 def run_up(run: LocalRun, concurrency: int) -> dict:
     state_dir = run.state_dir
-    info = run.timed("aws", run.start_aws)
-    deployment = run.timed("deploy_data", run.deploy, [run.stack("Data")])
-    bucket = next(
-        bucket["Ref"]
-        for logical_id, bucket in deployment.created(run.stack("Data"), "AWS::S3::Bucket").items()
-        if logical_id.startswith("Data")
-    )
-    staged = run.timed("stage", run.stage, bucket)
-    dataset_sha = hashlib.sha256(json.dumps(staged.dataset["files"], sort_keys=True).encode()).hexdigest()
-    model_url = run.timed("train", run.train, dataset_sha, bucket)
-    say("train", f"model at {model_url}")
-    run.timed("deploy", run.deploy, [run.stack(name) for name in ("Training", "Workflow", "Endpoint", "Monitoring")])
-    say("deploy", f"created {len(deployment.report.created)} resources; not emulated locally:")
-    for line in deployment.report.not_emulated:
-        print(f"         {line}")
-    endpoints = run.timed("endpoint", run.serve_endpoint, deployment, info["sagemaker_runtime"])
-
+    deployed = bring_up(run)
+    bucket, endpoints, info = deployed["bucket"], deployed["endpoints"], deployed["aws"]
     test_lines = (state_dir / "data" / "test.lst").read_text().splitlines()
     labels = {line.split("\t")[2]: int(line.split("\t")[1]) for line in test_lines}
-    machines = deployment.created(run.stack("Workflow"), "AWS::StepFunctions::StateMachine").values()
-    state_machine = next(machine["Ref"] for machine in machines if machine["Name"].endswith("-classify-image"))
+    state_machine = deployed["state_machines"]["classify-image"]
     say("run", f"starting {len(labels)} executions of {state_machine.rsplit(':', 1)[1]}, {concurrency} at a time")
     executions = run.timed("executions", run_executions, state_machine, bucket, sorted(labels), concurrency)
 
@@ -306,12 +295,62 @@ def run_up(run: LocalRun, concurrency: int) -> dict:
             )
     captured = count_captured(bucket, f"data_capture/{endpoints[0]}/") if endpoints else 0
     summary = summarise(executions, labels, metrics, captured)
+    summary["filter_threshold"] = deployed["filter_threshold"]
     if endpoints:
-        summary["capture_report"] = str(run.timed("report", run.capture_report, bucket, endpoints[0]))
+        report = run.timed("report", run.capture_report, bucket, endpoints[0], deployed["filter_threshold"]["value"])
+        summary["capture_report"] = str(report)
     summary["timings_s"] = run.timings
     (state_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary, bucket, endpoints, state_dir)
     return summary
+
+
+def bring_up(run: LocalRun) -> dict:
+    """Everything `up` runs before its executions: the local AWS, the staged data, the trained model, the deployed
+    stacks and the endpoint. Answers what it recorded in the state folder's deployed.json."""
+    info = run.timed("aws", run.start_aws)
+    deployment = run.timed("deploy_data", run.deploy, [run.stack("Data")])
+    bucket = next(
+        bucket["Ref"]
+        for logical_id, bucket in deployment.created(run.stack("Data"), "AWS::S3::Bucket").items()
+        if logical_id.startswith("Data")
+    )
+    staged = run.timed("stage", run.stage, bucket)
+    dataset_sha = hashlib.sha256(json.dumps(staged.dataset["files"], sort_keys=True).encode()).hexdigest()
+    model_url = run.timed("train", run.train, dataset_sha, bucket)
+    say("train", f"model at {model_url}")
+    run.timed("deploy", run.deploy, [run.stack(name) for name in ("Training", "Workflow", "Endpoint", "Monitoring")])
+    say("deploy", f"created {len(deployment.report.created)} resources; not emulated locally:")
+    for line in deployment.report.not_emulated:
+        print(f"         {line}")
+    endpoints = run.timed("endpoint", run.serve_endpoint, deployment, info["sagemaker_runtime"])
+    return classify.record_deployed(run, bucket, endpoints, model_settings(run.state_dir / "model" / "model.tar.gz"))
+
+
+def model_settings(archive: Path) -> dict:
+    """The model.json inside a model.tar.gz ({} if it has none)."""
+    with tarfile.open(archive) as tar:
+        try:
+            member = tar.extractfile("model.json")
+        except KeyError:
+            return {}
+        return json.loads(member.read()) if member else {}
+
+
+def ensure_up(state_dir: Path, assembly_dir: Path, env_name: str | None) -> dict:
+    """What deployed.json records if its local AWS and the endpoint still run, else what `up` brings up."""
+    if deployed := classify.running_deployment(state_dir, env_name):
+        return deployed
+    if not (assembly_dir / "manifest.json").exists():
+        raise FileNotFoundError(f"no cloud assembly at {assembly_dir}: run `make synth` first")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    run = LocalRun(state_dir, assembly_dir, env_name)
+    say("assembly", f"the local services are not up: bringing up the {run.env_name} stacks of {assembly_dir}")
+    try:
+        return bring_up(run)
+    except BaseException:
+        run.stop_started()
+        raise
 
 
 def _relative_to_cwd(path) -> str:
@@ -353,27 +392,42 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m local", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     up_parser = commands.add_parser("up", help="run the whole workflow locally (make run)")
+    classify_parser = commands.add_parser(
+        "classify",
+        help="classify your own photos through the local workflow",
+        description=classify.__doc__.split("\n\n")[0],
+    )
     down_parser = commands.add_parser("down", help="stop the local services (make stop)")
-    for sub in (up_parser, down_parser):
+    for sub in (up_parser, classify_parser, down_parser):
         sub.add_argument(
             "--state-dir", type=Path, default=Path(".scones"), help="where local state lives (default: %(default)s)"
         )
-    up_parser.add_argument(
-        "--assembly", type=Path, default=Path("cdk.out"), help="the synthesized cloud assembly (default: %(default)s)"
-    )
-    up_parser.add_argument("--env", help="the environment whose stacks to run (default: the one the assembly holds)")
-    up_parser.add_argument(
-        "--concurrency", type=positive_int, default=8, help="executions running at once (default: %(default)s)"
-    )
+    for sub in (up_parser, classify_parser):
+        sub.add_argument(
+            "--assembly",
+            type=Path,
+            default=Path("cdk.out"),
+            help="the synthesized cloud assembly (default: %(default)s)",
+        )
+        sub.add_argument("--env", help="the environment whose stacks to run (default: the one the assembly holds)")
+        sub.add_argument(
+            "--concurrency",
+            type=positive_int,
+            default=DEFAULT_CONCURRENCY,
+            help="executions running at once (default: %(default)s)",
+        )
+    classify.add_arguments(classify_parser)
     args = parser.parse_args(argv)
     try:
         if args.command == "down":
             down(args.state_dir)
+        elif args.command == "classify":
+            return classify.run(args, ensure_up)
         else:
             if not (args.assembly / "manifest.json").exists():
                 raise FileNotFoundError(f"no cloud assembly at {args.assembly}: run `make synth` first")
             up(args.state_dir.resolve(), args.assembly.resolve(), args.env, args.concurrency)
-    except (OSError, ServiceFailed, UnresolvedReference, AssemblyError, EtlError) as error:
+    except (OSError, ServiceFailed, UnresolvedReference, AssemblyError, EtlError, classify.ClassifyError) as error:
         print(f"local: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@
     python -m monitoring report PREFIX --baseline BASELINE --out REPORT_DIR [--window 1h]
                                 [--since ISO] [--until ISO] [--last 1h] [--fail-on-violation] [--no-progress]
                                 [--publish-metrics NAMESPACE --endpoint-name NAME] [--allow-empty]
+                                [--filter-threshold P]
 
 PREFIX is a folder or s3://bucket/prefix holding capture files (any depth: every hour folder is read).
 MODEL is a model.tar.gz file or its s3:// URI; BASELINE a folder or an s3://bucket/prefix/.
@@ -90,7 +91,24 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no capture in the range is a quiet period, not an error: exit 0 (and publish zeros)",
     )
+    report.add_argument(
+        "--filter-threshold",
+        type=probability,
+        metavar="P",
+        help="the threshold the workflow's filter applied, named in the report (the checks use the model's own, "
+        "which the baseline holds)",
+    )
     return main_parser
+
+
+def probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability between 0 and 1")
+    return value
 
 
 def last_period(length: str, until: datetime | None) -> tuple[datetime, datetime]:
@@ -134,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         statistics, constraints = baseline.load(args.baseline)
         try:
             captures = read_captures(args.captures, args.since, args.until, progress=not args.no_progress)
-            summary = report.build(captures, statistics, constraints, args.out, args.window, args.captures)
+            summary = report.build(
+                captures, statistics, constraints, args.out, args.window, args.captures, args.filter_threshold
+            )
         except NoCaptures as error:
             if not args.allow_empty:
                 raise

@@ -80,9 +80,16 @@ def windows_of(times: np.ndarray, seconds: int) -> list[Window]:
 
 
 def build(
-    captures: Captures, statistics: dict, constraints: dict, out: Path, window: str = "1h", source: str = ""
+    captures: Captures,
+    statistics: dict,
+    constraints: dict,
+    out: Path,
+    window: str = "1h",
+    source: str = "",
+    filter_threshold: float | None = None,
 ) -> dict:
-    """Check every window, write the report files under `out`; answers summary.json's content."""
+    """Check every window, write the report files under `out`; answers summary.json's content.
+    `filter_threshold`: the threshold the workflow's filter applied, if known (named in the report)."""
     if not len(captures):
         if not captures.failures:
             raise NoCaptures(f"no capture records under {source} in the time range asked")
@@ -99,7 +106,7 @@ def build(
     write_file(out / "constraint_violations.json", (json.dumps({"violations": violations}, indent=2) + "\n").encode())
     pictures = {
         "top_probability_histogram.png": plot_top_probability(captures, statistics),
-        "confidence_over_time.png": plot_confidence_over_time(captures, checker.threshold),
+        "confidence_over_time.png": plot_confidence_over_time(captures, checker.threshold, filter_threshold),
         "class_mix_over_time.png": plot_class_mix(captures, windows, checker.classes),
         "low_confidence_over_time.png": plot_low_confidence(captures, windows, statistics, checker),
         "neither_over_time.png": plot_neither(captures, windows, statistics, checker),
@@ -120,6 +127,8 @@ def build(
         "answered_records": len(answers),
         # share of the answers whose "neither" (1 - sum of the class probabilities) is the most likely
         "neither_share": float(checks.neither_most_likely(answers).mean()) if len(answers) else None,
+        "model_threshold": checker.threshold,
+        "filter_threshold": filter_threshold,
         "violations": len(violations),
         "checks": summary_rows(results),
         "results": [asdict(result) for result in results],
@@ -197,12 +206,14 @@ def plot_top_probability(captures: Captures, statistics: dict) -> bytes:
     return png_of(figure)
 
 
-def plot_confidence_over_time(captures: Captures, threshold: float) -> bytes:
+def plot_confidence_over_time(captures: Captures, threshold: float, filter_threshold: float | None = None) -> bytes:
     top = top_probabilities(captures.probabilities)
     moments = [datetime.fromtimestamp(time, UTC) for time in captures.times]
     figure, axis = plt.subplots(figsize=(9, 3.6))
     axis.scatter(moments, top, s=6, alpha=0.5, color=np.where(top < threshold, "tab:red", "tab:blue"))
     axis.axhline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
+    if filter_threshold is not None and filter_threshold != threshold:
+        axis.axhline(filter_threshold, color="tab:orange", linestyle=":", label=f"filter's {filter_threshold:.3f}")
     axis.set(title="confidence over time (red: below the threshold)", ylabel="top probability", xlabel="time (UTC)")
     axis.legend(loc="lower left")
     figure.autofmt_xdate()
@@ -291,6 +302,19 @@ def plot_lowest_images(captures: Captures, classes: list[str]) -> bytes:
 # ------------------------------------------------------------------------------------------------ html
 
 
+def thresholds(summary: dict) -> str:
+    """Which threshold the filter applied, and which the checks use."""
+    model, applied = summary["model_threshold"], summary.get("filter_threshold")
+    if applied is None:
+        return f" The checks count the answers below the model's own threshold, {model:.3f}."
+    if applied == model:
+        return f" The workflow's filter applied the model's own threshold, {applied:.3f}."
+    return (
+        f" The workflow's filter applied the threshold {applied:.3f}; the checks use the model's own, {model:.3f}, "
+        "which its baseline was computed with."
+    )
+
+
 def neither_share(summary: dict) -> str:
     if not summary["answered_records"]:
         return ""
@@ -330,7 +354,7 @@ def render_html(summary: dict, pictures: dict[str, bytes]) -> str:
 <p>{summary["records"]} records from {summary["files"]} files under {escape(summary["source"])},
 {summary["first_record"]} to {summary["last_record"]}, in {summary["windows"]} window(s) of {summary["window"]};
 {summary["unreadable_records"]} unreadable. Checks: {counts["OK"]} OK, {counts["VIOLATION"]} VIOLATION,
-{counts["SKIPPED"]} SKIPPED.{neither_share(summary)}</p>
+{counts["SKIPPED"]} SKIPPED.{neither_share(summary)}{thresholds(summary)}</p>
 <h2>Summary</h2>
 <table><tr><th>feature</th><th>check</th><th>status</th><th>windows violated</th><th>window shown</th>
 <th>numbers</th></tr>{rows}</table>

@@ -17,8 +17,9 @@ import pytest
 from conftest import ROOT, assembly_directory
 from PIL import Image
 
-from local.__main__ import MODEL_PARAMETER, LocalRun, main, print_summary
+from local.__main__ import LocalRun, main, print_summary
 from local.executions import run_execution
+from stacks.config import SconesConfig
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +59,7 @@ def local_run(tmp_path_factory):
             archive.addfile(member, io.BytesIO(code))
         s3.put_object(Bucket=bucket, Key="models/confident/output/model.tar.gz", Body=model.getvalue())
         boto3.client("ssm").put_parameter(
-            Name=MODEL_PARAMETER.format(env="dev"),
+            Name=SconesConfig(env_name="dev").model_parameter_name,
             Type="String",
             Value=f"s3://{bucket}/models/confident/output/model.tar.gz",
         )
@@ -118,7 +119,7 @@ def test_help_lists_only_the_user_commands(capsys):
         main(["--help"])
     assert exited.value.code == 0
     out = capsys.readouterr().out
-    assert "{up,down}" in out
+    assert "{up,classify,down}" in out
     assert "SUPPRESS" not in out and "serve" not in out
 
 

@@ -1006,3 +1006,22 @@ def test_report_shows_the_neither_share(tmp_path):
     assert 'alt="neither_over_time.png"' in page
     with Image.open(tmp_path / "out" / "neither_over_time.png") as picture:
         assert picture.format == "PNG" and picture.width > 200
+
+
+def test_report_names_the_threshold_the_filter_applied(tmp_path, capsys):
+    baseline_dir = synthetic_baseline(tmp_path, vehicle_answers(100))  # the model's own threshold: 0.8
+    captures = str(synthetic_captures(tmp_path / "captures", vehicle_answers(30, seed=5)))
+    summary = report(captures, baseline_dir, tmp_path / "override", "--filter-threshold", "0.93")
+    assert (summary["filter_threshold"], summary["model_threshold"]) == (0.93, 0.8)
+    page = (tmp_path / "override" / "report.html").read_text()
+    assert "The workflow's filter applied the threshold 0.930; the checks use the model's own, 0.800," in page
+    report(captures, baseline_dir, tmp_path / "model", "--filter-threshold", "0.8")
+    assert (
+        "The workflow's filter applied the model's own threshold, 0.800."
+        in (tmp_path / "model" / "report.html").read_text()
+    )
+    arguments = ["report", captures, "--baseline", str(baseline_dir), "--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit) as exited:
+        monitoring_main([*arguments, "--filter-threshold", "1.5"])
+    assert exited.value.code == 2
+    assert "argument --filter-threshold: '1.5' is not a probability between 0 and 1" in capsys.readouterr().err
