@@ -122,7 +122,7 @@ def test_classify_prefix_writes_its_result_files_and_manifest(deployment, endpoi
     confident_out, skipped_out, low_out = (json.loads(r["Output"]) for r in records)
     assert confident_out == {
         "Key": "mixed/a_motorcycle.png",
-        "outcome": {"status": "SUCCEEDED", "inferences": [0.02, 0.97]},
+        "outcome": {"status": "SUCCEEDED", "class": "motorcycle", "inferences": [0.02, 0.97]},
     }
     assert skipped_out == {"s3_key": "mixed/b_notes.txt", "skipped": True}
     # a child that ran and failed is the item's recorded outcome: the item itself succeeded
