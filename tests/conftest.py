@@ -1,3 +1,4 @@
+import contextlib
 import functools
 import json
 import os
@@ -86,3 +87,15 @@ def s3(monkeypatch):
         client = boto3.client("s3")
         client.create_bucket(Bucket="scones-data")
         yield client
+
+
+@contextlib.contextmanager
+def environment_restored():
+    """os.environ as it was on entry, on exit: `LocalRun.start_aws` points this process's clients at the local
+    AWS it started, which would otherwise reach the later test modules (and `mock_aws` would not see them)."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -10,7 +10,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
-from conftest import assembly_directory
+from conftest import assembly_directory, environment_restored
 from PIL import Image
 
 from local.__main__ import LocalRun, main, model_settings
@@ -77,24 +77,25 @@ def large_red_png(path: Path) -> Path:
 def stack(tmp_path_factory):
     """The local services up, as `up` leaves them (deployed.json written), with the colour model trained."""
     state_dir = tmp_path_factory.mktemp("state")
-    run = LocalRun(state_dir, assembly_directory(), "dev")
-    info = run.start_aws()
-    try:
-        deployment = run.deploy([run.stack("Data")])
-        bucket = deployment.created(run.stack("Data"), "AWS::S3::Bucket")["Data666C94C7"]["Ref"]
-        # A model `up` trained on the same data earlier: `train` reuses it, uploads it and records it in SSM.
-        archive = state_dir / "model" / "model.tar.gz"
-        archive.parent.mkdir()
-        archive.write_bytes(model_archive())
-        (state_dir / "model" / "trained-on.sha256").write_text("0" * 64)
-        model_url = run.train("0" * 64, bucket)
-        run.deploy([run.stack("Workflow"), run.stack("Endpoint")])
-        endpoints = run.serve_endpoint(deployment, info["sagemaker_runtime"])
-        record_deployed(run, bucket, endpoints, model_settings(archive))
-        yield state_dir, bucket, model_url
-    finally:
-        run.endpoint.stop()
-        run.aws.stop()
+    with environment_restored():
+        run = LocalRun(state_dir, assembly_directory(), "dev")
+        info = run.start_aws()
+        try:
+            deployment = run.deploy([run.stack("Data")])
+            bucket = deployment.created(run.stack("Data"), "AWS::S3::Bucket")["Data666C94C7"]["Ref"]
+            # A model `up` trained on the same data earlier: `train` reuses it, uploads it and records it in SSM.
+            archive = state_dir / "model" / "model.tar.gz"
+            archive.parent.mkdir()
+            archive.write_bytes(model_archive())
+            (state_dir / "model" / "trained-on.sha256").write_text("0" * 64)
+            model_url = run.train("0" * 64, bucket)
+            run.deploy([run.stack("Workflow"), run.stack("Endpoint")])
+            endpoints = run.serve_endpoint(deployment, info["sagemaker_runtime"])
+            record_deployed(run, bucket, endpoints, model_settings(archive))
+            yield state_dir, bucket, model_url
+        finally:
+            run.endpoint.stop()
+            run.aws.stop()
 
 
 def classify(capsys, state_dir: Path, *arguments) -> tuple[int, str]:

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import boto3
 import pytest
-from conftest import ROOT, assembly_directory
+from conftest import ROOT, assembly_directory, environment_restored
 from PIL import Image
 
 from local.__main__ import LocalRun, main, print_summary
@@ -45,39 +45,40 @@ IMAGES = 24
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("state")
-    run = LocalRun(state_dir, assembly_directory(), "dev")
-    info = run.start_aws()
-    try:
-        deployment = run.deploy([run.stack("Data")])
-        bucket = deployment.created(run.stack("Data"), "AWS::S3::Bucket")["Data666C94C7"]["Ref"]
-        s3 = boto3.client("s3")
-        model = io.BytesIO()
-        with tarfile.open(fileobj=model, mode="w:gz") as archive:
-            code = CONFIDENT_MODEL.encode()
-            member = tarfile.TarInfo("code/inference.py")
-            member.size = len(code)
-            archive.addfile(member, io.BytesIO(code))
-        s3.put_object(Bucket=bucket, Key="models/confident/output/model.tar.gz", Body=model.getvalue())
-        boto3.client("ssm").put_parameter(
-            Name=SconesConfig(env_name="dev").model_parameter_name,
-            Type="String",
-            Value=f"s3://{bucket}/models/confident/output/model.tar.gz",
-        )
-        run.deploy([run.stack("Workflow"), run.stack("Endpoint")])
-        run.serve_endpoint(deployment, info["sagemaker_runtime"])
-        for number in range(IMAGES):
-            image = io.BytesIO()
-            Image.new("RGB", (32, 32), (number * 10, 40, 90)).save(image, "PNG")
-            s3.put_object(Bucket=bucket, Key=f"test/image_{number:02d}.png", Body=image.getvalue())
-        state_machine = next(
-            machine["Ref"]
-            for machine in deployment.created(run.stack("Workflow"), "AWS::StepFunctions::StateMachine").values()
-            if machine["Name"].endswith("-classify-image")
-        )
-        yield run, deployment, bucket, state_machine, info
-    finally:
-        run.endpoint.stop()
-        run.aws.stop()
+    with environment_restored():
+        run = LocalRun(state_dir, assembly_directory(), "dev")
+        info = run.start_aws()
+        try:
+            deployment = run.deploy([run.stack("Data")])
+            bucket = deployment.created(run.stack("Data"), "AWS::S3::Bucket")["Data666C94C7"]["Ref"]
+            s3 = boto3.client("s3")
+            model = io.BytesIO()
+            with tarfile.open(fileobj=model, mode="w:gz") as archive:
+                code = CONFIDENT_MODEL.encode()
+                member = tarfile.TarInfo("code/inference.py")
+                member.size = len(code)
+                archive.addfile(member, io.BytesIO(code))
+            s3.put_object(Bucket=bucket, Key="models/confident/output/model.tar.gz", Body=model.getvalue())
+            boto3.client("ssm").put_parameter(
+                Name=SconesConfig(env_name="dev").model_parameter_name,
+                Type="String",
+                Value=f"s3://{bucket}/models/confident/output/model.tar.gz",
+            )
+            run.deploy([run.stack("Workflow"), run.stack("Endpoint")])
+            run.serve_endpoint(deployment, info["sagemaker_runtime"])
+            for number in range(IMAGES):
+                image = io.BytesIO()
+                Image.new("RGB", (32, 32), (number * 10, 40, 90)).save(image, "PNG")
+                s3.put_object(Bucket=bucket, Key=f"test/image_{number:02d}.png", Body=image.getvalue())
+            state_machine = next(
+                machine["Ref"]
+                for machine in deployment.created(run.stack("Workflow"), "AWS::StepFunctions::StateMachine").values()
+                if machine["Name"].endswith("-classify-image")
+            )
+            yield run, deployment, bucket, state_machine, info
+        finally:
+            run.endpoint.stop()
+            run.aws.stop()
 
 
 def test_executions_retry_through_an_endpoint_restart_and_complete(local_run):
