@@ -265,12 +265,9 @@ class SconesConfig:
         "how long the canary, then the full new fleet, is watched by the rollback alarms before the update goes on",
         _number(int, 0, 60),
     )
-    canary_termination_wait_minutes: int = _setting(
-        0, "how long the old fleet is kept after a successful update before it is terminated", _number(int, 0, 60)
-    )
     deployment_timeout_minutes: int = _setting(
         60,
-        "an endpoint update that takes longer fails and rolls back; more than twice the bake plus the termination wait",
+        "an endpoint update that takes longer fails and rolls back; more than twice the bake",
         _number(int, 10, 480),
     )
     rollback_latency_ms: float = _setting(
@@ -315,12 +312,11 @@ class SconesConfig:
                 f"rounds up to {canary_instances}, more than half the fleet; lower it (at most "
                 f"{100 * (self.endpoint_instance_count // 2) // self.endpoint_instance_count}%)"
             )
-        waits = 2 * self.canary_bake_minutes + self.canary_termination_wait_minutes
+        waits = 2 * self.canary_bake_minutes  # the canary's bake, then the whole new fleet's
         if self.deployment_timeout_minutes <= waits:
             raise ConfigError(
                 f"context key 'deployment_timeout_minutes': {self.deployment_timeout_minutes} is not more than the "
-                f"update's waits (twice canary_bake_minutes plus canary_termination_wait_minutes = {waits}); "
-                "raise it or shorten the waits"
+                f"update's bakes (twice canary_bake_minutes = {waits}); raise it or shorten the bake"
             )
 
     @property

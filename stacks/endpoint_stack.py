@@ -31,6 +31,9 @@ LOW_CONFIDENCE = "LowConfidence"
 ROLLBACK_PERIOD = Duration.minutes(1)
 ROLLBACK_EVALUATION_PERIODS = 3
 ROLLBACK_DATAPOINTS = 2
+# Alarms are watched only while the update bakes: an old fleet kept past a successful update could not be rolled
+# back to, it would only bill its instances.
+TERMINATION_WAIT_SECONDS = 0
 
 
 class EndpointStack(Stack):
@@ -248,6 +251,6 @@ def _blue_green(config: SconesConfig) -> sagemaker.CfnEndpoint.BlueGreenUpdatePo
         routing = sagemaker.CfnEndpoint.TrafficRoutingConfigProperty(type="ALL_AT_ONCE", wait_interval_in_seconds=bake)
     return sagemaker.CfnEndpoint.BlueGreenUpdatePolicyProperty(
         traffic_routing_configuration=routing,
-        termination_wait_in_seconds=config.canary_termination_wait_minutes * 60,
+        termination_wait_in_seconds=TERMINATION_WAIT_SECONDS,
         maximum_execution_timeout_in_seconds=config.deployment_timeout_minutes * 60,
     )

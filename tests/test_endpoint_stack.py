@@ -205,7 +205,6 @@ def test_a_fleet_of_two_updates_through_a_canary_of_the_configured_size_and_bake
         endpoint_instance_count="4",
         canary_percent="25",
         canary_bake_minutes="15",
-        canary_termination_wait_minutes="5",
         deployment_timeout_minutes="90",
     )
     assert deployment["BlueGreenUpdatePolicy"] == {
@@ -214,7 +213,7 @@ def test_a_fleet_of_two_updates_through_a_canary_of_the_configured_size_and_bake
             "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 25},
             "WaitIntervalInSeconds": 900,
         },
-        "TerminationWaitInSeconds": 300,
+        "TerminationWaitInSeconds": 0,
         "MaximumExecutionTimeoutInSeconds": 5400,
     }
 
