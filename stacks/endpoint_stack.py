@@ -111,14 +111,17 @@ class EndpointStack(Stack):
             endpoint_config_name=endpoint_config.attr_endpoint_config_name,
             deployment_config=sagemaker.CfnEndpoint.DeploymentConfigProperty(
                 blue_green_update_policy=_blue_green(config),
+                # The names as written, not Refs: the local deployment (local/) emulates no alarms, and would
+                # otherwise fail to resolve the endpoint; the dependency keeps CloudFormation's order.
                 auto_rollback_configuration=sagemaker.CfnEndpoint.AutoRollbackConfigProperty(
                     alarms=[
-                        sagemaker.CfnEndpoint.AlarmProperty(alarm_name=alarm.alarm_name)
-                        for alarm in self.rollback_alarms
+                        sagemaker.CfnEndpoint.AlarmProperty(alarm_name=name) for name in rollback_alarm_names(config)
                     ]
                 ),
             ),
         )
+        for alarm in self.rollback_alarms:
+            self.endpoint.node.add_dependency(alarm)
         # The guardrails documentation asks that "your IAM execution role" may cloudwatch:DescribeAlarms the
         # rollback alarms. The deploying principal (CloudFormation's role) may; the model's execution role may
         # too, on these three alarms only, in case it is the role meant.
@@ -188,6 +191,7 @@ class EndpointStack(Stack):
                 period=ROLLBACK_PERIOD,
             )
 
+        errors_name, latency_name, low_confidence_name = rollback_alarm_names(config)
         common = {
             "evaluation_periods": ROLLBACK_EVALUATION_PERIODS,
             "datapoints_to_alarm": ROLLBACK_DATAPOINTS,
@@ -196,7 +200,7 @@ class EndpointStack(Stack):
         errors = sagemaker_metric("Invocation5XXErrors", "Sum").create_alarm(
             self,
             "Rollback5xx",
-            alarm_name=f"{config.prefix}-rollback-5xx",
+            alarm_name=errors_name,
             alarm_description="Rolls an endpoint update back: the endpoint answered 5xx errors in two of three "
             "minutes.",
             threshold=1,
@@ -206,7 +210,7 @@ class EndpointStack(Stack):
         latency = sagemaker_metric("ModelLatency", config.rollback_latency_statistic).create_alarm(
             self,
             "RollbackLatency",
-            alarm_name=f"{config.prefix}-rollback-latency",
+            alarm_name=latency_name,
             alarm_description=f"Rolls an endpoint update back: the model latency ({config.rollback_latency_statistic}) "
             f"was above {config.rollback_latency_ms:g} ms in two of three minutes.",
             threshold=config.rollback_latency_ms * 1000,  # ModelLatency is in microseconds
@@ -224,7 +228,7 @@ class EndpointStack(Stack):
         ).create_alarm(
             self,
             "RollbackLowConfidence",
-            alarm_name=f"{config.prefix}-rollback-low-confidence",
+            alarm_name=low_confidence_name,
             alarm_description="Rolls an endpoint update back: more than "
             f"{config.rollback_low_confidence_percent:g}% of the filter's answers were below the threshold in two "
             "of three minutes (old and new fleet together: the metric is per endpoint).",
@@ -233,6 +237,11 @@ class EndpointStack(Stack):
             **common,
         )
         return [errors, latency, low_confidence]
+
+
+def rollback_alarm_names(config: SconesConfig) -> list[str]:
+    """The names of the alarms that roll an endpoint update back, in the order `_rollback_alarms` makes them."""
+    return [f"{config.prefix}-rollback-{signal}" for signal in ("5xx", "latency", "low-confidence")]
 
 
 def _blue_green(config: SconesConfig) -> sagemaker.CfnEndpoint.BlueGreenUpdatePolicyProperty:

@@ -173,11 +173,16 @@ def _rollback(**context) -> tuple[dict, dict[str, dict]]:
 
 
 def _rollback_alarms_by_name(**context) -> dict[str, dict]:
-    """Each alarm the rollback configuration names, by the name CloudWatch knows it by."""
+    """Each alarm the rollback configuration names, by that name, which must be an alarm of the stack that the
+    endpoint depends on (CloudFormation creates it first)."""
+    endpoint = template("Endpoint", **context)
     deployment, alarms = _rollback(**context)
-    named = [alarm["AlarmName"]["Ref"] for alarm in deployment["AutoRollbackConfiguration"]["Alarms"]]
-    assert sorted(named) == sorted(alarms), "every alarm of the stack rolls back, and only those"
-    return {alarms[logical_id]["AlarmName"]: alarms[logical_id] for logical_id in named}
+    by_name = {alarm["AlarmName"]: alarm for alarm in alarms.values()}
+    named = [alarm["AlarmName"] for alarm in deployment["AutoRollbackConfiguration"]["Alarms"]]
+    assert sorted(named) == sorted(by_name), "every alarm of the stack rolls back, and only those"
+    (endpoint_resource,) = endpoint.find_resources("AWS::SageMaker::Endpoint").values()
+    assert set(alarms) <= set(endpoint_resource["DependsOn"])
+    return {name: by_name[name] for name in named}
 
 
 def test_one_instance_updates_all_at_once_then_bakes_with_rollback():
