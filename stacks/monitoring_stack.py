@@ -24,7 +24,7 @@ from constructs import Construct
 from monitoring import metrics as drift_metrics
 from stacks.config import SconesConfig
 from stacks.drift_job import BASELINE_PREFIX, REPORTS_PREFIX, DriftJob
-from stacks.endpoint_stack import LOW_CONFIDENCE, TOP_PROBABILITY, VARIANT_NAME
+from stacks.endpoint_stack import LOW_CONFIDENCE, TOP_PROBABILITY, VARIANT_NAME, rollback_alarm_names
 from stacks.workflow_stack import METRIC_NAMESPACE
 
 # The filter Lambda's Embedded Metric Format output (lambdas/filter_inferences/index.py), with the two above.
@@ -193,6 +193,17 @@ class MonitoringStack(Stack):
             self, "Dashboard", dashboard_name=config.prefix, default_interval=Duration.hours(6)
         )
         dashboard.add_widgets(cloudwatch.AlarmStatusWidget(title="Alarms", alarms=self.alarms, width=24, height=3))
+        dashboard.add_widgets(
+            cloudwatch.AlarmStatusWidget(
+                title="Endpoint update: rollback alarms (they act only while an update bakes)",
+                alarms=[
+                    cloudwatch.Alarm.from_alarm_name(self, f"Rollback{index}", name)
+                    for index, name in enumerate(rollback_alarm_names(config))
+                ],
+                width=24,
+                height=2,
+            )
+        )
         dashboard.add_widgets(
             cloudwatch.GraphWidget(
                 title="Endpoint invocations and errors",

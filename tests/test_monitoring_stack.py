@@ -261,3 +261,14 @@ def test_a_retraining_rule_cannot_reach_the_endpoint():
 def test_retrain_schedule_refuses_anything_but_an_eventbridge_expression_naming_the_syntax(schedule):
     with pytest.raises(ConfigError, match=r"retrain_schedule.*rate\(7 days\)"):
         SconesConfig.from_context({"retrain_schedule": schedule})
+
+
+def test_dashboard_shows_the_endpoints_rollback_alarms_by_their_names():
+    alarms = template("Endpoint").find_resources("AWS::CloudWatch::Alarm").values()
+    endpoint_alarms = {alarm["Properties"]["AlarmName"] for alarm in alarms}
+    assert len(endpoint_alarms) == 3
+    (dashboard,) = template("Monitoring").find_resources("AWS::CloudWatch::Dashboard").values()
+    body = json.dumps(dashboard["Properties"]["DashboardBody"])
+    assert "Endpoint update: rollback alarms" in body
+    for name in endpoint_alarms:
+        assert f":alarm:{name}" in body, name
