@@ -40,6 +40,7 @@ def build(app: cdk.App) -> list[cdk.Stack]:
         name("Monitoring"),
         state_machine=workflow.state_machine,
         state_machine_log_group_name=workflow.workflow.log_group.log_group_name,
+        training_state_machine=training.state_machine,
         functions=[workflow.serialize, workflow.classify, workflow.filter],
         bucket=data.bucket,
         capture_key=endpoint.key,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 ENVIRONMENTS = ("dev", "prod")
 ALGORITHMS = ("pytorch", "builtin")
 REMOVAL_POLICIES = ("destroy", "retain")
+LATENCY_STATISTICS = ("p99", "Average")
 # The filter's confidence threshold while no trained model has recorded its own and none is given.
 DEFAULT_THRESHOLD = 0.93
 CIFAR100_FINE_LABELS = tuple(
@@ -149,6 +151,20 @@ def _json_object(key: str, value: Any) -> dict[str, str]:
     return {name: str(setting) for name, setting in value.items()}
 
 
+def _schedule(key: str, value: Any) -> str:
+    text = str(value).strip()
+    rate = re.fullmatch(r"rate\((\d+) (minute|minutes|hour|hours|day|days)\)", text)
+    if rate and (int(rate.group(1)) == 1) == (not rate.group(2).endswith("s")) and int(rate.group(1)) > 0:
+        return text
+    cron = re.fullmatch(r"cron\(([^()]+)\)", text)
+    if cron and len(cron.group(1).split()) == 6:
+        return text
+    raise ConfigError(
+        f"context key '{key}': {value!r} is not an EventBridge schedule; give e.g. 'rate(7 days)', 'rate(1 day)' "
+        "or 'cron(0 3 ? * MON *)' (six fields: minutes hours day-of-month month day-of-week year)"
+    )
+
+
 INSTANCE_TYPE = _matching(r"ml\.[a-z0-9]+\.[0-9]*x?large|ml\.[a-z0-9]+\.(medium|small)")
 
 
@@ -238,6 +254,39 @@ class SconesConfig:
         "share of images under a prefix that may fail to be classified at all before the batch fails",
         _number(float, 0.0, 100.0),
     )
+    canary_percent: int = _setting(
+        10,
+        "share of the new fleet that takes traffic first when the endpoint is updated (a canary needs at least "
+        "2 instances: with 1, all traffic shifts at once and still bakes and rolls back)",
+        _number(int, 1, 50),
+    )
+    canary_bake_minutes: int = _setting(
+        10,
+        "how long the canary, then the full new fleet, is watched by the rollback alarms before the update goes on",
+        _number(int, 0, 60),
+    )
+    deployment_timeout_minutes: int = _setting(
+        60,
+        "an endpoint update that takes longer fails and rolls back; more than twice the bake",
+        _number(int, 10, 480),
+    )
+    rollback_latency_ms: float = _setting(
+        500.0, "roll an endpoint update back when the model latency statistic exceeds this", _number(float, 1.0)
+    )
+    rollback_latency_statistic: str = _setting(
+        "p99", "`p99` or `Average`: the model latency statistic the rollback alarm bounds", _one_of(*LATENCY_STATISTICS)
+    )
+    rollback_low_confidence_percent: float = _setting(
+        40.0,
+        "roll an endpoint update back when more than this share of answers is below the threshold",
+        _number(float, 0.0, 100.0),
+    )
+    retrain_schedule: str | None = _setting(
+        None,
+        "also retrain on a schedule, e.g. `rate(7 days)` or `cron(0 3 ? * MON *)` (EventBridge syntax); unset, "
+        "only the drift alarm starts a retraining",
+        _schedule,
+    )
 
     def __post_init__(self) -> None:
         """The defaults that depend on other fields, and the built-in algorithm's hyperparameters."""
@@ -252,6 +301,28 @@ class SconesConfig:
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
+        self._check_deployment()
+
+    def _check_deployment(self) -> None:
+        """SageMaker refuses a canary above half the fleet and a timeout shorter than the waits it contains."""
+        canary_instances = math.ceil(self.endpoint_instance_count * self.canary_percent / 100)
+        if self.endpoint_instance_count > 1 and 2 * canary_instances > self.endpoint_instance_count:
+            raise ConfigError(
+                f"context key 'canary_percent': {self.canary_percent}% of {self.endpoint_instance_count} instances "
+                f"rounds up to {canary_instances}, more than half the fleet; lower it (at most "
+                f"{100 * (self.endpoint_instance_count // 2) // self.endpoint_instance_count}%)"
+            )
+        waits = 2 * self.canary_bake_minutes  # the canary's bake, then the whole new fleet's
+        if self.deployment_timeout_minutes <= waits:
+            raise ConfigError(
+                f"context key 'deployment_timeout_minutes': {self.deployment_timeout_minutes} is not more than the "
+                f"update's bakes (twice canary_bake_minutes = {waits}); raise it or shorten the bake"
+            )
+
+    @property
+    def uses_canary(self) -> bool:
+        """A canary needs a fleet of two or more; one instance shifts all at once, then bakes."""
+        return self.endpoint_instance_count > 1
 
     @property
     def prefix(self) -> str:

@@ -1,10 +1,12 @@
-"""The real-time SageMaker endpoint, capturing every request and answer to the bucket."""
+"""The real-time SageMaker endpoint, capturing every request and answer to the bucket, and updated blue/green:
+a canary of the new fleet first, rolled back automatically when one of the alarms below fires while it bakes."""
 
 from aws_cdk import (
     CfnOutput,
     Duration,
     Stack,
     aws_applicationautoscaling as appscaling,
+    aws_cloudwatch as cloudwatch,
     aws_iam as iam,
     aws_kms as kms,
     aws_s3 as s3,
@@ -18,8 +20,20 @@ from stacks.constructs import SageMakerRole
 from stacks.data_stack import CAPTURE_PREFIX
 from stacks.images import image_uri, repository_arn
 from stacks.training_stack import MODEL_PREFIX
+from stacks.workflow_stack import METRIC_NAMESPACE
 
 VARIANT_NAME = "AllTraffic"
+# The filter Lambda's Embedded Metric Format output (lambdas/filter_inferences/index.py), by EndpointName only.
+TOP_PROBABILITY = "TopProbability"
+LOW_CONFIDENCE = "LowConfidence"
+# The rollback alarms judge one-minute periods (SageMaker's invocation metrics are per minute): two bad
+# minutes out of three roll the update back, a single slow or failed request does not.
+ROLLBACK_PERIOD = Duration.minutes(1)
+ROLLBACK_EVALUATION_PERIODS = 3
+ROLLBACK_DATAPOINTS = 2
+# Alarms are watched only while the update bakes: an old fleet kept past a successful update could not be rolled
+# back to, it would only bill its instances.
+TERMINATION_WAIT_SECONDS = 0
 
 
 class EndpointStack(Stack):
@@ -89,11 +103,32 @@ class EndpointStack(Stack):
                 ),
             ),
         )
+        self.rollback_alarms = self._rollback_alarms(config)
         self.endpoint = sagemaker.CfnEndpoint(
             self,
             "Endpoint",
             endpoint_name=config.endpoint_name,
             endpoint_config_name=endpoint_config.attr_endpoint_config_name,
+            deployment_config=sagemaker.CfnEndpoint.DeploymentConfigProperty(
+                blue_green_update_policy=_blue_green(config),
+                # The names as written, not Refs: the local deployment (local/) emulates no alarms, and would
+                # otherwise fail to resolve the endpoint; the dependency keeps CloudFormation's order.
+                auto_rollback_configuration=sagemaker.CfnEndpoint.AutoRollbackConfigProperty(
+                    alarms=[
+                        sagemaker.CfnEndpoint.AlarmProperty(alarm_name=name) for name in rollback_alarm_names(config)
+                    ]
+                ),
+            ),
+        )
+        for alarm in self.rollback_alarms:
+            self.endpoint.node.add_dependency(alarm)
+        # The guardrails documentation asks that "your IAM execution role" may cloudwatch:DescribeAlarms the
+        # rollback alarms. The deploying principal (CloudFormation's role) may; the model's execution role may
+        # too, on these three alarms only, in case it is the role meant.
+        role.add_to_policy(
+            iam.PolicyStatement(
+                actions=["cloudwatch:DescribeAlarms"], resources=[alarm.alarm_arn for alarm in self.rollback_alarms]
+            )
         )
 
         scaling = appscaling.ScalableTarget(
@@ -127,3 +162,104 @@ class EndpointStack(Stack):
             description="The model.tar.gz the endpoint serves (the SSM parameter's value at deploy time "
             "unless model_data_url was given).",
         )
+
+    def _rollback_alarms(self, config: SconesConfig) -> list[cloudwatch.Alarm]:
+        """The alarms that roll an endpoint update back: server errors, model latency, and the ML signal.
+
+        SageMaker's metrics carry EndpointName and VariantName, and both fleets keep the variant's name, so
+        during an update each alarm sees the old and the new fleet together, as the guardrails documentation's
+        examples do. The filter's LowConfidence metric is per endpoint only: during the canary it mixes the
+        canary's answers with the old fleet's (the canary's share of the traffic dilutes its change), and it
+        counts only the photos classified through the workflow, not direct calls of the endpoint."""
+        endpoint = {"EndpointName": config.endpoint_name, "VariantName": VARIANT_NAME}
+
+        def sagemaker_metric(name: str, statistic: str) -> cloudwatch.Metric:
+            return cloudwatch.Metric(
+                namespace="AWS/SageMaker",
+                metric_name=name,
+                dimensions_map=endpoint,
+                statistic=statistic,
+                period=ROLLBACK_PERIOD,
+            )
+
+        def filter_metric(name: str, statistic: str) -> cloudwatch.Metric:
+            return cloudwatch.Metric(
+                namespace=METRIC_NAMESPACE,
+                metric_name=name,
+                dimensions_map={"EndpointName": config.endpoint_name},
+                statistic=statistic,
+                period=ROLLBACK_PERIOD,
+            )
+
+        errors_name, latency_name, low_confidence_name = rollback_alarm_names(config)
+        common = {
+            "evaluation_periods": ROLLBACK_EVALUATION_PERIODS,
+            "datapoints_to_alarm": ROLLBACK_DATAPOINTS,
+            "treat_missing_data": cloudwatch.TreatMissingData.NOT_BREACHING,
+        }
+        errors = sagemaker_metric("Invocation5XXErrors", "Sum").create_alarm(
+            self,
+            "Rollback5xx",
+            alarm_name=errors_name,
+            alarm_description="Rolls an endpoint update back: the endpoint answered 5xx errors in two of three "
+            "minutes.",
+            threshold=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            **common,
+        )
+        latency = sagemaker_metric("ModelLatency", config.rollback_latency_statistic).create_alarm(
+            self,
+            "RollbackLatency",
+            alarm_name=latency_name,
+            alarm_description=f"Rolls an endpoint update back: the model latency ({config.rollback_latency_statistic}) "
+            f"was above {config.rollback_latency_ms:g} ms in two of three minutes.",
+            threshold=config.rollback_latency_ms * 1000,  # ModelLatency is in microseconds
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            **common,
+        )
+        low_confidence = cloudwatch.MathExpression(
+            expression="IF(answered > 0, 100 * lowconfidence / answered, 0)",
+            using_metrics={
+                "answered": filter_metric(TOP_PROBABILITY, "SampleCount"),
+                "lowconfidence": filter_metric(LOW_CONFIDENCE, "Sum"),
+            },
+            label="answers below the threshold (%)",
+            period=ROLLBACK_PERIOD,
+        ).create_alarm(
+            self,
+            "RollbackLowConfidence",
+            alarm_name=low_confidence_name,
+            alarm_description="Rolls an endpoint update back: more than "
+            f"{config.rollback_low_confidence_percent:g}% of the filter's answers were below the threshold in two "
+            "of three minutes (old and new fleet together: the metric is per endpoint).",
+            threshold=config.rollback_low_confidence_percent,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            **common,
+        )
+        return [errors, latency, low_confidence]
+
+
+def rollback_alarm_names(config: SconesConfig) -> list[str]:
+    """The names of the alarms that roll an endpoint update back, in the order `_rollback_alarms` makes them."""
+    return [f"{config.prefix}-rollback-{signal}" for signal in ("5xx", "latency", "low-confidence")]
+
+
+def _blue_green(config: SconesConfig) -> sagemaker.CfnEndpoint.BlueGreenUpdatePolicyProperty:
+    """Canary then the rest, each step baked; a one-instance fleet cannot hold a canary of at most half of
+    it, so it shifts at once and bakes (the old fleet still serves until the bake ends)."""
+    bake = config.canary_bake_minutes * 60
+    if config.uses_canary:
+        routing = sagemaker.CfnEndpoint.TrafficRoutingConfigProperty(
+            type="CANARY",
+            canary_size=sagemaker.CfnEndpoint.CapacitySizeProperty(
+                type="CAPACITY_PERCENT", value=config.canary_percent
+            ),
+            wait_interval_in_seconds=bake,
+        )
+    else:
+        routing = sagemaker.CfnEndpoint.TrafficRoutingConfigProperty(type="ALL_AT_ONCE", wait_interval_in_seconds=bake)
+    return sagemaker.CfnEndpoint.BlueGreenUpdatePolicyProperty(
+        traffic_routing_configuration=routing,
+        termination_wait_in_seconds=TERMINATION_WAIT_SECONDS,
+        maximum_execution_timeout_in_seconds=config.deployment_timeout_minutes * 60,
+    )

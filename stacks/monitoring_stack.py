@@ -1,5 +1,6 @@
-"""What a team needs to run the workflow: a dashboard, alarms that reach people through SNS, and the hourly
-drift job (stacks/drift_job.py) that checks the endpoint's captures against the model's baseline."""
+"""What a team needs to run the workflow: a dashboard, alarms that reach people through SNS, the hourly
+drift job (stacks/drift_job.py) that checks the endpoint's captures against the model's baseline, and the
+rules that start a retraining when drift is found (and, if configured, on a schedule)."""
 
 from aws_cdk import (
     Aws,
@@ -8,6 +9,8 @@ from aws_cdk import (
     Stack,
     aws_cloudwatch as cloudwatch,
     aws_cloudwatch_actions as actions,
+    aws_events as events,
+    aws_events_targets as targets,
     aws_iam as iam,
     aws_kms as kms,
     aws_lambda as lambda_,
@@ -21,12 +24,10 @@ from constructs import Construct
 from monitoring import metrics as drift_metrics
 from stacks.config import SconesConfig
 from stacks.drift_job import BASELINE_PREFIX, REPORTS_PREFIX, DriftJob
-from stacks.endpoint_stack import VARIANT_NAME
+from stacks.endpoint_stack import LOW_CONFIDENCE, TOP_PROBABILITY, VARIANT_NAME, rollback_alarm_names
 from stacks.workflow_stack import METRIC_NAMESPACE
 
-# The filter Lambda's Embedded Metric Format output (lambdas/filter_inferences/index.py).
-TOP_PROBABILITY = "TopProbability"
-LOW_CONFIDENCE = "LowConfidence"
+# The filter Lambda's Embedded Metric Format output (lambdas/filter_inferences/index.py), with the two above.
 PREDICTIONS = "Predictions"
 FIVE_MINUTES = Duration.minutes(5)
 ONE_HOUR = Duration.hours(1)
@@ -41,6 +42,7 @@ class MonitoringStack(Stack):
         config: SconesConfig,
         state_machine: sfn.IStateMachine,
         state_machine_log_group_name: str,
+        training_state_machine: sfn.IStateMachine,
         functions: list[lambda_.IFunction],
         bucket: s3.IBucket,
         capture_key: kms.IKey,
@@ -90,6 +92,18 @@ class MonitoringStack(Stack):
         drift_failed = self.drift.state_machine.metric_failed(period=ONE_HOUR)
         drift_timed_out = self.drift.state_machine.metric_timed_out(period=ONE_HOUR)
 
+        self.drift_alarm = drift_violations.create_alarm(
+            self,
+            "DriftViolations",
+            alarm_name=f"{config.prefix}-drift-violations",
+            alarm_description="The hourly capture report found a violation: the last hour's images or answers "
+            "drifted from the model's baseline; a retraining starts. Its report (which check, which numbers) is "
+            f"under s3://<bucket>/{REPORTS_PREFIX}{config.endpoint_name}/.",
+            threshold=1,
+            evaluation_periods=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
         self.alarms = [
             cloudwatch.MathExpression(
                 expression="IF(started > 0, 100 * (failed - lowconfidence) / started, 0)",
@@ -136,18 +150,7 @@ class MonitoringStack(Stack):
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
             ),
-            drift_violations.create_alarm(
-                self,
-                "DriftViolations",
-                alarm_name=f"{config.prefix}-drift-violations",
-                alarm_description="The hourly capture report found a violation: the last hour's images or answers "
-                "drifted from the model's baseline. Its report (which check, which numbers) is "
-                f"under s3://<bucket>/{REPORTS_PREFIX}{config.endpoint_name}/.",
-                threshold=1,
-                evaluation_periods=1,
-                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-            ),
+            self.drift_alarm,
             cloudwatch.MathExpression(
                 expression="failed + timedout",
                 using_metrics={"failed": drift_failed, "timedout": drift_timed_out},
@@ -184,10 +187,23 @@ class MonitoringStack(Stack):
             alarm.add_alarm_action(actions.SnsAction(self.topic))
             alarm.add_ok_action(actions.SnsAction(self.topic))
 
+        self.retrain_rules = self._retraining(config, training_state_machine)
+
         dashboard = cloudwatch.Dashboard(
             self, "Dashboard", dashboard_name=config.prefix, default_interval=Duration.hours(6)
         )
         dashboard.add_widgets(cloudwatch.AlarmStatusWidget(title="Alarms", alarms=self.alarms, width=24, height=3))
+        dashboard.add_widgets(
+            cloudwatch.AlarmStatusWidget(
+                title="Endpoint update: rollback alarms (they act only while an update bakes)",
+                alarms=[
+                    cloudwatch.Alarm.from_alarm_name(self, f"Rollback{index}", name)
+                    for index, name in enumerate(rollback_alarm_names(config))
+                ],
+                width=24,
+                height=2,
+            )
+        )
         dashboard.add_widgets(
             cloudwatch.GraphWidget(
                 title="Endpoint invocations and errors",
@@ -302,3 +318,55 @@ class MonitoringStack(Stack):
             value=self.topic.topic_arn,
             description="The SNS topic every alarm notifies: subscribe to it to hear of failures and drift.",
         )
+
+    def _retraining(self, config: SconesConfig, training: sfn.IStateMachine) -> list[events.Rule]:
+        """Start the training state machine when the drift alarm goes into ALARM, and on the optional schedule.
+
+        A retraining only trains and records a model; the endpoint changes only when it is deployed again."""
+        role = iam.Role(
+            self,
+            "RetrainRole",
+            assumed_by=iam.ServicePrincipal("events.amazonaws.com"),
+            description="scones retraining rules: start the training state machine, nothing else",
+        )
+        rules = [
+            events.Rule(
+                self,
+                "RetrainOnDrift",
+                rule_name=f"{config.prefix}-retrain-on-drift",
+                description="Starts a retraining when the drift alarm goes into ALARM.",
+                event_pattern=events.EventPattern(
+                    source=["aws.cloudwatch"],
+                    detail_type=["CloudWatch Alarm State Change"],
+                    resources=[self.drift_alarm.alarm_arn],
+                    detail={"state": {"value": ["ALARM"]}},
+                ),
+                targets=[
+                    targets.SfnStateMachine(
+                        training,
+                        role=role,
+                        input=events.RuleTargetInput.from_object(
+                            {"trigger": "drift", "alarm": events.EventField.from_path("$.detail.alarmName")}
+                        ),
+                    )
+                ],
+            )
+        ]
+        if config.retrain_schedule:
+            rules.append(
+                events.Rule(
+                    self,
+                    "RetrainSchedule",
+                    rule_name=f"{config.prefix}-retrain-schedule",
+                    description=f"Starts a retraining on the schedule {config.retrain_schedule}.",
+                    schedule=events.Schedule.expression(config.retrain_schedule),
+                    targets=[
+                        targets.SfnStateMachine(
+                            training,
+                            role=role,
+                            input=events.RuleTargetInput.from_object({"trigger": "schedule"}),
+                        )
+                    ],
+                )
+            )
+        return rules

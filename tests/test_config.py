@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from stacks.config import ConfigError, SconesConfig, config_table
+from stacks.config import ConfigError, SconesConfig, config_table, context_keys
 
 
 def config(**context) -> SconesConfig:
@@ -131,7 +131,7 @@ def test_removal_is_the_cdk_removal_policy():
 def test_config_table_has_one_row_per_key_with_its_default():
     rows = config_table().splitlines()
     assert rows[:2] == ["| key | default | meaning |", "|---|---|---|"]
-    assert len(rows) == 2 + 23
+    assert len(rows) == 2 + len(context_keys())
     assert (
         "| `threshold` | unset | the filter's confidence threshold, overriding the trained model's own; unset, the "
         "filter applies the threshold the training calibrated and recorded in SSM `/scones/<env>/threshold` beside "

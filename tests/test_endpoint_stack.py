@@ -1,5 +1,12 @@
+import json
+import sys
+
+import pytest
 from aws_cdk.assertions import Match
-from conftest import template
+from conftest import ROOT, template
+
+from stacks.config import ConfigError, SconesConfig
+from stacks.workflow_stack import METRIC_NAMESPACE
 
 DATA_BUCKET = {"Fn::ImportValue": "SconesDevData:ExportsOutputRefData666C94C774A46B8E"}
 DATA_BUCKET_ARN = {"Fn::ImportValue": "SconesDevData:ExportsOutputFnGetAttData666C94C7Arn0D7E21B7"}
@@ -155,3 +162,142 @@ def test_outputs_name_the_endpoint_and_the_model_it_serves():
     assert outputs["ModelDataUrl"]["Value"]["Ref"].startswith("SsmParameterValuesconesdevmodeldataurl")
     given = "s3://models-bucket/run-1/model.tar.gz"
     assert template("Endpoint", model_data_url=given).find_outputs("ModelDataUrl")["ModelDataUrl"]["Value"] == given
+
+
+def _rollback(**context) -> tuple[dict, dict[str, dict]]:
+    """The endpoint's DeploymentConfig, and its alarms by logical id."""
+    endpoint = template("Endpoint", **context)
+    (properties,) = [r["Properties"] for r in endpoint.find_resources("AWS::SageMaker::Endpoint").values()]
+    alarms = {name: r["Properties"] for name, r in endpoint.find_resources("AWS::CloudWatch::Alarm").items()}
+    return properties["DeploymentConfig"], alarms
+
+
+def _rollback_alarms_by_name(**context) -> dict[str, dict]:
+    """Each alarm the rollback configuration names, by that name, which must be an alarm of the stack that the
+    endpoint depends on (CloudFormation creates it first)."""
+    endpoint = template("Endpoint", **context)
+    deployment, alarms = _rollback(**context)
+    by_name = {alarm["AlarmName"]: alarm for alarm in alarms.values()}
+    named = [alarm["AlarmName"] for alarm in deployment["AutoRollbackConfiguration"]["Alarms"]]
+    assert sorted(named) == sorted(by_name), "every alarm of the stack rolls back, and only those"
+    (endpoint_resource,) = endpoint.find_resources("AWS::SageMaker::Endpoint").values()
+    assert set(alarms) <= set(endpoint_resource["DependsOn"])
+    return {name: by_name[name] for name in named}
+
+
+def test_one_instance_updates_all_at_once_then_bakes_with_rollback():
+    deployment, _ = _rollback()
+    assert deployment["BlueGreenUpdatePolicy"] == {
+        "TrafficRoutingConfiguration": {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 600},
+        "TerminationWaitInSeconds": 0,
+        "MaximumExecutionTimeoutInSeconds": 3600,
+    }
+    assert len(deployment["AutoRollbackConfiguration"]["Alarms"]) == 3
+
+
+def test_a_fleet_of_two_updates_through_a_canary_of_the_configured_size_and_bake():
+    deployment, _ = _rollback(endpoint_instance_count="2")
+    assert deployment["BlueGreenUpdatePolicy"] == {
+        "TrafficRoutingConfiguration": {
+            "Type": "CANARY",
+            "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 10},
+            "WaitIntervalInSeconds": 600,
+        },
+        "TerminationWaitInSeconds": 0,
+        "MaximumExecutionTimeoutInSeconds": 3600,
+    }
+    deployment, _ = _rollback(
+        endpoint_instance_count="4",
+        canary_percent="25",
+        canary_bake_minutes="15",
+        deployment_timeout_minutes="90",
+    )
+    assert deployment["BlueGreenUpdatePolicy"] == {
+        "TrafficRoutingConfiguration": {
+            "Type": "CANARY",
+            "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 25},
+            "WaitIntervalInSeconds": 900,
+        },
+        "TerminationWaitInSeconds": 0,
+        "MaximumExecutionTimeoutInSeconds": 5400,
+    }
+
+
+def test_rollback_on_5xx_errors_of_the_endpoint():
+    alarm = _rollback_alarms_by_name()["scones-dev-rollback-5xx"]
+    assert (alarm["Namespace"], alarm["MetricName"], alarm["Statistic"], alarm["Period"]) == (
+        "AWS/SageMaker",
+        "Invocation5XXErrors",
+        "Sum",
+        60,
+    )
+    assert alarm["Dimensions"] == [
+        {"Name": "EndpointName", "Value": "scones-dev"},
+        {"Name": "VariantName", "Value": "AllTraffic"},
+    ]
+    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (1, "GreaterThanOrEqualToThreshold")
+    assert (alarm["EvaluationPeriods"], alarm["DatapointsToAlarm"], alarm["TreatMissingData"]) == (3, 2, "notBreaching")
+
+
+def test_rollback_on_model_latency_with_the_configured_statistic_and_bound_in_microseconds():
+    alarm = _rollback_alarms_by_name()["scones-dev-rollback-latency"]
+    assert (alarm["Namespace"], alarm["MetricName"], alarm["ExtendedStatistic"]) == (
+        "AWS/SageMaker",
+        "ModelLatency",
+        "p99",
+    )
+    assert alarm["Dimensions"] == [
+        {"Name": "EndpointName", "Value": "scones-dev"},
+        {"Name": "VariantName", "Value": "AllTraffic"},
+    ]
+    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (500_000, "GreaterThanThreshold")
+    average = _rollback_alarms_by_name(rollback_latency_statistic="Average", rollback_latency_ms="120")[
+        "scones-dev-rollback-latency"
+    ]
+    assert (average["Statistic"], average["Threshold"]) == ("Average", 120_000)
+    assert "ExtendedStatistic" not in average
+
+
+def test_rollback_on_the_filters_low_confidence_rate_in_the_namespace_and_dimension_it_emits():
+    sys.path.insert(0, str(ROOT / "lambdas"))
+    from filter_inferences import index as filter_step
+
+    alarm = _rollback_alarms_by_name(rollback_low_confidence_percent="25", endpoint_name="bikes")[
+        "scones-dev-rollback-low-confidence"
+    ]
+    (expression,) = [m for m in alarm["Metrics"] if "Expression" in m]
+    assert expression["Expression"] == "IF(answered > 0, 100 * lowconfidence / answered, 0)"
+    stats = {m["Id"]: m["MetricStat"] for m in alarm["Metrics"] if "MetricStat" in m}
+    assert {name: (s["Metric"]["Namespace"], s["Metric"]["MetricName"], s["Stat"]) for name, s in stats.items()} == {
+        "answered": (METRIC_NAMESPACE, filter_step.TOP_PROBABILITY_METRIC, "SampleCount"),
+        "lowconfidence": (METRIC_NAMESPACE, filter_step.LOW_CONFIDENCE_METRIC, "Sum"),
+    }
+    # The filter's EMF line has EndpointName as its only dimension: the alarm can only see both fleets at once.
+    line = json.loads(filter_step.metric_line(METRIC_NAMESPACE, "bikes", 0, 0.5, True, 0.9))
+    (directive, _) = line["_aws"]["CloudWatchMetrics"]
+    assert directive["Dimensions"] == [["EndpointName"]]
+    assert all(s["Metric"]["Dimensions"] == [{"Name": "EndpointName", "Value": "bikes"}] for s in stats.values())
+    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (25, "GreaterThanThreshold")
+
+
+def test_model_role_may_describe_exactly_the_rollback_alarms():
+    endpoint = template("Endpoint")
+    (policy,) = endpoint.find_resources("AWS::IAM::Policy").values()
+    statements = policy["Properties"]["PolicyDocument"]["Statement"]
+    (describe,) = [s for s in statements if "cloudwatch:DescribeAlarms" in _actions(s)]
+    alarms = endpoint.find_resources("AWS::CloudWatch::Alarm")
+    assert describe["Action"] == "cloudwatch:DescribeAlarms"
+    assert sorted(r["Fn::GetAtt"][0] for r in describe["Resource"]) == sorted(alarms)
+    assert all(r["Fn::GetAtt"][1] == "Arn" for r in describe["Resource"])
+
+
+def test_deployment_settings_are_checked_against_what_sagemaker_accepts():
+    assert not SconesConfig().uses_canary and SconesConfig(endpoint_instance_count=2).uses_canary
+    with pytest.raises(ConfigError, match=r"canary_percent.*more than half the fleet; lower it \(at most 33%\)"):
+        SconesConfig.from_context({"endpoint_instance_count": "3", "canary_percent": "50"})
+    with pytest.raises(ConfigError, match="canary_percent.*outside"):
+        SconesConfig.from_context({"canary_percent": "60"})
+    with pytest.raises(ConfigError, match="deployment_timeout_minutes.*= 40.*raise it"):
+        SconesConfig.from_context({"canary_bake_minutes": "20", "deployment_timeout_minutes": "40"})
+    with pytest.raises(ConfigError, match="rollback_latency_statistic.*p99, Average"):
+        SconesConfig.from_context({"rollback_latency_statistic": "p90"})

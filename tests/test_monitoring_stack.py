@@ -1,11 +1,13 @@
 import json
 import sys
 
+import pytest
 from aws_cdk.assertions import Match
 from conftest import ROOT, synth_stacks, template
 
 from monitoring import metrics
 from stacks import monitoring_stack
+from stacks.config import ConfigError, SconesConfig
 
 sys.path.insert(0, str(ROOT / "lambdas"))
 from filter_inferences import index as filter_step
@@ -179,3 +181,94 @@ def test_outputs_link_the_dashboard_and_the_alarm_topic():
         ]
     }
     assert all(len(outputs[name]["Description"]) > 30 for name in ("AlarmTopicArn", "DashboardUrl"))
+
+
+def _retraining(**context) -> tuple[dict[str, dict], dict]:
+    """The retraining rules by name, and the statements of their role's policy."""
+    monitoring = template("Monitoring", **context)
+    rules = {r["Properties"]["Name"]: r["Properties"] for r in monitoring.find_resources("AWS::Events::Rule").values()}
+    retrain = {name: rule for name, rule in rules.items() if "retrain" in name}
+    (role_arn,) = {target["RoleArn"]["Fn::GetAtt"][0] for rule in retrain.values() for target in rule["Targets"]}
+    (policy,) = [
+        p["Properties"]
+        for p in monitoring.find_resources("AWS::IAM::Policy").values()
+        if p["Properties"]["Roles"] == [{"Ref": role_arn}]
+    ]
+    role = monitoring.find_resources("AWS::IAM::Role")[role_arn]["Properties"]
+    assert role["AssumeRolePolicyDocument"]["Statement"] == [
+        {"Action": "sts:AssumeRole", "Effect": "Allow", "Principal": {"Service": "events.amazonaws.com"}}
+    ]
+    assert "ManagedPolicyArns" not in role and "Policies" not in role
+    return retrain, policy["PolicyDocument"]["Statement"]
+
+
+def _training_machine_arn() -> dict:
+    """How the Monitoring stack refers to the training stack's state machine (its exported Ref)."""
+    training = synth_stacks()["Training"]
+    machine = training.get_logical_id(training.state_machine.node.default_child)
+    (export,) = [
+        output["Export"]["Name"]
+        for output in template("Training").find_outputs("*").values()
+        if output["Value"] == {"Ref": machine} and "Export" in output
+    ]
+    return {"Fn::ImportValue": export}
+
+
+def test_drift_alarm_going_into_alarm_starts_the_training_state_machine():
+    rules, statements = _retraining()
+    assert set(rules) == {"scones-dev-retrain-on-drift"}, "no schedule unless retrain_schedule is given"
+    rule = rules["scones-dev-retrain-on-drift"]
+    (drift_alarm,) = [
+        logical_id
+        for logical_id, alarm in template("Monitoring").find_resources("AWS::CloudWatch::Alarm").items()
+        if alarm["Properties"]["AlarmName"] == "scones-dev-drift-violations"
+    ]
+    assert rule["EventPattern"] == {
+        "source": ["aws.cloudwatch"],
+        "detail-type": ["CloudWatch Alarm State Change"],
+        "resources": [{"Fn::GetAtt": [drift_alarm, "Arn"]}],
+        "detail": {"state": {"value": ["ALARM"]}},
+    }
+    (target,) = rule["Targets"]
+    assert target["Arn"] == _training_machine_arn()
+    assert target["InputTransformer"] == {
+        "InputPathsMap": {"detail-alarmName": "$.detail.alarmName"},
+        "InputTemplate": '{"trigger":"drift","alarm":<detail-alarmName>}',
+    }
+    assert statements == [{"Action": "states:StartExecution", "Effect": "Allow", "Resource": _training_machine_arn()}]
+
+
+def test_retrain_schedule_is_off_by_default_and_on_with_the_setting():
+    for schedule in ("rate(7 days)", "cron(0 3 ? * MON *)"):
+        rules, statements = _retraining(retrain_schedule=schedule)
+        rule = rules["scones-dev-retrain-schedule"]
+        assert rule["ScheduleExpression"] == schedule
+        (target,) = rule["Targets"]
+        assert (target["Arn"], target["Input"]) == (_training_machine_arn(), '{"trigger":"schedule"}')
+        assert statements == [
+            {"Action": "states:StartExecution", "Effect": "Allow", "Resource": _training_machine_arn()}
+        ]
+    assert "scones-dev-retrain-schedule" not in _retraining()[0]
+
+
+def test_a_retraining_rule_cannot_reach_the_endpoint():
+    """A retraining trains and records a model; nothing the rules may do touches SageMaker endpoints."""
+    _, statements = _retraining(retrain_schedule="rate(1 day)")
+    assert {statement["Action"] for statement in statements} == {"states:StartExecution"}
+
+
+@pytest.mark.parametrize("schedule", ["weekly", "rate(1 days)", "rate(0 days)", "rate(7 weeks)", "cron(0 3 * *)"])
+def test_retrain_schedule_refuses_anything_but_an_eventbridge_expression_naming_the_syntax(schedule):
+    with pytest.raises(ConfigError, match=r"retrain_schedule.*rate\(7 days\)"):
+        SconesConfig.from_context({"retrain_schedule": schedule})
+
+
+def test_dashboard_shows_the_endpoints_rollback_alarms_by_their_names():
+    alarms = template("Endpoint").find_resources("AWS::CloudWatch::Alarm").values()
+    endpoint_alarms = {alarm["Properties"]["AlarmName"] for alarm in alarms}
+    assert len(endpoint_alarms) == 3
+    (dashboard,) = template("Monitoring").find_resources("AWS::CloudWatch::Dashboard").values()
+    body = json.dumps(dashboard["Properties"]["DashboardBody"])
+    assert "Endpoint update: rollback alarms" in body
+    for name in endpoint_alarms:
+        assert f":alarm:{name}" in body, name
