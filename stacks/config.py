@@ -249,6 +249,32 @@ class SconesConfig:
         40.0, "alarm when more than this share of an hour's answers is below the threshold", _number(float, 0.0, 100.0)
     )
     expect_traffic: bool = _setting(False, "also alarm on an hour without invocations", _boolean)
+    gate_min_accuracy: float = _setting(
+        0.9,
+        "evaluation gate: the lowest test accuracy a trained model is registered with (the built-in algorithm: "
+        "its validation accuracy); below it the training fails with `ModelBelowGate`",
+        _number(float, 0.0, 1.0),
+    )
+    gate_min_accepted_accuracy: float = _setting(
+        0.95,
+        "evaluation gate: the lowest test accuracy of the answers accepted at the model's threshold",
+        _number(float, 0.0, 1.0),
+    )
+    gate_min_coverage: float = _setting(
+        0.7,
+        "evaluation gate: the lowest share of test images accepted at the model's threshold",
+        _number(float, 0.0, 1.0),
+    )
+    gate_max_neither_accepted: float = _setting(
+        0.05,
+        "evaluation gate, for a model that learns neither: the highest share of neither images it accepts",
+        _number(float, 0.0, 1.0),
+    )
+    auto_approve: bool = _setting(
+        False,
+        "register a model that passes the gate as `Approved` (it then serves) instead of `PendingManualApproval`",
+        _boolean,
+    )
     batch_tolerated_failure_percent: float = _setting(
         5.0,
         "share of images under a prefix that may fail to be classified at all before the batch fails",
@@ -331,13 +357,23 @@ class SconesConfig:
 
     @property
     def model_parameter_name(self) -> str:
-        """SSM parameter where the training state machine records the newest model artifact."""
+        """SSM parameter where the approval of a model package records its artifact, which the endpoint serves."""
         return f"/scones/{self.env_name}/model-data-url"
 
     @property
     def threshold_parameter_name(self) -> str:
-        """SSM parameter where the training state machine records the newest model's calibrated threshold."""
+        """SSM parameter where the approval of a model package records its calibrated threshold."""
         return f"/scones/{self.env_name}/threshold"
+
+    @property
+    def model_package_group_name(self) -> str:
+        """The SageMaker model package group (registry) the training registers its models in."""
+        return self.prefix
+
+    @property
+    def model_package_parameter_name(self) -> str:
+        """SSM parameter where the approval records the ARN of the approved model package that serves."""
+        return f"/scones/{self.env_name}/model-package-arn"
 
     @property
     def removal(self) -> RemovalPolicy:

@@ -1,4 +1,4 @@
-"""The SageMaker training job, run by a state machine that also registers the model it produced."""
+"""The SageMaker training job, run by a state machine that gates the model it produced and registers it."""
 
 from pathlib import Path
 
@@ -22,16 +22,10 @@ from constructs import Construct
 from stacks.config import SconesConfig
 from stacks.constructs import LoggedStateMachine, SageMakerRole
 from stacks.images import image_uri, repository_arn
+from stacks.registry import ModelRegistry, metric_definitions
 from training import sourcedir
 
 MODEL_PREFIX = "models/"
-# train.py prints the calibrated threshold as `scones-threshold=<value>`; SageMaker reads it into the job's
-# FinalMetricDataList under this name, from which the state machine records it beside the model.
-THRESHOLD_METRIC = "threshold"
-THRESHOLD_METRIC_REGEX = r"scones-threshold=([0-9.eE+-]+)"
-# What the aws-sdk integration raises when the parameter to delete does not exist: AWS names the service Ssm,
-# moto's engine (the tests run this definition on it) ssm. Error names are case-sensitive.
-PARAMETER_NOT_FOUND_ERRORS = ["Ssm.ParameterNotFoundException", "ssm.ParameterNotFoundException"]
 # Where SageMaker puts the `code` channel; the PyTorch container's toolkit extracts the source archive found
 # there (`sagemaker_submit_directory`) and runs `sagemaker_program` from it.
 CODE_CHANNEL_DIR = "/opt/ml/input/data/code"
@@ -87,6 +81,11 @@ class TrainingStack(Stack):
             self._channel("validation_lst", bucket, "validation.lst", config),
         ]
         if algorithm == "pytorch":
+            # The test images train.py measures the gate's figures on (the built-in algorithm takes no test channel).
+            channels += [
+                self._channel("test", bucket, "test", config),
+                self._channel("test_lst", bucket, "test.lst", config),
+            ]
             channels.append(
                 tasks.Channel(
                     channel_name="code",
@@ -114,10 +113,7 @@ class TrainingStack(Stack):
             algorithm_specification=tasks.AlgorithmSpecification(
                 training_image=image,
                 training_input_mode=tasks.InputMode.FILE,
-                # The built-in algorithm reports its own metrics only; it has no calibrated threshold.
-                metric_definitions=[tasks.MetricDefinition(name=THRESHOLD_METRIC, regex=THRESHOLD_METRIC_REGEX)]
-                if algorithm == "pytorch"
-                else None,
+                metric_definitions=metric_definitions(algorithm),
             ),
             input_data_config=channels,
             output_data_config=tasks.OutputDataConfig(s3_output_location=S3Uri(bucket, MODEL_PREFIX)),
@@ -146,32 +142,19 @@ class TrainingStack(Stack):
             ),
             result_path="$.Model",
         )
-        self.model_parameter_arn = self.format_arn(
-            service="ssm",
-            resource="parameter",
-            resource_name=config.model_parameter_name.lstrip("/"),
-        )
-        record_model = tasks.CallAwsService(
+        self.registry = ModelRegistry(self, "Registry", config=config)
+        gate_and_register = self.registry.gate_and_register(
             self,
-            "RecordModel",
-            service="ssm",
-            action="putParameter",
-            parameters={
-                "Name": config.model_parameter_name,
-                "Value": sfn.JsonPath.string_at("$.ModelArtifacts.S3ModelArtifacts"),
-                "Type": "String",
-                "Overwrite": True,
-            },
-            iam_resources=[self.model_parameter_arn],
-            result_path=sfn.JsonPath.DISCARD,
+            algorithm=algorithm,
+            inference_image=image_uri(self, algorithm, "inference"),
+            done=sfn.Succeed(self, "Trained"),
         )
-        trained = sfn.Succeed(self, "Trained", output_path="$.ModelArtifacts")
         self.workflow = LoggedStateMachine(
             self,
             "Training",
             config=config,
             name="training",
-            definition=train.next(create_model).next(record_model).next(self._record_threshold(config, trained)),
+            definition=train.next(create_model).next(gate_and_register),
             timeout=Duration.minutes(config.training_max_runtime_minutes + 30),
         )
         self.state_machine = self.workflow.state_machine
@@ -182,7 +165,8 @@ class TrainingStack(Stack):
                     "id": "AwsSolutions-IAM5",
                     "reason": "CDK's SageMaker tasks grant sagemaker:*TrainingJob on training-job/<prefix>* and "
                     "the events "
-                    "rule of the .sync integration; job and model names are generated per execution.",
+                    "rule of the .sync integration; job and model names are generated per execution; the "
+                    "package registered is a new version of this environment's group (model-package/<group>/*).",
                 }
             ],
             apply_to_children=True,
@@ -197,70 +181,22 @@ class TrainingStack(Stack):
         )
         CfnOutput(
             self,
+            "ModelPackageGroupName",
+            value=config.model_package_group_name,
+            description="The model registry: each training that passes the evaluation gate registers a package "
+            "here; approve one (SageMaker console, or python -m training.fit approve --latest) to serve it.",
+        )
+        CfnOutput(
+            self,
             "ModelParameterName",
             value=config.model_parameter_name,
-            description="The SSM parameter holding the newest model's S3 URL, which the endpoint serves.",
+            description="The SSM parameter holding the approved model's S3 URL, which the endpoint serves.",
         )
-
-    def _record_threshold(self, config: SconesConfig, trained: sfn.State) -> sfn.IChainable:
-        """Record the job's `threshold` metric in SSM beside the model URL, or delete a previous model's.
-
-        The filter applies the recorded threshold; without one (the built-in algorithm) it applies the
-        default, not the threshold of a model that is no longer the newest.
-        """
-        self.threshold_parameter_arn = self.format_arn(
-            service="ssm", resource="parameter", resource_name=config.threshold_parameter_name.lstrip("/")
-        )
-        record = tasks.CallAwsService(
+        CfnOutput(
             self,
-            "RecordThreshold",
-            service="ssm",
-            action="putParameter",
-            parameters={
-                "Name": config.threshold_parameter_name,
-                "Value": sfn.JsonPath.json_to_string(sfn.JsonPath.number_at("$.Value")),
-                "Type": "String",
-                "Overwrite": True,
-            },
-            iam_resources=[self.threshold_parameter_arn],
-            result_path=sfn.JsonPath.DISCARD,
-        )
-        forget = tasks.CallAwsService(
-            self,
-            "ForgetThreshold",
-            service="ssm",
-            action="deleteParameter",
-            parameters={"Name": config.threshold_parameter_name},
-            iam_resources=[self.threshold_parameter_arn],
-            result_path=sfn.JsonPath.DISCARD,
-        )
-        forget.add_catch(trained, errors=PARAMETER_NOT_FOUND_ERRORS, result_path=sfn.JsonPath.DISCARD)
-        forget.next(trained)
-        # Each metric in turn, recording the threshold when it is one, then forgetting any older one if none was.
-        # Not a JSONPath filter ([?(@.MetricName == ...)]): one that matches nothing fails the state on moto's
-        # engine, and AWS documents no answer for that case.
-        is_threshold = sfn.Condition.string_equals("$.MetricName", THRESHOLD_METRIC)
-        each_metric = sfn.Map(self, "EachMetric", items_path="$.FinalMetricDataList", result_path="$.Recorded")
-        each_metric.item_processor(
-            sfn.Choice(self, "IsThreshold")
-            .when(is_threshold, record.next(sfn.Pass(self, "Recorded", result=sfn.Result.from_boolean(True))))
-            .otherwise(sfn.Pass(self, "OtherMetric", result=sfn.Result.from_boolean(False)))
-        )
-        any_recorded = sfn.Pass(
-            self,
-            "AnyRecorded",
-            parameters={"Any.$": "States.ArrayContains($.Recorded, true)"},
-            result_path="$.Recorded",
-        )
-        each_metric.next(any_recorded).next(
-            sfn.Choice(self, "ThresholdRecorded")
-            .when(sfn.Condition.boolean_equals("$.Recorded.Any", True), trained)
-            .otherwise(forget)
-        )
-        return (
-            sfn.Choice(self, "HasMetrics")
-            .when(sfn.Condition.is_present("$.FinalMetricDataList"), each_metric)
-            .otherwise(forget)
+            "ModelPackageArnParameterName",
+            value=config.model_package_parameter_name,
+            description="The SSM parameter holding the ARN of the approved model package the endpoint serves.",
         )
 
     def _channel(self, name: str, bucket: s3.IBucket, key: str, config: SconesConfig) -> tasks.Channel:

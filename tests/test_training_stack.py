@@ -7,7 +7,7 @@ import pytest
 from conftest import definition_of, synth_stacks, template
 from moto import mock_aws
 
-from stacks import training_stack
+from stacks import registry
 
 
 def training_job_parameters(**context) -> tuple[dict, dict]:
@@ -16,13 +16,14 @@ def training_job_parameters(**context) -> tuple[dict, dict]:
     return states, states["Train"]["Parameters"]
 
 
-def test_training_runs_then_registers_the_model_and_records_its_artifact():
+def test_training_runs_then_gates_and_registers_the_model():
     states, _ = training_job_parameters()
     assert states["Train"]["Resource"].endswith(":states:::sagemaker:createTrainingJob.sync")
     assert states["Train"]["Next"] == "CreateModel"
-    assert states["CreateModel"]["Next"] == "RecordModel"
-    assert states["RecordModel"]["Parameters"]["Name"] == "/scones/dev/model-data-url"
-    assert states["RecordModel"]["Parameters"]["Value.$"] == "$.ModelArtifacts.S3ModelArtifacts"
+    assert states["CreateModel"]["Next"] == "HasMetrics"
+    assert states["RegisterModel"]["Resource"].endswith(":states:::aws-sdk:sagemaker:createModelPackage")
+    assert states["RegisterModel"]["Next"] == "Registered"
+    assert states["Registered"]["Next"] == "Trained"
     assert states["Trained"]["Type"] == "Succeed"
 
 
@@ -30,11 +31,12 @@ def test_pytorch_script_mode_job():
     _, job = training_job_parameters(training_algorithm="pytorch")
     assert job["AlgorithmSpecification"]["TrainingImage"] == "<FindInMap:PytorchTrainingImage>"
     channels = {c["ChannelName"]: c for c in job["InputDataConfig"]}
-    assert set(channels) == {"train", "validation", "train_lst", "validation_lst", "code"}
+    assert set(channels) == {"train", "validation", "train_lst", "validation_lst", "test", "test_lst", "code"}
     uri = lambda name: channels[name]["DataSource"]["S3DataSource"]["S3Uri"]  # noqa: E731
     assert all(uri(name).startswith("s3://") for name in channels)
     assert uri("train").endswith("/train") and uri("train_lst").endswith("/train.lst")
     assert uri("validation_lst").endswith("/validation.lst")
+    assert uri("test").endswith("/test") and uri("test_lst").endswith("/test.lst")
     submit_directory = job["HyperParameters"]["sagemaker_submit_directory"]
     assert submit_directory.startswith("/opt/ml/input/data/code/") and submit_directory.endswith(".gz")
     assert job["HyperParameters"]["sagemaker_program"] == "train.py"
@@ -85,105 +87,235 @@ def test_user_hyperparameters_reach_the_job():
     assert job["HyperParameters"]["lr"] == "0.01"
 
 
-def test_outputs_name_the_training_state_machine_and_the_model_parameter():
+def test_outputs_name_the_state_machine_the_registry_and_the_parameters_the_approval_records():
     stack = synth_stacks()["Training"]
     outputs = template("Training").find_outputs("*")
     assert outputs["TrainingStateMachineArn"]["Value"] == {
         "Ref": stack.get_logical_id(stack.state_machine.node.default_child)
     }
-    assert outputs["ModelParameterName"]["Value"] == "/scones/dev/model-data-url"
     assert "training.fit --sagemaker" in outputs["TrainingStateMachineArn"]["Description"]
-    assert "SSM parameter" in outputs["ModelParameterName"]["Description"]
+    assert outputs["ModelPackageGroupName"]["Value"] == "scones-dev"
+    assert "training.fit approve" in outputs["ModelPackageGroupName"]["Description"]
+    assert outputs["ModelParameterName"]["Value"] == "/scones/dev/model-data-url"
+    assert outputs["ModelPackageArnParameterName"]["Value"] == "/scones/dev/model-package-arn"
+    assert "approved" in outputs["ModelParameterName"]["Description"]
 
 
-def test_pytorch_job_reports_the_calibrated_threshold_as_a_metric_the_builtin_one_does_not():
+def test_pytorch_job_reports_the_gate_figures_as_metrics_the_builtin_one_its_own():
     _, job = training_job_parameters()
-    assert job["AlgorithmSpecification"]["MetricDefinitions"] == [
-        {"Name": "threshold", "Regex": training_stack.THRESHOLD_METRIC_REGEX}
-    ]
+    assert {d["Name"]: d["Regex"] for d in job["AlgorithmSpecification"]["MetricDefinitions"]} == {
+        "threshold": r"scones-threshold=([0-9.eE+-]+)",
+        "test_accuracy": r"scones-test-accuracy=([0-9.eE+-]+)",
+        "accepted_accuracy": r"scones-accepted-accuracy=([0-9.eE+-]+)",
+        "coverage": r"scones-coverage=([0-9.eE+-]+)",
+        "neither_accepted": r"scones-neither-accepted=([0-9.eE+-]+)",
+    }
     _, builtin = training_job_parameters(training_algorithm="builtin")
     assert "MetricDefinitions" not in builtin["AlgorithmSpecification"]
 
 
-def test_the_metric_regex_reads_the_threshold_train_py_prints(tmp_path, capsys):
+@pytest.mark.parametrize("neither", [None, 0.004], ids=["resnet9", "photo model"])
+def test_the_metric_definitions_read_the_figures_train_py_prints(tmp_path, capsys, neither):
     from training import train
 
-    train.write_model(tmp_path, tmp_path, {"threshold": 0.8440000414848328}, {})
-    (value,) = re.findall(training_stack.THRESHOLD_METRIC_REGEX, capsys.readouterr().out)
-    assert float(value) == 0.8440000414848328
-
-
-def test_the_threshold_states_and_their_exact_permissions():
-    states, _ = training_job_parameters()
-    assert states["RecordModel"]["Next"] == "HasMetrics"
-    record = states["EachMetric"]["ItemProcessor"]["States"]["RecordThreshold"]
-    assert record["Resource"].endswith(":states:::aws-sdk:ssm:putParameter")
-    assert record["Parameters"] == {
-        "Name": "/scones/dev/threshold",
-        "Value.$": "States.JsonToString($.Value)",
-        "Type": "String",
-        "Overwrite": True,
+    metrics = {
+        "threshold": 0.8440000414848328,
+        "test": {"accuracy": 0.94, "at_threshold": {"threshold": 0.844, "coverage": 0.92, "accuracy": 0.967391}},
+        "validation": {"accuracy": 0.95, **({"neither_accepted": neither} if neither is not None else {})},
     }
-    assert states["ForgetThreshold"]["Resource"].endswith(":states:::aws-sdk:ssm:deleteParameter")
-    ssm = sorted(
-        (
-            s["Action"],
-            sorted(
-                r["Fn::Join"][1][-1] for r in (s["Resource"] if isinstance(s["Resource"], list) else [s["Resource"]])
-            ),
-        )
-        for policy in template("Training").find_resources("AWS::IAM::Policy").values()
-        for s in policy["Properties"]["PolicyDocument"]["Statement"]
-        if "ssm:" in json.dumps(s["Action"])
+    train.write_model(tmp_path, tmp_path, {"threshold": 0.8440000414848328}, metrics)
+    out = capsys.readouterr().out
+    read = {metric.name: float(value) for metric in registry.PYTORCH_METRICS for value in re.findall(metric.regex, out)}
+    assert read == {
+        "threshold": 0.8440000414848328,
+        "test_accuracy": 0.94,
+        "accepted_accuracy": 0.967391,
+        "coverage": 0.92,
+        **({"neither_accepted": neither} if neither is not None else {}),
+    }
+
+
+def test_a_training_without_test_images_prints_only_its_threshold(tmp_path, capsys):
+    from training import train
+
+    train.write_model(tmp_path, tmp_path, {"threshold": 0.9}, {"validation": {"accuracy": 0.9}})
+    assert capsys.readouterr().out == "scones-threshold=0.9\n"
+
+
+def test_the_training_state_machine_records_nothing_in_ssm_and_registers_only_into_its_group():
+    """What serves is always an approved package: only the approval state machine writes the parameters."""
+    training = synth_stacks()["Training"]
+    policy = next(
+        resource
+        for logical_id, resource in template("Training").find_resources("AWS::IAM::Policy").items()
+        if logical_id.startswith("TrainingStateMachineRoleDefaultPolicy")
     )
-    assert ssm == [
-        ("ssm:deleteParameter", [":parameter/scones/dev/threshold"]),
-        ("ssm:putParameter", [":parameter/scones/dev/model-data-url", ":parameter/scones/dev/threshold"]),
+    statements = policy["Properties"]["PolicyDocument"]["Statement"]
+    assert not [s for s in statements if "ssm:" in json.dumps(s["Action"])]
+    (register,) = [s for s in statements if s["Action"] == "sagemaker:createModelPackage"]
+    assert register["Resource"]["Fn::Join"][1][-1] == ":model-package/scones-dev/*"
+    assert training.registry.packages_arn  # the same ARN the approval's role describes
+
+
+def test_the_gate_floors_come_from_the_configuration():
+    states, _ = training_job_parameters(gate_min_accuracy="0.8", gate_min_coverage="0.5", auto_approve="true")
+    floors = {choice["Variable"]: choice["NumericLessThan"] for choice in states["EvaluationGate"]["Choices"]}
+    assert floors == {
+        "$.Metrics.test_accuracy[0]": 0.8,
+        "$.Metrics.accepted_accuracy[0]": 0.95,
+        "$.Metrics.coverage[0]": 0.5,
+    }
+    assert states["GateNeitherAccepted"]["Choices"][0]["NumericGreaterThan"] == 0.05
+    assert states["RegisterModel"]["Parameters"]["ModelApprovalStatus"] == "Approved"
+    default, _ = training_job_parameters()
+    assert default["RegisterModel"]["Parameters"]["ModelApprovalStatus"] == "PendingManualApproval"
+
+
+def test_the_package_request_names_the_inference_image_the_artifact_and_the_figures():
+    states, _ = training_job_parameters()
+    request = states["RegisterModel"]["Parameters"]
+    assert request["ModelPackageGroupName"] == "scones-dev"
+    assert request["InferenceSpecification"]["Containers"] == [
+        {
+            "Image": "<FindInMap:PytorchInferenceImage>",
+            "ModelDataUrl.$": "$.ModelArtifacts.S3ModelArtifacts",
+            "Environment": {"SAGEMAKER_PROGRAM": "inference.py"},
+        }
     ]
+    assert request["InferenceSpecification"]["SupportedContentTypes"] == [
+        "image/png",
+        "image/jpeg",
+        "application/x-image",
+    ]
+    assert request["CustomerMetadataProperties.$"] == "$.Metadata"
+    builtin, _ = training_job_parameters(training_algorithm="builtin")
+    (container,) = builtin["RegisterModel"]["Parameters"]["InferenceSpecification"]["Containers"]
+    assert container["Image"] == "<FindInMap:BuiltinInferenceImage>" and "Environment" not in container
 
 
-THRESHOLD, MODEL = "/scones/dev/threshold", "/scones/dev/model-data-url"
+# ------------------------------------------------------------------ the gate and registration on moto's engine
+
+ARTIFACT = "s3://data/models/scones-dev-1/output/model.tar.gz"
+# The default recipe's figures, seed 0 (bench/results/train.json).
+PASSING = {"threshold": 0.843891978263855, "test_accuracy": 0.94, "accepted_accuracy": 0.967391312, "coverage": 0.92}
+
+
+def run_definition(definition: dict, execution_input: dict, setup=None) -> tuple[dict, dict]:
+    """Run a synthesized definition on moto's Step Functions engine; answers (the execution's description,
+    what moto's SageMaker and SSM then hold: {"packages": [...], "parameters": {...}})."""
+    with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
+        sagemaker, ssm = boto3.client("sagemaker", "us-east-1"), boto3.client("ssm", "us-east-1")
+        stepfunctions = boto3.client("stepfunctions", "us-east-1")
+        sagemaker.create_model_package_group(ModelPackageGroupName="scones-dev")
+        if setup:
+            execution_input = setup(sagemaker, ssm) or execution_input
+        text = json.dumps(definition).replace("arn:<Ref:AWS::Partition>:", "arn:aws:")
+        text = text.replace("<FindInMap:PytorchInferenceImage>", "pytorch-inference:2.6-cpu-py312")
+        text = text.replace("<FindInMap:BuiltinInferenceImage>", "image-classification:1")
+        machine = stepfunctions.create_state_machine(
+            name="under-test", definition=text, roleArn="arn:aws:iam::123456789012:role/under-test"
+        )["stateMachineArn"]
+        execution = stepfunctions.start_execution(stateMachineArn=machine, input=json.dumps(execution_input))
+        deadline = time.monotonic() + 30
+        while (described := stepfunctions.describe_execution(executionArn=execution["executionArn"]))[
+            "status"
+        ] == "RUNNING":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        packages = [
+            sagemaker.describe_model_package(ModelPackageName=summary["ModelPackageArn"])
+            for summary in sagemaker.list_model_packages(ModelPackageGroupName="scones-dev")["ModelPackageSummaryList"]
+        ]
+        parameters = {p["Name"]: p["Value"] for p in ssm.describe_parameters().get("Parameters", [])}
+        parameters = {p["Name"]: p["Value"] for p in ssm.get_parameters(Names=list(parameters) or ["-"])["Parameters"]}
+    return described, {"packages": packages, "parameters": parameters}
+
+
+def after_training(figures: dict | None, **context) -> tuple[dict, dict]:
+    """The training definition's states after the job (moto cannot run createTrainingJob.sync or createModel),
+    run from a job description that reports `figures`."""
+    states, _ = training_job_parameters(**context)
+    tail = {"StartAt": "HasMetrics", "States": {k: v for k, v in states.items() if k not in ("Train", "CreateModel")}}
+    job = {"TrainingJobName": "scones-dev-1", "ModelArtifacts": {"S3ModelArtifacts": ARTIFACT}}
+    if figures is not None:
+        job["FinalMetricDataList"] = [
+            {"MetricName": name, "Value": value, "Timestamp": "2026-12-05T10:00:00Z"} for name, value in figures.items()
+        ]
+    return run_definition(tail, job)
+
+
+def test_a_model_that_passes_the_gate_is_registered_pending_approval_with_its_figures():
+    described, held = after_training({**PASSING, "validation:accuracy": 0.95})
+    assert described["status"] == "SUCCEEDED", described
+    (package,) = held["packages"]
+    assert json.loads(described["output"]) == {
+        "S3ModelArtifacts": ARTIFACT,
+        "ModelPackageArn": package["ModelPackageArn"],
+        "ModelApprovalStatus": "PendingManualApproval",
+    }
+    assert package["ModelPackageArn"].endswith(":model-package/scones-dev/1")
+    assert package["ModelApprovalStatus"] == "PendingManualApproval"
+    assert package["InferenceSpecification"]["Containers"][0]["ModelDataUrl"] == ARTIFACT
+    assert package["CustomerMetadataProperties"] == {
+        "threshold": "0.843891978263855",
+        "test_accuracy": "0.94",
+        "accepted_accuracy": "0.967391312",
+        "coverage": "0.92",
+        "training_job": "scones-dev-1",
+    }
+    assert held["parameters"] == {}  # nothing serves before an approval
+
+
+def test_auto_approve_registers_the_package_approved():
+    described, held = after_training(PASSING, auto_approve="true")
+    assert described["status"] == "SUCCEEDED"
+    assert [package["ModelApprovalStatus"] for package in held["packages"]] == ["Approved"]
 
 
 @pytest.mark.parametrize(
-    "metrics, before, after",
+    "figures, cause",
     [
-        ([{"MetricName": "threshold", "Value": 0.844}], None, "0.844"),
-        ([{"MetricName": "loss", "Value": 0.3}, {"MetricName": "threshold", "Value": 0.9}], "0.844", "0.9"),
-        ([{"MetricName": "validation:accuracy", "Value": 0.93}], "0.844", None),
-        ([], None, None),
-        (None, "0.844", None),
+        ({**PASSING, "test_accuracy": 0.85}, "test_accuracy 0.85 is below the floor 0.9 (gate_min_accuracy)"),
+        (
+            {**PASSING, "accepted_accuracy": 0.9},
+            "accepted_accuracy 0.9 is below the floor 0.95 (gate_min_accepted_accuracy)",
+        ),
+        ({**PASSING, "coverage": 0.41}, "coverage 0.41 is below the floor 0.7 (gate_min_coverage)"),
+        (
+            {**PASSING, "neither_accepted": 0.2},
+            "neither_accepted 0.2 is above the ceiling 0.05 (gate_max_neither_accepted)",
+        ),
+        (
+            {"threshold": 0.9},
+            "the training job reported no test_accuracy metric, which the evaluation gate needs: train.py "
+            "measures the test figures on the staged test images (python -m training.etl)",
+        ),
+        (None, "the training job reported no metrics, which the evaluation gate needs"),
     ],
-    ids=["recorded", "among other metrics", "builtin forgets an older one", "no metrics", "no metric list"],
+    ids=["accuracy", "accepted accuracy", "coverage", "neither accepted", "no test figures", "no metrics"],
 )
-def test_after_the_job_the_state_machine_records_its_threshold_beside_the_model(metrics, before, after):
-    """The definition's states after the training job, run on moto's Step Functions engine (which cannot
-    run createTrainingJob.sync or createModel), from what the job's description holds."""
-    states, _ = training_job_parameters()
-    tail = {
-        "StartAt": "RecordModel",
-        "States": {name: state for name, state in states.items() if name not in ("Train", "CreateModel")},
-    }
-    job = {"TrainingJobName": "scones-dev-1", "ModelArtifacts": {"S3ModelArtifacts": "s3://data/models/1/model.tar.gz"}}
-    if metrics is not None:
-        job["FinalMetricDataList"] = [{**metric, "Timestamp": "2026-12-05T10:00:00Z"} for metric in metrics]
-    with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
-        ssm, stepfunctions = boto3.client("ssm", "us-east-1"), boto3.client("stepfunctions", "us-east-1")
-        if before:
-            ssm.put_parameter(Name=THRESHOLD, Value=before, Type="String")
-        machine = stepfunctions.create_state_machine(
-            name="training-tail",
-            definition=json.dumps(tail).replace("arn:<Ref:AWS::Partition>:", "arn:aws:"),
-            roleArn="arn:aws:iam::123456789012:role/training",
-        )["stateMachineArn"]
-        execution = stepfunctions.start_execution(stateMachineArn=machine, input=json.dumps(job))["executionArn"]
-        deadline = time.monotonic() + 30
-        while (described := stepfunctions.describe_execution(executionArn=execution))["status"] == "RUNNING":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        recorded = {p["Name"]: p["Value"] for p in ssm.get_parameters(Names=[THRESHOLD, MODEL])["Parameters"]}
-    assert (described["status"], json.loads(described["output"])) == (
-        "SUCCEEDED",
-        {"S3ModelArtifacts": "s3://data/models/1/model.tar.gz"},
+def test_a_model_below_the_gate_fails_the_training_naming_the_figure_and_registers_nothing(figures, cause):
+    described, held = after_training(figures)
+    assert (described["status"], described.get("error"), described.get("cause")) == ("FAILED", "ModelBelowGate", cause)
+    assert held["packages"] == []
+
+
+def test_a_photo_model_within_the_neither_ceiling_registers_its_neither_figure():
+    described, held = after_training({**PASSING, "neither_accepted": 0.004})
+    assert described["status"] == "SUCCEEDED", described
+    assert held["packages"][0]["CustomerMetadataProperties"]["neither_accepted"] == "0.004"
+
+
+@pytest.mark.parametrize("accuracy, status", [(0.95, "SUCCEEDED"), (0.82, "FAILED")])
+def test_the_builtin_algorithm_is_gated_on_its_validation_accuracy(accuracy, status):
+    described, held = after_training(
+        {"train:accuracy": 0.99, "validation:accuracy": accuracy}, training_algorithm="builtin"
     )
-    assert recorded == {MODEL: "s3://data/models/1/model.tar.gz", **({THRESHOLD: after} if after else {})}
+    assert described["status"] == status
+    if status == "FAILED":
+        assert described["cause"] == f"validation:accuracy {accuracy} is below the floor 0.9 (gate_min_accuracy)"
+    else:
+        assert held["packages"][0]["CustomerMetadataProperties"] == {
+            "validation_accuracy": "0.95",
+            "training_job": "scones-dev-1",
+        }

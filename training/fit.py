@@ -2,6 +2,7 @@
 
     python -m training.fit --local --data DIR --out DIR [hyperparameters]
     python -m training.fit --sagemaker [--env dev|prod] [--region R] [--algorithm pytorch|builtin]
+    python -m training.fit approve [--package ARN | --latest] [--env dev|prod] [--region R]   (training/registry.py)
 
 `--local` runs `training/train.py` on this machine exactly as SageMaker's PyTorch container runs it
 (from a copy of the source directory, `training.sourcedir`; hyperparameters as arguments, data through the
@@ -11,8 +12,9 @@ land in OUT, each file only once complete.
 
 `--sagemaker` starts the deployed training stack's state machine (`scones-<env>-training`, created by
 `make deploy`) with boto3 and follows it: each state it enters and each status change of its training
-job, one line each on stderr; at the end the model artifact's S3 URL on stdout (the state machine also
-records it in the SSM parameter `/scones/<env>/model-data-url`). Data, algorithm and hyperparameters
+job, one line each on stderr; at the end the model artifact's S3 URL on stdout. A model that passes the
+evaluation gate is registered in the model registry `scones-<env>`; once approved (`approve`), its URL is
+recorded in the SSM parameter `/scones/<env>/model-data-url` the endpoint serves. Data, algorithm and hyperparameters
 are the deployed stack's: the algorithm is chosen at deploy time (`-c training_algorithm=pytorch|builtin`),
 and `--algorithm` only checks that the deployed one is the one wanted.
 
@@ -319,8 +321,13 @@ def fit_sagemaker(
         raise TrainingFailed(
             f"execution {described['status']}: {failure_reason(stepfunctions, described, job)} ({execution_arn})"
         )
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        registered = json.loads(described["output"])
+        say(f"registered {registered['ModelPackageArn']} ({registered['ModelApprovalStatus']})")
+        if registered["ModelApprovalStatus"] != "Approved":
+            say(f"approve it with `python -m training.fit approve --latest{'' if env == 'dev' else f' --env {env}'}`")
     say(
-        "succeeded; deploy the endpoint with `"
+        "succeeded; once approved, deploy the endpoint with `"
         + deploy_command(env, ["Endpoint"], "" if deployed == "pytorch" else f"-c training_algorithm={deployed}")
         + "`"
     )
@@ -352,6 +359,12 @@ def _aws_error(error: Exception) -> str:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["approve"]:
+        from training import registry
+
+        registry.main(argv[1:])
+        return
     parser = train.HyperparameterParser(
         prog="python -m training.fit",
         description="Fit the model: run training/train.py here as SageMaker's PyTorch container does and pack "

@@ -432,16 +432,33 @@ def log_test(metrics: dict) -> None:
 def write_model(model_dir: Path, output_dir: Path, settings: dict, metrics: dict) -> None:
     """model.json, the serving code as code/, and metrics.json (beside the model and in the output data).
 
-    Prints the calibrated threshold as `scones-threshold=<value>`, the line the training stack's SageMaker
-    metric definition reads, so that the training state machine records it beside the model.
+    Prints the figures of the evaluation gate as `scones-<name>=<value>` lines, which the training stack's
+    SageMaker metric definitions read (stacks/registry.py): the training state machine gates the model on
+    them and registers it with them.
     """
-    print(f"scones-threshold={settings['threshold']!r}", flush=True)
+    for name, value in gate_figures(settings, metrics).items():
+        print(f"scones-{name}={value!r}", flush=True)
     (model_dir / "model.json").write_text(json.dumps(settings, indent=2) + "\n")
     (model_dir / "code").mkdir(exist_ok=True)
     for name in SERVING_CODE:
         shutil.copyfile(Path(__file__).with_name(name), model_dir / "code" / name)
     for directory in (output_dir, model_dir):
         (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def gate_figures(settings: dict, metrics: dict) -> dict[str, float]:
+    """The calibrated threshold and, where the training measured them, the test accuracy, the accuracy and
+    coverage of the test answers accepted at the threshold, and the share of neither images accepted."""
+    test = metrics.get("test", {})
+    at_threshold = test.get("at_threshold", {})
+    figures = {
+        "threshold": settings["threshold"],
+        "test-accuracy": test.get("accuracy"),
+        "accepted-accuracy": at_threshold.get("accuracy"),
+        "coverage": at_threshold.get("coverage"),
+        "neither-accepted": metrics.get("validation", {}).get("neither_accepted"),
+    }
+    return {name: value for name, value in figures.items() if value is not None}
 
 
 def make_directories(*directories: Path) -> None:
