@@ -156,9 +156,7 @@ class ModelRegistry(Construct):
             result_path=package,
         )
         record_model = self._put_parameter(
-            "RecordModelDataUrl",
-            config.model_parameter_name,
-            f"{package}.InferenceSpecification.Containers[0].ModelDataUrl",
+            "RecordModelDataUrl", config.model_parameter_name, "$.Served.Container.ModelDataUrl"
         )
         record_threshold = self._put_parameter(
             "RecordThreshold", config.threshold_parameter_name, f"{package}.CustomerMetadataProperties.threshold"
@@ -183,16 +181,24 @@ class ModelRegistry(Construct):
             "Serving",
             parameters={
                 "ModelPackageArn": sfn.JsonPath.string_at(f"{package}.ModelPackageArn"),
-                "ModelDataUrl": sfn.JsonPath.string_at(f"{package}.InferenceSpecification.Containers[0].ModelDataUrl"),
+                "ModelDataUrl": sfn.JsonPath.string_at("$.Served.Container.ModelDataUrl"),
             },
         )
         record_package.next(serving)
+        # The container in a state of its own: moto's engine answers a list for a path through an index
+        # (`Containers[0].ModelDataUrl`), AWS the value; both answer the item for a path ending in one.
+        served = sfn.Pass(
+            self,
+            "ServedContainer",
+            parameters={"Container": sfn.JsonPath.object_at(f"{package}.InferenceSpecification.Containers[0]")},
+            result_path="$.Served",
+        )
         # The event may be older than the package's state: one approved and rejected again records nothing.
         still_approved = (
             sfn.Choice(self, "StillApproved")
             .when(
                 sfn.Condition.string_equals(f"{package}.ModelApprovalStatus", "Approved"),
-                record_model.next(
+                served.next(record_model).next(
                     sfn.Choice(self, "HasThreshold")
                     .when(
                         sfn.Condition.is_present(f"{package}.CustomerMetadataProperties.threshold"),
@@ -201,7 +207,16 @@ class ModelRegistry(Construct):
                     .otherwise(forget_threshold.next(record_package))
                 ),
             )
-            .otherwise(sfn.Succeed(self, "NoLongerApproved"))
+            .otherwise(
+                sfn.Pass(
+                    self,
+                    "NoLongerApproved",
+                    parameters={
+                        "ModelPackageArn": sfn.JsonPath.string_at(f"{package}.ModelPackageArn"),
+                        "ModelApprovalStatus": sfn.JsonPath.string_at(f"{package}.ModelApprovalStatus"),
+                    },
+                )
+            )
         )
         return describe.next(still_approved)
 

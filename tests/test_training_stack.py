@@ -226,8 +226,8 @@ def run_definition(definition: dict, execution_input: dict, setup=None) -> tuple
             sagemaker.describe_model_package(ModelPackageName=summary["ModelPackageArn"])
             for summary in sagemaker.list_model_packages(ModelPackageGroupName="scones-dev")["ModelPackageSummaryList"]
         ]
-        parameters = {p["Name"]: p["Value"] for p in ssm.describe_parameters().get("Parameters", [])}
-        parameters = {p["Name"]: p["Value"] for p in ssm.get_parameters(Names=list(parameters) or ["-"])["Parameters"]}
+        names = [parameter["Name"] for parameter in ssm.describe_parameters()["Parameters"]]
+        parameters = {p["Name"]: p["Value"] for p in ssm.get_parameters(Names=names)["Parameters"]} if names else {}
     return described, {"packages": packages, "parameters": parameters}
 
 

@@ -28,13 +28,14 @@ class ApproveError(ValueError):
 def latest_package(sagemaker, group: str) -> dict:
     """The newest package of `group` (its summary)."""
     try:
-        packages = sagemaker.list_model_packages(
-            ModelPackageGroupName=group, SortBy="CreationTime", SortOrder="Descending", MaxResults=1
-        )["ModelPackageSummaryList"]
+        sagemaker.describe_model_package_group(ModelPackageGroupName=group)
     except ClientError as error:
         if error.response["Error"]["Code"] in ("ValidationException", "ResourceNotFound"):
             raise ApproveError(_no_group(group)) from None
         raise
+    packages = sagemaker.list_model_packages(
+        ModelPackageGroupName=group, SortBy="CreationTime", SortOrder="Descending", MaxResults=1
+    )["ModelPackageSummaryList"]
     if not packages:
         raise ApproveError(
             f"the model registry {group} holds no package yet: train one with `python -m training.fit --sagemaker` "
@@ -64,10 +65,14 @@ def approve(env: str = "dev", package: str | None = None, region: str | None = N
             f"pass --env for its environment"
         )
     if described.get("ModelApprovalStatus") != APPROVED:
+        metadata = described.get("CustomerMetadataProperties")
         sagemaker.update_model_package(
             ModelPackageArn=arn,
             ModelApprovalStatus=APPROVED,
             ApprovalDescription="approved with python -m training.fit approve",
+            # Unchanged; given again because moto's update (the local mode's registry) drops what is not given,
+            # and the approval reads the threshold from it.
+            **({"CustomerMetadataProperties": metadata} if metadata else {}),
         )
         described = sagemaker.describe_model_package(ModelPackageName=arn)
     return described
