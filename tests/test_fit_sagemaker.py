@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 STATE_MACHINE = "scones-dev-training"
-STAGED = ("train.lst", "validation.lst", "train/bicycle_s_000017.png")
+STAGED = ("train.lst", "validation.lst", "test.lst", "train/bicycle_s_000017.png", "test/bicycle_s_000017.png")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 least-privilege roles, and `python -m training.fit approve` against moto's SageMaker."""
 
 import json
+import re
 
 import boto3
 import pytest
@@ -9,6 +10,7 @@ from conftest import definition_of, synth_stacks, template
 from moto import mock_aws
 from test_training_stack import ARTIFACT, run_definition
 
+from stacks.config import ConfigError, SconesConfig
 from training import fit, registry
 
 THRESHOLD, MODEL, PACKAGE = "/scones/dev/threshold", "/scones/dev/model-data-url", "/scones/dev/model-package-arn"
@@ -244,3 +246,16 @@ def test_approve_is_refused_no_credentials_without_a_traceback(monkeypatch, caps
     monkeypatch.setattr(registry, "approve", lambda *a: (_ for _ in ()).throw(registry.ApproveError("x")))
     status, _, err = run_approve(capsys, "--latest")
     assert (status, err) == (2, "approve: error: x\n")
+
+
+@pytest.mark.parametrize(
+    "context, message",
+    [
+        ({"gate_min_coverage": "1.5"}, "context key 'gate_min_coverage': 1.5 is outside [0.0, 1.0]"),
+        ({"gate_min_accuracy": "high"}, "context key 'gate_min_accuracy': 'high' is not a float"),
+        ({"auto_approve": "yes"}, "context key 'auto_approve': 'yes' is not true or false"),
+    ],
+)
+def test_bad_gate_settings_fail_at_synth_naming_the_key(context, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        SconesConfig.from_context(context)
