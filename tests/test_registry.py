@@ -259,3 +259,27 @@ def test_approve_is_refused_no_credentials_without_a_traceback(monkeypatch, caps
 def test_bad_gate_settings_fail_at_synth_naming_the_key(context, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         SconesConfig.from_context(context)
+
+
+def test_fit_says_what_the_training_registered_and_how_to_approve_it():
+    arn = "arn:aws:sagemaker:us-east-1:123456789012:model-package/scones-prod/3"
+    output = {"S3ModelArtifacts": ARTIFACT, "ModelPackageArn": arn, "ModelApprovalStatus": "PendingManualApproval"}
+    assert fit.registration_lines({"output": json.dumps(output)}, "prod") == [
+        f"registered {arn} (PendingManualApproval)",
+        "approve it with `python -m training.fit approve --latest --env prod`",
+    ]
+    approved = {**output, "ModelApprovalStatus": "Approved"}
+    assert fit.registration_lines({"output": json.dumps(approved)}, "dev") == [f"registered {arn} (Approved)"]
+
+
+def test_fit_reports_a_model_below_the_gate_with_the_gates_cause():
+    described = {
+        "executionArn": "arn:aws:states:us-east-1:123456789012:execution:scones-dev-training:fit-1",
+        "status": "FAILED",
+        "error": "ModelBelowGate",
+        "cause": "coverage 0.61 is below the floor 0.7 (gate_min_coverage)",
+    }
+    job = {"TrainingJobName": "scones-dev-1", "TrainingJobStatus": "Completed"}
+    assert fit.failure_reason(None, described, job) == (
+        "ModelBelowGate: coverage 0.61 is below the floor 0.7 (gate_min_coverage)"
+    )

@@ -255,6 +255,20 @@ def failure_reason(stepfunctions, described: dict, job: dict | None) -> str:
     return " ".join(reason.split())[:500]
 
 
+def registration_lines(described: dict, env: str) -> list[str]:
+    """What the execution registered in the model registry, and how to approve it."""
+    try:
+        output = json.loads(described["output"])
+        lines = [f"registered {output['ModelPackageArn']} ({output['ModelApprovalStatus']})"]
+    except (KeyError, TypeError, ValueError):
+        return []
+    if output["ModelApprovalStatus"] != "Approved":
+        lines.append(
+            f"approve it with `python -m training.fit approve --latest{'' if env == 'dev' else f' --env {env}'}`"
+        )
+    return lines
+
+
 def model_artifact(ssm, described: dict, parameter_name: str) -> str:
     """The model.tar.gz URL: the execution's output (`$.ModelArtifacts`), else the SSM parameter it wrote."""
     try:
@@ -321,11 +335,8 @@ def fit_sagemaker(
         raise TrainingFailed(
             f"execution {described['status']}: {failure_reason(stepfunctions, described, job)} ({execution_arn})"
         )
-    with contextlib.suppress(KeyError, TypeError, ValueError):
-        registered = json.loads(described["output"])
-        say(f"registered {registered['ModelPackageArn']} ({registered['ModelApprovalStatus']})")
-        if registered["ModelApprovalStatus"] != "Approved":
-            say(f"approve it with `python -m training.fit approve --latest{'' if env == 'dev' else f' --env {env}'}`")
+    for line in registration_lines(described, env):
+        say(line)
     say(
         "succeeded; once approved, deploy the endpoint with `"
         + deploy_command(env, ["Endpoint"], "" if deployed == "pytorch" else f"-c training_algorithm={deployed}")
