@@ -36,12 +36,26 @@ import torch
 import torch.nn.functional as F
 
 if __package__:  # imported from this repository as training.train
-    from .calibration import choose_threshold, expected_calibration_error, fit_temperature, selective, test_report
+    from .calibration import (
+        choose_threshold,
+        expected_calibration_error,
+        fit_temperature,
+        gate_figures,
+        selective,
+        test_report,
+    )
     from .data import channel, class_names, image_path, load_data, log, read_manifest
     from .inference import to_inputs
     from .model import IMAGE_SIZE, Classifier, target_logits
 else:  # run as a script from the source directory, as SageMaker runs it
-    from calibration import choose_threshold, expected_calibration_error, fit_temperature, selective, test_report
+    from calibration import (
+        choose_threshold,
+        expected_calibration_error,
+        fit_temperature,
+        gate_figures,
+        selective,
+        test_report,
+    )
     from data import channel, class_names, image_path, load_data, log, read_manifest
     from inference import to_inputs
     from model import IMAGE_SIZE, Classifier, target_logits
@@ -444,21 +458,6 @@ def write_model(model_dir: Path, output_dir: Path, settings: dict, metrics: dict
         shutil.copyfile(Path(__file__).with_name(name), model_dir / "code" / name)
     for directory in (output_dir, model_dir):
         (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-
-
-def gate_figures(settings: dict, metrics: dict) -> dict[str, float]:
-    """The calibrated threshold and, where the training measured them, the test accuracy, the accuracy and
-    coverage of the test answers accepted at the threshold, and the share of neither images accepted."""
-    test = metrics.get("test", {})
-    at_threshold = test.get("at_threshold", {})
-    figures = {
-        "threshold": settings["threshold"],
-        "test-accuracy": test.get("accuracy"),
-        "accepted-accuracy": at_threshold.get("accuracy"),
-        "coverage": at_threshold.get("coverage"),
-        "neither-accepted": metrics.get("validation", {}).get("neither_accepted"),
-    }
-    return {name: value for name, value in figures.items() if value is not None}
 
 
 def make_directories(*directories: Path) -> None:
