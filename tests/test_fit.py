@@ -20,7 +20,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from training import calibration, etl, report, sourcedir, train  # noqa: E402
+from training import calibration, etl, hyperparameters, report, sourcedir, train  # noqa: E402
 from training.data import load_split  # noqa: E402
 from training.etl import SHARED_ARCHIVE as ARCHIVE  # noqa: E402
 from training.fit import FitError, fit_local  # noqa: E402
@@ -417,7 +417,7 @@ def test_the_source_directory_packs_the_same_bytes_each_time(tmp_path):
 def test_help_lists_the_hyperparameters():
     finished = run_fit("--help")
     assert finished.returncode == 0
-    assert all(f"--{name}" in finished.stdout for name in train.HYPERPARAMETERS)
+    assert all(f"--{name}" in finished.stdout for name in hyperparameters.HYPERPARAMETERS)
 
 
 def test_threshold_is_the_lowest_confidence_keeping_the_target_accuracy():

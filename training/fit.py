@@ -41,7 +41,14 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 
 from monitoring.captures import split_s3_uri
 from stacks.config import SconesConfig, stack_name
-from training import report, sourcedir, train
+from training import report, sourcedir
+from training.hyperparameters import (
+    HYPERPARAMETERS,
+    HyperparameterError,
+    HyperparameterParser,
+    add_hyperparameters,
+    parse_hyperparameters,
+)
 
 MANIFESTS = ("train.lst", "validation.lst")
 ALGORITHMS = ("pytorch", "builtin")
@@ -83,8 +90,8 @@ def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
         raise FitError(f"data folder {data_dir} has no {' or '.join(missing)} {stage}")
     arguments = [f"--{name}={value}" for name, value in hyperparameters.items()]
     try:
-        train.parse_hyperparameters(arguments)
-    except train.HyperparameterError as error:
+        parse_hyperparameters(arguments)
+    except HyperparameterError as error:
         raise FitError(str(error)) from None
     if out_dir.exists() and not out_dir.is_dir():
         raise FitError(f"--out {out_dir} is a file, not a folder: choose a folder for the model and its report")
@@ -376,7 +383,7 @@ def main(argv=None) -> None:
 
         registry.main(argv[1:])
         return
-    parser = train.HyperparameterParser(
+    parser = HyperparameterParser(
         prog="python -m training.fit",
         description="Fit the model: run training/train.py here as SageMaker's PyTorch container does and pack "
         "OUT/model.tar.gz (--local), or start the deployed training state machine and follow it "
@@ -399,13 +406,11 @@ def main(argv=None) -> None:
         help="pytorch (training/train.py) or builtin (SageMaker's image-classification algorithm, "
         "SageMaker only); with --sagemaker, fail unless the deployed stack trains it",
     )
-    train.add_hyperparameters(parser.add_argument_group("hyperparameters (--local), passed on to training/train.py"))
+    add_hyperparameters(parser.add_argument_group("hyperparameters (--local), passed on to training/train.py"))
     try:
         args = parser.parse_args(argv)
         given = {
-            name: getattr(args, name)
-            for name in train.HYPERPARAMETERS
-            if getattr(args, name) != parser.get_default(name)
+            name: getattr(args, name) for name in HYPERPARAMETERS if getattr(args, name) != parser.get_default(name)
         }
         if args.local:
             if args.algorithm == "builtin":
@@ -425,7 +430,7 @@ def main(argv=None) -> None:
                 f"deployed stack's (context key `hyperparameters`, see README)"
             )
         print(fit_sagemaker(args.env, args.region, args.algorithm))
-    except (train.HyperparameterError, FitError) as error:
+    except (HyperparameterError, FitError) as error:
         print(f"fit: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except (BotoCoreError, ClientError) as error:

@@ -22,7 +22,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ENTRY_POINT = "train.py"
 # requirements.txt: what the container pip-installs before the entry point runs (the backbone's two packages)
-FILES = (ENTRY_POINT, "data.py", "model.py", "inference.py", "calibration.py", "backbone.py", "requirements.txt")
+FILES = (
+    ENTRY_POINT,
+    "hyperparameters.py",
+    "data.py",
+    "model.py",
+    "inference.py",
+    "calibration.py",
+    "backbone.py",
+    "requirements.txt",
+)
 
 # The containers' Python, and the standard library modules that this machine's Python (3.11, whose
 # sys.stdlib_module_names the check uses) knows but 3.12 removed (PEP 594 and PEP 632).
