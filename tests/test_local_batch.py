@@ -7,10 +7,10 @@ import json
 
 import boto3
 import pytest
+from conftest import fresh_lambda_handlers
 from fake_endpoint import FakeEndpointRequest
 from test_local_workflow import deployment, put_image, run, state_machine_arn  # noqa: F401 - shared fixture
 
-from local import lambda_runtime
 from local.executions import run_execution
 
 pytestmark = pytest.mark.slow
@@ -18,13 +18,7 @@ pytestmark = pytest.mark.slow
 ACCOUNT_REGION = "us-east-1:123456789012"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fresh_handlers():
-    """The in-process handlers keep the boto3 clients they made for the local AWS they first ran against, and
-    each test module starts its own: this module's handlers are loaded afresh, and again for the next module."""
-    lambda_runtime._handlers.clear()
-    yield
-    lambda_runtime._handlers.clear()
+fresh_handlers = pytest.fixture(scope="module", autouse=True)(fresh_lambda_handlers)
 
 
 class PerImageRequest(FakeEndpointRequest):

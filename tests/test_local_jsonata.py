@@ -14,23 +14,18 @@ import aws_cdk as cdk
 import boto3
 import pytest
 from aws_cdk import aws_lambda as lambda_, aws_stepfunctions as sfn, aws_stepfunctions_tasks as tasks
+from conftest import fresh_lambda_handlers
 from moto import mock_aws
 from test_local_workflow import deployment, endpoint, put_image  # noqa: F401 - the deployed workflow's fixtures
 
-from local import lambda_runtime, stepfunctions_engine
+from local import stepfunctions_engine
 from local.assembly import Resolver, Stack
 from local.executions import run_execution
 
 ROLE_ARN = "arn:aws:iam::123456789012:role/scones-jsonata-test"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fresh_handlers():
-    """The in-process handlers keep the boto3 clients they made for the local AWS they first ran against, and
-    each test module starts its own: this module's handlers are loaded afresh, and again for the next module."""
-    lambda_runtime._handlers.clear()
-    yield
-    lambda_runtime._handlers.clear()
+fresh_handlers = pytest.fixture(scope="module", autouse=True)(fresh_lambda_handlers)
 
 
 @pytest.fixture
