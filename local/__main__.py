@@ -23,13 +23,13 @@ from pathlib import Path
 
 import boto3
 
-from local import aws, classify
+from local import aws, classify, registry
 from local.assembly import AssemblyError, read_assembly
 from local.deploy import LocalDeployment, UnresolvedReference
 from local.executions import percentile, run_executions
 from local.services import BackgroundService, ServiceFailed
 from monitoring.captures import split_s3_uri
-from stacks.config import SconesConfig, stack_name
+from stacks.config import stack_name
 from training.etl import EtlError
 
 DEFAULT_CONCURRENCY = 8
@@ -112,13 +112,18 @@ class LocalRun:
         # Where the training stack's job would have put it: models/<job name>/output/model.tar.gz.
         key = f"models/local-{dataset_sha[:12]}/output/model.tar.gz"
         boto3.client("s3").upload_file(str(archive), bucket, key)
-        url = f"s3://{bucket}/{key}"
-        config, ssm = SconesConfig(env_name=self.env_name), boto3.client("ssm")
-        ssm.put_parameter(Name=config.model_parameter_name, Value=url, Type="String", Overwrite=True)
-        threshold = model_settings(archive).get("threshold")
-        if threshold is not None:  # as the training state machine records it beside the model's URL
-            ssm.put_parameter(Name=config.threshold_parameter_name, Value=str(threshold), Type="String", Overwrite=True)
-        return url
+        return f"s3://{bucket}/{key}"
+
+    def register(self, model_url: str) -> dict:
+        """The trained model through the training stack's gate into the registry, approved and recorded in SSM."""
+        self.deploy([self.stack("Training")])
+        model_dir = self.state_dir / "model"
+        metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").exists() else {}
+        job_name = model_url.split("/models/", 1)[1].split("/", 1)[0]
+        return registry.register_and_serve(
+            self.deployment, self.stack("Training"), self.env_name, job_name, model_url,
+            model_settings(model_dir / "model.tar.gz"), metrics, say,
+        )  # fmt: skip
 
     def capture_report(self, bucket: str, endpoint: str, filter_threshold: float | None = None) -> Path:
         """The monitoring report over this endpoint's captures, against the trained model's baseline."""
@@ -295,7 +300,7 @@ def run_up(run: LocalRun, concurrency: int) -> dict:
             )
     captured = count_captured(bucket, f"data_capture/{endpoints[0]}/") if endpoints else 0
     summary = summarise(executions, labels, metrics, captured)
-    summary["filter_threshold"] = deployed["filter_threshold"]
+    summary["filter_threshold"], summary["model_package"] = deployed["filter_threshold"], deployed["package"]
     if endpoints:
         report = run.timed("report", run.capture_report, bucket, endpoints[0], deployed["filter_threshold"]["value"])
         summary["capture_report"] = str(report)
@@ -319,12 +324,16 @@ def bring_up(run: LocalRun) -> dict:
     dataset_sha = hashlib.sha256(json.dumps(staged.dataset["files"], sort_keys=True).encode()).hexdigest()
     model_url = run.timed("train", run.train, dataset_sha, bucket)
     say("train", f"model at {model_url}")
-    run.timed("deploy", run.deploy, [run.stack(name) for name in ("Training", "Workflow", "Endpoint", "Monitoring")])
+    package = run.timed("registry", run.register, model_url)
+    run.timed("deploy", run.deploy, [run.stack(name) for name in ("Workflow", "Endpoint", "Monitoring")])
     say("deploy", f"created {len(deployment.report.created)} resources; not emulated locally:")
     for line in deployment.report.not_emulated:
         print(f"         {line}")
     endpoints = run.timed("endpoint", run.serve_endpoint, deployment, info["sagemaker_runtime"])
-    return classify.record_deployed(run, bucket, endpoints, model_settings(run.state_dir / "model" / "model.tar.gz"))
+    deployed = classify.record_deployed(
+        run, bucket, endpoints, model_settings(run.state_dir / "model" / "model.tar.gz")
+    )
+    return {**deployed, "package": f"{package['ModelPackageArn'].split('/', 1)[1]} {package['ModelApprovalStatus']}"}
 
 
 def model_settings(archive: Path) -> dict:
@@ -375,6 +384,7 @@ scones on this machine
   accuracy of accepted      {summary["accepted_accuracy"]}
   execution latency         p50 {summary["latency_ms_p50"]} ms, p99 {summary["latency_ms_p99"]} ms
   captured records          {summary["captured_records"]} under s3://{bucket}/data_capture/{endpoint}
+  model package (serving)   {summary["model_package"]}   (all of them: python -m local registry)
   model report              {_relative_to_cwd(state_dir / "model" / "report.html")}
   capture report            {capture_report}
   summary                   {_relative_to_cwd(state_dir / "summary.json")}
@@ -397,8 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         help="classify your own photos through the local workflow",
         description=classify.__doc__.split("\n\n")[0],
     )
+    registry_parser = commands.add_parser("registry", help="list the local model registry's packages")
+    registry_parser.add_argument("--env", help="the environment (default: the one `up` brought up)")
     down_parser = commands.add_parser("down", help="stop the local services (make stop)")
-    for sub in (up_parser, classify_parser, down_parser):
+    for sub in (up_parser, classify_parser, down_parser, registry_parser):
         sub.add_argument(
             "--state-dir", type=Path, default=Path(".scones"), help="where local state lives (default: %(default)s)"
         )
@@ -421,13 +433,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "down":
             down(args.state_dir)
+        elif args.command == "registry":
+            print(registry.show(args.state_dir, args.env))
         elif args.command == "classify":
             return classify.run(args, ensure_up)
         else:
             if not (args.assembly / "manifest.json").exists():
                 raise FileNotFoundError(f"no cloud assembly at {args.assembly}: run `make synth` first")
             up(args.state_dir.resolve(), args.assembly.resolve(), args.env, args.concurrency)
-    except (OSError, ServiceFailed, UnresolvedReference, AssemblyError, EtlError, classify.ClassifyError) as error:
+    except (OSError, ServiceFailed, UnresolvedReference, AssemblyError, EtlError) as error:
+        print(f"local: error: {error}", file=sys.stderr)
+        return 2
+    except (classify.ClassifyError, registry.RegistryError) as error:
         print(f"local: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

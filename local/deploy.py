@@ -34,6 +34,8 @@ NOT_EMULATED_WHY = {
     "AWS::SNS::Topic": "alarm notifications are sent by AWS only",
     "AWS::SNS::TopicPolicy": "alarm notifications are sent by AWS only",
     "AWS::SNS::Subscription": "alarm notifications are sent by AWS only",
+    "AWS::Events::Rule": "moto emits no SageMaker events: `up` starts the approval state machine itself once it "
+    "has approved the package it registered",
 }
 
 
@@ -119,6 +121,7 @@ class LocalDeployment:
             "AWS::SageMaker::Model": self._sagemaker,
             "AWS::SageMaker::EndpointConfig": self._sagemaker,
             "AWS::SageMaker::Endpoint": self._sagemaker,
+            "AWS::SageMaker::ModelPackageGroup": self._model_package_group,
         }
 
     def created(self, stack_name: str, kind: str) -> dict[str, dict]:
@@ -245,6 +248,19 @@ class LocalDeployment:
     def _kms_key(self, stack: Stack, logical_id: str, properties: dict) -> dict:
         key = self.client("kms").create_key(Description=properties.get("Description", logical_id))["KeyMetadata"]
         return {"Ref": key["KeyId"], "Arn": key["Arn"], "KeyId": key["KeyId"]}
+
+    def _model_package_group(self, stack: Stack, logical_id: str, properties: dict) -> dict:
+        """The registry lives in moto's SageMaker (the local endpoint server serves models, not packages)."""
+        name = properties["ModelPackageGroupName"]
+        sagemaker = self.client("sagemaker")
+        try:
+            arn = sagemaker.describe_model_package_group(ModelPackageGroupName=name)["ModelPackageGroupArn"]
+        except sagemaker.exceptions.ClientError:
+            arn = sagemaker.create_model_package_group(
+                ModelPackageGroupName=name,
+                ModelPackageGroupDescription=properties.get("ModelPackageGroupDescription", ""),
+            )["ModelPackageGroupArn"]
+        return {"Ref": name, "ModelPackageGroupArn": arn, "ModelPackageGroupName": name}
 
     def _sagemaker(self, stack: Stack, logical_id: str, properties: dict) -> dict:
         """SageMaker resources are served by the local endpoint server (local.endpoint), not moto."""

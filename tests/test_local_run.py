@@ -120,7 +120,7 @@ def test_help_lists_only_the_user_commands(capsys):
         main(["--help"])
     assert exited.value.code == 0
     out = capsys.readouterr().out
-    assert "{up,classify,down}" in out
+    assert "{up,classify,registry,down}" in out
     assert "SUPPRESS" not in out and "serve" not in out
 
 
