@@ -34,8 +34,8 @@ NOT_EMULATED_WHY = {
     "AWS::SNS::Topic": "alarm notifications are sent by AWS only",
     "AWS::SNS::TopicPolicy": "alarm notifications are sent by AWS only",
     "AWS::SNS::Subscription": "alarm notifications are sent by AWS only",
-    "AWS::Events::Rule": "moto emits no SageMaker events: `up` starts the approval state machine itself once it "
-    "has approved the package it registered",
+    "AWS::Events::Rule": "EventBridge rules do not fire locally (moto emits no SageMaker or alarm events and runs "
+    "no schedules); `up` starts the approval state machine itself once it has approved the package it registered",
 }
 
 

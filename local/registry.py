@@ -126,7 +126,10 @@ def register_and_serve(
     held = [package for package in packages(sagemaker, group) if model_url_of(package) == model_url]
     if held:
         package = held[-1]
-        say("registry", f"reusing {package['ModelPackageArn']} ({package['ModelApprovalStatus']}): this model")
+        say(
+            "registry",
+            f"reusing {package['ModelPackageArn']} ({package['ModelApprovalStatus']}), which holds this model",
+        )
     else:
         described = stepfunctions.describe_state_machine(stateMachineArn=training_arn)
         training = json.loads(described["definition"])

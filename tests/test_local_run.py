@@ -220,9 +220,11 @@ def test_the_summary_shows_the_reports_under_the_working_folder_as_relative_path
         "latency_ms_p99": 1,
         "captured_records": 1,
         "capture_report": str(state_dir / "report" / "report.html"),
+        "model_package": "scones-dev/1 Approved",
     }
     print_summary(summary, "bucket", ["scones-dev"], state_dir)
     printed = capsys.readouterr().out
+    assert "model package (serving)   scones-dev/1 Approved   (all of them: python -m local registry)\n" in printed
     assert "model report              .scones/model/report.html\n" in printed
     assert "capture report            .scones/report/report.html\n" in printed
     assert "summary                   .scones/summary.json\n" in printed
