@@ -137,10 +137,12 @@ def register_and_serve(
         job = job_description(training, job_name, model_url, settings, metrics)
         execution = run_execution(stepfunctions, gate_arn, job, timeout=60)
         if execution["status"] != "SUCCEEDED":
+            cause = execution.get("cause") or ""
+            setting = found.group(1) if (found := re.search(r"\((gate_\w+)\)", cause)) else "<gate setting>"
             raise RegistryError(
-                f"the trained model was not registered: {execution.get('error')}: {execution.get('cause')}. "
-                "Train a better model (python -m training.fit --local), or lower the floor with "
-                '`make synth CONTEXT="-c <setting>=<value>"`; nothing was recorded for the endpoint'
+                "the trained model was not registered, and nothing was recorded for the endpoint: "
+                f"{execution.get('error')}: {cause}. The model report shows its figures; the floors are "
+                f'settings: `make run CONTEXT="-c {setting}=<value>"` runs with another'
             )
         arn = json.loads(execution["output"])["ModelPackageArn"]
         package = sagemaker.describe_model_package(ModelPackageName=arn)

@@ -116,7 +116,8 @@ def test_a_model_below_the_gate_fails_naming_the_figure_and_records_nothing(loca
         (run.state_dir / "model" / "trained-on.sha256").write_text("0" * 64)
     message = str(failed.value)
     assert "ModelBelowGate: coverage 0.61 is below the floor 0.7 (gate_min_coverage)" in message
-    assert "nothing was recorded" in message
+    assert message.startswith("the trained model was not registered, and nothing was recorded for the endpoint")
+    assert message.endswith('`make run CONTEXT="-c gate_min_coverage=<value>"` runs with another')
     assert len(held_packages()) == 1
     assert parameters() == before
 
@@ -137,3 +138,23 @@ def test_registry_without_a_running_local_aws_says_to_start_it(tmp_path, capsys)
     assert main(["registry", "--state-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("local: error: no local AWS runs for") and "`make run`" in err
+
+
+def test_with_auto_approve_the_package_is_registered_approved_and_not_approved_again(tmp_path, capsys):
+    with environment_restored():
+        run = LocalRun(tmp_path, assembly_directory(auto_approve="true"), "dev")
+        run.start_aws()
+        try:
+            deployment = run.deploy([run.stack("Data")])
+            bucket = deployment.created(run.stack("Data"), "AWS::S3::Bucket")["Data666C94C7"]["Ref"]
+            (tmp_path / "model").mkdir()
+            (tmp_path / "model" / "model.tar.gz").write_bytes(model_archive())
+            (tmp_path / "model" / "metrics.json").write_text(json.dumps(PASSING))
+            (tmp_path / "model" / "trained-on.sha256").write_text("0" * 64)
+            package = run.register(run.train("0" * 64, bucket))
+            printed = capsys.readouterr().out
+            assert f"registered {package['ModelPackageArn']} (Approved)" in printed
+            assert "locally" not in printed
+            assert parameters()[CONFIG.model_package_parameter_name] == package["ModelPackageArn"]
+        finally:
+            run.aws.stop()
