@@ -33,6 +33,9 @@ from stacks.config import stack_name
 from training.etl import EtlError
 
 DEFAULT_CONCURRENCY = 8
+# Reported as `local: error: ...` (exit status 2), without a traceback.
+USER_ERRORS = (OSError, ServiceFailed, UnresolvedReference, AssemblyError, EtlError, classify.ClassifyError)
+USER_ERRORS += (registry.RegistryError,)
 STACKS = ("Data", "Training", "Workflow", "Endpoint", "Monitoring")  # what `up` deploys, by short name
 
 
@@ -117,13 +120,11 @@ class LocalRun:
     def register(self, model_url: str) -> dict:
         """The trained model through the training stack's gate into the registry, approved and recorded in SSM."""
         self.deploy([self.stack("Training")])
-        model_dir = self.state_dir / "model"
-        metrics = json.loads((model_dir / "metrics.json").read_text()) if (model_dir / "metrics.json").exists() else {}
-        job_name = model_url.split("/models/", 1)[1].split("/", 1)[0]
+        settings = model_settings(self.state_dir / "model" / "model.tar.gz")
+        metrics = self.state_dir / "model" / "metrics.json"
         return registry.register_and_serve(
-            self.deployment, self.stack("Training"), self.env_name, job_name, model_url,
-            model_settings(model_dir / "model.tar.gz"), metrics, say,
-        )  # fmt: skip
+            self.deployment, self.stack("Training"), self.env_name, model_url, settings, metrics, say
+        )
 
     def capture_report(self, bucket: str, endpoint: str, filter_threshold: float | None = None) -> Path:
         """The monitoring report over this endpoint's captures, against the trained model's baseline."""
@@ -333,7 +334,7 @@ def bring_up(run: LocalRun) -> dict:
     deployed = classify.record_deployed(
         run, bucket, endpoints, model_settings(run.state_dir / "model" / "model.tar.gz")
     )
-    return {**deployed, "package": f"{package['ModelPackageArn'].split('/', 1)[1]} {package['ModelApprovalStatus']}"}
+    return {**deployed, "package": registry.label(package)}
 
 
 def model_settings(archive: Path) -> dict:
@@ -441,10 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.assembly / "manifest.json").exists():
                 raise FileNotFoundError(f"no cloud assembly at {args.assembly}: run `make synth` first")
             up(args.state_dir.resolve(), args.assembly.resolve(), args.env, args.concurrency)
-    except (OSError, ServiceFailed, UnresolvedReference, AssemblyError, EtlError) as error:
-        print(f"local: error: {error}", file=sys.stderr)
-        return 2
-    except (classify.ClassifyError, registry.RegistryError) as error:
+    except USER_ERRORS as error:
         print(f"local: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -106,16 +106,22 @@ def approval_event(package: dict) -> dict:
     }
 
 
+def label(package: dict) -> str:
+    """`scones-dev/1 Approved`"""
+    return f"{package['ModelPackageArn'].split('/', 1)[1]} {package['ModelApprovalStatus']}"
+
+
 def _machine(machines: dict[str, dict], suffix: str) -> str:
     return next(machine["Ref"] for machine in machines.values() if machine["Name"].endswith(suffix))
 
 
 def register_and_serve(
-    deployment, training_stack: str, env_name: str, job_name: str, model_url: str, settings: dict, metrics: dict, say
+    deployment, training_stack: str, env_name: str, model_url: str, settings: dict, metrics_file: Path, say
 ) -> dict:
-    """Register the model at `model_url` through the deployed training definition's gate (or reuse the package
-    that holds it), approve it, and record it in SSM with the deployed approval state machine. Answers the
-    served package's description; raises RegistryError if the model is below the gate or nothing was recorded."""
+    """Register the model at `model_url` (models/<job>/output/model.tar.gz; its model.json `settings`, its
+    metrics.json `metrics_file`) through the deployed training definition's gate, or reuse the package that holds
+    it, approve it, and record it in SSM with the deployed approval state machine. Answers the served package's
+    description; raises RegistryError if the model is below the gate or nothing was recorded."""
     from training import registry as training_registry  # the approval of `fit approve`; slow to import
 
     sagemaker, stepfunctions = boto3.client("sagemaker"), boto3.client("stepfunctions")
@@ -134,6 +140,8 @@ def register_and_serve(
         described = stepfunctions.describe_state_machine(stateMachineArn=training_arn)
         training = json.loads(described["definition"])
         gate_arn = _gate_machine(stepfunctions, described, gate_definition(training))
+        job_name = model_url.split("/models/", 1)[1].split("/", 1)[0]
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
         job = job_description(training, job_name, model_url, settings, metrics)
         execution = run_execution(stepfunctions, gate_arn, job, timeout=60)
         if execution["status"] != "SUCCEEDED":
