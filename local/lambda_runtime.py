@@ -165,6 +165,11 @@ class EngineLambdaClient:
 
 
 def install() -> None:
-    """Make moto's Lambda backends run handlers in this process."""
+    """Make moto's Lambda backends run handlers in this process, loaded afresh: a local AWS started earlier in
+    this process (a test module's) had other functions, and the handlers it loaded keep the boto3 clients they
+    made for its address."""
     LambdaBackend.invoke = _invoke
     LambdaSimpleBackend.invoke = _invoke
+    with _lock:
+        _handlers.clear()
+        _environment.clear()

@@ -99,14 +99,3 @@ def environment_restored():
     finally:
         os.environ.clear()
         os.environ.update(saved)
-
-
-def fresh_lambda_handlers():
-    """For a module's autouse fixture: the in-process handlers keep the boto3 clients they made for the local AWS
-    they first ran against, and each test module starts its own, so the module loads them afresh, and clears
-    them again for the next module."""
-    from local import lambda_runtime
-
-    lambda_runtime._handlers.clear()
-    yield
-    lambda_runtime._handlers.clear()

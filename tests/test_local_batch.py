@@ -7,7 +7,6 @@ import json
 
 import boto3
 import pytest
-from conftest import fresh_lambda_handlers
 from fake_endpoint import FakeEndpointRequest
 from test_local_workflow import deployment, put_image, run, state_machine_arn  # noqa: F401 - shared fixture
 
@@ -16,9 +15,6 @@ from local.executions import run_execution
 pytestmark = pytest.mark.slow
 
 ACCOUNT_REGION = "us-east-1:123456789012"
-
-
-fresh_handlers = pytest.fixture(scope="module", autouse=True)(fresh_lambda_handlers)
 
 
 class PerImageRequest(FakeEndpointRequest):

@@ -14,7 +14,6 @@ import aws_cdk as cdk
 import boto3
 import pytest
 from aws_cdk import aws_lambda as lambda_, aws_stepfunctions as sfn, aws_stepfunctions_tasks as tasks
-from conftest import fresh_lambda_handlers
 from moto import mock_aws
 from test_local_workflow import deployment, endpoint, put_image  # noqa: F401 - the deployed workflow's fixtures
 
@@ -23,9 +22,6 @@ from local.assembly import Resolver, Stack
 from local.executions import run_execution
 
 ROLE_ARN = "arn:aws:iam::123456789012:role/scones-jsonata-test"
-
-
-fresh_handlers = pytest.fixture(scope="module", autouse=True)(fresh_lambda_handlers)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import random
 
 import boto3
 import pytest
-from conftest import assembly_directory
+from conftest import assembly_directory, environment_restored
 from fake_endpoint import FakeEndpoint
 from PIL import Image
 
@@ -22,22 +22,20 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def deployment():
-    saved = dict(os.environ)
-    server, _ = aws.start()
-    try:
-        with FakeEndpoint() as endpoint:
-            os.environ["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"] = endpoint.url
-            deployed = LocalDeployment()
-            stacks = {stack.name: stack for stack in read_assembly(assembly_directory())}
-            deployed.deploy(stacks["SconesDevData"])
-            deployed.deploy(stacks["SconesDevWorkflow"])
-            deployed.endpoint = endpoint
-            deployed.bucket = deployed.created("SconesDevData", "AWS::S3::Bucket")["Data666C94C7"]["Ref"]
-            yield deployed
-    finally:
-        server.stop()
-        os.environ.clear()
-        os.environ.update(saved)
+    with environment_restored():
+        server, _ = aws.start()
+        try:
+            with FakeEndpoint() as endpoint:
+                os.environ["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"] = endpoint.url
+                deployed = LocalDeployment()
+                stacks = {stack.name: stack for stack in read_assembly(assembly_directory())}
+                deployed.deploy(stacks["SconesDevData"])
+                deployed.deploy(stacks["SconesDevWorkflow"])
+                deployed.endpoint = endpoint
+                deployed.bucket = deployed.created("SconesDevData", "AWS::S3::Bucket")["Data666C94C7"]["Ref"]
+                yield deployed
+        finally:
+            server.stop()
 
 
 @pytest.fixture
