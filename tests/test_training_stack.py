@@ -1,12 +1,12 @@
 import json
 import re
-import time
 
 import boto3
 import pytest
 from conftest import definition_of, synth_stacks, template
 from moto import mock_aws
 
+from local.executions import run_execution
 from stacks import registry
 
 
@@ -215,13 +215,7 @@ def run_definition(definition: dict, execution_input: dict, setup=None) -> tuple
         machine = stepfunctions.create_state_machine(
             name="under-test", definition=text, roleArn="arn:aws:iam::123456789012:role/under-test"
         )["stateMachineArn"]
-        execution = stepfunctions.start_execution(stateMachineArn=machine, input=json.dumps(execution_input))
-        deadline = time.monotonic() + 30
-        while (described := stepfunctions.describe_execution(executionArn=execution["executionArn"]))[
-            "status"
-        ] == "RUNNING":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        described = run_execution(stepfunctions, machine, execution_input, timeout=30)
         packages = [
             sagemaker.describe_model_package(ModelPackageName=summary["ModelPackageArn"])
             for summary in sagemaker.list_model_packages(ModelPackageGroupName="scones-dev")["ModelPackageSummaryList"]
