@@ -25,9 +25,9 @@ import boto3
 from local import aws
 from local.executions import run_execution
 from local.services import BackgroundService
+from stacks.config import IMAGE_SUFFIXES
 
 DEPLOYED_FILE = "deployed.json"  # in the state folder: what `up` deployed into the running local AWS
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder contributes; the batch classifies these alone
 UPLOAD_PREFIX = "photos/"
 BATCH_TIMEOUT_SECONDS = 600
 

@@ -25,6 +25,8 @@ REMOVAL_POLICIES = ("destroy", "retain")
 LATENCY_STATISTICS = ("p99", "Average")
 # The filter's confidence threshold while no trained model has recorded its own and none is given.
 DEFAULT_THRESHOLD = 0.93
+# The photos the batch state machine classifies under a prefix (by key, lower case) and `local classify` takes.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CIFAR100_FINE_LABELS = tuple(
     """
     apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel

@@ -13,7 +13,7 @@ from aws_cdk import (
 from cdk_nag import NagSuppressions
 from constructs import Construct
 
-from stacks.config import DEFAULT_THRESHOLD, SconesConfig
+from stacks.config import DEFAULT_THRESHOLD, IMAGE_SUFFIXES, SconesConfig
 from stacks.constructs import LoggedStateMachine, PythonFunction
 
 # Names the classify handler raises for failures worth retrying (the endpoint's own error codes and
@@ -43,7 +43,6 @@ START_TRANSIENT_ERRORS = [
     "StepFunctions.SdkClientException",
     "StepFunctions.AWSStepFunctionsException",
 ]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # The CloudWatch namespace of the filter's metrics (given to it as METRIC_NAMESPACE), which the monitoring
 # stack's dashboard and alarms read and the drift job publishes to.
 METRIC_NAMESPACE = "Scones"
