@@ -54,11 +54,11 @@ def gate_definition(training: dict) -> dict:
 def job_description(training: dict, job_name: str, model_url: str, settings: dict, metrics: dict) -> dict:
     """What describeTrainingJob answers once the job completed: its artifact and its final metrics, each read
     by the definition's metric definitions from the lines train.py prints (`training.train.write_model`)."""
-    from training.calibration import gate_figures  # torch: imported when a model is registered, not at start
+    from training.calibration import gate_lines  # torch: imported when a model is registered, not at start
 
     (job_state,) = [state for state in training["States"].values() if "createTrainingJob" in state.get("Resource", "")]
     definitions = job_state["Parameters"]["AlgorithmSpecification"].get("MetricDefinitions", [])
-    log = "\n".join(f"scones-{name}={value!r}" for name, value in gate_figures(settings, metrics).items())
+    log = "\n".join(gate_lines(settings, metrics))
     now = datetime.now(UTC).isoformat()
     final = [
         {"MetricName": definition["Name"], "Value": float(found.group(1)), "Timestamp": now}

@@ -46,7 +46,7 @@ class GateMetric:
 
     @property
     def regex(self) -> str:
-        """What reads train.py's `scones-<name>=<value>` line (`training.calibration.gate_figures`)."""
+        """What reads train.py's `scones-<name>=<value>` line (`training.calibration.gate_lines`)."""
         return rf"scones-{self.name.replace('_', '-')}=([0-9.eE+-]+)"
 
 

@@ -86,9 +86,10 @@ def test_report(raw: torch.Tensor, probabilities: torch.Tensor, labels, paths, c
     return report
 
 
-def gate_figures(settings: dict, metrics: dict) -> dict[str, float]:
-    """The calibrated threshold and, where the training measured them, the test accuracy, the accuracy and
-    coverage of the test answers accepted at the threshold, and the share of neither images accepted."""
+def gate_lines(settings: dict, metrics: dict) -> list[str]:
+    """`scones-<name>=<value>` lines, which the training job's SageMaker metric definitions read
+    (stacks/registry.py): the calibrated threshold and, where the training measured them, the test accuracy, the
+    accuracy and coverage of the test answers accepted at the threshold, and the share of neither images accepted."""
     test = metrics.get("test", {})
     at_threshold = test.get("at_threshold", {})
     figures = {
@@ -98,4 +99,4 @@ def gate_figures(settings: dict, metrics: dict) -> dict[str, float]:
         "coverage": at_threshold.get("coverage"),
         "neither-accepted": metrics.get("validation", {}).get("neither_accepted"),
     }
-    return {name: value for name, value in figures.items() if value is not None}
+    return [f"scones-{name}={value!r}" for name, value in figures.items() if value is not None]

@@ -39,7 +39,7 @@ if __package__:  # imported from this repository as training.train
         choose_threshold,
         expected_calibration_error,
         fit_temperature,
-        gate_figures,
+        gate_lines,
         selective,
         test_report,
     )
@@ -52,7 +52,7 @@ else:  # run as a script from the source directory, as SageMaker runs it
         choose_threshold,
         expected_calibration_error,
         fit_temperature,
-        gate_figures,
+        gate_lines,
         selective,
         test_report,
     )
@@ -305,8 +305,8 @@ def write_model(model_dir: Path, output_dir: Path, settings: dict, metrics: dict
     SageMaker metric definitions read (stacks/registry.py): the training state machine gates the model on
     them and registers it with them.
     """
-    for name, value in gate_figures(settings, metrics).items():
-        print(f"scones-{name}={value!r}", flush=True)
+    for line in gate_lines(settings, metrics):
+        print(line, flush=True)
     (model_dir / "model.json").write_text(json.dumps(settings, indent=2) + "\n")
     (model_dir / "code").mkdir(exist_ok=True)
     for name in SERVING_CODE:
