@@ -19,13 +19,9 @@ from stacks.config import SconesConfig
 from stacks.constructs import SageMakerRole
 from stacks.data_stack import CAPTURE_PREFIX
 from stacks.images import image_uri, repository_arn
+from stacks.metrics import VARIANT_NAME, endpoint_metric, low_confidence_rate
 from stacks.training_stack import MODEL_PREFIX
-from stacks.workflow_stack import METRIC_NAMESPACE
 
-VARIANT_NAME = "AllTraffic"
-# The filter Lambda's Embedded Metric Format output (lambdas/filter_inferences/index.py), by EndpointName only.
-TOP_PROBABILITY = "TopProbability"
-LOW_CONFIDENCE = "LowConfidence"
 # The rollback alarms judge one-minute periods (SageMaker's invocation metrics are per minute): two bad
 # minutes out of three roll the update back, a single slow or failed request does not.
 ROLLBACK_PERIOD = Duration.minutes(1)
@@ -171,33 +167,13 @@ class EndpointStack(Stack):
         examples do. The filter's LowConfidence metric is per endpoint only: during the canary it mixes the
         canary's answers with the old fleet's (the canary's share of the traffic dilutes its change), and it
         counts only the photos classified through the workflow, not direct calls of the endpoint."""
-        endpoint = {"EndpointName": config.endpoint_name, "VariantName": VARIANT_NAME}
-
-        def sagemaker_metric(name: str, statistic: str) -> cloudwatch.Metric:
-            return cloudwatch.Metric(
-                namespace="AWS/SageMaker",
-                metric_name=name,
-                dimensions_map=endpoint,
-                statistic=statistic,
-                period=ROLLBACK_PERIOD,
-            )
-
-        def filter_metric(name: str, statistic: str) -> cloudwatch.Metric:
-            return cloudwatch.Metric(
-                namespace=METRIC_NAMESPACE,
-                metric_name=name,
-                dimensions_map={"EndpointName": config.endpoint_name},
-                statistic=statistic,
-                period=ROLLBACK_PERIOD,
-            )
-
         errors_name, latency_name, low_confidence_name = rollback_alarm_names(config)
         common = {
             "evaluation_periods": ROLLBACK_EVALUATION_PERIODS,
             "datapoints_to_alarm": ROLLBACK_DATAPOINTS,
             "treat_missing_data": cloudwatch.TreatMissingData.NOT_BREACHING,
         }
-        errors = sagemaker_metric("Invocation5XXErrors", "Sum").create_alarm(
+        errors = endpoint_metric(config, "Invocation5XXErrors", "Sum", ROLLBACK_PERIOD).create_alarm(
             self,
             "Rollback5xx",
             alarm_name=errors_name,
@@ -207,7 +183,9 @@ class EndpointStack(Stack):
             comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
             **common,
         )
-        latency = sagemaker_metric("ModelLatency", config.rollback_latency_statistic).create_alarm(
+        latency = endpoint_metric(
+            config, "ModelLatency", config.rollback_latency_statistic, ROLLBACK_PERIOD
+        ).create_alarm(
             self,
             "RollbackLatency",
             alarm_name=latency_name,
@@ -217,15 +195,7 @@ class EndpointStack(Stack):
             comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
             **common,
         )
-        low_confidence = cloudwatch.MathExpression(
-            expression="IF(answered > 0, 100 * lowconfidence / answered, 0)",
-            using_metrics={
-                "answered": filter_metric(TOP_PROBABILITY, "SampleCount"),
-                "lowconfidence": filter_metric(LOW_CONFIDENCE, "Sum"),
-            },
-            label="answers below the threshold (%)",
-            period=ROLLBACK_PERIOD,
-        ).create_alarm(
+        low_confidence = low_confidence_rate(config, ROLLBACK_PERIOD).create_alarm(
             self,
             "RollbackLowConfidence",
             alarm_name=low_confidence_name,

@@ -22,13 +22,13 @@ from aws_cdk import (
 from constructs import Construct
 
 from monitoring import metrics as drift_metrics
+from stacks import metrics
 from stacks.config import SconesConfig
 from stacks.drift_job import BASELINE_PREFIX, REPORTS_PREFIX, DriftJob
-from stacks.endpoint_stack import LOW_CONFIDENCE, TOP_PROBABILITY, VARIANT_NAME, rollback_alarm_names
+from stacks.endpoint_stack import rollback_alarm_names
+from stacks.metrics import LOW_CONFIDENCE, PREDICTIONS, TOP_PROBABILITY
 from stacks.workflow_stack import METRIC_NAMESPACE
 
-# The filter Lambda's Embedded Metric Format output (lambdas/filter_inferences/index.py), with the two above.
-PREDICTIONS = "Predictions"
 FIVE_MINUTES = Duration.minutes(5)
 ONE_HOUR = Duration.hours(1)
 
@@ -49,22 +49,12 @@ class MonitoringStack(Stack):
         **kwargs,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
-        endpoint = {"EndpointName": config.endpoint_name, "VariantName": VARIANT_NAME}
-        by_endpoint = {"EndpointName": config.endpoint_name}
 
         def endpoint_metric(name: str, statistic: str = "Sum", namespace: str = "AWS/SageMaker"):
-            return cloudwatch.Metric(
-                namespace=namespace, metric_name=name, dimensions_map=endpoint, statistic=statistic, period=FIVE_MINUTES
-            )
+            return metrics.endpoint_metric(config, name, statistic, FIVE_MINUTES, namespace)
 
         def scones_metric(name: str, statistic: str = "Sum", **dimensions: str):
-            return cloudwatch.Metric(
-                namespace=METRIC_NAMESPACE,
-                metric_name=name,
-                statistic=statistic,
-                dimensions_map={**by_endpoint, **dimensions},
-                period=FIVE_MINUTES,
-            )
+            return metrics.filter_metric(config, name, statistic, FIVE_MINUTES, **dimensions)
 
         invocations = endpoint_metric("Invocations")
         errors_5xx = endpoint_metric("Invocation5XXErrors")
@@ -133,12 +123,7 @@ class MonitoringStack(Stack):
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
             ),
-            cloudwatch.MathExpression(
-                expression="IF(answered > 0, 100 * lowconfidence / answered, 0)",
-                using_metrics={"answered": answered, "lowconfidence": low_confidence},
-                label="answers below the threshold (%)",
-                period=Duration.hours(1),
-            ).create_alarm(
+            metrics.low_confidence_rate(config, ONE_HOUR).create_alarm(
                 self,
                 "LowConfidenceRate",
                 alarm_name=f"{config.prefix}-low-confidence-rate",
