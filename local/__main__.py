@@ -34,8 +34,15 @@ from training.etl import EtlError
 
 DEFAULT_CONCURRENCY = 8
 # Reported as `local: error: ...` (exit status 2), without a traceback.
-USER_ERRORS = (OSError, ServiceFailed, UnresolvedReference, AssemblyError, EtlError, classify.ClassifyError)
-USER_ERRORS += (registry.RegistryError,)
+USER_ERRORS = (
+    OSError,
+    ServiceFailed,
+    UnresolvedReference,
+    AssemblyError,
+    EtlError,
+    classify.ClassifyError,
+    registry.RegistryError,
+)
 STACKS = ("Data", "Training", "Workflow", "Endpoint", "Monitoring")  # what `up` deploys, by short name
 
 
