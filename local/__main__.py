@@ -23,7 +23,7 @@ from pathlib import Path
 
 import boto3
 
-from local import aws, classify, registry
+from local import aws, classify, registry, review
 from local.assembly import AssemblyError, read_assembly
 from local.deploy import LocalDeployment, UnresolvedReference
 from local.executions import percentile, run_executions
@@ -42,6 +42,7 @@ USER_ERRORS = (
     EtlError,
     classify.ClassifyError,
     registry.RegistryError,
+    review.ReviewError,
 )
 STACKS = ("Data", "Training", "Workflow", "Endpoint", "Monitoring")  # what `up` deploys, by short name
 
@@ -65,6 +66,7 @@ class LocalRun:
         self.timings: dict[str, float] = {}
         self.aws = BackgroundService("aws", state_dir)
         self.endpoint = BackgroundService("endpoint", state_dir)
+        self.review = BackgroundService(review.SERVICE, state_dir)
         self.started: list[BackgroundService] = []  # by this run, to be stopped if it fails
         self.stacks = {stack.name: stack for stack in read_assembly(assembly_dir)}
         self.env_name = assembly_env(self.stacks.values(), assembly_dir, env_name)
@@ -240,20 +242,22 @@ def assembly_env(stacks, assembly_dir: Path, requested: str | None) -> str:
 
 def summarise(executions: list[dict], labels: dict[str, int], metrics: dict, captured: int) -> dict:
     succeeded = [e for e in executions if e["status"] == "SUCCEEDED"]
+    waiting = [e for e in executions if e.get("waiting")]
     failed: dict[str, int] = {}
     for execution in executions:
-        if execution["status"] != "SUCCEEDED":
+        if execution["status"] not in ("SUCCEEDED", "RUNNING"):
             error = execution.get("error") or execution["status"]
             failed[error] = failed.get(error, 0) + 1
     correct = 0
     for execution in succeeded:
         inferences = json.loads(execution["output"])["inferences"]
         correct += inferences.index(max(inferences)) == labels[execution["key"]]
-    latencies = [(e["stopDate"] - e["startDate"]).total_seconds() * 1000 for e in executions]
+    latencies = [(e["stopDate"] - e["startDate"]).total_seconds() * 1000 for e in executions if "stopDate" in e]
     return {
         "model_test_accuracy": metrics.get("test", {}).get("accuracy"),
         "executions": len(executions),
         "succeeded": len(succeeded),
+        "waiting_for_review": len(waiting),
         "failed_by_error": failed,
         "accepted_accuracy": round(correct / len(succeeded), 4) if succeeded else None,
         "latency_ms_p50": round(percentile(latencies, 0.5), 1),
@@ -309,6 +313,7 @@ def run_up(run: LocalRun, concurrency: int) -> dict:
     captured = count_captured(bucket, f"data_capture/{endpoints[0]}/") if endpoints else 0
     summary = summarise(executions, labels, metrics, captured)
     summary["filter_threshold"], summary["model_package"] = deployed["filter_threshold"], deployed["package"]
+    summary["review_page"] = review.page_url(deployed["review"]) if deployed["review"] else None
     if endpoints:
         report = run.timed("report", run.capture_report, bucket, endpoints[0], deployed["filter_threshold"]["value"])
         summary["capture_report"] = str(report)
@@ -333,13 +338,17 @@ def bring_up(run: LocalRun) -> dict:
     model_url = run.timed("train", run.train, dataset_sha, bucket)
     say("train", f"model at {model_url}")
     package = run.timed("registry", run.register, model_url)
-    run.timed("deploy", run.deploy, [run.stack(name) for name in ("Workflow", "Endpoint", "Monitoring")])
+    # The review stack (absent with -c review=false) holds the queue the workflow sends uncertain answers to.
+    stacks = [run.stack(name) for name in ("Review", "Workflow", "Endpoint", "Monitoring")]
+    run.timed("deploy", run.deploy, [name for name in stacks if name in run.stacks])
     say("deploy", f"created {len(deployment.report.created)} resources; not emulated locally:")
     for line in deployment.report.not_emulated:
         print(f"         {line}")
     endpoints = run.timed("endpoint", run.serve_endpoint, deployment, info["sagemaker_runtime"])
+    functions = [f["Ref"] for f in deployment.created(run.stack("Review"), "AWS::Lambda::Function").values()]
+    page = run.timed("review", review.serve_page, run.review, functions, say, run.started)
     deployed = classify.record_deployed(
-        run, bucket, endpoints, model_settings(run.state_dir / "model" / "model.tar.gz")
+        run, bucket, endpoints, model_settings(run.state_dir / "model" / "model.tar.gz"), page
     )
     return {**deployed, "package": registry.label(package)}
 
@@ -380,6 +389,7 @@ def _relative_to_cwd(path) -> str:
 
 def print_summary(summary: dict, bucket: str, endpoints: list[str], state_dir: Path) -> None:
     failed = ", ".join(f"{count} {error}" for error, count in summary["failed_by_error"].items()) or "none"
+    outcomes = f"{summary['succeeded']} succeeded, {summary['waiting_for_review']} wait for review; failed: {failed}"
     accuracy = summary["model_test_accuracy"]
     endpoint = endpoints[0] if endpoints else ""
     capture_report = (
@@ -388,20 +398,21 @@ def print_summary(summary: dict, bucket: str, endpoints: list[str], state_dir: P
     print(f"""
 scones on this machine
   model test accuracy       {accuracy if accuracy is None else f"{accuracy:.3f}"}
-  executions                {summary["executions"]}: {summary["succeeded"]} succeeded; failed: {failed}
+  executions                {summary["executions"]}: {outcomes}
   accuracy of accepted      {summary["accepted_accuracy"]}
   execution latency         p50 {summary["latency_ms_p50"]} ms, p99 {summary["latency_ms_p99"]} ms
   captured records          {summary["captured_records"]} under s3://{bucket}/data_capture/{endpoint}
   model package (serving)   {summary["model_package"]}   (all of them: python -m local registry)
   model report              {_relative_to_cwd(state_dir / "model" / "report.html")}
   capture report            {capture_report}
+  review page               {summary["review_page"] or "none (synthesized with -c review=false)"}
   summary                   {_relative_to_cwd(state_dir / "summary.json")}
   stop everything           make stop   (or: python -m local down)
 """)
 
 
 def down(state_dir: Path) -> None:
-    for name in ("endpoint", "aws"):
+    for name in (review.SERVICE, "endpoint", "aws"):
         stopped = BackgroundService(name, state_dir).stop()
         print(f"{name}: {'stopped' if stopped else 'not running'}")
 

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------- the deployment
 
 
-def record_deployed(run, bucket: str, endpoints: list[str], model: dict) -> dict:
+def record_deployed(run, bucket: str, endpoints: list[str], model: dict, review_page: dict | None) -> dict:
     """Write deployed.json for the LocalRun `run` that brought the services up: what `classify` needs of the
     running local AWS, which keeps its state in memory (so the record holds while that process runs)."""
     machines = run.deployment.created(run.stack("Workflow"), "AWS::StepFunctions::StateMachine").values()
@@ -64,6 +64,7 @@ def record_deployed(run, bucket: str, endpoints: list[str], model: dict) -> dict
         },
         "classes": model.get("classes"),
         "filter_threshold": filter_threshold(run.stacks[run.stack("Workflow")].template, model),
+        "review": review_page,
     }
     (run.state_dir / DEPLOYED_FILE).write_text(json.dumps(deployed, indent=1) + "\n")
     return deployed

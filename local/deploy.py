@@ -19,6 +19,10 @@ import boto3
 
 from local.assembly import ACCOUNT, REGION, Resolver, Stack, UnresolvedReference
 
+REVIEW_PAGE_LOCALLY = (
+    "the review API is served on 127.0.0.1 by `python -m local` (local/review.py), which stands in for API Gateway "
+    "and its Cognito authorizer with a token of its own"
+)
 # Types that shape nothing a local run could observe.
 SILENT = {"AWS::CDK::Metadata"}
 NOT_EMULATED_WHY = {
@@ -34,6 +38,13 @@ NOT_EMULATED_WHY = {
     "AWS::SNS::Topic": "alarm notifications are sent by AWS only",
     "AWS::SNS::TopicPolicy": "alarm notifications are sent by AWS only",
     "AWS::SNS::Subscription": "alarm notifications are sent by AWS only",
+    "AWS::ApiGatewayV2::Api": REVIEW_PAGE_LOCALLY,
+    "AWS::ApiGatewayV2::Stage": REVIEW_PAGE_LOCALLY,
+    "AWS::ApiGatewayV2::Integration": REVIEW_PAGE_LOCALLY,
+    "AWS::ApiGatewayV2::Route": REVIEW_PAGE_LOCALLY,
+    "AWS::ApiGatewayV2::Authorizer": REVIEW_PAGE_LOCALLY,
+    "AWS::Lambda::Permission": "resource policies are not enforced by moto",
+    "AWS::SQS::QueuePolicy": "queue policies (SSL only) are not enforced locally",
     "AWS::Events::Rule": "EventBridge rules do not fire locally (moto emits no SageMaker or alarm events and runs "
     "no schedules); `up` starts the approval state machine itself once it has approved the package it registered",
 }
@@ -122,6 +133,11 @@ class LocalDeployment:
             "AWS::SageMaker::EndpointConfig": self._sagemaker,
             "AWS::SageMaker::Endpoint": self._sagemaker,
             "AWS::SageMaker::ModelPackageGroup": self._model_package_group,
+            "AWS::SQS::Queue": self._queue,
+            "AWS::DynamoDB::Table": self._table,
+            "AWS::Lambda::EventSourceMapping": self._event_source_mapping,
+            "AWS::Cognito::UserPool": self._user_pool,
+            "AWS::Cognito::UserPoolClient": self._user_pool_client,
         }
 
     def created(self, stack_name: str, kind: str) -> dict[str, dict]:
@@ -248,6 +264,70 @@ class LocalDeployment:
     def _kms_key(self, stack: Stack, logical_id: str, properties: dict) -> dict:
         key = self.client("kms").create_key(Description=properties.get("Description", logical_id))["KeyMetadata"]
         return {"Ref": key["KeyId"], "Arn": key["Arn"], "KeyId": key["KeyId"]}
+
+    def _queue(self, stack: Stack, logical_id: str, properties: dict) -> dict:
+        name = _physical_name(stack, logical_id, properties.get("QueueName"), 80)
+        attributes = {
+            key: json.dumps(value) if isinstance(value, dict) else str(value)
+            for key, value in properties.items()
+            if key in ("VisibilityTimeout", "MessageRetentionPeriod", "KmsMasterKeyId", "RedrivePolicy", "DelaySeconds")
+        }
+        sqs = self.client("sqs")
+        url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+        arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:{name}"
+        return {"Ref": url, "Arn": arn, "QueueName": name, "QueueUrl": url}
+
+    def _table(self, stack: Stack, logical_id: str, properties: dict) -> dict:
+        name = _physical_name(stack, logical_id, properties.get("TableName"), 255)
+        dynamodb = self.client("dynamodb")
+        try:
+            arn = dynamodb.describe_table(TableName=name)["Table"]["TableArn"]
+        except dynamodb.exceptions.ResourceNotFoundException:
+            arn = dynamodb.create_table(
+                TableName=name,
+                KeySchema=properties["KeySchema"],
+                AttributeDefinitions=properties["AttributeDefinitions"],
+                BillingMode=properties.get("BillingMode", "PAY_PER_REQUEST"),
+            )["TableDescription"]["TableArn"]
+        if "TimeToLiveSpecification" in properties:
+            dynamodb.update_time_to_live(TableName=name, TimeToLiveSpecification=properties["TimeToLiveSpecification"])
+        return {"Ref": name, "Arn": arn}
+
+    def _event_source_mapping(self, stack: Stack, logical_id: str, properties: dict) -> dict:
+        """moto runs a queue's mapped function as each message arrives, in the sending request (local.aws)."""
+        lam = self.client("lambda")
+        source, function = properties["EventSourceArn"], properties["FunctionName"]
+        for mapping in lam.list_event_source_mappings(EventSourceArn=source)["EventSourceMappings"]:
+            if mapping["FunctionArn"].split(":")[-1] == function.split(":")[-1]:
+                return {"Ref": mapping["UUID"]}
+        mapping = lam.create_event_source_mapping(
+            EventSourceArn=source, FunctionName=function, BatchSize=properties.get("BatchSize", 10), Enabled=True
+        )
+        return {"Ref": mapping["UUID"]}
+
+    def _user_pool(self, stack: Stack, logical_id: str, properties: dict) -> dict:
+        """Created so that references resolve; the local review page takes its own token instead (local/review.py)."""
+        name = _physical_name(stack, logical_id, properties.get("UserPoolName"), 128)
+        cognito = self.client("cognito-idp")
+        found = [pool for pool in cognito.list_user_pools(MaxResults=60)["UserPools"] if pool["Name"] == name]
+        pool = (
+            cognito.describe_user_pool(UserPoolId=found[0]["Id"]) if found else cognito.create_user_pool(PoolName=name)
+        )["UserPool"]
+        return {
+            "Ref": pool["Id"],
+            "Arn": pool["Arn"],
+            "ProviderName": f"cognito-idp.{REGION}.amazonaws.com/{pool['Id']}",
+            "ProviderURL": f"https://cognito-idp.{REGION}.amazonaws.com/{pool['Id']}",
+        }
+
+    def _user_pool_client(self, stack: Stack, logical_id: str, properties: dict) -> dict:
+        cognito, name = self.client("cognito-idp"), properties.get("ClientName") or logical_id
+        pool = properties["UserPoolId"]
+        clients = cognito.list_user_pool_clients(UserPoolId=pool)["UserPoolClients"]
+        found = [client for client in clients if client["ClientName"] == name]
+        client = found[0] if found else cognito.create_user_pool_client(UserPoolId=pool, ClientName=name)
+        client = client.get("UserPoolClient", client)
+        return {"Ref": client["ClientId"], "ClientId": client["ClientId"]}
 
     def _model_package_group(self, stack: Stack, logical_id: str, properties: dict) -> dict:
         """The registry lives in moto's SageMaker (the local endpoint server serves models, not packages)."""

@@ -18,7 +18,8 @@ def run_execution(
     timeout: float = 300,
     max_poll_seconds: float = 0.1,
 ) -> dict:
-    """Start one execution and answer its final `describe_execution`.
+    """Start one execution and answer its final `describe_execution`, or the running one with `"waiting": True`
+    once it waits for a callback (a person's review): that is its outcome until someone answers.
 
     Polls after `poll_seconds`, then each time half again as long, up to `max_poll_seconds`: an execution
     that waits its turn is not asked after a hundred times a second (at 8 at a time those questions were
@@ -33,9 +34,21 @@ def run_execution(
         described = stepfunctions.describe_execution(executionArn=arn)
         if described["status"] != "RUNNING":
             return described
+        if pause >= max_poll_seconds and waits_for_callback(stepfunctions, arn):
+            return {**described, "waiting": True}
         if time.monotonic() > deadline:
             raise TimeoutError(f"{arn} still running after {timeout} s")
         pause = min(max_poll_seconds, pause * 1.5)
+
+
+def waits_for_callback(stepfunctions, execution_arn: str) -> bool:
+    """Whether the execution's newest event is a task handed out with its token (`.waitForTaskToken`)."""
+    events = stepfunctions.get_execution_history(executionArn=execution_arn, reverseOrder=True, maxResults=1)["events"]
+    # moto answers the whole history, oldest first, whatever the order and size asked for
+    newest = max(events, key=lambda event: event["id"], default={})
+    return newest.get("type") == "TaskSubmitted" and newest["taskSubmittedEventDetails"]["resource"].endswith(
+        ".waitForTaskToken"
+    )
 
 
 def run_executions(

@@ -15,8 +15,9 @@ child executions, two for speed.
   in its own Environment, the parsed program holds none (its components' heap keys, which name that state,
   are given out at parse time so that concurrent first executions cannot race for them).
 - The engine builds a new boto3 client, with a new connection, for every task it runs (7 ms each here, three
-  per classification); each service's client is built once and shared, as boto3 clients are thread-safe.
-  Its Lambda client runs the in-process handlers directly (`lambda_runtime.EngineLambdaClient`).
+  per classification, one more for a review's SQS message); each service's client is built once and shared,
+  as boto3 clients are thread-safe. Its Lambda client runs the in-process handlers directly
+  (`lambda_runtime.EngineLambdaClient`).
 - The engine compiles every JSONPath (`$.Payload.body`, ...) each time it applies one, with a new jsonpath_ng
   parser whose construction builds its LALR tables (0.4 ms each, about ten per classification); each path is
   compiled once, as compiled paths hold no state of the data they are applied to.
@@ -46,7 +47,10 @@ from moto.stepfunctions.parser.asl.component.state.exec.state_map.result_writer.
     resource_eval_s3 as result_writer_s3,
 )
 from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils
-from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import state_task_service_sfn
+from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import (
+    state_task_service_sfn,
+    state_task_service_sqs,
+)
 from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_sfn import (
     StateTaskServiceSfn,
 )
@@ -119,7 +123,7 @@ def install() -> None:
     StepFunctionsParserBackend.start_execution = start_named_execution
     StateTaskServiceSfn._normalise_parameters = to_boto_request
     StateTaskServiceSfn._normalise_response = from_boto_response
-    for module in (lambda_eval_utils, state_task_service_sfn, item_reader_s3, result_writer_s3):
+    for module in (lambda_eval_utils, state_task_service_sfn, state_task_service_sqs, item_reader_s3, result_writer_s3):
         module.boto_client_for = shared_client
     for module in (json_path, result_path):
         module.parse = functools.lru_cache(maxsize=1024)(module.parse)
