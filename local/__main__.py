@@ -426,10 +426,16 @@ def main(argv: list[str] | None = None) -> int:
         help="classify your own photos through the local workflow",
         description=classify.__doc__.split("\n\n")[0],
     )
+    review_parser = commands.add_parser(
+        "review",
+        help="list the photos waiting for a person, or answer one",
+        description=review.__doc__.split("\n\n")[2],
+    )
+    review.add_arguments(review_parser)
     registry_parser = commands.add_parser("registry", help="list the local model registry's packages")
     registry_parser.add_argument("--env", help="the environment (default: the one `up` brought up)")
     down_parser = commands.add_parser("down", help="stop the local services (make stop)")
-    for sub in (up_parser, classify_parser, down_parser, registry_parser):
+    for sub in (up_parser, classify_parser, down_parser, registry_parser, review_parser):
         sub.add_argument(
             "--state-dir", type=Path, default=Path(".scones"), help="where local state lives (default: %(default)s)"
         )
@@ -454,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
             down(args.state_dir)
         elif args.command == "registry":
             print(registry.show(args.state_dir, args.env))
+        elif args.command == "review":
+            return review.run(args, lambda state_dir: BackgroundService(review.SERVICE, state_dir).info())
         elif args.command == "classify":
             return classify.run(args, ensure_up)
         else:
