@@ -22,7 +22,7 @@ from pathlib import Path
 
 import boto3
 
-from local import aws
+from local import aws, review
 from local.executions import run_execution
 from local.services import BackgroundService
 from stacks.config import IMAGE_SUFFIXES
@@ -34,6 +34,9 @@ BATCH_TIMEOUT_SECONDS = 600
 
 class ClassifyError(Exception):
     """The photos cannot be classified as asked; the message says what to do."""
+
+
+WAITING = "waiting for review"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -196,6 +199,16 @@ def inferences_in_history(stepfunctions, execution_arn: str):
 
 
 def outcome_of_execution(row: dict, described: dict, deployed: dict, stepfunctions) -> dict:
+    if described.get("waiting"):
+        return {
+            **row,
+            **answer_fields(inferences_in_history(stepfunctions, described["executionArn"]), deployed.get("classes")),
+            "status": "RUNNING",
+            "latency_ms": None,
+            "accepted": False,
+            "error": WAITING,
+            "reason": "uncertain: it waits for a person's answer (python -m local review, or the review page)",
+        }
     latency = (described["stopDate"] - described["startDate"]).total_seconds() * 1000
     row = {**row, "status": described["status"], "latency_ms": round(latency, 1)}
     if described["status"] == "SUCCEEDED":
@@ -372,7 +385,10 @@ def run(args: argparse.Namespace, ensure_up) -> int:
     started = time.perf_counter()
     prefix, rows = upload(deployed["bucket"], photos)
     batch = None
-    if args.prefix or folder_given:
+    # With review on, a batch runs until its last uncertain photo is answered: a folder goes photo by photo.
+    if args.prefix or (folder_given and not deployed.get("review")):
+        if deployed.get("review"):
+            print("the batch ends once every uncertain photo is answered: python -m local review", file=sys.stderr)
         batch, rows = classify_batch(deployed, prefix, rows)
     else:
         rows = classify_each(deployed, rows, args.concurrency)
@@ -382,4 +398,6 @@ def run(args: argparse.Namespace, ensure_up) -> int:
     else:
         print_rows(rows)
         print_summary(rows, deployed["bucket"], prefix, batch)
+        if deployed.get("review") and any(row.get("error") == WAITING for row in rows):
+            print(f"review them: {review.page_url(deployed['review'])}  (or: python -m local review)")
     return 0
