@@ -54,8 +54,9 @@ def read_reviews(location: str, since: datetime | None = None, until: datetime |
     """The answers under `location` (a folder or s3://bucket/prefix/) answered in [since, until)."""
     names = [name for name in _list(location) if name.endswith(".json") and _day_in_range(name, since, until)]
     reviews = Reviews(location, files=len(names))
+    read = _s3_reader() if location.startswith("s3://") else _file_reader
     with ThreadPoolExecutor(S3_READERS if location.startswith("s3://") else 1) as pool:
-        for name, content in zip(names, pool.map(_read_or_error, names), strict=True):
+        for name, content in zip(names, pool.map(read, names), strict=True):
             if isinstance(content, Failure):
                 reviews.failures.append(content)
                 continue
@@ -103,20 +104,28 @@ def _day_in_range(name: str, since: datetime | None, until: datetime | None) -> 
     return (since is None or start + 86400 > since.timestamp()) and (until is None or start < until.timestamp())
 
 
-def _read_or_error(name: str) -> str | Failure:
+def _file_reader(name: str) -> str | Failure:
+    try:
+        return Path(name).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:  # named in the report, not fatal
+        return Failure(name, 0, f"cannot read the file: {type(error).__name__}: {error}")
+
+
+def _s3_reader():
+    """A reader of s3:// names sharing one client (thread-safe; making one per object costs more than the GET)."""
+    import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
-    try:
-        if name.startswith("s3://"):
-            import boto3
+    client = boto3.client("s3")
 
-            bucket, key = split_s3_uri(name)
-            content = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
-        else:
-            content = Path(name).read_bytes()
-        return content.decode("utf-8")
-    except (OSError, UnicodeDecodeError, BotoCoreError, ClientError) as error:  # named in the report, not fatal
-        return Failure(name, 0, f"cannot read the file: {type(error).__name__}: {error}")
+    def read(name: str) -> str | Failure:
+        bucket, key = split_s3_uri(name)
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode("utf-8")
+        except (UnicodeDecodeError, BotoCoreError, ClientError) as error:  # named in the report, not fatal
+            return Failure(name, 0, f"cannot read the file: {type(error).__name__}: {error}")
+
+    return read
 
 
 def parse_line(line: str) -> Answer:
@@ -221,10 +230,10 @@ def section_html(summary: dict | None, picture: str = "") -> str:
     return f"""<h2>Reviews</h2>
 <p>{summary["answers"]} reviewed answers from {summary["files"]} files under {html.escape(summary["source"])},
 {summary["first_answer"]} to {summary["last_answer"]}: the reviewers overruled the model {summary["overruled"]}
-time(s), agreeing with it {agreement} of the time.</p>{_failures_html(summary)}
+time(s), agreeing with it {agreement} of the time.</p>
 <p>Rows: the model's class; columns: the reviewers' (tasks: uncertain photos a person answered; corrections:
 accepted answers a person corrected).</p>
-{tables}{picture}"""
+{tables}{picture}{_failures_html(summary)}"""
 
 
 def _table(counts: dict, classes: list[str]) -> str:

@@ -51,7 +51,7 @@ def answer_files() -> dict[str, str]:
     files = {}
     for index, (model_class, reviewer_class) in enumerate(TASKS):
         line = answer_line(f"task-{index}", model_class, reviewer_class, "task", f"2026-11-25T08:{index:02d}:00Z")
-        files[f"2026/11/25/task-{index}.json"] = line + "\n"
+        files[f"2026/11/25/task-{index}.json"] = line + "\n" + ("\n" if index == 0 else "")  # a blank line: no answer
     for index, (model_class, reviewer_class) in enumerate(CORRECTIONS):
         line = answer_line(f"fix-{index}", model_class, reviewer_class, "correction", f"2026-11-26T09:0{index}:00Z")
         files[f"2026/11/26/fix-{index}.json"] = line + "\n"
