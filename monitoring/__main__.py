@@ -4,10 +4,11 @@
     python -m monitoring report PREFIX --baseline BASELINE --out REPORT_DIR [--window 1h]
                                 [--since ISO] [--until ISO] [--last 1h] [--fail-on-violation] [--no-progress]
                                 [--publish-metrics NAMESPACE --endpoint-name NAME] [--allow-empty]
-                                [--filter-threshold P]
+                                [--filter-threshold P] [--reviews REVIEWS]
 
 PREFIX is a folder or s3://bucket/prefix holding capture files (any depth: every hour folder is read).
-MODEL is a model.tar.gz file or its s3:// URI; BASELINE a folder or an s3://bucket/prefix/.
+MODEL is a model.tar.gz file or its s3:// URI; BASELINE a folder or an s3://bucket/prefix/; REVIEWS the folder or
+s3://bucket/reviews/ of the reviewers' answers (their Reviews section; in the same time range as the captures).
 Exit status: 0 done, 2 a usage error (one line on stderr), 3 violations found with --fail-on-violation,
 4 the metrics could not be published.
 """
@@ -98,6 +99,12 @@ def parser() -> argparse.ArgumentParser:
         help="the threshold the workflow's filter applied, named in the report (the checks use the model's own, "
         "which the baseline holds)",
     )
+    report.add_argument(
+        "--reviews",
+        metavar="REVIEWS",
+        help="folder or s3://bucket/reviews/ of the reviewers' answers (YYYY/MM/DD/<execution>.json): the report "
+        "shows how often they overruled the model, per class (without: no reviewed answers yet)",
+    )
     return main_parser
 
 
@@ -134,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that --help answers fast; torch and matplotlib take seconds to import.
     from monitoring import baseline, report
     from monitoring.captures import CaptureError, NoCaptures, read_captures
+    from monitoring.reviews import ReviewError, read_reviews
 
     try:
         if args.command == "baseline":
@@ -150,17 +158,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         report.prepare_out(args.out)
         statistics, constraints = baseline.load(args.baseline)
+        answers = read_reviews(args.reviews, args.since, args.until) if args.reviews else None
         try:
             captures = read_captures(args.captures, args.since, args.until, progress=not args.no_progress)
             summary = report.build(
-                captures, statistics, constraints, args.out, args.window, args.captures, args.filter_threshold
+                captures, statistics, constraints, args.out, args.window, args.captures, args.filter_threshold, answers
             )
         except NoCaptures as error:
             if not args.allow_empty:
                 raise
             summary = {"records": 0, "violations": 0, "results": []}
             print(f"nothing to check: {error}")
-    except (baseline.BaselineError, CaptureError, report.ReportError) as error:
+    except (baseline.BaselineError, CaptureError, report.ReportError, ReviewError) as error:
         print(f"monitoring: error: {error}", file=sys.stderr)
         return 2
     if args.publish_metrics:
@@ -179,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     if summary["records"]:
         print(f"{summary['records']} records, {summary['violations']} violation(s): {args.out / 'report.html'}")
+    if summary.get("reviews"):
+        counts = summary["reviews"]
+        print(
+            f"{counts['answers']} reviewed answer(s), {counts['overruled']} overruled the model, "
+            f"{counts['unreadable_lines']} unreadable line(s)"
+        )
     return VIOLATION_EXIT if args.fail_on_violation and summary["violations"] else 0
 
 

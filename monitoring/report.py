@@ -20,12 +20,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from monitoring import checks
+from monitoring import checks, reviews
 from monitoring.baseline import write_file
 from monitoring.captures import CaptureError, Captures, NoCaptures
 
 WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 GRID_COLUMNS = 8
+REVIEWS_PICTURE = "reviews_by_model_class.png"
 
 
 class ReportError(Exception):
@@ -87,9 +88,11 @@ def build(
     window: str = "1h",
     source: str = "",
     filter_threshold: float | None = None,
+    reviewed: reviews.Reviews | None = None,
 ) -> dict:
     """Check every window, write the report files under `out`; answers summary.json's content.
-    `filter_threshold`: the threshold the workflow's filter applied, if known (named in the report)."""
+    `filter_threshold`: the threshold the workflow's filter applied, if known (named in the report).
+    `reviewed`: the reviewers' answers, summarised in the report's Reviews section (without: none yet)."""
     if not len(captures):
         if not captures.failures:
             raise NoCaptures(f"no capture records under {source} in the time range asked")
@@ -133,8 +136,14 @@ def build(
         "checks": summary_rows(results),
         "results": [asdict(result) for result in results],
     }
+    reviews_picture = None
+    if reviewed is not None:
+        summary["reviews"] = reviews.summarise(reviewed, checker.classes)
+        if summary["reviews"]["answers"]:
+            reviews_picture = png_of(reviews.chart(summary["reviews"]))
+            write_file(out / REVIEWS_PICTURE, reviews_picture)
     write_file(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-    write_file(out / "report.html", render_html(summary, pictures).encode())
+    write_file(out / "report.html", render_html(summary, pictures, reviews_picture).encode())
     return summary
 
 
@@ -326,7 +335,13 @@ td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top
 .OK{background:#e3f6e3}.VIOLATION{background:#fbe0e0;font-weight:bold}.SKIPPED{background:#eee}img{max-width:100%}"""
 
 
-def render_html(summary: dict, pictures: dict[str, bytes]) -> str:
+def img(name: str, png: bytes) -> str:
+    return (
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></figure>'
+    )
+
+
+def render_html(summary: dict, pictures: dict[str, bytes], reviews_picture: bytes | None = None) -> str:
     escape = html.escape
     verdict = f"{summary['violations']} violation(s)" if summary["violations"] else "no violation"
     rows = "".join(
@@ -342,10 +357,9 @@ def render_html(summary: dict, pictures: dict[str, bytes]) -> str:
         for result in summary["results"]
         if result["status"] == "VIOLATION"
     )
-    images = "".join(
-        f'<figure><img alt="{escape(name)}" src="data:image/png;base64,'
-        f'{base64.b64encode(png).decode("ascii")}"></figure>'
-        for name, png in pictures.items()
+    images = "".join(img(name, png) for name, png in pictures.items())
+    review_section = reviews.section_html(
+        summary.get("reviews"), img(REVIEWS_PICTURE, reviews_picture) if reviews_picture else ""
     )
     counts = Counter(result["status"] for result in summary["results"])
     return f"""<!DOCTYPE html>
@@ -363,6 +377,7 @@ def render_html(summary: dict, pictures: dict[str, bytes]) -> str:
         if violations
         else ""
     }
+{review_section}
 <h2>Pictures</h2>{images}
 </body></html>
 """
