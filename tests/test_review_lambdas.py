@@ -3,12 +3,15 @@ moto's Step Functions engine), the intake handler turns the queue's message into
 handler answers it as API Gateway's HTTP API would call it."""
 
 import hashlib
+import http.server
 import io
 import json
 import os
+import shutil
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import boto3
@@ -690,3 +693,93 @@ def test_the_labels_read_back_as_training_photos(review, tmp_path):
         "neither/p/3.png",
     ]
     assert sorted(label for label, _ in staged.rows["train"]) == ["bicycle", "bicycle", "motorcycle", "neither"]
+
+
+# --------------------------------------------------------------------------------------------- browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+LOCAL_TOKEN = "local-test-token"
+
+
+class PageServer(http.server.ThreadingHTTPServer):
+    """The API handler behind 127.0.0.1 as API Gateway calls it: `/api/` requests with the Bearer token
+    LOCAL_TOKEN get claims, as a JWT authorizer would give them; others get none."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Request)
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class Request(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+    def handle_one(self) -> None:
+        path, _, query = self.path.partition("?")
+        context = {"http": {"method": self.command, "path": path}, "stage": "$default"}
+        if self.headers.get("authorization") == f"Bearer {LOCAL_TOKEN}":
+            context["authorizer"] = {"jwt": {"claims": {"sub": "local", "email": "local reviewer"}}}
+        length = int(self.headers.get("content-length") or 0)
+        event = {
+            "rawPath": path,
+            "requestContext": context,
+            "queryStringParameters": dict(urllib.parse.parse_qsl(query)) or None,
+            "body": self.rfile.read(length).decode() if length else None,
+        }
+        answer = api.handler(event, None)
+        body = answer["body"].encode()
+        self.send_response(answer["statusCode"])
+        for name, value in answer["headers"].items():
+            self.send_header(name, value)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = handle_one
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH: `make chromium` installs Debian's")
+def test_the_page_in_headless_chromium_answers_a_task(review, capsys):
+    from playwright.sync_api import expect, sync_playwright
+
+    task = review.waiting("test/motorcycle_s_000042.png")
+    arn = review.tasks()[0]["execution_arn"]
+    confident(review, "ok-1", "test/bicycle_s_000001.png", "bicycle", [0.98, 0.01])
+    server = PageServer()
+    problems = []
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.route("https://**", lambda route: route.abort())  # the photos' presigned S3 URLs: no network
+            page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+            page.goto(f"{server.url}#token={LOCAL_TOKEN}")
+            card = page.locator(f'[data-task="{task}"]')
+            card.wait_for(timeout=5000)
+            assert "Model: bicycle" in card.inner_text() and "motorcycle: 40.0 %" in card.inner_text()
+            page.locator('[data-execution="ok-1"]').wait_for(timeout=5000)
+
+            card.locator('[data-class="motorcycle"]').click()
+            expect(page.locator("#status")).to_contain_text("Answered", timeout=5000)
+            card.wait_for(state="detached", timeout=5000)
+
+            page.locator('[data-execution="ok-1"] [data-class="neither"]').click()
+            expect(page.locator("#status")).to_contain_text("Corrected", timeout=5000)
+            browser.close()
+    finally:
+        server.close()
+
+    assert json.loads(review.finished(arn)["output"])["class"] == "motorcycle"
+    assert review.keys("labels/") == [
+        "labels/motorcycle/test/motorcycle_s_000042.png",
+        "labels/neither/test/bicycle_s_000001.png",
+    ]
+    # the photos' presigned URLs point at S3 itself, which this test's moto does not serve over HTTP
+    assert [p for p in problems if "Failed to load resource" not in p and "ERR_" not in p] == []

@@ -292,7 +292,7 @@ def send(item: dict, record: dict, neither: float) -> None:
             taskToken=item["task_token"],
             error="NotAVehicle",
             cause=(
-                f"{record['reviewer']} saw neither a bicycle nor a motorcycle in s3://{item['s3_bucket']}/"
+                f"{record['reviewer']} saw no {' and no '.join(class_names())} in s3://{item['s3_bucket']}/"
                 f"{item['s3_key']} (the model's answer: {record['model_class']}, {record['inferences']})."
             ),
         )
