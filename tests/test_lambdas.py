@@ -465,6 +465,7 @@ def readable(inferences, neither, threshold, source, model=None, key="moto.png",
             "threshold": threshold,
             "threshold_source": source,
             "model": model,
+            "source": "model",
         },
     }
 

@@ -87,6 +87,7 @@ def test_confident_image_succeeds_with_the_classic_output(deployment, endpoint):
         "threshold": 0.93,
         "threshold_source": "default",
         "model": None,
+        "source": "model",
     }
     assert entered(events) == ["Serialize image data", "Classify image", "Filter low confidence", "Confident"]
     assert [r["body"] for r in endpoint.requests] == [image]

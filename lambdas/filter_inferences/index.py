@@ -2,8 +2,9 @@
 
 Its answer is the execution's output, what a dispatcher reads: the image's location, the class (from
 CLASS_NAMES, in label order), the probabilities, `neither` (1 - their sum), the threshold applied, where
-it came from (`threshold_source`), and the model:
-- "override": THRESHOLD, set when the stack was synthesized with `-c threshold=...`;
+it came from (`threshold_source`), the model, and `"source": "model"` (an answer a person gave on the
+review page says "review" there instead):
+- `threshold_source` "override": THRESHOLD, set when the stack was synthesized with `-c threshold=...`;
 - "model": the trained model's calibrated threshold, which the training records in the SSM parameter
   THRESHOLD_PARAMETER;
 - "default": DEFAULT_THRESHOLD, while no trained model has recorded one;
@@ -188,5 +189,6 @@ def handler(event, context):
             "threshold": minimum,
             "threshold_source": source,
             "model": model,
+            "source": "model",
         }
     )
