@@ -43,8 +43,9 @@ NOT_A_VEHICLE_ERROR = "NotAVehicle"
 REVIEW_TIMED_OUT_ERROR = "ReviewTimedOut"
 # The classification state machine's name after the prefix; the review stack builds its ARN from it.
 CLASSIFY_STATE_MACHINE = "classify-image"
-# The classification's own limit beyond a review's wait.
+# The state machines' own limits beyond a review's wait.
 CLASSIFICATION_TIMEOUT = Duration.minutes(5)
+BATCH_TIMEOUT = Duration.hours(24)
 # What the batch's startExecution.sync:2 raises: the child ran and failed, or could not be started for now.
 CHILD_FAILED_ERROR = "States.TaskFailed"
 START_TRANSIENT_ERRORS = [
@@ -146,15 +147,14 @@ class WorkflowStack(Stack):
                 )
             )
 
+        review_wait = Duration.seconds(config.review_timeout_seconds if review_queue else 0)
         self.workflow = LoggedStateMachine(
             self,
             "Classification",
             config=config,
             name=CLASSIFY_STATE_MACHINE,
             definition=self._classification_definition(config, review_queue),
-            timeout=CLASSIFICATION_TIMEOUT.plus(Duration.seconds(config.review_timeout_seconds))
-            if review_queue
-            else CLASSIFICATION_TIMEOUT,
+            timeout=CLASSIFICATION_TIMEOUT.plus(review_wait),
         )
         self.state_machine = self.workflow.state_machine
 
@@ -164,7 +164,8 @@ class WorkflowStack(Stack):
             config=config,
             name="classify-prefix",
             definition=self._batch_definition(bucket, config),
-            timeout=Duration.hours(24),
+            # A child classification may wait for a reviewer as long as the review timeout.
+            timeout=BATCH_TIMEOUT.plus(review_wait),
         )
         self.state_machine.grant_start_execution(self.batch.state_machine)
 

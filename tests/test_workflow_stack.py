@@ -205,6 +205,9 @@ def test_a_reviewers_neither_fails_not_a_vehicle_and_no_answer_in_time_fails_rev
 def test_review_timeout_and_heartbeat_come_from_the_config_and_extend_the_state_machines_timeout():
     definition, states = _review_states()
     assert definition["TimeoutSeconds"] == 24 * 3600 + 300
+    # a batch waits for its children, each of which may wait for a reviewer
+    assert definition_of(synth_stacks()["Workflow"].batch.state_machine)["TimeoutSeconds"] == 2 * 24 * 3600
+    assert definition_of(synth_stacks(review="false")["Workflow"].batch.state_machine)["TimeoutSeconds"] == 24 * 3600
     definition, states = _review_states(review_timeout_hours="0.0006", review_heartbeat_hours="0.0003")
     assert (states["Ask a reviewer"]["TimeoutSeconds"], states["Ask a reviewer"]["HeartbeatSeconds"]) == (2, 1)
     assert definition["TimeoutSeconds"] == 2 + 300
