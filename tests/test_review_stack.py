@@ -199,6 +199,10 @@ def test_api_role_has_exactly_the_contracts_actions_and_resources():
         ),
         (["states:DescribeExecution"], _classify_arn("execution", "scones-dev-classify-image:*")),
     ]
+    # the name the ARNs are built from is the classify state machine's (the Workflow stack depends on this one)
+    template("Workflow").has_resource_properties(
+        "AWS::StepFunctions::StateMachine", {"StateMachineName": "scones-dev-classify-image"}
+    )
     # the photos: read any (presigned URLs, the copy's source), write only the labels and the answer records
     data = synth_stacks()["Data"]
     bucket_export = lambda resource: resource["Fn::Join"][1][0]["Fn::ImportValue"]  # noqa: E731
