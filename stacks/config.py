@@ -332,7 +332,7 @@ class SconesConfig:
     )
     review_heartbeat_hours: float | None = _setting(
         None,
-        "the review task's heartbeat, at most `review_timeout_hours`; unset, only the timeout applies",
+        "the review task's heartbeat, shorter than `review_timeout_hours`; unset, only the timeout applies",
         _number(float, MIN_REVIEW_HOURS, MAX_REVIEW_HOURS),
     )
 
@@ -369,11 +369,13 @@ class SconesConfig:
             )
 
     def _check_review(self) -> None:
-        heartbeat = self.review_heartbeat_seconds
-        if heartbeat is not None and heartbeat > self.review_timeout_seconds:
+        """Step Functions refuses a task whose HeartbeatSeconds is not smaller than its TimeoutSeconds."""
+        heartbeat, timeout = self.review_heartbeat_seconds, self.review_timeout_seconds
+        if heartbeat is not None and heartbeat >= timeout:
             raise ConfigError(
-                f"context key 'review_heartbeat_hours': {self.review_heartbeat_hours:g} is longer than "
-                f"'review_timeout_hours' ({self.review_timeout_hours:g}); shorten the heartbeat or lengthen the timeout"
+                f"context key 'review_heartbeat_hours': {self.review_heartbeat_hours:g} ({heartbeat} s) is not "
+                f"shorter than 'review_timeout_hours' ({self.review_timeout_hours:g}, {timeout} s); "
+                "shorten the heartbeat or lengthen the timeout (unset, only the timeout applies)"
             )
 
     @property

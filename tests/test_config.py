@@ -189,7 +189,7 @@ def test_review_hours_take_fractions_and_round_to_whole_seconds_of_at_least_one(
     assert config(review_timeout_hours="0.0001").review_timeout_seconds == 1
     assert config(review_timeout_hours="1.5").review_timeout_seconds == 5400
     assert config(review_timeout_hours="8760").review_timeout_seconds == 8760 * 3600
-    assert config(review_timeout_hours=2, review_heartbeat_hours=2).review_heartbeat_seconds == 7200
+    assert config(review_timeout_hours=2, review_heartbeat_hours=1.99).review_heartbeat_seconds == 7164
 
 
 @pytest.mark.parametrize(
@@ -202,13 +202,12 @@ def test_review_hours_take_fractions_and_round_to_whole_seconds_of_at_least_one(
         ({"review_heartbeat_hours": "-1"}, r"'review_heartbeat_hours': -1.0 is outside"),
         (
             {"review_heartbeat_hours": "25"},
-            r"^context key 'review_heartbeat_hours': 25 is longer than 'review_timeout_hours' \(24\); shorten the "
-            r"heartbeat or lengthen the timeout$",
+            r"^context key 'review_heartbeat_hours': 25 \(90000 s\) is not shorter than 'review_timeout_hours' "
+            r"\(24, 86400 s\); shorten the heartbeat or lengthen the timeout \(unset, only the timeout applies\)$",
         ),
-        (
-            {"review_timeout_hours": "1", "review_heartbeat_hours": "1.5"},
-            r"'review_heartbeat_hours'.*'review_timeout_hours'",
-        ),
+        # Step Functions wants the heartbeat strictly shorter, in whole seconds
+        ({"review_heartbeat_hours": "24"}, r"'review_heartbeat_hours': 24 \(86400 s\) is not shorter"),
+        ({"review_timeout_hours": "0.0003", "review_heartbeat_hours": "0.0002"}, r"\(1 s\) is not shorter"),
     ],
 )
 def test_bad_review_settings_fail_naming_the_key(context, message):

@@ -212,8 +212,8 @@ def test_review_timeout_and_heartbeat_come_from_the_config_and_extend_the_state_
     assert (states["Ask a reviewer"]["TimeoutSeconds"], states["Ask a reviewer"]["HeartbeatSeconds"]) == (2, 1)
     assert definition["TimeoutSeconds"] == 2 + 300
     assert "-c review_heartbeat_hours" in states["Review timed out"]["Cause"]
-    _, states = _review_states(review_timeout_hours="2", review_heartbeat_hours="2")
-    assert (states["Ask a reviewer"]["TimeoutSeconds"], states["Ask a reviewer"]["HeartbeatSeconds"]) == (7200, 7200)
+    _, states = _review_states(review_timeout_hours="2", review_heartbeat_hours="0.5")
+    assert (states["Ask a reviewer"]["TimeoutSeconds"], states["Ask a reviewer"]["HeartbeatSeconds"]) == (7200, 1800)
 
 
 def test_the_classification_may_send_to_the_review_queue_with_its_key_and_nothing_else_of_it():
