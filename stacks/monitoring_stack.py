@@ -28,7 +28,7 @@ from stacks.config import SconesConfig
 from stacks.drift_job import BASELINE_PREFIX, REPORTS_PREFIX, DriftJob
 from stacks.endpoint_stack import rollback_alarm_names
 from stacks.metrics import LOW_CONFIDENCE, PREDICTIONS, TOP_PROBABILITY
-from stacks.review_stack import ReviewStack
+from stacks.review_stack import MAX_RECEIVES, ReviewStack
 from stacks.workflow_stack import METRIC_NAMESPACE
 
 FIVE_MINUTES = Duration.minutes(5)
@@ -334,7 +334,7 @@ class MonitoringStack(Stack):
                 self,
                 "ReviewDeadLetters",
                 alarm_name=f"{config.prefix}-review-dead-letters",
-                alarm_description=f"Review tasks the intake failed to record {review.max_receives} times are in "
+                alarm_description=f"Review tasks the intake failed to record {MAX_RECEIVES} times are in "
                 f"{config.review_queue_name}-dlq: their executions wait until they time out unless the tasks are "
                 "redriven to the review queue once the cause is fixed.",
                 threshold=0,

@@ -75,7 +75,6 @@ class ReviewStack(Stack):
         self, scope: Construct, construct_id: str, *, config: SconesConfig, bucket: s3.IBucket, **kwargs
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
-        self.max_receives = MAX_RECEIVES
         self.key = kms.Key(
             self,
             "QueueKey",
