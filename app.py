@@ -19,6 +19,7 @@ from stacks.config import ConfigError, SconesConfig, stack_name
 from stacks.data_stack import DataStack
 from stacks.endpoint_stack import EndpointStack
 from stacks.monitoring_stack import MonitoringStack
+from stacks.review_stack import ReviewStack
 from stacks.training_stack import TrainingStack
 from stacks.workflow_stack import WorkflowStack
 
@@ -34,7 +35,19 @@ def build(app: cdk.App) -> list[cdk.Stack]:
     data = DataStack(app, name("Data"), synthesizer=synthesizer(), **common)
     training = TrainingStack(app, name("Training"), bucket=data.bucket, synthesizer=synthesizer(), **common)
     endpoint = EndpointStack(app, name("Endpoint"), bucket=data.bucket, synthesizer=synthesizer(), **common)
-    workflow = WorkflowStack(app, name("Workflow"), bucket=data.bucket, synthesizer=synthesizer(), **common)
+    review = (
+        ReviewStack(app, name("Review"), bucket=data.bucket, synthesizer=synthesizer(), **common)
+        if config.review
+        else None
+    )
+    workflow = WorkflowStack(
+        app,
+        name("Workflow"),
+        bucket=data.bucket,
+        review_queue=review.queue if review else None,
+        synthesizer=synthesizer(),
+        **common,
+    )
     monitoring = MonitoringStack(
         app,
         name("Monitoring"),
@@ -42,12 +55,13 @@ def build(app: cdk.App) -> list[cdk.Stack]:
         state_machine_log_group_name=workflow.workflow.log_group.log_group_name,
         training_state_machine=training.state_machine,
         functions=[workflow.serialize, workflow.classify, workflow.filter],
+        review=review,
         bucket=data.bucket,
         capture_key=endpoint.key,
         synthesizer=synthesizer(),
         **common,
     )
-    stacks = [data, training, endpoint, workflow, monitoring]
+    stacks = [data, training, endpoint, *([review] if review else []), workflow, monitoring]
 
     for stack in stacks:
         cdk.Tags.of(stack).add("project", "scones")

@@ -167,6 +167,10 @@ def _schedule(key: str, value: Any) -> str:
     )
 
 
+# A review may wait from about a second (the tests' timeouts) to a year.
+MIN_REVIEW_HOURS = 0.0001
+MAX_REVIEW_HOURS = 8760
+
 INSTANCE_TYPE = _matching(r"ml\.[a-z0-9]+\.[0-9]*x?large|ml\.[a-z0-9]+\.(medium|small)")
 
 
@@ -315,6 +319,22 @@ class SconesConfig:
         "only the drift alarm starts a retraining",
         _schedule,
     )
+    review: bool = _setting(
+        True,
+        "send an uncertain answer to a person (the review page) and wait for the answer; `false`: the execution "
+        "fails with `ThresholdConfidenceNotMet`",
+        _boolean,
+    )
+    review_timeout_hours: float = _setting(
+        24.0,
+        "how long an execution waits for a reviewer before it fails with `ReviewTimedOut` (fractions allowed)",
+        _number(float, MIN_REVIEW_HOURS, MAX_REVIEW_HOURS),
+    )
+    review_heartbeat_hours: float | None = _setting(
+        None,
+        "the review task's heartbeat, shorter than `review_timeout_hours`; unset, only the timeout applies",
+        _number(float, MIN_REVIEW_HOURS, MAX_REVIEW_HOURS),
+    )
 
     def __post_init__(self) -> None:
         """The defaults that depend on other fields, and the built-in algorithm's hyperparameters."""
@@ -330,6 +350,7 @@ class SconesConfig:
         for name, value in derived.items():
             object.__setattr__(self, name, value)
         self._check_deployment()
+        self._check_review()
 
     def _check_deployment(self) -> None:
         """SageMaker refuses a canary above half the fleet and a timeout shorter than the waits it contains."""
@@ -345,6 +366,16 @@ class SconesConfig:
             raise ConfigError(
                 f"context key 'deployment_timeout_minutes': {self.deployment_timeout_minutes} is not more than the "
                 f"update's bakes (twice canary_bake_minutes = {waits}); raise it or shorten the bake"
+            )
+
+    def _check_review(self) -> None:
+        """Step Functions refuses a task whose HeartbeatSeconds is not smaller than its TimeoutSeconds."""
+        heartbeat, timeout = self.review_heartbeat_seconds, self.review_timeout_seconds
+        if heartbeat is not None and heartbeat >= timeout:
+            raise ConfigError(
+                f"context key 'review_heartbeat_hours': {self.review_heartbeat_hours:g} ({heartbeat} s) is not "
+                f"shorter than 'review_timeout_hours' ({self.review_timeout_hours:g}, {timeout} s); "
+                "shorten the heartbeat or lengthen the timeout (unset, only the timeout applies)"
             )
 
     @property
@@ -378,6 +409,26 @@ class SconesConfig:
         return f"/scones/{self.env_name}/model-package-arn"
 
     @property
+    def review_timeout_seconds(self) -> int:
+        """The review task's TimeoutSeconds: `review_timeout_hours` in whole seconds, at least one."""
+        return _seconds(self.review_timeout_hours)
+
+    @property
+    def review_heartbeat_seconds(self) -> int | None:
+        """The review task's HeartbeatSeconds, or None when no heartbeat is configured."""
+        return None if self.review_heartbeat_hours is None else _seconds(self.review_heartbeat_hours)
+
+    @property
+    def review_queue_name(self) -> str:
+        """The SQS queue the classification sends review tasks to."""
+        return f"{self.prefix}-review"
+
+    @property
+    def review_table_name(self) -> str:
+        """The DynamoDB table of waiting review tasks and answers."""
+        return f"{self.prefix}-review"
+
+    @property
     def removal(self) -> RemovalPolicy:
         """`removal_policy` as the CDK's RemovalPolicy, for every bucket, log group and key."""
         from aws_cdk import RemovalPolicy  # here: training.fit reads this config without starting the CDK
@@ -397,6 +448,10 @@ class SconesConfig:
             if value not in (None, ""):
                 given[setting.name] = setting.metadata["read"](key, value)
         return cls(**given)
+
+
+def _seconds(hours: float) -> int:
+    return max(1, round(hours * 3600))
 
 
 def context_key(setting) -> str:

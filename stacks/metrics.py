@@ -46,3 +46,51 @@ def low_confidence_rate(config: SconesConfig, period: Duration) -> cloudwatch.Ma
         label="answers below the threshold (%)",
         period=period,
     )
+
+
+# The review API's Embedded Metric Format output (lambdas/review_api/index.py): the waiting tasks, published
+# every 5 minutes without dimensions, and one datapoint per answer or correction by the model's class.
+REVIEWS_WAITING = "ReviewsWaiting"
+OLDEST_REVIEW_AGE = "OldestReviewAgeSeconds"
+REVIEW_ANSWERS = "ReviewAnswers"
+OVERRULED = "Overruled"
+NEITHER = "neither"
+
+
+def review_metric(name: str, statistic: str, period: Duration, **dimensions: str) -> cloudwatch.Metric:
+    return cloudwatch.Metric(
+        namespace=METRIC_NAMESPACE,
+        metric_name=name,
+        statistic=statistic,
+        dimensions_map=dimensions or None,
+        period=period,
+    )
+
+
+def review_model_classes(config: SconesConfig) -> tuple[str, ...]:
+    """The ModelClass dimension's values: the model's answer for a reviewed photo, `neither` included."""
+    return (*config.classes, NEITHER)
+
+
+def _review_total(config: SconesConfig, name: str, period: Duration) -> cloudwatch.MathExpression:
+    """A review metric summed over the model's classes (a class without answers in a period counts 0)."""
+    parts = {
+        f"{name.lower()}{index}": review_metric(name, "Sum", period, ModelClass=model_class)
+        for index, model_class in enumerate(review_model_classes(config))
+    }
+    return cloudwatch.MathExpression(
+        expression=" + ".join(f"FILL({part}, 0)" for part in parts), using_metrics=parts, period=period
+    )
+
+
+def review_agreement(config: SconesConfig, period: Duration) -> cloudwatch.MathExpression:
+    """The share of reviewed answers where the reviewer kept the model's class (none in a period without answers)."""
+    return cloudwatch.MathExpression(
+        expression="IF(answers > 0, 1 - overruled / answers)",
+        using_metrics={
+            "answers": _review_total(config, REVIEW_ANSWERS, period),
+            "overruled": _review_total(config, OVERRULED, period),
+        },
+        label="agreement with the model",
+        period=period,
+    )

@@ -1,6 +1,7 @@
 """What a team needs to run the workflow: a dashboard, alarms that reach people through SNS, the hourly
 drift job (stacks/drift_job.py) that checks the endpoint's captures against the model's baseline, and the
-rules that start a retraining when drift is found (and, if configured, on a schedule)."""
+rules that start a retraining when drift is found (and, if configured, on a schedule); with the review on, the
+review queue's row and alarms."""
 
 from aws_cdk import (
     Aws,
@@ -27,6 +28,7 @@ from stacks.config import SconesConfig
 from stacks.drift_job import BASELINE_PREFIX, REPORTS_PREFIX, DriftJob
 from stacks.endpoint_stack import rollback_alarm_names
 from stacks.metrics import LOW_CONFIDENCE, PREDICTIONS, TOP_PROBABILITY
+from stacks.review_stack import MAX_RECEIVES, ReviewStack
 from stacks.workflow_stack import METRIC_NAMESPACE
 
 FIVE_MINUTES = Duration.minutes(5)
@@ -44,6 +46,7 @@ class MonitoringStack(Stack):
         state_machine_log_group_name: str,
         training_state_machine: sfn.IStateMachine,
         functions: list[lambda_.IFunction],
+        review: ReviewStack | None,
         bucket: s3.IBucket,
         capture_key: kms.IKey,
         **kwargs,
@@ -168,6 +171,9 @@ class MonitoringStack(Stack):
                     treat_missing_data=cloudwatch.TreatMissingData.BREACHING,
                 )
             )
+        if review:
+            self.alarms += self._review_alarms(config, review)
+            functions = [*functions, review.intake, review.api_function]
         for alarm in self.alarms:
             alarm.add_alarm_action(actions.SnsAction(self.topic))
             alarm.add_ok_action(actions.SnsAction(self.topic))
@@ -288,6 +294,8 @@ class MonitoringStack(Stack):
                 left=[self.drift.state_machine.metric_succeeded(period=ONE_HOUR), drift_failed, drift_timed_out],
             ),
         )
+        if review:
+            dashboard.add_widgets(*self._review_widgets(config, review))
         self.dashboard = dashboard
 
         CfnOutput(
@@ -303,6 +311,95 @@ class MonitoringStack(Stack):
             value=self.topic.topic_arn,
             description="The SNS topic every alarm notifies: subscribe to it to hear of failures and drift.",
         )
+
+    def _review_alarms(self, config: SconesConfig, review: ReviewStack) -> list[cloudwatch.Alarm]:
+        deadline_near = round(0.8 * config.review_timeout_seconds)
+        return [
+            review.queue.metric_approximate_age_of_oldest_message(
+                period=FIVE_MINUTES, statistic="Maximum"
+            ).create_alarm(
+                self,
+                "ReviewIntakeStuck",
+                alarm_name=f"{config.prefix}-review-intake-stuck",
+                alarm_description="A review task has waited more than 5 minutes in the review queue: the intake "
+                "Lambda is not recording tasks, so reviewers do not see them (its errors are in its log group).",
+                threshold=300,
+                evaluation_periods=1,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
+            review.dead_letter_queue.metric_approximate_number_of_messages_visible(
+                period=FIVE_MINUTES, statistic="Maximum"
+            ).create_alarm(
+                self,
+                "ReviewDeadLetters",
+                alarm_name=f"{config.prefix}-review-dead-letters",
+                alarm_description=f"Review tasks the intake failed to record {MAX_RECEIVES} times are in "
+                f"{config.review_queue_name}-dlq: their executions wait until they time out unless the tasks are "
+                "redriven to the review queue once the cause is fixed.",
+                threshold=0,
+                evaluation_periods=1,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
+            metrics.review_metric(metrics.OLDEST_REVIEW_AGE, "Maximum", FIVE_MINUTES).create_alarm(
+                self,
+                "ReviewDeadlineNear",
+                alarm_name=f"{config.prefix}-review-deadline-near",
+                alarm_description=f"The oldest waiting review is older than 80% of the review timeout "
+                f"({deadline_near} s of {config.review_timeout_seconds} s): answer it on the review page before "
+                "its execution fails with ReviewTimedOut.",
+                threshold=deadline_near,
+                evaluation_periods=1,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
+        ]
+
+    def _review_widgets(self, config: SconesConfig, review: ReviewStack) -> list[cloudwatch.IWidget]:
+        return [
+            cloudwatch.GraphWidget(
+                title="Reviews waiting, and the oldest's age (s)",
+                width=6,
+                left=[metrics.review_metric(metrics.REVIEWS_WAITING, "Maximum", FIVE_MINUTES).with_(label="waiting")],
+                right=[
+                    metrics.review_metric(metrics.OLDEST_REVIEW_AGE, "Maximum", FIVE_MINUTES).with_(
+                        label="oldest waiting (s)"
+                    )
+                ],
+            ),
+            cloudwatch.GraphWidget(
+                title="Reviews answered per hour, by the model's class",
+                width=6,
+                stacked=True,
+                left=[
+                    metrics.review_metric(metrics.REVIEW_ANSWERS, "Sum", ONE_HOUR, ModelClass=model_class).with_(
+                        label=model_class
+                    )
+                    for model_class in metrics.review_model_classes(config)
+                ],
+            ),
+            cloudwatch.GraphWidget(
+                title="Reviewers agreeing with the model (hourly)",
+                width=6,
+                left=[metrics.review_agreement(config, ONE_HOUR)],
+                left_y_axis=cloudwatch.YAxisProps(min=0, max=1),
+            ),
+            cloudwatch.GraphWidget(
+                title="Review queue: oldest message (s), dead letters",
+                width=6,
+                left=[
+                    review.queue.metric_approximate_age_of_oldest_message(
+                        period=FIVE_MINUTES, statistic="Maximum", label="oldest in the review queue (s)"
+                    )
+                ],
+                right=[
+                    review.dead_letter_queue.metric_approximate_number_of_messages_visible(
+                        period=FIVE_MINUTES, statistic="Maximum", label="in the dead-letter queue"
+                    )
+                ],
+            ),
+        ]
 
     def _retraining(self, config: SconesConfig, training: sfn.IStateMachine) -> list[events.Rule]:
         """Start the training state machine when the drift alarm goes into ALARM, and on the optional schedule.

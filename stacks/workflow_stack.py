@@ -7,6 +7,7 @@ from aws_cdk import (
     Stack,
     aws_iam as iam,
     aws_s3 as s3,
+    aws_sqs as sqs,
     aws_stepfunctions as sfn,
     aws_stepfunctions_tasks as tasks,
 )
@@ -36,6 +37,15 @@ LAMBDA_TRANSIENT_ERRORS = [
     "Lambda.SdkClientException",
 ]
 LOW_CONFIDENCE_ERROR = "ThresholdConfidenceNotMet"
+# What a reviewer's "neither" answer fails the review task with, and what the execution fails with when no
+# reviewer answered in time.
+NOT_A_VEHICLE_ERROR = "NotAVehicle"
+REVIEW_TIMED_OUT_ERROR = "ReviewTimedOut"
+# The classification state machine's name after the prefix; the review stack builds its ARN from it.
+CLASSIFY_STATE_MACHINE = "classify-image"
+# The state machines' own limits beyond a review's wait.
+CLASSIFICATION_TIMEOUT = Duration.minutes(5)
+BATCH_TIMEOUT = Duration.hours(24)
 # What the batch's startExecution.sync:2 raises: the child ran and failed, or could not be started for now.
 CHILD_FAILED_ERROR = "States.TaskFailed"
 START_TRANSIENT_ERRORS = [
@@ -67,8 +77,17 @@ class PrefixResultWriter(sfn.ResultWriterV2):
 
 class WorkflowStack(Stack):
     def __init__(
-        self, scope: Construct, construct_id: str, *, config: SconesConfig, bucket: s3.IBucket, **kwargs
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: SconesConfig,
+        bucket: s3.IBucket,
+        review_queue: sqs.IQueue | None,
+        **kwargs,
     ) -> None:
+        """`review_queue`: where an uncertain answer is sent for a person to review (None: it fails the
+        execution with ThresholdConfidenceNotMet, the classic behaviour)."""
         super().__init__(scope, construct_id, **kwargs)
         self.serialize = PythonFunction(
             self,
@@ -128,13 +147,14 @@ class WorkflowStack(Stack):
                 )
             )
 
+        review_wait = Duration.seconds(config.review_timeout_seconds if review_queue else 0)
         self.workflow = LoggedStateMachine(
             self,
             "Classification",
             config=config,
-            name="classify-image",
-            definition=self._classification_definition(),
-            timeout=Duration.minutes(5),
+            name=CLASSIFY_STATE_MACHINE,
+            definition=self._classification_definition(config, review_queue),
+            timeout=CLASSIFICATION_TIMEOUT.plus(review_wait),
         )
         self.state_machine = self.workflow.state_machine
 
@@ -144,7 +164,8 @@ class WorkflowStack(Stack):
             config=config,
             name="classify-prefix",
             definition=self._batch_definition(bucket, config),
-            timeout=Duration.hours(24),
+            # A child classification may wait for a reviewer as long as the review timeout.
+            timeout=BATCH_TIMEOUT.plus(review_wait),
         )
         self.state_machine.grant_start_execution(self.batch.state_machine)
 
@@ -233,17 +254,64 @@ class WorkflowStack(Stack):
         )
         return step
 
-    def _classification_definition(self) -> sfn.IChainable:
+    def _classification_definition(self, config: SconesConfig, review_queue: sqs.IQueue | None) -> sfn.IChainable:
         serialize = self._invoke("Serialize image data", self.serialize)
         classify = self._invoke("Classify image", self.classify)
         classify.add_retry(
             errors=TRANSIENT_ENDPOINT_ERRORS, interval=Duration.seconds(1), max_attempts=3, backoff_rate=2
         )
         filter_low = self._invoke("Filter low confidence", self.filter)
-        filter_low.add_catch(
-            sfn.Fail(self, "Low confidence", error_path="$.Error", cause_path="$.Cause"), errors=[LOW_CONFIDENCE_ERROR]
-        )
+        if review_queue is None:
+            filter_low.add_catch(
+                sfn.Fail(self, "Low confidence", error_path="$.Error", cause_path="$.Cause"),
+                errors=[LOW_CONFIDENCE_ERROR],
+            )
+        else:
+            filter_low.add_catch(
+                self._ask_a_reviewer(config, review_queue), errors=[LOW_CONFIDENCE_ERROR], result_path="$.error"
+            )
         return serialize.next(classify).next(filter_low).next(sfn.Succeed(self, "Confident"))
+
+    def _ask_a_reviewer(self, config: SconesConfig, queue: sqs.IQueue) -> sfn.IChainable:
+        """Send the uncertain answer to the review queue and wait for a reviewer's SendTaskSuccess (the answer,
+        which becomes the execution's output) or SendTaskFailure (NotAVehicle)."""
+        heartbeat = config.review_heartbeat_seconds
+        ask = tasks.SqsSendMessage(
+            self,
+            "Ask a reviewer",
+            queue=queue,
+            integration_pattern=sfn.IntegrationPattern.WAIT_FOR_TASK_TOKEN,
+            message_body=sfn.TaskInput.from_object(
+                {
+                    "task_token": sfn.JsonPath.task_token,
+                    "execution_arn": sfn.JsonPath.execution_id,
+                    "requested_at": sfn.JsonPath.string_at("$$.State.EnteredTime"),
+                    "s3_bucket": sfn.JsonPath.string_at("$.s3_bucket"),
+                    "s3_key": sfn.JsonPath.string_at("$.s3_key"),
+                    "inferences": sfn.JsonPath.list_at("$.inferences"),
+                    "reason": sfn.JsonPath.string_at("$.error.Cause"),
+                }
+            ),
+            task_timeout=sfn.Timeout.duration(Duration.seconds(config.review_timeout_seconds)),
+            heartbeat_timeout=sfn.Timeout.duration(Duration.seconds(heartbeat)) if heartbeat else None,
+        )
+        ask.add_catch(
+            sfn.Fail(self, "Not a vehicle", error_path="$.Error", cause_path="$.Cause"), errors=[NOT_A_VEHICLE_ERROR]
+        )
+        ask.add_catch(
+            sfn.Fail(
+                self,
+                "Review timed out",
+                error=REVIEW_TIMED_OUT_ERROR,
+                cause=f"No reviewer answered within the review timeout ({config.review_timeout_hours:g} hours"
+                + (f", or within the {config.review_heartbeat_hours:g}-hour heartbeat" if heartbeat else "")
+                + "); add reviewers (docs/deploying.md), or lengthen the wait with -c review_timeout_hours"
+                + (" and -c review_heartbeat_hours" if heartbeat else "")
+                + ".",
+            ),
+            errors=[sfn.Errors.TIMEOUT, sfn.Errors.HEARTBEAT_TIMEOUT],
+        )
+        return ask.next(sfn.Succeed(self, "Reviewed"))
 
     def _batch_definition(self, bucket: s3.IBucket, config: SconesConfig) -> sfn.IChainable:
         """Start the classification once per image under `$.prefix`, as child executions.

@@ -171,3 +171,45 @@ def _synth(*context: str) -> subprocess.CompletedProcess:
 def test_the_app_answers_a_config_error_with_one_line_and_no_traceback_or_node_warning(context, message):
     run = _synth(*context)
     assert (run.returncode, run.stderr, run.stdout) == (1, message, "")
+
+
+def test_review_is_on_by_default_waiting_a_day_without_heartbeat():
+    default = config()
+    assert (default.review, default.review_timeout_hours, default.review_heartbeat_hours) == (True, 24, None)
+    assert (default.review_timeout_seconds, default.review_heartbeat_seconds) == (86400, None)
+    assert (default.review_queue_name, default.review_table_name) == ("scones-dev-review", "scones-dev-review")
+    assert config(env="prod").review_queue_name == "scones-prod-review"
+    assert config(review="false").review is False
+    assert config(review="True").review is True
+
+
+def test_review_hours_take_fractions_and_round_to_whole_seconds_of_at_least_one():
+    given = config(review_timeout_hours="0.0006", review_heartbeat_hours="0.0003")
+    assert (given.review_timeout_seconds, given.review_heartbeat_seconds) == (2, 1)
+    assert config(review_timeout_hours="0.0001").review_timeout_seconds == 1
+    assert config(review_timeout_hours="1.5").review_timeout_seconds == 5400
+    assert config(review_timeout_hours="8760").review_timeout_seconds == 8760 * 3600
+    assert config(review_timeout_hours=2, review_heartbeat_hours=1.99).review_heartbeat_seconds == 7164
+
+
+@pytest.mark.parametrize(
+    "context, message",
+    [
+        ({"review": "maybe"}, r"'review': 'maybe' is not true or false"),
+        ({"review_timeout_hours": "0"}, r"'review_timeout_hours': 0.0 is outside \[0.0001, 8760\]"),
+        ({"review_timeout_hours": "8761"}, r"'review_timeout_hours': 8761.0 is outside"),
+        ({"review_timeout_hours": "a day"}, r"'review_timeout_hours': 'a day' is not a float"),
+        ({"review_heartbeat_hours": "-1"}, r"'review_heartbeat_hours': -1.0 is outside"),
+        (
+            {"review_heartbeat_hours": "25"},
+            r"^context key 'review_heartbeat_hours': 25 \(90000 s\) is not shorter than 'review_timeout_hours' "
+            r"\(24, 86400 s\); shorten the heartbeat or lengthen the timeout \(unset, only the timeout applies\)$",
+        ),
+        # Step Functions wants the heartbeat strictly shorter, in whole seconds
+        ({"review_heartbeat_hours": "24"}, r"'review_heartbeat_hours': 24 \(86400 s\) is not shorter"),
+        ({"review_timeout_hours": "0.0003", "review_heartbeat_hours": "0.0002"}, r"\(1 s\) is not shorter"),
+    ],
+)
+def test_bad_review_settings_fail_naming_the_key(context, message):
+    with pytest.raises(ConfigError, match=message):
+        config(**context)

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 from aws_cdk.assertions import Match
-from conftest import ROOT, synth_stacks, template
+from conftest import ROOT, _placeholder, synth_stacks, template
 
 from monitoring import metrics
 from stacks import monitoring_stack
@@ -67,7 +67,11 @@ def test_alarms_notify_the_topic_and_traffic_alarm_is_optional():
         "scones-dev-low-confidence-rate",
         "scones-dev-drift-violations",
         "scones-dev-drift-job-failed",
+        "scones-dev-review-intake-stuck",
+        "scones-dev-review-dead-letters",
+        "scones-dev-review-deadline-near",
     }
+    assert not {name for name in _alarms(review="false") if "review" in name}
     (topic,) = template("Monitoring").find_resources("AWS::SNS::Topic")
     for alarm in alarms.values():
         assert alarm["AlarmActions"] == alarm["OKActions"] == [{"Ref": topic}]
@@ -272,3 +276,105 @@ def test_dashboard_shows_the_endpoints_rollback_alarms_by_their_names():
     assert "Endpoint update: rollback alarms" in body
     for name in endpoint_alarms:
         assert f":alarm:{name}" in body, name
+
+
+def _review_queue_names() -> dict[str, str]:
+    """The export names of the review queues' names, by queue name, as the Monitoring stack imports them."""
+    review = template("Review")
+    names = {}
+    for logical_id, queue in review.find_resources("AWS::SQS::Queue").items():
+        (export,) = [
+            output["Export"]["Name"]
+            for output in review.find_outputs("*").values()
+            if output["Value"] == {"Fn::GetAtt": [logical_id, "QueueName"]}
+        ]
+        names[queue["Properties"]["QueueName"]] = export
+    return names
+
+
+def test_review_alarms_watch_the_intake_the_dead_letters_and_the_deadline():
+    alarms = _alarms()
+    queues = _review_queue_names()
+    (topic,) = template("Monitoring").find_resources("AWS::SNS::Topic")
+    stuck = alarms["scones-dev-review-intake-stuck"]
+    assert (stuck["Namespace"], stuck["MetricName"], stuck["Statistic"]) == (
+        "AWS/SQS",
+        "ApproximateAgeOfOldestMessage",
+        "Maximum",
+    )
+    assert stuck["Dimensions"] == [{"Name": "QueueName", "Value": {"Fn::ImportValue": queues["scones-dev-review"]}}]
+    assert (stuck["Threshold"], stuck["ComparisonOperator"]) == (300, "GreaterThanThreshold")
+    dead = alarms["scones-dev-review-dead-letters"]
+    assert (dead["MetricName"], dead["Statistic"], dead["Threshold"], dead["ComparisonOperator"]) == (
+        "ApproximateNumberOfMessagesVisible",
+        "Maximum",
+        0,
+        "GreaterThanThreshold",
+    )
+    assert dead["Dimensions"] == [{"Name": "QueueName", "Value": {"Fn::ImportValue": queues["scones-dev-review-dlq"]}}]
+    near = alarms["scones-dev-review-deadline-near"]
+    assert (near["Namespace"], near["MetricName"], near["Statistic"], "Dimensions" in near) == (
+        "Scones",
+        "OldestReviewAgeSeconds",
+        "Maximum",
+        False,
+    )
+    assert near["Threshold"] == 69120  # 80% of 24 hours in seconds
+    assert _alarms(review_timeout_hours="1")["scones-dev-review-deadline-near"]["Threshold"] == 2880
+    for alarm in (stuck, dead, near):
+        assert alarm["AlarmActions"] == alarm["OKActions"] == [{"Ref": topic}]
+        assert alarm["TreatMissingData"] == "notBreaching"
+
+
+def _dashboard_widgets(**context) -> list[dict]:
+    (dashboard,) = template("Monitoring", **context).find_resources("AWS::CloudWatch::Dashboard").values()
+    body = dashboard["Properties"]["DashboardBody"]
+    text = "".join(part if isinstance(part, str) else _placeholder(part) for part in body["Fn::Join"][1])
+    return json.loads(text)["widgets"]
+
+
+def _widget(title: str, **context) -> dict:
+    (widget,) = [w for w in _dashboard_widgets(**context) if w["properties"].get("title") == title]
+    return widget["properties"]
+
+
+def test_dashboard_row_for_the_review_queue():
+    waiting = _widget("Reviews waiting, and the oldest's age (s)")
+    assert [m[:2] for m in waiting["metrics"]] == [["Scones", "ReviewsWaiting"], ["Scones", "OldestReviewAgeSeconds"]]
+    assert waiting["metrics"][1][2]["yAxis"] == "right"
+
+    answered = _widget("Reviews answered per hour, by the model's class")
+    assert answered["stacked"] is True
+    assert [m[:4] for m in answered["metrics"]] == [
+        ["Scones", "ReviewAnswers", "ModelClass", name] for name in ("bicycle", "motorcycle", "neither")
+    ]
+    assert all(m[4]["stat"] == "Sum" and m[4]["period"] == 3600 for m in answered["metrics"])
+
+    agreement = _widget("Reviewers agreeing with the model (hourly)")
+    expressions = [m[0] for m in agreement["metrics"] if "expression" in m[0]]
+    (shown,) = [e for e in expressions if e.get("visible", True)]
+    assert shown["expression"] == "IF(answers > 0, 1 - overruled / answers)"
+    hidden = {e["id"]: e["expression"] for e in expressions if e is not shown}
+    assert hidden == {
+        "answers": "FILL(reviewanswers0, 0) + FILL(reviewanswers1, 0) + FILL(reviewanswers2, 0)",
+        "overruled": "FILL(overruled0, 0) + FILL(overruled1, 0) + FILL(overruled2, 0)",
+    }
+    summed = {m[-1]["id"]: m[:4] for m in agreement["metrics"] if "expression" not in m[0]}
+    assert summed["overruled2"] == ["Scones", "Overruled", "ModelClass", "neither"]
+    assert summed["reviewanswers0"] == ["Scones", "ReviewAnswers", "ModelClass", "bicycle"]
+    assert agreement["yAxis"]["left"] == {"min": 0, "max": 1}
+
+    queues = _review_queue_names()
+    sqs = _widget("Review queue: oldest message (s), dead letters")
+    assert [m[:4] for m in sqs["metrics"]] == [
+        ["AWS/SQS", "ApproximateAgeOfOldestMessage", "QueueName", f"<ImportValue:{queues['scones-dev-review']}>"],
+        [
+            "AWS/SQS",
+            "ApproximateNumberOfMessagesVisible",
+            "QueueName",
+            f"<ImportValue:{queues['scones-dev-review-dlq']}>",
+        ],
+    ]
+
+    titles = {w["properties"].get("title") for w in _dashboard_widgets(review="false")}
+    assert not {title for title in titles if title and "eview" in title}

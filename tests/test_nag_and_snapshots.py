@@ -13,7 +13,7 @@ from aws_cdk.assertions import Annotations, Match, Template
 from conftest import synth_stacks
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
-STACKS = ["Data", "Training", "Endpoint", "Workflow", "Monitoring"]
+STACKS = ["Data", "Training", "Endpoint", "Review", "Workflow", "Monitoring"]
 
 
 @pytest.mark.parametrize("env", ["dev", "prod"])

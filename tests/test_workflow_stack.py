@@ -117,7 +117,7 @@ def test_each_lambda_role_has_exactly_its_own_data_access():
 
 
 def test_classification_states_in_order_with_retries_and_low_confidence_fail():
-    definition = definition_of(synth_stacks()["Workflow"].state_machine)
+    definition = definition_of(synth_stacks(review="false")["Workflow"].state_machine)
     states = definition["States"]
     assert definition["StartAt"] == "Serialize image data"
     assert states["Serialize image data"]["Next"] == "Classify image"
@@ -145,6 +145,90 @@ def test_classification_states_in_order_with_retries_and_low_confidence_fail():
         {"ErrorEquals": ["ThresholdConfidenceNotMet"], "Next": "Low confidence"}
     ]
     assert states["Low confidence"] == {"Type": "Fail", "ErrorPath": "$.Error", "CausePath": "$.Cause"}
+    assert set(states) == {
+        "Serialize image data",
+        "Classify image",
+        "Filter low confidence",
+        "Confident",
+        "Low confidence",
+    }
+    assert definition["TimeoutSeconds"] == 300
+
+
+def _review_states(**context) -> tuple[dict, dict]:
+    definition = definition_of(synth_stacks(**context)["Workflow"].state_machine)
+    return definition, definition["States"]
+
+
+def test_an_uncertain_answer_asks_a_reviewer_and_waits_for_the_answer():
+    definition, states = _review_states()
+    assert "Low confidence" not in states
+    # the confident path does not wait
+    assert states["Filter low confidence"]["Next"] == "Confident"
+    assert states["Confident"] == {"Type": "Succeed"}
+    assert states["Filter low confidence"]["Catch"] == [
+        {"ErrorEquals": ["ThresholdConfidenceNotMet"], "ResultPath": "$.error", "Next": "Ask a reviewer"}
+    ]
+    ask = states["Ask a reviewer"]
+    assert ask["Type"] == "Task"
+    assert ask["Resource"] == "arn:<Ref:AWS::Partition>:states:::sqs:sendMessage.waitForTaskToken"
+    assert ask["Parameters"]["QueueUrl"] == "<ImportValue:SconesDevReview:ExportsOutputRefQueue4A7E3555425E8BD3>"
+    assert ask["Parameters"]["MessageBody"] == {
+        "task_token.$": "$$.Task.Token",
+        "execution_arn.$": "$$.Execution.Id",
+        "requested_at.$": "$$.State.EnteredTime",
+        "s3_bucket.$": "$.s3_bucket",
+        "s3_key.$": "$.s3_key",
+        "inferences.$": "$.inferences",
+        "reason.$": "$.error.Cause",
+    }
+    # the reviewer's SendTaskSuccess output becomes the execution's output
+    assert "ResultPath" not in ask and "OutputPath" not in ask and "ResultSelector" not in ask
+    assert ask["Next"] == "Reviewed" and states["Reviewed"] == {"Type": "Succeed"}
+    assert (ask["TimeoutSeconds"], "HeartbeatSeconds" in ask) == (24 * 3600, False)
+    assert "Retry" not in ask
+
+
+def test_a_reviewers_neither_fails_not_a_vehicle_and_no_answer_in_time_fails_review_timed_out():
+    _, states = _review_states()
+    ask = states["Ask a reviewer"]
+    assert ask["Catch"] == [
+        {"ErrorEquals": ["NotAVehicle"], "Next": "Not a vehicle"},
+        {"ErrorEquals": ["States.Timeout", "States.HeartbeatTimeout"], "Next": "Review timed out"},
+    ]
+    assert states["Not a vehicle"] == {"Type": "Fail", "ErrorPath": "$.Error", "CausePath": "$.Cause"}
+    timed_out = states["Review timed out"]
+    assert (timed_out["Type"], timed_out["Error"]) == ("Fail", "ReviewTimedOut")
+    assert "No reviewer answered" in timed_out["Cause"] and "-c review_timeout_hours" in timed_out["Cause"]
+
+
+def test_review_timeout_and_heartbeat_come_from_the_config_and_extend_the_state_machines_timeout():
+    definition, states = _review_states()
+    assert definition["TimeoutSeconds"] == 24 * 3600 + 300
+    # a batch waits for its children, each of which may wait for a reviewer
+    assert definition_of(synth_stacks()["Workflow"].batch.state_machine)["TimeoutSeconds"] == 2 * 24 * 3600
+    assert definition_of(synth_stacks(review="false")["Workflow"].batch.state_machine)["TimeoutSeconds"] == 24 * 3600
+    definition, states = _review_states(review_timeout_hours="0.0006", review_heartbeat_hours="0.0003")
+    assert (states["Ask a reviewer"]["TimeoutSeconds"], states["Ask a reviewer"]["HeartbeatSeconds"]) == (2, 1)
+    assert definition["TimeoutSeconds"] == 2 + 300
+    assert "-c review_heartbeat_hours" in states["Review timed out"]["Cause"]
+    _, states = _review_states(review_timeout_hours="2", review_heartbeat_hours="0.5")
+    assert (states["Ask a reviewer"]["TimeoutSeconds"], states["Ask a reviewer"]["HeartbeatSeconds"]) == (7200, 1800)
+
+
+def test_the_classification_may_send_to_the_review_queue_with_its_key_and_nothing_else_of_it():
+    statements = _policy_statements(template("Workflow"), "ClassificationStateMachine")
+    review = [s for s in statements if "sqs:" in json.dumps(s["Action"]) or "kms:" in json.dumps(s["Action"])]
+    assert [s["Action"] for s in review] == ["sqs:SendMessage", ["kms:Decrypt", "kms:GenerateDataKey*"]]
+    queue, key = (s["Resource"]["Fn::ImportValue"] for s in review)
+    assert queue.startswith("SconesDevReview:ExportsOutputFnGetAttQueue4A7E3555Arn")
+    assert key.startswith("SconesDevReview:ExportsOutputFnGetAttQueueKey")
+    assert not any("states:SendTask" in json.dumps(s["Action"]) for s in statements)
+    assert not [
+        s
+        for s in _policy_statements(template("Workflow", review="false"), "ClassificationStateMachine")
+        if "sqs:" in json.dumps(s["Action"])
+    ]
 
 
 def test_state_machines_are_standard_logged_and_traced():
