@@ -151,6 +151,8 @@ class ReviewStack(Stack):
                 "METRIC_NAMESPACE": METRIC_NAMESPACE,
                 "USER_POOL_CLIENT_ID": self.user_pool_client.user_pool_client_id,
                 "USER_POOL_REGION": Aws.REGION,
+                # lets the task list start after the oldest task still answerable
+                "REVIEW_TIMEOUT_SECONDS": str(config.review_timeout_seconds),
             },
             timeout=Duration.seconds(20),
         )

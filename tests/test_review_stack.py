@@ -148,6 +148,7 @@ def test_lambdas_environment():
                     "METRIC_NAMESPACE": "Scones",
                     "USER_POOL_CLIENT_ID": {"Ref": client_id},
                     "USER_POOL_REGION": {"Ref": "AWS::Region"},
+                    "REVIEW_TIMEOUT_SECONDS": "1800",
                 }
             },
         },
@@ -158,6 +159,7 @@ def test_lambdas_environment():
         "CLASS_NAMES",
         "STATE_MACHINE_ARN",
         "METRIC_NAMESPACE",
+        "REVIEW_TIMEOUT_SECONDS",
         "USER_POOL_CLIENT_ID",
         "USER_POOL_REGION",
     }
