@@ -165,6 +165,8 @@ class LocalRun:
                 "--out",
                 str(out),
                 "--no-progress",
+                "--reviews",
+                f"s3://{bucket}/reviews/",
                 *(["--filter-threshold", str(filter_threshold)] if filter_threshold is not None else []),
             ]
         )

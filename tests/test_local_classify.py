@@ -80,7 +80,8 @@ def stack(tmp_path_factory):
     """The local services up, as `up` leaves them (deployed.json written), with the colour model trained."""
     state_dir = tmp_path_factory.mktemp("state")
     with environment_restored():
-        run = LocalRun(state_dir, assembly_directory(), "dev")
+        # The classic workflow (-c review=false): an uncertain photo fails; tests/test_local_review.py has review on.
+        run = LocalRun(state_dir, assembly_directory(review="false"), "dev")
         info = run.start_aws()
         try:
             deployment = run.deploy([run.stack("Data")])
@@ -95,7 +96,7 @@ def stack(tmp_path_factory):
             run.register(model_url)  # past the evaluation gate, approved, recorded in SSM
             run.deploy([run.stack("Workflow"), run.stack("Endpoint")])
             endpoints = run.serve_endpoint(deployment, info["sagemaker_runtime"])
-            record_deployed(run, bucket, endpoints, model_settings(archive))
+            record_deployed(run, bucket, endpoints, model_settings(archive), None)
             yield state_dir, bucket, model_url
         finally:
             run.endpoint.stop()

@@ -18,7 +18,7 @@ from conftest import assembly_directory, environment_restored
 from fake_endpoint import FakeEndpoint
 from PIL import Image
 
-from local import aws, review
+from local import aws, classify, review
 from local.assembly import read_assembly
 from local.deploy import LocalDeployment
 from local.executions import run_execution, waits_for_callback
@@ -226,3 +226,17 @@ def test_a_reviewer_answers_in_the_browser(local):
     assert described["status"] == "SUCCEEDED"
     assert json.loads(described["output"])["class"] == "motorcycle"
     boto3.client("s3").head_object(Bucket=local.bucket, Key="labels/motorcycle/photos/in-the-browser.jpg")
+
+
+def test_classify_reports_a_photo_that_waits_for_review(local):
+    put_photo(local, "photos/classify-waits.jpg")
+    deployed = {
+        "bucket": local.bucket,
+        "state_machines": {"classify-image": MACHINE},
+        "classes": ["bicycle", "motorcycle"],
+        "filter_threshold": {"value": 0.93, "source": "default"},
+        "review": local.info,
+    }
+    (row,) = classify.classify_each(deployed, [{"photo": "waits.jpg", "s3_key": "photos/classify-waits.jpg"}], 1)
+    assert (row["status"], row["error"], row["accepted"]) == ("RUNNING", classify.WAITING, False)
+    assert row["class"] == "bicycle" and row["probabilities"] == {"bicycle": 0.6, "motorcycle": 0.3}

@@ -64,7 +64,7 @@ def local_run(tmp_path_factory):
                 Type="String",
                 Value=f"s3://{bucket}/models/confident/output/model.tar.gz",
             )
-            run.deploy([run.stack("Workflow"), run.stack("Endpoint")])
+            run.deploy([run.stack("Review"), run.stack("Workflow"), run.stack("Endpoint")])
             run.serve_endpoint(deployment, info["sagemaker_runtime"])
             for number in range(IMAGES):
                 image = io.BytesIO()
@@ -120,7 +120,7 @@ def test_help_lists_only_the_user_commands(capsys):
         main(["--help"])
     assert exited.value.code == 0
     out = capsys.readouterr().out
-    assert "{up,classify,registry,down}" in out
+    assert "{up,classify,review,registry,down}" in out
     assert "SUPPRESS" not in out and "serve" not in out
 
 
@@ -215,12 +215,14 @@ def test_the_summary_shows_the_reports_under_the_working_folder_as_relative_path
         "model_test_accuracy": 0.9,
         "executions": 1,
         "succeeded": 1,
+        "waiting_for_review": 0,
         "accepted_accuracy": 1.0,
         "latency_ms_p50": 1,
         "latency_ms_p99": 1,
         "captured_records": 1,
         "capture_report": str(state_dir / "report" / "report.html"),
         "model_package": "scones-dev/1 Approved",
+        "review_page": "http://127.0.0.1:8123/#token=t",
     }
     print_summary(summary, "bucket", ["scones-dev"], state_dir)
     printed = capsys.readouterr().out

@@ -28,7 +28,8 @@ def deployment():
             with FakeEndpoint() as endpoint:
                 os.environ["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"] = endpoint.url
                 deployed = LocalDeployment()
-                stacks = {stack.name: stack for stack in read_assembly(assembly_directory())}
+                # The classic workflow (-c review=false): tests/test_local_review.py runs the review step.
+                stacks = {stack.name: stack for stack in read_assembly(assembly_directory(review="false"))}
                 deployed.deploy(stacks["SconesDevData"])
                 deployed.deploy(stacks["SconesDevWorkflow"])
                 deployed.endpoint = endpoint
