@@ -54,6 +54,7 @@ REVIEWS_WAITING = "ReviewsWaiting"
 OLDEST_REVIEW_AGE = "OldestReviewAgeSeconds"
 REVIEW_ANSWERS = "ReviewAnswers"
 OVERRULED = "Overruled"
+NOT_A_VEHICLE = "NotAVehicle"  # 1 per review task a reviewer answered "neither" (its execution fails on purpose)
 NEITHER = "neither"
 
 

@@ -98,17 +98,13 @@ class MonitoringStack(Stack):
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
         self.alarms = [
-            cloudwatch.MathExpression(
-                expression="IF(started > 0, 100 * (failed - lowconfidence) / started, 0)",
-                using_metrics={"started": started, "failed": failed, "lowconfidence": low_confidence},
-                label="executions failed for reasons other than low confidence (%)",
-                period=FIVE_MINUTES,
-            ).create_alarm(
+            self._failure_rate(config, started, failed, low_confidence).create_alarm(
                 self,
                 "ExecutionFailureRate",
                 alarm_name=f"{config.prefix}-execution-failure-rate",
                 alarm_description="More than 5% of classification executions failed for a reason other than "
-                "low confidence (missing or bad images, endpoint errors after retries).",
+                "an uncertain answer or a reviewer's 'neither' (missing or bad images, endpoint errors after "
+                "retries, reviews timed out).",
                 threshold=5,
                 evaluation_periods=2,
                 datapoints_to_alarm=2,
@@ -310,6 +306,23 @@ class MonitoringStack(Stack):
             "AlarmTopicArn",
             value=self.topic.topic_arn,
             description="The SNS topic every alarm notifies: subscribe to it to hear of failures and drift.",
+        )
+
+    @staticmethod
+    def _failure_rate(config: SconesConfig, started, failed, low_confidence) -> cloudwatch.MathExpression:
+        """Executions that failed for a reason other than the answer itself, in percent: without review an
+        uncertain answer fails its execution (ThresholdConfidenceNotMet); with review a reviewer's "neither" does
+        (NotAVehicle), and an uncertain answer waits instead."""
+        if config.review:
+            expected = {"notavehicle": metrics.review_metric(metrics.NOT_A_VEHICLE, "Sum", FIVE_MINUTES)}
+        else:
+            expected = {"lowconfidence": low_confidence}
+        (name,) = expected
+        return cloudwatch.MathExpression(
+            expression=f"IF(started > 0, 100 * (failed - {name}) / started, 0)",
+            using_metrics={"started": started, "failed": failed, **expected},
+            label="executions failed for reasons other than the answer (%)",
+            period=FIVE_MINUTES,
         )
 
     def _review_alarms(self, config: SconesConfig, review: ReviewStack) -> list[cloudwatch.Alarm]:

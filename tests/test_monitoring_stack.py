@@ -11,6 +11,7 @@ from stacks.config import ConfigError, SconesConfig
 
 sys.path.insert(0, str(ROOT / "lambdas"))
 from filter_inferences import index as filter_step
+from review_api import answers
 
 
 def _filter_namespace() -> str:
@@ -78,8 +79,20 @@ def test_alarms_notify_the_topic_and_traffic_alarm_is_optional():
     assert "scones-dev-no-invocations" in _alarms(expect_traffic="true")
 
 
-def test_failure_rate_alarm_leaves_low_confidence_out():
+def test_failure_rate_alarm_leaves_a_reviewers_neither_out():
     alarm = _alarms()["scones-dev-execution-failure-rate"]
+    (expression,) = [m for m in alarm["Metrics"] if "Expression" in m]
+    assert expression["Expression"] == "IF(started > 0, 100 * (failed - notavehicle) / started, 0)"
+    metrics = {m["Id"]: m["MetricStat"]["Metric"] for m in alarm["Metrics"] if "MetricStat" in m}
+    assert (metrics["notavehicle"]["Namespace"], metrics["notavehicle"]["MetricName"]) == (
+        "Scones",
+        answers.NOT_A_VEHICLE_METRIC,
+    )
+    assert "Dimensions" not in metrics["notavehicle"]
+
+
+def test_failure_rate_alarm_leaves_low_confidence_out_without_review():
+    alarm = _alarms(review="false")["scones-dev-execution-failure-rate"]
     (expression,) = [m for m in alarm["Metrics"] if "Expression" in m]
     assert expression["Expression"] == "IF(started > 0, 100 * (failed - lowconfidence) / started, 0)"
     metrics = {m["Id"]: m["MetricStat"]["Metric"] for m in alarm["Metrics"] if "MetricStat" in m}

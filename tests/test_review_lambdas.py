@@ -409,9 +409,15 @@ def test_answer_bicycle_resumes_the_execution_and_records_the_label(review, caps
             "Namespace": NAMESPACE,
             "Dimensions": [["ModelClass"]],
             "Metrics": [{"Name": "ReviewAnswers", "Unit": "Count"}, {"Name": "Overruled", "Unit": "Count"}],
-        }
+        },
+        {"Namespace": NAMESPACE, "Dimensions": [[]], "Metrics": [{"Name": "NotAVehicle", "Unit": "Count"}]},
     ]
-    assert (metric["ModelClass"], metric["ReviewAnswers"], metric["Overruled"]) == ("bicycle", 1, 0)
+    assert (metric["ModelClass"], metric["ReviewAnswers"], metric["Overruled"], metric["NotAVehicle"]) == (
+        "bicycle",
+        1,
+        0,
+        0,
+    )
 
 
 def test_answer_neither_fails_the_execution_with_not_a_vehicle(review, capsys):
@@ -426,6 +432,7 @@ def test_answer_neither_fails_the_execution_with_not_a_vehicle(review, capsys):
     # moto 5.2.5's SendTaskFailure drops the cause, so the sentence naming photo and reviewer is not seen here
     (metric,) = emf_lines(capsys.readouterr().out)
     assert (metric["ModelClass"], metric["Overruled"]) == ("neither", 0)  # the model's most likely: 1 - 0.55
+    assert metric["NotAVehicle"] == 1  # the failure-rate alarm leaves this execution's failure out
 
 
 def test_answering_twice_is_refused_and_changes_nothing(review):
