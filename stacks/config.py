@@ -316,8 +316,14 @@ class SconesConfig:
     retrain_schedule: str | None = _setting(
         None,
         "also retrain on a schedule, e.g. `rate(7 days)` or `cron(0 3 ? * MON *)` (EventBridge syntax); unset, "
-        "only the drift alarm starts a retraining",
+        "no schedule starts a retraining",
         _schedule,
+    )
+    retrain_after_labels: int | None = _setting(
+        None,
+        "with `review` on, also retrain each time reviewers have written this many labels under `labels/`; unset, "
+        "labels start no retraining",
+        _number(int, 1),
     )
     review: bool = _setting(
         True,
@@ -369,7 +375,14 @@ class SconesConfig:
             )
 
     def _check_review(self) -> None:
-        """Step Functions refuses a task whose HeartbeatSeconds is not smaller than its TimeoutSeconds."""
+        """Labels come only from reviews; Step Functions refuses a task whose HeartbeatSeconds is not smaller than
+        its TimeoutSeconds."""
+        if self.retrain_after_labels is not None and not self.review:
+            raise ConfigError(
+                f"context key 'retrain_after_labels': {self.retrain_after_labels} labels can never accumulate with "
+                "'review' false (reviewers write the labels); set 'review' to true or leave 'retrain_after_labels' "
+                "unset"
+            )
         heartbeat, timeout = self.review_heartbeat_seconds, self.review_timeout_seconds
         if heartbeat is not None and heartbeat >= timeout:
             raise ConfigError(

@@ -1,7 +1,7 @@
 """What a team needs to run the workflow: a dashboard, alarms that reach people through SNS, the hourly
 drift job (stacks/drift_job.py) that checks the endpoint's captures against the model's baseline, and the
-rules that start a retraining when drift is found (and, if configured, on a schedule); with the review on, the
-review queue's row and alarms."""
+rules that start a retraining when drift is found (and, if configured, on a schedule or once enough reviewed labels
+have accumulated); with the review on, the review queue's row and alarms."""
 
 from aws_cdk import (
     Aws,
@@ -31,6 +31,10 @@ from stacks.metrics import LOW_CONFIDENCE, PREDICTIONS, TOP_PROBABILITY
 from stacks.review_stack import MAX_RECEIVES, ReviewStack
 from stacks.workflow_stack import METRIC_NAMESPACE
 
+# The event the review API puts on the default bus when enough reviewed labels have accumulated
+# (lambdas/review_api/retrain.py: SOURCE, DETAIL_TYPE).
+REVIEW_EVENT_SOURCE = "scones.review"
+LABELS_ACCUMULATED = "Reviewed labels accumulated"
 FIVE_MINUTES = Duration.minutes(5)
 ONE_HOUR = Duration.hours(1)
 
@@ -174,7 +178,7 @@ class MonitoringStack(Stack):
             alarm.add_alarm_action(actions.SnsAction(self.topic))
             alarm.add_ok_action(actions.SnsAction(self.topic))
 
-        self.retrain_rules = self._retraining(config, training_state_machine)
+        self.retrain_rules = self._retraining(config, training_state_machine, state_machine)
 
         dashboard = cloudwatch.Dashboard(
             self, "Dashboard", dashboard_name=config.prefix, default_interval=Duration.hours(6)
@@ -414,8 +418,12 @@ class MonitoringStack(Stack):
             ),
         ]
 
-    def _retraining(self, config: SconesConfig, training: sfn.IStateMachine) -> list[events.Rule]:
-        """Start the training state machine when the drift alarm goes into ALARM, and on the optional schedule.
+    def _retraining(
+        self, config: SconesConfig, training: sfn.IStateMachine, classify: sfn.IStateMachine
+    ) -> list[events.Rule]:
+        """Start the training state machine when the drift alarm goes into ALARM, on the optional schedule, and
+        when the review API reports that `retrain_after_labels` reviewed labels of this environment's classify
+        state machine have accumulated (lambdas/review_api/retrain.py).
 
         A retraining only trains and records a model; the endpoint changes only when it is deployed again."""
         role = iam.Role(
@@ -460,6 +468,30 @@ class MonitoringStack(Stack):
                             training,
                             role=role,
                             input=events.RuleTargetInput.from_object({"trigger": "schedule"}),
+                        )
+                    ],
+                )
+            )
+        if config.retrain_after_labels is not None:
+            rules.append(
+                events.Rule(
+                    self,
+                    "RetrainOnLabels",
+                    rule_name=f"{config.prefix}-retrain-on-labels",
+                    description=f"Starts a retraining each time reviewers have written {config.retrain_after_labels} "
+                    "labels.",
+                    event_pattern=events.EventPattern(
+                        source=[REVIEW_EVENT_SOURCE],
+                        detail_type=[LABELS_ACCUMULATED],
+                        detail={"state_machine": [classify.state_machine_arn]},
+                    ),
+                    targets=[
+                        targets.SfnStateMachine(
+                            training,
+                            role=role,
+                            input=events.RuleTargetInput.from_object(
+                                {"trigger": "labels", "labels": events.EventField.from_path("$.detail.labels")}
+                            ),
                         )
                     ],
                 )

@@ -153,11 +153,16 @@ class ReviewStack(Stack):
                 "USER_POOL_REGION": Aws.REGION,
                 # lets the task list start after the oldest task still answerable
                 "REVIEW_TIMEOUT_SECONDS": str(config.review_timeout_seconds),
+                **(
+                    {"RETRAIN_AFTER_LABELS": str(config.retrain_after_labels)}
+                    if config.retrain_after_labels is not None
+                    else {}
+                ),
             },
             timeout=Duration.seconds(20),
         )
         self.api_function = api.function
-        self._grant_api(bucket, classify, classify_name)
+        self._grant_api(bucket, classify, classify_name, counts_labels=config.retrain_after_labels is not None)
         self.api, self.stage = self._http_api(config)
 
         self.metrics_schedule = events.Rule(
@@ -228,11 +233,22 @@ class ReviewStack(Stack):
         )
         return pool, client
 
-    def _grant_api(self, bucket: s3.IBucket, classify: sfn.IStateMachine, classify_name: str) -> None:
+    def _grant_api(
+        self, bucket: s3.IBucket, classify: sfn.IStateMachine, classify_name: str, *, counts_labels: bool
+    ) -> None:
         """The review API's access: its table, answering the classify executions' review tasks and reading those
-        executions, reading photos, and writing only labels and answer records."""
+        executions, reading photos, and writing only labels and answer records; when it counts labels towards a
+        retraining, updating the count and putting events on the default bus."""
         function = self.api_function
-        self.table.grant(function, "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:DeleteItem", "dynamodb:Query")
+        table_actions = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:DeleteItem", "dynamodb:Query"]
+        self.table.grant(function, *table_actions, *(["dynamodb:UpdateItem"] if counts_labels else []))
+        if counts_labels:
+            function.add_to_role_policy(
+                iam.PolicyStatement(
+                    actions=["events:PutEvents"],
+                    resources=[self.format_arn(service="events", resource="event-bus", resource_name="default")],
+                )
+            )
         classify.grant_task_response(function)
         function.add_to_role_policy(
             iam.PolicyStatement(actions=["states:ListExecutions"], resources=[classify.state_machine_arn])

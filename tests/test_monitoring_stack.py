@@ -11,7 +11,7 @@ from stacks.config import ConfigError, SconesConfig
 
 sys.path.insert(0, str(ROOT / "lambdas"))
 from filter_inferences import index as filter_step
-from review_api import answers
+from review_api import answers, retrain
 
 
 def _filter_namespace() -> str:
@@ -391,3 +391,44 @@ def test_dashboard_row_for_the_review_queue():
 
     titles = {w["properties"].get("title") for w in _dashboard_widgets(review="false")}
     assert not {title for title in titles if title and "eview" in title}
+
+
+def test_enough_reviewed_labels_of_this_environment_start_the_training_state_machine():
+    rules, statements = _retraining(retrain_after_labels="50")
+    assert set(rules) == {"scones-dev-retrain-on-drift", "scones-dev-retrain-on-labels"}
+    rule = rules["scones-dev-retrain-on-labels"]
+    classify = synth_stacks()["Workflow"]
+    machine = classify.get_logical_id(classify.state_machine.node.default_child)
+    (export,) = [
+        output["Export"]["Name"]
+        for output in template("Workflow").find_outputs("*").values()
+        if output["Value"] == {"Ref": machine} and "Export" in output
+    ]
+    # the event the review API puts on the default bus, from this environment's classify state machine only
+    assert rule["EventPattern"] == {
+        "source": [retrain.SOURCE],
+        "detail-type": [retrain.DETAIL_TYPE],
+        "detail": {"state_machine": [{"Fn::ImportValue": export}]},
+    }
+    assert "EventBusName" not in rule  # the default bus, where the review API puts it
+    (target,) = rule["Targets"]
+    assert target["Arn"] == _training_machine_arn()
+    assert target["InputTransformer"] == {
+        "InputPathsMap": {"detail-labels": "$.detail.labels"},
+        "InputTemplate": '{"trigger":"labels","labels":<detail-labels>}',
+    }
+    # the same role as the other retraining rules: start the training state machine, nothing else
+    assert statements == [{"Action": "states:StartExecution", "Effect": "Allow", "Resource": _training_machine_arn()}]
+    assert "scones-dev-retrain-on-labels" not in _retraining()[0]
+
+
+@pytest.mark.parametrize("count", ["0", "-3", "many", "2.5"])
+def test_retrain_after_labels_must_be_a_whole_number_of_one_or_more(count):
+    with pytest.raises(ConfigError, match="retrain_after_labels"):
+        SconesConfig.from_context({"retrain_after_labels": count})
+
+
+def test_retrain_after_labels_without_review_names_both_keys():
+    with pytest.raises(ConfigError, match=r"'retrain_after_labels'.*'review'.*true"):
+        SconesConfig.from_context({"retrain_after_labels": "50", "review": "false"})
+    assert SconesConfig.from_context({"retrain_after_labels": "50"}).retrain_after_labels == 50

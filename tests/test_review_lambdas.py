@@ -16,13 +16,14 @@ from pathlib import Path
 
 import boto3
 import pytest
+from botocore.stub import Stubber
 from moto import mock_aws
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lambdas"))
 
 from common import review as shared
-from review_api import answers, index as api
+from review_api import answers, index as api, retrain
 from review_intake import index as intake
 
 from local import stepfunctions_engine
@@ -189,12 +190,12 @@ def review(monkeypatch):
     }
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    for client in (shared.dynamodb_client, answers.s3_client, answers.stepfunctions_client):
+    for client in (shared.dynamodb_client, answers.s3_client, answers.stepfunctions_client, retrain.events_client):
         client.cache_clear()
     stepfunctions_engine.install()
     with mock_aws(config={"stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False}}):
         yield Review()
-    for client in (shared.dynamodb_client, answers.s3_client, answers.stepfunctions_client):
+    for client in (shared.dynamodb_client, answers.s3_client, answers.stepfunctions_client, retrain.events_client):
         client.cache_clear()
 
 
@@ -700,6 +701,197 @@ def test_the_labels_read_back_as_training_photos(review, tmp_path):
         "neither/p/3.png",
     ]
     assert sorted(label for label, _ in staged.rows["train"]) == ["bicycle", "bicycle", "motorcycle", "neither"]
+
+
+# ------------------------------------------------------------------------------------------ retraining
+
+
+@pytest.fixture
+def one_writer_per_item(monkeypatch):
+    """DynamoDB applies the writes to an item one at a time, their conditions included; moto's in-process
+    backend does not (threads can lose an ADD or both pass a condition), so its writes are serialized here."""
+    from moto.dynamodb.models import DynamoDBBackend
+
+    lock = threading.RLock()
+    for name in ("put_item", "update_item", "delete_item", "get_item"):
+        unlocked = getattr(DynamoDBBackend, name)
+
+        def locked(*args, _unlocked=unlocked, **kwargs):
+            with lock:
+                return _unlocked(*args, **kwargs)
+
+        monkeypatch.setattr(DynamoDBBackend, name, locked)
+
+
+def retraining_events(review) -> str:
+    """A rule on the default event bus that sends the review API's retraining events to a new queue (as the
+    monitoring stack's rule starts the training state machine); answers the queue's URL."""
+    queue = review.sqs.create_queue(QueueName="scones-test-retrain-events")["QueueUrl"]
+    queue_arn = review.sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    events = boto3.client("events")
+    pattern = {"source": ["scones.review"], "detail-type": ["Reviewed labels accumulated"]}
+    events.put_rule(Name="retrain-on-labels", EventPattern=json.dumps(pattern))
+    events.put_targets(Rule="retrain-on-labels", Targets=[{"Id": "queue", "Arn": queue_arn}])
+    return queue
+
+
+def received(review, queue: str) -> list[dict]:
+    """The events in `queue` (deleted from it)."""
+    found = []
+    while messages := review.sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", []):
+        for message in messages:
+            found.append(json.loads(message["Body"]))
+            review.sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
+    return found
+
+
+def labels_counted(review) -> int | None:
+    found = review.dynamodb.get_item(
+        TableName=TABLE, Key={"pk": {"S": "counter"}, "sk": {"S": "labels-since-training"}}
+    )
+    return int(found["Item"]["labels"]["N"]) if "Item" in found else None
+
+
+def answer(review, key: str, chosen: str = "bicycle") -> None:
+    task = review.waiting(key)
+    assert call("POST", "/api/answers", {"task": task, "class": chosen})[0] == 200
+
+
+def test_every_second_label_asks_for_one_retraining(review, monkeypatch, capsys):
+    monkeypatch.setenv("RETRAIN_AFTER_LABELS", "2")
+    queue = retraining_events(review)
+
+    answer(review, "photos/1.png")
+    assert (received(review, queue), labels_counted(review)) == ([], 1)
+
+    answer(review, "photos/2.png", "neither")
+
+    (event,) = received(review, queue)
+    assert (event["source"], event["detail-type"]) == ("scones.review", "Reviewed labels accumulated")
+    assert event["detail"] == {
+        "labels": 2,
+        "labels_prefix": f"s3://{BUCKET}/labels/",
+        "state_machine": review.state_machine,
+    }
+    assert labels_counted(review) == 0
+    assert review.keys("labels/") == ["labels/bicycle/photos/1.png", "labels/neither/photos/2.png"]
+    # a correction writes a label too: it counts
+    answer(review, "photos/3.png")
+    confident(review, "ok-1", "test/motorcycle_1.png", "motorcycle", [0.02, 0.97])
+    assert call("POST", "/api/corrections", {"execution": "ok-1", "class": "bicycle"})[0] == 200
+    assert [event["detail"]["labels"] for event in received(review, queue)] == [2]
+    assert labels_counted(review) == 0
+    logs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"retraining"' in line]
+    assert [log["retraining"] for log in logs] == ["requested", "requested"]
+
+
+def test_an_answer_whose_photo_is_gone_writes_no_label_and_counts_none(review, monkeypatch):
+    monkeypatch.setenv("RETRAIN_AFTER_LABELS", "1")
+    queue = retraining_events(review)
+    task = review.waiting("photos/gone.png")
+    review.s3.delete_object(Bucket=BUCKET, Key="photos/gone.png")
+
+    assert call("POST", "/api/answers", {"task": task, "class": "bicycle"}) == (
+        200,
+        {"execution": "photos-gone.png", "class": "bicycle", "label": None},
+    )
+
+    assert (received(review, queue), labels_counted(review)) == ([], None)
+
+
+def test_without_the_setting_labels_are_not_counted(review):
+    queue = retraining_events(review)
+    for i in range(3):
+        answer(review, f"photos/{i}.png")
+
+    assert (received(review, queue), labels_counted(review)) == ([], None)
+
+
+def test_of_two_answers_crossing_the_count_together_exactly_one_asks(review, monkeypatch, one_writer_per_item):
+    monkeypatch.setenv("RETRAIN_AFTER_LABELS", "2")
+    queue = retraining_events(review)
+    answer(review, "photos/first.png")
+    tasks = [review.waiting(f"photos/together-{i}.png") for i in range(2)]
+    barrier, statuses = threading.Barrier(2), []
+
+    def reviewer(task: str) -> None:
+        barrier.wait()
+        statuses.append(call("POST", "/api/answers", {"task": task, "class": "motorcycle"})[0])
+
+    threads = [threading.Thread(target=reviewer, args=(task,)) for task in tasks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert statuses == [200, 200]
+    (event,) = received(review, queue)
+    # the event takes the labels its answer saw; one counted meanwhile stays counted towards the next retraining
+    assert (event["detail"]["labels"], labels_counted(review)) in ((2, 1), (3, 0))
+
+
+def test_labels_counted_at_once_ask_once_per_n_and_lose_none(review, monkeypatch, one_writer_per_item):
+    monkeypatch.setenv("RETRAIN_AFTER_LABELS", "3")
+    queue = retraining_events(review)
+    barrier = threading.Barrier(8)
+
+    def reviewer() -> None:
+        barrier.wait()
+        for _ in range(3):
+            retrain.count_label(BUCKET)
+
+    threads = [threading.Thread(target=reviewer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    asked = [event["detail"]["labels"] for event in received(review, queue)]
+    assert all(labels >= 3 for labels in asked)
+    assert sum(asked) + labels_counted(review) == 24
+    assert labels_counted(review) < 3
+    assert len(asked) <= 8
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        lambda stub: stub.add_client_error("put_events", "InternalException", "EventBridge is unavailable", 500),
+        lambda stub: stub.add_response(
+            "put_events",
+            {"FailedEntryCount": 1, "Entries": [{"ErrorCode": "ThrottlingException", "ErrorMessage": "Rate exceeded"}]},
+        ),
+    ],
+    ids=["error", "failed entry"],
+)
+def test_a_failed_put_events_keeps_the_answer_and_the_next_label_asks_again(review, monkeypatch, capsys, failure):
+    """moto's EventBridge cannot be made to fail, so botocore's Stubber gives the two failures EventBridge
+    answers: an error, and a 200 whose entry failed."""
+    monkeypatch.setenv("RETRAIN_AFTER_LABELS", "1")
+    queue = retraining_events(review)
+
+    with Stubber(retrain.events_client()) as stub:
+        failure(stub)
+        answer(review, "photos/unheard.png")
+        stub.assert_no_pending_responses()
+
+    assert review.keys("labels/") == ["labels/bicycle/photos/unheard.png"]
+    assert labels_counted(review) == 1
+    (log,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"retraining"' in line]
+    assert (log["retraining"], log["labels"]) == ("not requested", 1)
+    assert "unavailable" in log["error"] or "Rate exceeded" in log["error"]
+
+    answer(review, "photos/heard.png")
+
+    assert [event["detail"]["labels"] for event in received(review, queue)] == [2]
+    assert labels_counted(review) == 0
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_bad_retrain_after_labels_is_named(review, monkeypatch, value):
+    monkeypatch.setenv("RETRAIN_AFTER_LABELS", value)
+    with pytest.raises(retrain.InvalidConfiguration, match=f"RETRAIN_AFTER_LABELS='{value}'.*retrain_after_labels"):
+        retrain.labels_per_retraining()
 
 
 # --------------------------------------------------------------------------------------------- browser

@@ -332,3 +332,49 @@ def test_outputs_give_the_page_the_pool_and_how_to_add_a_reviewer():
 def test_no_review_stack_and_the_classic_workflow_with_review_off():
     assert "Review" not in synth_stacks(review="false")
     assert "Review" in synth_stacks()
+
+
+def test_counting_labels_adds_only_updating_the_table_and_putting_events_on_the_default_bus():
+    review = template("Review", retrain_after_labels="50")
+    ids = _ids(review)
+    statements = _statements("ReviewApi", retrain_after_labels="50")
+    default_statements = _statements("ReviewApi")
+    added = [s for s in statements if s not in default_statements]
+    assert added == [
+        (
+            ["dynamodb:DeleteItem", "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query", "dynamodb:UpdateItem"],
+            {"Fn::GetAtt": [ids["table"], "Arn"]},
+        ),
+        (
+            ["events:PutEvents"],
+            {
+                "Fn::Join": [
+                    "",
+                    [
+                        "arn:",
+                        {"Ref": "AWS::Partition"},
+                        ":events:",
+                        {"Ref": "AWS::Region"},
+                        ":",
+                        {"Ref": "AWS::AccountId"},
+                        ":event-bus/default",
+                    ],
+                ]
+            },
+        ),
+    ]
+    # the default table statement is the one replaced: nothing else changed
+    assert [s for s in default_statements if s not in statements] == [
+        (
+            ["dynamodb:DeleteItem", "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query"],
+            {"Fn::GetAtt": [ids["table"], "Arn"]},
+        )
+    ]
+    assert _function(review, "review_api")["Environment"]["Variables"]["RETRAIN_AFTER_LABELS"] == "50"
+
+
+def test_without_retrain_after_labels_the_api_neither_counts_nor_puts_events():
+    review = template("Review")
+    actions = {action for actions, _ in _statements("ReviewApi") for action in actions}
+    assert not {"dynamodb:UpdateItem", "events:PutEvents"} & actions
+    assert "RETRAIN_AFTER_LABELS" not in _function(review, "review_api")["Environment"]["Variables"]

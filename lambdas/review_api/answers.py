@@ -4,7 +4,8 @@ A reviewer's answer resumes the waiting execution (SendTaskSuccess, or SendTaskF
 "neither"), and every answer or correction becomes data: the photo copied to `labels/<class>/<key>` (the
 folder layout `python -m training.etl --photos` stages) and one JSON line at
 `reviews/<YYYY>/<MM>/<DD>/<execution>.json`. Answers print EMF lines: `ReviewAnswers` and `Overruled` by
-`ModelClass`; the schedule's call prints `ReviewsWaiting` and `OldestReviewAgeSeconds`.
+`ModelClass`; the schedule's call prints `ReviewsWaiting` and `OldestReviewAgeSeconds`. With RETRAIN_AFTER_LABELS
+set, every label written is counted towards a retraining (retrain.py).
 """
 
 import functools
@@ -30,6 +31,8 @@ from common.review import (
     most_likely,
     to_item,
 )
+
+from review_api import retrain
 
 PHOTO_URL_SECONDS = 300
 NOT_A_VEHICLE_METRIC = "NotAVehicle"
@@ -318,7 +321,7 @@ def send(item: dict, record: dict, neither: float) -> None:
 def record_answer(bucket: str, record: dict) -> str | None:
     """The photo under labels/<class>/, the JSON line under reviews/, the EMF line; answers the label's URL,
     or None when the photo is no longer there to copy (the answer is recorded all the same)."""
-    label_key = f"labels/{record['class']}/{record['s3_key']}"
+    label_key = f"{retrain.LABELS_PREFIX}{record['class']}/{record['s3_key']}"
     try:
         s3_client().copy_object(Bucket=bucket, Key=label_key, CopySource={"Bucket": bucket, "Key": record["s3_key"]})
         label = f"s3://{bucket}/{label_key}"
@@ -348,6 +351,8 @@ def record_answer(bucket: str, record: dict) -> str | None:
             Kind=record["kind"],
         )
     )
+    if label:
+        retrain.count_label(bucket)
     return label
 
 
