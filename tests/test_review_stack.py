@@ -1,7 +1,7 @@
 import fnmatch
 import json
 
-from aws_cdk.assertions import Match
+from aws_cdk.assertions import Annotations, Match
 from conftest import synth_stacks, template
 
 from stacks.review_stack import PUBLISH_QUEUE_METRICS
@@ -378,3 +378,10 @@ def test_without_retrain_after_labels_the_api_neither_counts_nor_puts_events():
     actions = {action for actions, _ in _statements("ReviewApi") for action in actions}
     assert not {"dynamodb:UpdateItem", "events:PutEvents"} & actions
     assert "RETRAIN_AFTER_LABELS" not in _function(review, "review_api")["Environment"]["Variables"]
+
+
+def test_counting_labels_leaves_no_unsuppressed_cdk_nag_finding():
+    stacks = synth_stacks(retrain_after_labels="50")
+    for name in ("Review", "Monitoring"):
+        findings = Annotations.from_stack(stacks[name]).find_error("*", Match.string_like_regexp("AwsSolutions-.*"))
+        assert [f"{f.id}: {f.entry.data}" for f in findings] == [], name
