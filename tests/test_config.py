@@ -188,7 +188,7 @@ def test_review_hours_take_fractions_and_round_to_whole_seconds_of_at_least_one(
     assert (given.review_timeout_seconds, given.review_heartbeat_seconds) == (2, 1)
     assert config(review_timeout_hours="0.0001").review_timeout_seconds == 1
     assert config(review_timeout_hours="1.5").review_timeout_seconds == 5400
-    assert config(review_timeout_hours="8760").review_timeout_seconds == 8760 * 3600
+    assert config(review_timeout_hours="8736").review_timeout_seconds == 8736 * 3600  # + the batch's day: a year
     assert config(review_timeout_hours=2, review_heartbeat_hours=1.99).review_heartbeat_seconds == 7164
 
 
@@ -196,8 +196,8 @@ def test_review_hours_take_fractions_and_round_to_whole_seconds_of_at_least_one(
     "context, message",
     [
         ({"review": "maybe"}, r"'review': 'maybe' is not true or false"),
-        ({"review_timeout_hours": "0"}, r"'review_timeout_hours': 0.0 is outside \[0.0001, 8760\]"),
-        ({"review_timeout_hours": "8761"}, r"'review_timeout_hours': 8761.0 is outside"),
+        ({"review_timeout_hours": "0"}, r"'review_timeout_hours': 0.0 is outside \[0.0001, 8736\]"),
+        ({"review_timeout_hours": "8737"}, r"'review_timeout_hours': 8737.0 is outside"),
         ({"review_timeout_hours": "a day"}, r"'review_timeout_hours': 'a day' is not a float"),
         ({"review_heartbeat_hours": "-1"}, r"'review_heartbeat_hours': -1.0 is outside"),
         (
