@@ -7,7 +7,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-from stacks.config import ConfigError, SconesConfig, config_table, context_keys
+from stacks.config import ConfigError, SconesConfig, context_keys
+from stacks.config_table import config_table
 
 
 def config(**context) -> SconesConfig:
