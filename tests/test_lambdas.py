@@ -581,11 +581,13 @@ def test_filter_passes_an_inference_exactly_at_the_threshold(monkeypatch):
     [
         (None, [0.61, 0.39], "the top probability 0.61 (bicycle) is below the threshold 0.93 (the default, as no "),
         ("0.5", [0.2, 0.3, 0.4, 0.1], "the top probability 0.4 (motorcycle) is below the threshold 0.5 (set with"),
+        ("0.3", [0.35, 0.1], "neither (0.55) is more likely than bicycle (0.35)"),
     ],
 )
 def test_filter_fails_a_low_confidence_inference(monkeypatch, threshold, inferences, expected):
     if threshold:
         monkeypatch.setenv("THRESHOLD", threshold)
+    if len(inferences) == 4:
         monkeypatch.setenv("CLASS_NAMES", "bicycle,bus,motorcycle,tractor")
     name, message = failure(filter_step.handler, {"s3_bucket": BUCKET, "s3_key": "moto.png", "inferences": inferences})
     assert name == "ThresholdConfidenceNotMet"

@@ -14,7 +14,8 @@ The parameters are read with one ssm:GetParameters and kept for PARAMETER_CACHE_
 
 Each call prints one CloudWatch Embedded Metric Format line, which CloudWatch Logs turns into metrics in
 the namespace the workflow stack gives as METRIC_NAMESPACE:
-- `TopProbability` (no unit) and `LowConfidence` (Count: 1 below the threshold, else 0), by `EndpointName`;
+- `TopProbability` (no unit) and `LowConfidence` (Count: 1 below the threshold or with "neither" the most likely
+  answer, else 0), by `EndpointName`;
 - `Predictions` (Count, always 1) by `EndpointName` and `PredictedClass`, the class index as a string
   ("0" bicycle, "1" motorcycle): its sum per `PredictedClass` graphs the class mix.
 """
@@ -172,8 +173,15 @@ def handler(event, context):
     namespace = setting("METRIC_NAMESPACE")
     top_probability = max(inferences)
     predicted_class = inferences.index(top_probability)
-    low_confidence = top_probability < minimum
+    neither = max(0.0, 1 - sum(inferences))
+    # "Neither" most likely is uncertain too, whatever the threshold (an override may be below 0.5).
+    low_confidence = top_probability < minimum or neither > top_probability
     print(metric_line(namespace, endpoint_name, predicted_class, top_probability, low_confidence, minimum))
+    if neither > top_probability:
+        raise ThresholdConfidenceNotMet(
+            f"THRESHOLD_CONFIDENCE_NOT_MET: neither ({neither:g}) is more likely than {names[predicted_class]} "
+            f"({top_probability:g}) for {image_location(body)}."
+        )
     if low_confidence:
         raise ThresholdConfidenceNotMet(
             f"THRESHOLD_CONFIDENCE_NOT_MET: the top probability {top_probability:g} ({names[predicted_class]}) "
@@ -185,7 +193,7 @@ def handler(event, context):
             "s3_key": body.get("s3_key"),
             "class": names[predicted_class],
             "inferences": inferences,
-            "neither": round(max(0.0, 1 - sum(inferences)), 6),
+            "neither": round(neither, 6),
             "threshold": minimum,
             "threshold_source": source,
             "model": model,
