@@ -2,9 +2,10 @@
 
 `up` runs what `cdk synth` wrote to cdk.out: it starts the local AWS (moto, in the background), stages
 the CIFAR-100 data into the synthesized bucket, trains the model with the training module, deploys the
-stacks, serves the endpoint with data capture, starts the state machine once per test image and
-prints a summary. A second `up` reuses the running services, the staged data and the trained model.
+stacks, serves the endpoint with data capture and the review page, starts the state machine once per test image
+and prints a summary. A second `up` reuses the running services, the staged data and the trained model.
 `classify` (local/classify.py) runs one's own photos through what `up` brought up, bringing it up first if needed.
+`review` (local/review.py) lists the photos waiting for a person and answers one.
 """
 
 from __future__ import annotations
