@@ -48,22 +48,27 @@ def low_confidence_rate(config: SconesConfig, period: Duration) -> cloudwatch.Ma
     )
 
 
-# The review API's Embedded Metric Format output (lambdas/review_api/index.py): the waiting tasks, published
-# every 5 minutes without dimensions, and one datapoint per answer or correction by the model's class.
+# The review API's Embedded Metric Format output (lambdas/review_api/answers.py), each by the environment's
+# review table: the waiting tasks, published every 5 minutes, and one datapoint per answer or correction, by the
+# model's class.
 REVIEWS_WAITING = "ReviewsWaiting"
 OLDEST_REVIEW_AGE = "OldestReviewAgeSeconds"
 REVIEW_ANSWERS = "ReviewAnswers"
 OVERRULED = "Overruled"
 NOT_A_VEHICLE = "NotAVehicle"  # 1 per review task a reviewer answered "neither" (its execution fails on purpose)
+REVIEW_TABLE = "ReviewTable"  # every review metric's dimension
 NEITHER = "neither"
 
 
-def review_metric(name: str, statistic: str, period: Duration, **dimensions: str) -> cloudwatch.Metric:
+def review_metric(
+    config: SconesConfig, name: str, statistic: str, period: Duration, **dimensions: str
+) -> cloudwatch.Metric:
+    """A metric of the review API, by its environment's review table (and `dimensions`)."""
     return cloudwatch.Metric(
         namespace=METRIC_NAMESPACE,
         metric_name=name,
         statistic=statistic,
-        dimensions_map=dimensions or None,
+        dimensions_map={REVIEW_TABLE: config.review_table_name, **dimensions},
         period=period,
     )
 
@@ -76,7 +81,7 @@ def review_model_classes(config: SconesConfig) -> tuple[str, ...]:
 def _review_total(config: SconesConfig, name: str, period: Duration) -> cloudwatch.MathExpression:
     """A review metric summed over the model's classes (a class without answers in a period counts 0)."""
     parts = {
-        f"{name.lower()}{index}": review_metric(name, "Sum", period, ModelClass=model_class)
+        f"{name.lower()}{index}": review_metric(config, name, "Sum", period, ModelClass=model_class)
         for index, model_class in enumerate(review_model_classes(config))
     }
     return cloudwatch.MathExpression(

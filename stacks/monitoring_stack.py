@@ -318,7 +318,7 @@ class MonitoringStack(Stack):
         uncertain answer fails its execution (ThresholdConfidenceNotMet); with review a reviewer's "neither" does
         (NotAVehicle), and an uncertain answer waits instead."""
         if config.review:
-            expected = {"notavehicle": metrics.review_metric(metrics.NOT_A_VEHICLE, "Sum", FIVE_MINUTES)}
+            expected = {"notavehicle": metrics.review_metric(config, metrics.NOT_A_VEHICLE, "Sum", FIVE_MINUTES)}
         else:
             expected = {"lowconfidence": low_confidence}
         (name,) = expected
@@ -359,7 +359,7 @@ class MonitoringStack(Stack):
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
             ),
-            metrics.review_metric(metrics.OLDEST_REVIEW_AGE, "Maximum", FIVE_MINUTES).create_alarm(
+            metrics.review_metric(config, metrics.OLDEST_REVIEW_AGE, "Maximum", FIVE_MINUTES).create_alarm(
                 self,
                 "ReviewDeadlineNear",
                 alarm_name=f"{config.prefix}-review-deadline-near",
@@ -378,9 +378,13 @@ class MonitoringStack(Stack):
             cloudwatch.GraphWidget(
                 title="Reviews waiting, and the oldest's age (s)",
                 width=6,
-                left=[metrics.review_metric(metrics.REVIEWS_WAITING, "Maximum", FIVE_MINUTES).with_(label="waiting")],
+                left=[
+                    metrics.review_metric(config, metrics.REVIEWS_WAITING, "Maximum", FIVE_MINUTES).with_(
+                        label="waiting"
+                    )
+                ],
                 right=[
-                    metrics.review_metric(metrics.OLDEST_REVIEW_AGE, "Maximum", FIVE_MINUTES).with_(
+                    metrics.review_metric(config, metrics.OLDEST_REVIEW_AGE, "Maximum", FIVE_MINUTES).with_(
                         label="oldest waiting (s)"
                     )
                 ],
@@ -390,9 +394,9 @@ class MonitoringStack(Stack):
                 width=6,
                 stacked=True,
                 left=[
-                    metrics.review_metric(metrics.REVIEW_ANSWERS, "Sum", ONE_HOUR, ModelClass=model_class).with_(
-                        label=model_class
-                    )
+                    metrics.review_metric(
+                        config, metrics.REVIEW_ANSWERS, "Sum", ONE_HOUR, ModelClass=model_class
+                    ).with_(label=model_class)
                     for model_class in metrics.review_model_classes(config)
                 ],
             ),

@@ -88,7 +88,7 @@ def test_failure_rate_alarm_leaves_a_reviewers_neither_out():
         "Scones",
         answers.NOT_A_VEHICLE_METRIC,
     )
-    assert "Dimensions" not in metrics["notavehicle"]
+    assert metrics["notavehicle"]["Dimensions"] == [{"Name": "ReviewTable", "Value": "scones-dev-review"}]
 
 
 def test_failure_rate_alarm_leaves_low_confidence_out_without_review():
@@ -326,11 +326,11 @@ def test_review_alarms_watch_the_intake_the_dead_letters_and_the_deadline():
     )
     assert dead["Dimensions"] == [{"Name": "QueueName", "Value": {"Fn::ImportValue": queues["scones-dev-review-dlq"]}}]
     near = alarms["scones-dev-review-deadline-near"]
-    assert (near["Namespace"], near["MetricName"], near["Statistic"], "Dimensions" in near) == (
+    assert (near["Namespace"], near["MetricName"], near["Statistic"], near["Dimensions"]) == (
         "Scones",
         "OldestReviewAgeSeconds",
         "Maximum",
-        False,
+        [{"Name": "ReviewTable", "Value": "scones-dev-review"}],  # dev's own: prod's reviews do not set it off
     )
     assert near["Threshold"] == 69120  # 80% of 24 hours in seconds
     assert _alarms(review_timeout_hours="1")["scones-dev-review-deadline-near"]["Threshold"] == 2880
@@ -353,15 +353,18 @@ def _widget(title: str, **context) -> dict:
 
 def test_dashboard_row_for_the_review_queue():
     waiting = _widget("Reviews waiting, and the oldest's age (s)")
-    assert [m[:2] for m in waiting["metrics"]] == [["Scones", "ReviewsWaiting"], ["Scones", "OldestReviewAgeSeconds"]]
-    assert waiting["metrics"][1][2]["yAxis"] == "right"
+    assert [m[:4] for m in waiting["metrics"]] == [
+        ["Scones", name, "ReviewTable", "scones-dev-review"] for name in ("ReviewsWaiting", "OldestReviewAgeSeconds")
+    ]
+    assert waiting["metrics"][1][4]["yAxis"] == "right"
 
     answered = _widget("Reviews answered per hour, by the model's class")
     assert answered["stacked"] is True
-    assert [m[:4] for m in answered["metrics"]] == [
-        ["Scones", "ReviewAnswers", "ModelClass", name] for name in ("bicycle", "motorcycle", "neither")
+    assert [m[:6] for m in answered["metrics"]] == [
+        ["Scones", "ReviewAnswers", "ModelClass", name, "ReviewTable", "scones-dev-review"]
+        for name in ("bicycle", "motorcycle", "neither")
     ]
-    assert all(m[4]["stat"] == "Sum" and m[4]["period"] == 3600 for m in answered["metrics"])
+    assert all(m[6]["stat"] == "Sum" and m[6]["period"] == 3600 for m in answered["metrics"])
 
     agreement = _widget("Reviewers agreeing with the model (hourly)")
     expressions = [m[0] for m in agreement["metrics"] if "expression" in m[0]]

@@ -408,11 +408,16 @@ def test_answer_bicycle_resumes_the_execution_and_records_the_label(review, caps
     assert metric["_aws"]["CloudWatchMetrics"] == [
         {
             "Namespace": NAMESPACE,
-            "Dimensions": [["ModelClass"]],
+            "Dimensions": [["ReviewTable", "ModelClass"]],
             "Metrics": [{"Name": "ReviewAnswers", "Unit": "Count"}, {"Name": "Overruled", "Unit": "Count"}],
         },
-        {"Namespace": NAMESPACE, "Dimensions": [[]], "Metrics": [{"Name": "NotAVehicle", "Unit": "Count"}]},
+        {
+            "Namespace": NAMESPACE,
+            "Dimensions": [["ReviewTable"]],
+            "Metrics": [{"Name": "NotAVehicle", "Unit": "Count"}],
+        },
     ]
+    assert metric["ReviewTable"] == TABLE  # one per environment: dev's and prod's reviews do not mix
     assert (metric["ModelClass"], metric["ReviewAnswers"], metric["Overruled"], metric["NotAVehicle"]) == (
         "bicycle",
         1,
@@ -654,7 +659,7 @@ def test_the_schedule_publishes_the_queue_metrics(review, capsys):
     assert metric["_aws"]["CloudWatchMetrics"] == [
         {
             "Namespace": NAMESPACE,
-            "Dimensions": [[]],
+            "Dimensions": [["ReviewTable"]],
             "Metrics": [
                 {"Name": "ReviewsWaiting", "Unit": "Count"},
                 {"Name": "OldestReviewAgeSeconds", "Unit": "Seconds"},
@@ -662,7 +667,7 @@ def test_the_schedule_publishes_the_queue_metrics(review, capsys):
         }
     ]
     oldest = shared.epoch(review.tasks()[0]["requested_at"])
-    assert metric["ReviewsWaiting"] == 2
+    assert (metric["ReviewsWaiting"], metric["ReviewTable"]) == (2, TABLE)
     assert metric["OldestReviewAgeSeconds"] == pytest.approx(time.time() - oldest, abs=1)
 
 

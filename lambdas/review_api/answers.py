@@ -4,8 +4,9 @@ A reviewer's answer resumes the waiting execution (SendTaskSuccess, or SendTaskF
 "neither"), and every answer or correction becomes data: the photo copied to `labels/<class>/<key>` (the
 folder layout `python -m training.etl --photos` stages) and one JSON line at
 `reviews/<YYYY>/<MM>/<DD>/<execution>.json`. Answers print EMF lines: `ReviewAnswers` and `Overruled` by
-`ModelClass`; the schedule's call prints `ReviewsWaiting` and `OldestReviewAgeSeconds`. With RETRAIN_AFTER_LABELS
-set, every label written is counted towards a retraining (retrain.py).
+`ModelClass`, and `NotAVehicle`; the schedule's call prints `ReviewsWaiting` and `OldestReviewAgeSeconds`. Every
+metric is also by `ReviewTable` (TABLE_NAME), so that two environments in one account do not mix. With
+RETRAIN_AFTER_LABELS set, every label written is counted towards a retraining (retrain.py).
 """
 
 import functools
@@ -36,6 +37,8 @@ from review_api import retrain
 
 PHOTO_URL_SECONDS = 300
 NOT_A_VEHICLE_METRIC = "NotAVehicle"
+# Every review metric's dimension: the review table, one per environment, so that dev and prod do not mix.
+TABLE_DIMENSION = "ReviewTable"
 # What Step Functions answers a token whose wait is over (timed out, execution stopped or finished).
 CLOSED_TASK_ERRORS = ("TaskTimedOut", "TaskDoesNotExist", "InvalidToken")
 EXECUTION_NAME = re.compile(r"^[A-Za-z0-9_.~-]{1,80}$")
@@ -148,12 +151,13 @@ def queue_metrics(namespace: str) -> str:
             break
         query["ExclusiveStartKey"] = found["LastEvaluatedKey"]
     age = max(0.0, now - epoch(oldest)) if oldest else 0.0
-    return emf(namespace, [], {"ReviewsWaiting": (waiting, "Count"), "OldestReviewAgeSeconds": (age, "Seconds")})
+    metrics = {"ReviewsWaiting": (waiting, "Count"), "OldestReviewAgeSeconds": (age, "Seconds")}
+    return emf(namespace, [TABLE_DIMENSION], metrics, **{TABLE_DIMENSION: setting("TABLE_NAME")})
 
 
-def emf(namespace: str, dimensions: list[str], metrics: dict, undimensioned: dict | None = None, **values) -> str:
-    """One EMF record: `metrics` by `dimensions`, and `undimensioned` ({name: (value, unit)}) by none."""
-    directives = [(dimensions, metrics), *([([], undimensioned)] if undimensioned else [])]
+def emf(namespace: str, dimensions: list[str], metrics: dict, by_table: dict | None = None, **values) -> str:
+    """One EMF record: `metrics` by `dimensions`, and `by_table` ({name: (value, unit)}) by the review table alone."""
+    directives = [(dimensions, metrics), *([([TABLE_DIMENSION], by_table)] if by_table else [])]
     return json.dumps(
         {
             "_aws": {
@@ -343,10 +347,11 @@ def record_answer(bucket: str, record: dict) -> str | None:
     print(
         emf(
             setting("METRIC_NAMESPACE"),
-            ["ModelClass"],
+            [TABLE_DIMENSION, "ModelClass"],
             metrics,
             {NOT_A_VEHICLE_METRIC: (not_a_vehicle, "Count")},
             ModelClass=record["model_class"],
+            **{TABLE_DIMENSION: setting("TABLE_NAME")},
             ReviewerClass=record["class"],
             Kind=record["kind"],
         )
