@@ -17,6 +17,7 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.stub import Stubber
+from conftest import definition_of, synth_stacks
 from moto import mock_aws
 from PIL import Image
 
@@ -43,8 +44,14 @@ REASON = json.dumps(
 
 
 def definition(queue_url: str, timeout_seconds: int) -> str:
-    """The review part of the classify state machine (the contract of issue 21); an input with `answer` is a
-    confident answer, which succeeds at once with it as output."""
+    """The review part of the synthesized classify state machine, sending to `queue_url` and waiting
+    `timeout_seconds`; an input with `answer` is a confident answer, which succeeds at once with it as output."""
+    synthesized = definition_of(synth_stacks()["Workflow"].state_machine)["States"]
+    review = {name: synthesized[name] for name in ("Ask a reviewer", "Reviewed", "Not a vehicle", "Review timed out")}
+    ask = review["Ask a reviewer"]
+    ask["Resource"] = ask["Resource"].replace("<Ref:AWS::Partition>", "aws")
+    ask["Parameters"]["QueueUrl"] = queue_url
+    ask["TimeoutSeconds"] = timeout_seconds
     return json.dumps(
         {
             "StartAt": "Confident?",
@@ -55,31 +62,7 @@ def definition(queue_url: str, timeout_seconds: int) -> str:
                     "Default": "Ask a reviewer",
                 },
                 "Confident": {"Type": "Pass", "OutputPath": "$.answer", "End": True},
-                "Ask a reviewer": {
-                    "Type": "Task",
-                    "Resource": "arn:aws:states:::sqs:sendMessage.waitForTaskToken",
-                    "TimeoutSeconds": timeout_seconds,
-                    "Parameters": {
-                        "QueueUrl": queue_url,
-                        "MessageBody": {
-                            "task_token.$": "$$.Task.Token",
-                            "execution_arn.$": "$$.Execution.Id",
-                            "requested_at.$": "$$.State.EnteredTime",
-                            "s3_bucket.$": "$.s3_bucket",
-                            "s3_key.$": "$.s3_key",
-                            "inferences.$": "$.inferences",
-                            "reason.$": "$.error.Cause",
-                        },
-                    },
-                    "Catch": [
-                        {"ErrorEquals": ["NotAVehicle"], "Next": "Not a vehicle"},
-                        {"ErrorEquals": ["States.Timeout", "States.HeartbeatTimeout"], "Next": "Review timed out"},
-                    ],
-                    "Next": "Reviewed",
-                },
-                "Reviewed": {"Type": "Succeed"},
-                "Not a vehicle": {"Type": "Fail", "ErrorPath": "$.Error", "CausePath": "$.Cause"},
-                "Review timed out": {"Type": "Fail", "Error": "ReviewTimedOut", "Cause": "no reviewer answered"},
+                **review,
             },
         }
     )
