@@ -696,19 +696,20 @@ def test_the_labels_read_back_as_training_photos(review, tmp_path):
 
 @pytest.fixture
 def one_writer_per_item(monkeypatch):
-    """DynamoDB applies the writes to an item one at a time, their conditions included; moto's in-process
-    backend does not (threads can lose an ADD or both pass a condition), so its writes are serialized here."""
-    from moto.dynamodb.models import DynamoDBBackend
+    """DynamoDB applies each request to an item at once, its condition and its return values included; moto's
+    in-process handler does not (threads can lose an ADD, both pass a condition, or an UpdateItem answer
+    UPDATED_NEW from an item read before another thread's write), so its item requests are serialized here."""
+    from moto.dynamodb.responses import DynamoHandler
 
     lock = threading.RLock()
     for name in ("put_item", "update_item", "delete_item", "get_item"):
-        unlocked = getattr(DynamoDBBackend, name)
+        unlocked = getattr(DynamoHandler, name)
 
         def locked(*args, _unlocked=unlocked, **kwargs):
             with lock:
                 return _unlocked(*args, **kwargs)
 
-        monkeypatch.setattr(DynamoDBBackend, name, locked)
+        monkeypatch.setattr(DynamoHandler, name, locked)
 
 
 def retraining_events(review) -> str:
