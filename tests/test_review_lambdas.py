@@ -113,20 +113,26 @@ class Review:
         )["executionArn"]
         return arn
 
-    def messages(self, count: int) -> list[dict]:
-        """The next `count` messages of the review queue, as SQS event records, deleted from the queue."""
-        records, deadline = [], time.monotonic() + 10
+    def messages(self, count: int, started: str | None = None) -> list[dict]:
+        """The next `count` messages of the review queue, as SQS event records, deleted from the queue; when
+        they do not come, the execution `started` says why."""
+        records, deadline = [], time.monotonic() + 30
         while len(records) < count and time.monotonic() < deadline:
             for message in self.sqs.receive_message(QueueUrl=self.queue, MaxNumberOfMessages=10).get("Messages", []):
                 records.append({"messageId": message["MessageId"], "body": message["Body"]})
                 self.sqs.delete_message(QueueUrl=self.queue, ReceiptHandle=message["ReceiptHandle"])
-        assert len(records) == count
+            time.sleep(0.01)
+        assert len(records) == count, started and self.history(started)
         return records
+
+    def history(self, arn: str) -> str:
+        status = self.stepfunctions.describe_execution(executionArn=arn)["status"]
+        events = self.stepfunctions.get_execution_history(executionArn=arn)["events"]
+        return f"{arn} is {status}: " + json.dumps(events, default=str)[-3000:]
 
     def waiting(self, key: str, **kwargs) -> str:
         """A waiting task for the photo `key` through the intake handler; answers the task's id."""
-        self.start(key, **kwargs)
-        (record,) = self.messages(1)
+        (record,) = self.messages(1, started=self.start(key, **kwargs))
         assert intake.handler({"Records": [record]}, None) == {"batchItemFailures": []}
         return self.tasks()[-1]["sk"]
 
