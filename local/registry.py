@@ -35,9 +35,12 @@ class RegistryError(RuntimeError):
 
 
 def gate_definition(training: dict) -> dict:
-    """The training definition from the state after its SageMaker job states: the gate and the registration."""
+    """The training definition from the state after its SageMaker job states: the gate and the registration.
+    (What comes before the job, keeping the labels channel, is for the job only.)"""
     states = training["States"]
     start = training["StartAt"]
+    while SAGEMAKER_JOB_STATES not in states[start].get("Resource", ""):
+        start = states[start]["Next"]
     while SAGEMAKER_JOB_STATES in states[start].get("Resource", ""):
         start = states[start]["Next"]
     reachable, pending = {}, [start]

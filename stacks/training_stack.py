@@ -23,9 +23,10 @@ from stacks.config import SconesConfig
 from stacks.constructs import LoggedStateMachine, SageMakerRole
 from stacks.images import image_uri, repository_arn
 from stacks.registry import ModelRegistry, metric_definitions
-from training import sourcedir
+from training import photos, sourcedir
 
 MODEL_PREFIX = "models/"
+LABELS_PREFIX = "labels/"
 # Where SageMaker puts the `code` channel; the PyTorch container's toolkit extracts the source archive found
 # there (`sagemaker_submit_directory`) and runs `sagemaker_program` from it.
 CODE_CHANNEL_DIR = "/opt/ml/input/data/code"
@@ -85,6 +86,8 @@ class TrainingStack(Stack):
             channels += [
                 self._channel("test", bucket, "test", config),
                 self._channel("test_lst", bucket, "test.lst", config),
+                # Reviewed photos, <class>/<photo>: train.py checks, splits and learns them beside the staged data.
+                self._channel("labels", bucket, LABELS_PREFIX, config),
             ]
             channels.append(
                 tasks.Channel(
@@ -142,6 +145,25 @@ class TrainingStack(Stack):
             ),
             result_path="$.Model",
         )
+        definition = sfn.Chain.start(train)
+        if algorithm == "pytorch":
+            # SageMaker refuses a channel without objects: keep one under labels/ (training/photos.py skips it).
+            marker = f"{LABELS_PREFIX}{photos.MARKER}"
+            keep_labels_channel = tasks.CallAwsService(
+                self,
+                "KeepLabelsChannel",
+                service="s3",
+                action="putObject",
+                parameters={
+                    "Bucket": bucket.bucket_name,
+                    "Key": marker,
+                    "Body": "Reviewed photos land here as <class>/<photo>; each training learns them.",
+                },
+                iam_action="s3:PutObject",
+                iam_resources=[bucket.arn_for_objects(marker)],
+                result_path=sfn.JsonPath.DISCARD,
+            )
+            definition = keep_labels_channel.next(train)
         self.registry = ModelRegistry(self, "Registry", config=config)
         gate_and_register = self.registry.gate_and_register(
             self,
@@ -154,7 +176,7 @@ class TrainingStack(Stack):
             "Training",
             config=config,
             name="training",
-            definition=train.next(create_model).next(gate_and_register),
+            definition=definition.next(create_model).next(gate_and_register),
             timeout=Duration.minutes(config.training_max_runtime_minutes + 30),
         )
         self.state_machine = self.workflow.state_machine

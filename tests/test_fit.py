@@ -20,7 +20,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from training import calibration, etl, hyperparameters, report, sourcedir, train  # noqa: E402
+from training import calibration, etl, hyperparameters, photos, report, sourcedir, train  # noqa: E402
 from training.data import load_split  # noqa: E402
 from training.etl import SHARED_ARCHIVE as ARCHIVE  # noqa: E402
 from training.fit import FitError, fit_local  # noqa: E402
@@ -199,6 +199,64 @@ def test_fit_is_deterministic_for_a_seed(fitted, data_dir, tmp_path):
     fit_local(data_dir, tmp_path, **QUICK)
     again = json.loads((tmp_path / "metrics.json").read_text())
     assert again["test"]["predictions"] == fitted["metrics"]["test"]["predictions"]
+
+
+def reviewed_photos(folder: Path) -> Path:
+    """A labels/ folder as the review page writes it: photos per class, a bad file, a folder that is no class,
+    and the marker the training state machine keeps."""
+    for index, (name, size) in enumerate([("bicycle", (40, 30)), ("motorcycle", (30, 50)), ("neither", (64, 64))] * 4):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        colour = (index * 20 % 256, index * 50 % 256, index * 90 % 256)
+        Image.new("RGB", size, colour).save(folder / name / f"photo-{index}.jpg", format="JPEG")
+    (folder / "bicycle" / "notes.txt").write_text("not a photo")
+    (folder / "car").mkdir()
+    Image.new("RGB", (20, 20)).save(folder / "car" / "a.png")
+    (folder / photos.MARKER).write_text("the training state machine's marker")
+    return folder
+
+
+def test_reviewed_photos_are_learnt_split_as_the_etl_stages_them_and_bad_files_are_listed(data_dir, tmp_path):
+    labels = reviewed_photos(tmp_path / "labels")
+    finished = run_fit(
+        "--local", "--data", str(data_dir), "--labels", str(labels), "--out", str(tmp_path / "out"), *quick_arguments()
+    )
+    assert finished.returncode == 0, finished.stderr
+    learnt = json.loads((tmp_path / "out" / "metrics.json").read_text())["labels"]
+
+    staged = etl.stage(ARCHIVE, tmp_path / "staged", CLASSES + (EXTRA_CLASS,), photos=labels, progress=False)
+    assert learnt["counts"] == staged.dataset["photos"]["counts"]
+    assert learnt["staged"] == staged.dataset["photos"]["staged"]
+    assert sum(sum(split.values()) for split in learnt["counts"].values()) == 12
+    assert sorted(skipped["path"] for skipped in learnt["skipped"]) == ["bicycle/notes.txt", "car/a.png"]
+    assert "skipped reviewed photo car/a.png: folder 'car' is no class" in finished.stderr
+    fit_local(data_dir, tmp_path / "without", **QUICK)
+    untouched = json.loads((tmp_path / "without" / "metrics.json").read_text())
+    assert learnt["staged_already"] == 0
+    assert "labels" not in untouched
+    trained = json.loads((tmp_path / "out" / "metrics.json").read_text())["train_images"]
+    assert trained == untouched["train_images"] + sum(learnt["counts"]["train"].values()) + sum(
+        count for name, count in learnt["counts"]["validation"].items() if name == "neither"
+    )
+
+    finished = run_fit(
+        "--local", "--data", str(tmp_path / "staged"), "--labels", str(labels), "--out", str(tmp_path / "again"),
+        *quick_arguments(),
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["labels"]["staged_already"] == 12 and again["train_images"] == trained
+
+
+def test_labels_that_are_not_a_folder_are_refused(data_dir, tmp_path):
+    finished = run_fit(
+        "--local", "--data", str(data_dir), "--labels", "README.md", "--out", str(tmp_path), *quick_arguments()
+    )
+    assert finished.returncode == 2
+    assert finished.stderr == (
+        "fit: error: --labels README.md is not a folder: pass a folder with a subfolder of photos per class\n"
+    )
+    finished = run_fit("--sagemaker", "--labels", str(tmp_path))
+    assert finished.returncode == 2 and "--labels are for --local" in finished.stderr
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,7 @@ def aws():
         for name, value in environment.items():
             patch.setenv(name, value)
         patch.setenv("SF_EXECUTION_HISTORY_TYPE", "FAILURE")  # read by moto's server, in this process
+        patch.setenv("MOTO_PORT", str(port))  # where its Step Functions engine calls the other services
         deployment = deploy_training_stack()
         bucket = deployment.created("SconesDevData", "AWS::S3::Bucket")["Data666C94C7"]["Ref"]
         for key in STAGED:

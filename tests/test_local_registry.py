@@ -23,7 +23,7 @@ def test_the_gate_runs_from_the_state_after_the_training_job():
     definition = definition_of(synth_stacks()["Training"].state_machine)
     gate = registry.gate_definition(definition)
     assert gate["StartAt"] == definition["States"]["CreateModel"]["Next"]
-    assert set(definition["States"]) - set(gate["States"]) == {"Train", "CreateModel"}
+    assert set(definition["States"]) - set(gate["States"]) == {"KeepLabelsChannel", "Train", "CreateModel"}
 
 
 def test_the_job_description_reports_the_figures_the_metric_definitions_read():

@@ -682,6 +682,7 @@ def test_the_labels_read_back_as_training_photos(review, tmp_path):
         assert call("POST", "/api/answers", {"task": task, "class": chosen})[0] == 200
     confident(review, "ok-9", "p/4.png", "motorcycle", [0.03, 0.96])
     assert call("POST", "/api/corrections", {"execution": "ok-9", "class": "bicycle"})[0] == 200
+    review.s3.put_object(Bucket=BUCKET, Key=f"labels/{photos.MARKER}", Body=b"the training state machine's")
 
     (tmp_path / "train").mkdir()
     source = photos.find(f"s3://{BUCKET}/labels/", review.s3)

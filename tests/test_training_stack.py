@@ -8,6 +8,7 @@ from moto import mock_aws
 
 from local.executions import run_execution
 from stacks import registry
+from training import photos
 
 
 def training_job_parameters(**context) -> tuple[dict, dict]:
@@ -31,8 +32,11 @@ def test_pytorch_script_mode_job():
     _, job = training_job_parameters(training_algorithm="pytorch")
     assert job["AlgorithmSpecification"]["TrainingImage"] == "<FindInMap:PytorchTrainingImage>"
     channels = {c["ChannelName"]: c for c in job["InputDataConfig"]}
-    assert set(channels) == {"train", "validation", "train_lst", "validation_lst", "test", "test_lst", "code"}
+    assert set(channels) == {
+        "train", "validation", "train_lst", "validation_lst", "test", "test_lst", "labels", "code"
+    }  # fmt: skip
     uri = lambda name: channels[name]["DataSource"]["S3DataSource"]["S3Uri"]  # noqa: E731
+    assert uri("labels").endswith("/labels/")
     assert all(uri(name).startswith("s3://") for name in channels)
     assert uri("train").endswith("/train") and uri("train_lst").endswith("/train.lst")
     assert uri("validation_lst").endswith("/validation.lst")
@@ -45,8 +49,28 @@ def test_pytorch_script_mode_job():
     assert job["OutputDataConfig"]["S3OutputPath"].endswith("/models/")
 
 
+def test_the_labels_channel_is_never_empty_and_the_marker_is_all_the_machine_may_write_there():
+    """SageMaker refuses a channel without objects: before each pytorch training the state machine writes
+    labels/.keep, which training/photos.py skips."""
+    states, _ = training_job_parameters()
+    keep = states["KeepLabelsChannel"]
+    assert keep["Resource"].endswith(":states:::aws-sdk:s3:putObject")
+    assert keep["Parameters"]["Key"] == f"labels/{photos.MARKER}" and keep["Next"] == "Train"
+    assert keep["ResultPath"] is None
+    statements = [
+        statement
+        for policy in template("Training").find_resources("AWS::IAM::Policy").values()
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]
+        if "/labels/" in json.dumps(statement["Resource"])
+    ]
+    writes = [statement for statement in statements if "s3:GetObject*" not in statement["Action"]]
+    assert [statement["Action"] for statement in writes] == ["s3:PutObject"]
+    assert json.dumps(writes[0]["Resource"]).endswith('/labels/.keep"]]}')
+
+
 def test_builtin_algorithm_job_uses_the_classic_channels_and_hyperparameters():
-    _, job = training_job_parameters(training_algorithm="builtin")
+    states, job = training_job_parameters(training_algorithm="builtin")
+    assert "KeepLabelsChannel" not in states
     channels = {c["ChannelName"]: c for c in job["InputDataConfig"]}
     assert set(channels) == {"train", "validation", "train_lst", "validation_lst"}
     assert {c["ContentType"] for c in channels.values()} == {"application/x-image"}

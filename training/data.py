@@ -1,22 +1,30 @@
 """The staged data as the training container finds it: SageMaker's channels, `.lst` manifests and images.
 
 Script-mode conventions: each channel is a folder, `SM_CHANNEL_<NAME>` or `/opt/ml/input/data/<name>`.
+The optional `labels` channel holds reviewed photos as `<class>/<photo>` (the training stack points it at
+`s3://<bucket>/labels/`, where the review page writes them): they are checked and split as
+`python -m training.etl --photos` stages them, and join the staged images.
 """
 
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 if __package__:  # imported from this repository as training.data
+    from . import photos
     from .inference import to_pixels
     from .model import IMAGE_SIZE
 else:  # run from the source directory, as SageMaker runs train.py
+    import photos
     from inference import to_pixels
     from model import IMAGE_SIZE
+
+LABELS_CHANNEL = "labels"
 
 
 def log(message: str) -> None:
@@ -67,17 +75,21 @@ def image_path(image_dir: Path, relative: str, manifest: Path) -> Path:
 def load_split(image_dir: Path, manifest: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decoded uint8 images (N, 3, 32, 32), their labels and manifest paths."""
     rows = read_manifest(manifest)
+    return decode([(label, image_path(image_dir, relative, manifest), relative) for label, relative in rows], manifest)
+
+
+def decode(rows: list[tuple[int, Path, str]], listed_in: Path | str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The images of (label, path, name) rows, decoded as in `load_split`."""
     images = np.empty((len(rows), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
-    for index, (_, relative) in enumerate(rows):
-        path = image_path(image_dir, relative, manifest)
+    for index, (_, path, _) in enumerate(rows):
         try:
             with Image.open(path) as image:
                 images[index] = to_pixels(image)
         except (OSError, SyntaxError, ValueError) as error:
             raise SystemExit(
-                f"train.py: error: {path} (listed in {manifest}) is not a readable image: {error}"
+                f"train.py: error: {path} (listed in {listed_in}) is not a readable image: {error}"
             ) from None
-    return images, np.array([label for label, _ in rows], dtype=np.int64), [relative for _, relative in rows]
+    return images, np.array([label for label, _, _ in rows], dtype=np.int64), [name for _, _, name in rows]
 
 
 def subset(split, num_classes: int, targets: bool = True):
@@ -90,24 +102,83 @@ def concatenate(split, other):
     return np.concatenate([split[0], other[0]]), np.concatenate([split[1], other[1]]), split[2] + other[2]
 
 
-def class_names(num_classes: int, search_dirs) -> list[str]:
-    """Target class names in label order, from a dataset.json beside the data if there is one."""
+def dataset_json(search_dirs) -> dict | None:
+    """The dataset.json `python -m training.etl` writes beside the data, if there is one."""
     for directory in search_dirs:
         path = directory / "dataset.json"
         if path.is_file():
             try:
-                classes = json.loads(path.read_text()).get("classes")
-            except (ValueError, AttributeError):
-                raise SystemExit(
-                    f"train.py: error: {path} is not the JSON object `python -m training.etl` writes"
-                ) from None
-            if classes:
-                named = [
-                    (entry["label"], entry["name"]) if isinstance(entry, dict) else (index, entry)
-                    for index, entry in enumerate(classes)
-                ]
-                return [name for _, name in sorted(named)][:num_classes]
+                dataset = json.loads(path.read_text())
+            except ValueError:
+                dataset = None
+            if not isinstance(dataset, dict):
+                raise SystemExit(f"train.py: error: {path} is not the JSON object `python -m training.etl` writes")
+            return dataset
+    return None
+
+
+def class_names(num_classes: int, search_dirs) -> list[str]:
+    """Target class names in label order, from a dataset.json beside the data if there is one."""
+    classes = (dataset_json(search_dirs) or {}).get("classes")
+    if classes:
+        named = [
+            (entry["label"], entry["name"]) if isinstance(entry, dict) else (index, entry)
+            for index, entry in enumerate(classes)
+        ]
+        return [name for _, name in sorted(named)][:num_classes]
     return [str(label) for label in range(num_classes)]
+
+
+def labelled_photos(staging: Path, staged: set[str]) -> tuple[dict[str, list[tuple[int, Path, str]]], dict] | None:
+    """The photos of the `labels` channel, checked, deduplicated and split into train and validation as
+    `python -m training.etl --photos` stages them (copied into `staging`), as (label, path, name) rows per
+    split, and the summary dataset.json's `photos` section holds. None without the channel or a photo in it.
+    Photos the manifests list already (`staged`, their names; staged with `--photos`) are not taken twice.
+
+    Labels are dataset.json's; "neither" takes the label after every other class when the staged data has none."""
+    directory = channel(LABELS_CHANNEL, required=False)
+    if directory is None:
+        return None
+    dataset = dataset_json([channel("train_lst"), channel("train")])
+    if dataset is None:
+        raise SystemExit(
+            "train.py: error: the labels channel needs the dataset.json that `python -m training.etl` writes "
+            "beside train.lst, which says each class's label"
+        )
+    labels = {
+        entry["name"]: entry["label"]
+        for entry in dataset.get("classes", []) + dataset.get("extra_classes", [])
+        if isinstance(entry, dict)
+    }
+    labels.setdefault(photos.NEITHER, max(labels.values(), default=-1) + 1)
+    try:
+        source = photos.find(directory)
+    except photos.PhotoError:
+        log(f"no reviewed photos in the {LABELS_CHANNEL} channel")
+        return None
+    (staging / photos.STAGED_PREFIX).parent.mkdir(parents=True, exist_ok=True)
+    split = dataset.get("validation", {})
+    checked = photos.stage(
+        source,
+        staging,
+        [name for name in labels if name != photos.NEITHER],
+        validation_fraction=split.get("fraction", 0.0),
+        seed=split.get("seed", 0),
+        progress=False,
+    )
+    rows = {
+        split_name: [(labels[name], staging / path, path) for name, path in split_rows if path not in staged]
+        for split_name, split_rows in checked.rows.items()
+    }
+    already = sum(len(split_rows) for split_rows in checked.rows.values()) - sum(map(len, rows.values()))
+    log(
+        f"reviewed photos from the {LABELS_CHANNEL} channel: {len(rows['train'])} for training, "
+        f"{len(rows['validation'])} for validation, {already} staged already, {len(checked.section['skipped'])} "
+        "skipped"
+    )
+    for skipped in checked.section["skipped"]:
+        log(f"skipped reviewed photo {skipped['path']}: {skipped['reason']}")
+    return rows, {**checked.section, "source": LABELS_CHANNEL, "staged_already": already}
 
 
 def load_data(num_classes: int) -> tuple[dict, list[str]]:
@@ -118,11 +189,20 @@ def load_data(num_classes: int) -> tuple[dict, list[str]]:
     image_dir, train_lst = channel("train"), channel("train_lst")
     validation_dir, validation_lst = channel("validation"), channel("validation_lst")
     test_dir, test_lst = channel("test", required=False), channel("test_lst", required=False)
+    train = load_split(image_dir, train_lst / "train.lst")
     validation = load_split(validation_dir, validation_lst / "validation.lst")
+    with tempfile.TemporaryDirectory() as staging:
+        reviewed = labelled_photos(Path(staging), {*train[2], *validation[2]})
+        if reviewed:
+            rows, section = reviewed
+            train = concatenate(train, decode(rows["train"], LABELS_CHANNEL))
+            validation = concatenate(validation, decode(rows["validation"], LABELS_CHANNEL))
     data = {
-        "train": concatenate(load_split(image_dir, train_lst / "train.lst"), subset(validation, num_classes, False)),
+        "train": concatenate(train, subset(validation, num_classes, False)),
         "validation": subset(validation, num_classes),
     }
+    if reviewed:
+        data["labels"] = section
     if test_dir and test_lst and (test_lst / "test.lst").is_file():
         test = subset(load_split(test_dir, test_lst / "test.lst"), num_classes)
         if len(test[1]):

@@ -1,6 +1,6 @@
 """Fit the model, on this machine or in SageMaker.
 
-    python -m training.fit --local --data DIR --out DIR [hyperparameters]
+    python -m training.fit --local --data DIR --out DIR [--labels DIR] [hyperparameters]
     python -m training.fit --sagemaker [--env dev|prod] [--region R] [--algorithm pytorch|builtin]
     python -m training.fit approve [--package ARN | --latest] [--env dev|prod] [--region R]   (training/registry.py)
 
@@ -8,7 +8,8 @@
 (from a copy of the source directory, `training.sourcedir`; hyperparameters as arguments, data through the
 `SM_CHANNEL_*` variables, all channels pointing at the staged data folder) and packs the model directory
 into `OUT/model.tar.gz` the way SageMaker does; metrics.json, the plots and report.html (`training.report`)
-land in OUT, each file only once complete.
+land in OUT, each file only once complete. `--labels` is the training job's `labels` channel: a folder of
+reviewed photos, `<class>/<photo>` (a copy of `s3://<bucket>/labels/`), learnt beside the staged data.
 
 `--sagemaker` starts the deployed training stack's state machine (`scones-<env>-training`, created by
 `make deploy`) with boto3 and follows it: each state it enters and each status change of its training
@@ -71,8 +72,9 @@ class Interrupted(RuntimeError):
 # ------------------------------------------------------------------------------------------ --local
 
 
-def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
-    """Train on the staged data folder `data_dir`; answers the path of `out_dir/model.tar.gz`.
+def fit_local(data_dir, out_dir, labels_dir=None, **hyperparameters) -> Path:
+    """Train on the staged data folder `data_dir` (and the reviewed photos of `labels_dir`, `<class>/<photo>`);
+    answers the path of `out_dir/model.tar.gz`.
 
     Everything is written in a temporary folder inside `out_dir` and moved into place once complete, so a
     failed or interrupted fit leaves nothing half-written under a final name.
@@ -88,6 +90,8 @@ def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
     missing = [name for name in MANIFESTS if not (data_dir / name).is_file()]
     if missing:
         raise FitError(f"data folder {data_dir} has no {' or '.join(missing)} {stage}")
+    if labels_dir is not None and not Path(labels_dir).is_dir():
+        raise FitError(f"--labels {labels_dir} is not a folder: pass a folder with a subfolder of photos per class")
     arguments = [f"--{name}={value}" for name, value in hyperparameters.items()]
     try:
         parse_hyperparameters(arguments)
@@ -114,6 +118,7 @@ def fit_local(data_dir, out_dir, **hyperparameters) -> Path:
             "SM_MODEL_DIR": str(model_dir),
             "SM_OUTPUT_DATA_DIR": str(output_dir),
             **{f"SM_CHANNEL_{name.upper()}": str(data_dir.resolve()) for name in channels},
+            **({"SM_CHANNEL_LABELS": str(Path(labels_dir).resolve())} if labels_dir is not None else {}),
         }
         try:
             finished = subprocess.run([sys.executable, script.name, *arguments], cwd=script.parent, env=env)
@@ -172,7 +177,7 @@ def algorithm_of(parameters: dict) -> str:
 def check_data_staged(s3, parameters: dict) -> None:
     """Fail before anything starts when a channel's S3 location is empty (the ETL has not been run)."""
     for channel in parameters["InputDataConfig"]:
-        if channel["ChannelName"] == "code":
+        if channel["ChannelName"] in ("code", "labels"):  # the state machine keeps labels/ from being empty
             continue
         bucket, key = split_s3_uri(channel["DataSource"]["S3DataSource"]["S3Uri"])
         try:
@@ -398,6 +403,12 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--out", type=Path, metavar="DIR", help="--local: folder for model.tar.gz, metrics.json and plots"
     )
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        metavar="DIR",
+        help="--local: reviewed photos to learn too, <class>/<photo> (as under s3://<bucket>/labels/)",
+    )
     parser.add_argument("--env", choices=("dev", "prod"), default="dev", help="--sagemaker: the deployed environment")
     parser.add_argument("--region", help="--sagemaker: AWS region (default: the AWS configuration's)")
     parser.add_argument(
@@ -420,10 +431,13 @@ def main(argv=None) -> None:
                 )
             if args.data is None or args.out is None:
                 raise FitError("--local needs --data DIR and --out DIR")
-            print(fit_local(args.data, args.out, **given))
+            print(fit_local(args.data, args.out, args.labels, **given))
             return
-        if args.data or args.out:
-            raise FitError("--data and --out are for --local: --sagemaker trains on the staged bucket and writes to S3")
+        if args.data or args.out or args.labels:
+            raise FitError(
+                "--data, --out and --labels are for --local: --sagemaker trains on the staged bucket and its "
+                "labels/ and writes to S3"
+            )
         if given:
             raise FitError(
                 f"--{next(iter(given))} is for --local: with --sagemaker the hyperparameters are the "

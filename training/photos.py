@@ -22,6 +22,9 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 NEITHER = "neither"
+# The object the training state machine keeps at s3://<bucket>/labels/.keep, so that the training job's labels
+# channel is never empty (SageMaker refuses a channel without objects): no photo, and not listed as skipped.
+MARKER = ".keep"
 # What phones and cameras write that Pillow decodes without outside programs; a JPEG with a second picture
 # inside opens as MPO. Other formats are refused rather than opened: EPS, for instance, runs Ghostscript.
 PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -81,7 +84,7 @@ def find(source: str, s3_client=None) -> PhotoSource:
     entries = [
         Entry(path.relative_to(root).as_posix(), path.stat().st_size, path.read_bytes)
         for path in sorted(root.rglob("*"))
-        if path.is_file()
+        if path.is_file() and path != root / MARKER
     ]
     if not entries:
         raise PhotoError(f"{root} holds no files; it should hold a subfolder of photos per class")
@@ -112,7 +115,7 @@ def find_in_s3(uri: str, s3_client=None) -> PhotoSource:
             Entry(item["Key"][len(prefix) :], item["Size"], reader(item["Key"]))
             for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
             for item in page.get("Contents", [])
-            if not item["Key"].endswith("/")  # a "folder" made in the S3 console
+            if not item["Key"].endswith("/") and item["Key"] != prefix + MARKER  # nor a "folder" made in the console
         ]
     except (BotoCoreError, ClientError) as error:
         raise PhotoError(f"cannot list s3://{bucket}/{prefix}: {error}") from None

@@ -26,6 +26,7 @@ FILES = (
     ENTRY_POINT,
     "hyperparameters.py",
     "data.py",
+    "photos.py",
     "model.py",
     "inference.py",
     "calibration.py",

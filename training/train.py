@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ if __package__:  # imported from this repository as training.train
         selective,
         test_report,
     )
-    from .data import channel, class_names, image_path, load_data, log, read_manifest
+    from .data import channel, class_names, image_path, labelled_photos, load_data, log, read_manifest
     from .hyperparameters import AUTO, HyperparameterError, parse_hyperparameters
     from .inference import to_inputs
     from .model import IMAGE_SIZE, Classifier, target_logits
@@ -56,7 +57,7 @@ else:  # run as a script from the source directory, as SageMaker runs it
         selective,
         test_report,
     )
-    from data import channel, class_names, image_path, load_data, log, read_manifest
+    from data import channel, class_names, image_path, labelled_photos, load_data, log, read_manifest
     from hyperparameters import AUTO, HyperparameterError, parse_hyperparameters
     from inference import to_inputs
     from model import IMAGE_SIZE, Classifier, target_logits
@@ -251,6 +252,7 @@ def main(argv=None) -> None:
         "device": str(device),
         "precision": "bfloat16" if bfloat16 else "float32",
         "train_images": len(data["train"][0]),
+        **({"labels": data["labels"]} if "labels" in data else {}),
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,  # a steadier measure than wall time on a shared machine
         "history": history,
@@ -329,20 +331,25 @@ def main_photo(args, model_dir: Path, output_dir: Path) -> None:
         from . import backbone
     else:
         import backbone
-    rows, paths = [], []
+    rows, paths, listed = [], [], set()
     for name in ("train", "validation"):
         manifest = channel(f"{name}_lst") / f"{name}.lst"
         image_dir = channel(name)
         for label, relative in read_manifest(manifest):
             rows.append(label)
             paths.append(image_path(image_dir, relative, manifest))
-    labels = np.array(rows, dtype=np.int64)
-    missing = sorted(set(range(args.target_classes)) - set(rows))
-    if missing:
-        raise SystemExit(f"train.py: error: no training or validation images of target labels {missing}")
-    classes = class_names(args.target_classes, [channel("train_lst"), channel("train")])
-    make_directories(model_dir, output_dir)
-    metrics, settings, model = backbone.train_photo_model(args, paths, labels, log)
+            listed.add(relative)
+    with tempfile.TemporaryDirectory() as staging:
+        reviewed = labelled_photos(Path(staging), listed)
+        for label, path, _ in [*reviewed[0]["train"], *reviewed[0]["validation"]] if reviewed else []:
+            rows.append(label)
+            paths.append(path)
+        missing = sorted(set(range(args.target_classes)) - set(rows))
+        if missing:
+            raise SystemExit(f"train.py: error: no training or validation images of target labels {missing}")
+        classes = class_names(args.target_classes, [channel("train_lst"), channel("train")])
+        make_directories(model_dir, output_dir)
+        metrics, settings, model = backbone.train_photo_model(args, paths, np.array(rows, dtype=np.int64), log)
     metrics = {
         "classes": classes,
         "seed": args.seed,
@@ -350,6 +357,7 @@ def main_photo(args, model_dir: Path, output_dir: Path) -> None:
         "device": "cpu",
         "precision": "float32",
         **metrics,
+        **({"labels": reviewed[1]} if reviewed else {}),
     }
     test_dir, test_lst = channel("test", required=False), channel("test_lst", required=False)
     if test_dir and test_lst and (test_lst / "test.lst").is_file():
