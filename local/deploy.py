@@ -134,6 +134,7 @@ class LocalDeployment:
             "AWS::SageMaker::Endpoint": self._sagemaker,
             "AWS::SageMaker::ModelPackageGroup": self._model_package_group,
             "AWS::SQS::Queue": self._queue,
+            "AWS::SSM::Parameter": self._parameter,
             "AWS::DynamoDB::Table": self._table,
             "AWS::Lambda::EventSourceMapping": self._event_source_mapping,
             "AWS::Cognito::UserPool": self._user_pool,
@@ -276,6 +277,11 @@ class LocalDeployment:
         url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
         arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:{name}"
         return {"Ref": url, "Arn": arn, "QueueName": name, "QueueUrl": url}
+
+    def _parameter(self, stack: Stack, logical_id: str, properties: dict) -> dict:
+        name = _physical_name(stack, logical_id, properties.get("Name"), 1011)
+        self.client("ssm").put_parameter(Name=name, Value=properties["Value"], Type=properties["Type"], Overwrite=True)
+        return {"Ref": name, "Type": properties["Type"], "Value": properties["Value"]}
 
     def _table(self, stack: Stack, logical_id: str, properties: dict) -> dict:
         name = _physical_name(stack, logical_id, properties.get("TableName"), 255)

@@ -409,8 +409,19 @@ class SconesConfig:
 
     @property
     def threshold_parameter_name(self) -> str:
-        """SSM parameter where the approval of a model package records its calibrated threshold."""
+        """SSM parameter where the approval of a model package records its calibrated threshold (or `default`)."""
         return f"/scones/{self.env_name}/threshold"
+
+    @property
+    def serving_model_parameter_name(self) -> str:
+        """SSM parameter where the endpoint stack records the artifact it serves, once its update has succeeded."""
+        return f"/scones/{self.env_name}/serving/model-data-url"
+
+    @property
+    def serving_threshold_parameter_name(self) -> str:
+        """SSM parameter where the endpoint stack records the served model's threshold (or `default`), once its
+        update has succeeded: the threshold the filter applies."""
+        return f"/scones/{self.env_name}/serving/threshold"
 
     @property
     def model_package_group_name(self) -> str:

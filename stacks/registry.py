@@ -26,9 +26,8 @@ from stacks.config import SconesConfig
 from stacks.constructs import LoggedStateMachine
 
 GATE_ERROR = "ModelBelowGate"
-# What the aws-sdk integration raises when the parameter to delete does not exist: AWS names the service Ssm,
-# moto's engine (the tests run this definition on it) ssm. Error names are case-sensitive.
-PARAMETER_NOT_FOUND_ERRORS = ["Ssm.ParameterNotFoundException", "ssm.ParameterNotFoundException"]
+# The threshold recorded for a package without one: the filter (lambdas/filter_inferences) applies its default.
+DEFAULT_THRESHOLD_VALUE = "default"
 # The endpoint's contract (ARCHITECTURE.md): the photo's bytes in, a JSON list of probabilities out.
 CONTENT_TYPES = ["image/png", "image/jpeg", "application/x-image"]
 
@@ -165,17 +164,21 @@ class ModelRegistry(Construct):
             "RecordPackageArn", config.model_package_parameter_name, f"{package}.ModelPackageArn"
         )
         # A package without a threshold (the built-in algorithm's): the filter applies its default, not the
-        # threshold of the package served before.
-        forget_threshold = tasks.CallAwsService(
+        # threshold of the package served before. A value, not a deleted parameter: the endpoint stack reads it.
+        record_default_threshold = tasks.CallAwsService(
             self,
-            "ForgetThreshold",
+            "RecordDefaultThreshold",
             service="ssm",
-            action="deleteParameter",
-            parameters={"Name": config.threshold_parameter_name},
+            action="putParameter",
+            parameters={
+                "Name": config.threshold_parameter_name,
+                "Value": DEFAULT_THRESHOLD_VALUE,
+                "Type": "String",
+                "Overwrite": True,
+            },
             iam_resources=[self.parameter_arns[config.threshold_parameter_name]],
             result_path=sfn.JsonPath.DISCARD,
         )
-        forget_threshold.add_catch(record_package, errors=PARAMETER_NOT_FOUND_ERRORS, result_path=sfn.JsonPath.DISCARD)
         serving = sfn.Pass(
             self,
             "Serving",
@@ -204,7 +207,7 @@ class ModelRegistry(Construct):
                         sfn.Condition.is_present(f"{package}.CustomerMetadataProperties.threshold"),
                         record_threshold.next(record_package),
                     )
-                    .otherwise(forget_threshold.next(record_package))
+                    .otherwise(record_default_threshold.next(record_package))
                 ),
             )
             .otherwise(

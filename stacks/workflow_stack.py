@@ -129,8 +129,8 @@ class WorkflowStack(Stack):
             environment=filter_environment,
             timeout=Duration.seconds(10),
         ).function
-        # The parameters the filter reads at run time: the trained model's threshold unless overridden, and the
-        # model's URL unless given.
+        # The parameters the filter reads at run time: the served model's threshold unless overridden, and its
+        # URL unless given.
         parameter_names = [
             name
             for variable, name in filter_environment.items()
@@ -219,19 +219,20 @@ class WorkflowStack(Stack):
 
     @staticmethod
     def _filter_environment(config: SconesConfig) -> dict[str, str]:
-        """The threshold: an override when given, else the trained model's (SSM), else the default."""
+        """The threshold: an override when given, else the served model's (SSM, recorded by the endpoint stack
+        once an update succeeded), else the default."""
         environment = {
             "CLASS_NAMES": ",".join(config.classes),
             "ENDPOINT_NAME": config.endpoint_name,
             "METRIC_NAMESPACE": METRIC_NAMESPACE,
         }
         if config.threshold is None:
-            environment["THRESHOLD_PARAMETER"] = config.threshold_parameter_name
+            environment["THRESHOLD_PARAMETER"] = config.serving_threshold_parameter_name
             environment["DEFAULT_THRESHOLD"] = str(DEFAULT_THRESHOLD)
         else:
             environment["THRESHOLD"] = str(config.threshold)
         if config.model_data_url is None:
-            environment["MODEL_PARAMETER"] = config.model_parameter_name
+            environment["MODEL_PARAMETER"] = config.serving_model_parameter_name
         else:
             environment["MODEL_DATA_URL"] = config.model_data_url
         return environment

@@ -25,12 +25,13 @@ from fake_endpoint import ENDPOINT_ERROR_STATUS, FakeEndpoint
 from filter_inferences import index as filter_step
 from serialize_image_data import index as serialize
 
+from stacks.registry import DEFAULT_THRESHOLD_VALUE
 from stacks.workflow_stack import TRANSIENT_ENDPOINT_ERRORS
 
 BUCKET = "scones-test-data"
 ENDPOINT = "scones-test-endpoint"
-THRESHOLD_PARAMETER = "/scones/test/threshold"
-MODEL_PARAMETER = "/scones/test/model-data-url"
+THRESHOLD_PARAMETER = "/scones/test/serving/threshold"
+MODEL_PARAMETER = "/scones/test/serving/model-data-url"
 MODEL_URL = "s3://scones-test-data/models/job-1/output/model.tar.gz"
 
 # The shapes the classic state machines passed a body around in.
@@ -489,12 +490,15 @@ def test_filter_applies_the_trained_models_threshold_from_ssm_and_names_the_mode
     assert name == "ThresholdConfidenceNotMet"
     assert message == (
         "THRESHOLD_CONFIDENCE_NOT_MET: the top probability 0.8 (motorcycle) is below the threshold 0.844 "
-        f"(the trained model's own) for s3://{BUCKET}/moto.png."
+        f"(the served model's own) for s3://{BUCKET}/moto.png."
     )
 
 
-def test_filter_applies_the_default_while_no_model_recorded_a_threshold(ssm):
+@pytest.mark.parametrize("recorded", [None, DEFAULT_THRESHOLD_VALUE], ids=["none recorded", "a model without one"])
+def test_filter_applies_the_default_while_the_served_model_has_no_threshold(ssm, recorded):
     ssm.put_parameter(Name=MODEL_PARAMETER, Value=MODEL_URL, Type="String")
+    if recorded:
+        ssm.put_parameter(Name=THRESHOLD_PARAMETER, Value=recorded, Type="String")
     event = {"s3_bucket": BUCKET, "s3_key": "bike.png", "inferences": [0.95, 0.04]}
     assert filter_step.handler(event, None) == readable(
         [0.95, 0.04], 0.01, 0.93, "default", MODEL_URL, key="bike.png", predicted="bicycle"
@@ -550,9 +554,9 @@ def test_filter_names_a_bad_threshold_parameter(ssm, value, capsys):
     name, message = failure(filter_step.handler, {"inferences": [0.1, 0.9]})
     assert name == "InvalidConfiguration"
     assert message == (
-        f"the SSM parameter {THRESHOLD_PARAMETER}={value!r} is not a probability between 0 and 1: the training "
-        "records the trained model's calibrated threshold there; put a number such as 0.85 in it, or delete it "
-        "to apply the default."
+        f"the SSM parameter {THRESHOLD_PARAMETER}={value!r} is not a probability between 0 and 1: the endpoint "
+        "stack records the served model's calibrated threshold there; put a number such as 0.85 in it, or "
+        "'default' to apply the default."
     )
     assert capsys.readouterr().out == ""
 
@@ -579,7 +583,7 @@ def test_filter_passes_an_inference_exactly_at_the_threshold(monkeypatch):
 @pytest.mark.parametrize(
     "threshold, inferences, expected",
     [
-        (None, [0.61, 0.39], "the top probability 0.61 (bicycle) is below the threshold 0.93 (the default, as no "),
+        (None, [0.61, 0.39], "the top probability 0.61 (bicycle) is below the threshold 0.93 (the default, as the "),
         ("0.5", [0.2, 0.3, 0.4, 0.1], "the top probability 0.4 (motorcycle) is below the threshold 0.5 (set with"),
         ("0.3", [0.35, 0.1], "neither (0.55) is more likely than bicycle (0.35)"),
     ],

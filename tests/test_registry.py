@@ -11,6 +11,7 @@ from moto import mock_aws
 from test_training_stack import ARTIFACT, run_definition
 
 from stacks.config import ConfigError, SconesConfig
+from stacks.registry import DEFAULT_THRESHOLD_VALUE
 from training import fit, registry
 
 THRESHOLD, MODEL, PACKAGE = "/scones/dev/threshold", "/scones/dev/model-data-url", "/scones/dev/model-package-arn"
@@ -62,7 +63,6 @@ def test_the_approval_role_may_describe_this_groups_packages_and_write_the_three
     ]
     assert statements == [
         ("sagemaker:describeModelPackage", [":model-package/scones-dev/*"]),
-        ("ssm:deleteParameter", [":parameter/scones/dev/threshold"]),
         (
             "ssm:putParameter",
             [
@@ -137,7 +137,7 @@ def test_an_approved_package_becomes_the_served_model_and_threshold():
 def test_a_package_without_a_threshold_leaves_the_filter_its_default(before):
     described, held = run_approval("Approved", {"validation_accuracy": "0.95"}, before=before)
     assert described["status"] == "SUCCEEDED", described
-    assert THRESHOLD not in held["parameters"]
+    assert held["parameters"][THRESHOLD] == DEFAULT_THRESHOLD_VALUE
     assert held["parameters"][MODEL] == ARTIFACT
 
 

@@ -12,9 +12,9 @@ FUNCTIONS = {
         "FilterInferences",
         {
             "CLASS_NAMES": "bicycle,motorcycle",
-            "THRESHOLD_PARAMETER": "/scones/dev/threshold",
+            "THRESHOLD_PARAMETER": "/scones/dev/serving/threshold",
             "DEFAULT_THRESHOLD": "0.93",
-            "MODEL_PARAMETER": "/scones/dev/model-data-url",
+            "MODEL_PARAMETER": "/scones/dev/serving/model-data-url",
             "ENDPOINT_NAME": "scones-dev",
             "METRIC_NAMESPACE": "Scones",
         },
@@ -81,11 +81,16 @@ def _parameter_reads(**context) -> list[tuple[str, list[str]]]:
 
 def test_filter_may_read_exactly_the_parameters_it_reads():
     assert _parameter_reads() == [
-        ("ssm:GetParameters", [":parameter/scones/dev/model-data-url", ":parameter/scones/dev/threshold"])
+        (
+            "ssm:GetParameters",
+            [":parameter/scones/dev/serving/model-data-url", ":parameter/scones/dev/serving/threshold"],
+        )
     ]
-    assert _parameter_reads(threshold="0.8") == [("ssm:GetParameters", [":parameter/scones/dev/model-data-url"])]
+    assert _parameter_reads(threshold="0.8") == [
+        ("ssm:GetParameters", [":parameter/scones/dev/serving/model-data-url"])
+    ]
     assert _parameter_reads(model_data_url="s3://models/m/model.tar.gz", env="prod") == [
-        ("ssm:GetParameters", [":parameter/scones/prod/threshold"])
+        ("ssm:GetParameters", [":parameter/scones/prod/serving/threshold"])
     ]
     assert _parameter_reads(threshold="0.8", model_data_url="s3://models/m/model.tar.gz") == []
 

@@ -5,11 +5,12 @@ CLASS_NAMES, in label order), the probabilities, `neither` (1 - their sum), the 
 it came from (`threshold_source`), the model, and `"source": "model"` (an answer a person gave on the
 review page says "review" there instead):
 - `threshold_source` "override": THRESHOLD, set when the stack was synthesized with `-c threshold=...`;
-- "model": the trained model's calibrated threshold, which the training records in the SSM parameter
-  THRESHOLD_PARAMETER;
-- "default": DEFAULT_THRESHOLD, while no trained model has recorded one;
-- `model`: MODEL_DATA_URL when the stack was given one, else the SSM parameter MODEL_PARAMETER (the newest
-  trained model's artifact), or null when neither is there.
+- "model": the served model's calibrated threshold, which the endpoint stack records in the SSM parameter
+  THRESHOLD_PARAMETER once the update that serves the model has succeeded;
+- "default": DEFAULT_THRESHOLD, while no model has recorded one, or when the parameter says `default` (a model
+  without a threshold);
+- `model`: MODEL_DATA_URL when the stack was given one, else the SSM parameter MODEL_PARAMETER (the served
+  artifact, recorded beside the threshold), or null when neither is there.
 The parameters are read with one ssm:GetParameters and kept for PARAMETER_CACHE_SECONDS.
 
 Each call prints one CloudWatch Embedded Metric Format line, which CloudWatch Logs turns into metrics in
@@ -47,10 +48,12 @@ TOP_PROBABILITY_METRIC = "TopProbability"
 LOW_CONFIDENCE_METRIC = "LowConfidence"
 PREDICTIONS_METRIC = "Predictions"
 PARAMETER_CACHE_SECONDS = 60
+# The threshold parameter's value for a model without a threshold (stacks/registry.py DEFAULT_THRESHOLD_VALUE).
+DEFAULT_VALUE = "default"
 THRESHOLD_SOURCES = {
     "override": "set with -c threshold",
-    "model": "the trained model's own",
-    "default": "the default, as no trained model has recorded one",
+    "model": "the served model's own",
+    "default": "the default, as the served model has none recorded",
 }
 
 _parameters: dict[tuple[str, ...], tuple[float, dict[str, str]]] = {}
@@ -97,10 +100,10 @@ def threshold_and_model() -> tuple[float, str, str | None]:
     model = model_url or found.get(model_name)
     if override:
         return probability(override, "THRESHOLD"), "override", model
-    if threshold_name in found:
+    if found.get(threshold_name, DEFAULT_VALUE) != DEFAULT_VALUE:
         hint = (
-            ": the training records the trained model's calibrated threshold there; put a number such as 0.85 "
-            "in it, or delete it to apply the default"
+            ": the endpoint stack records the served model's calibrated threshold there; put a number such as "
+            f"0.85 in it, or {DEFAULT_VALUE!r} to apply the default"
         )
         return probability(found[threshold_name], f"the SSM parameter {threshold_name}", hint), "model", model
     return probability(setting("DEFAULT_THRESHOLD"), "DEFAULT_THRESHOLD"), "default", model
