@@ -224,9 +224,9 @@ class SconesConfig:
     capture_retention_days: int = _setting(30, "lifecycle of `data_capture/`", _number(int, 1))
     threshold: float | None = _setting(
         None,
-        "the filter's confidence threshold, overriding the trained model's own; unset, the filter applies the "
-        "threshold the training calibrated and recorded in SSM `/scones/<env>/threshold` beside the model "
-        f"({DEFAULT_THRESHOLD:g} while none is recorded)",
+        "the filter's confidence threshold, overriding the served model's own; unset, the filter applies the "
+        "threshold the training calibrated, which the endpoint stack records in SSM "
+        f"`/scones/<env>/serving/threshold` once it serves the model ({DEFAULT_THRESHOLD:g} while none is recorded)",
         _number(float, 0.0, 1.0),
     )
     training_algorithm: str = _setting(

@@ -20,6 +20,7 @@ from stacks.constructs import SageMakerRole
 from stacks.data_stack import CAPTURE_PREFIX
 from stacks.images import image_uri, repository_arn
 from stacks.metrics import VARIANT_NAME, endpoint_metric, low_confidence_rate
+from stacks.registry import DEFAULT_THRESHOLD_VALUE
 from stacks.training_stack import MODEL_PREFIX
 
 # The rollback alarms judge one-minute periods (SageMaker's invocation metrics are per minute): two bad
@@ -145,6 +146,8 @@ class EndpointStack(Stack):
             scale_out_cooldown=Duration.minutes(1),
         )
 
+        self._record_serving(config, model_data_url)
+
         CfnOutput(
             self,
             "EndpointName",
@@ -158,6 +161,36 @@ class EndpointStack(Stack):
             description="The model.tar.gz the endpoint serves (the SSM parameter's value at deploy time "
             "unless model_data_url was given).",
         )
+
+    def _record_serving(self, config: SconesConfig, model_data_url: str) -> None:
+        """The artifact and threshold the filter applies, recorded once the endpoint serves them: after the
+        endpoint resource, so CloudFormation writes them only when its update (canary and bakes included)
+        succeeded, and an update rolled back leaves them as they were. Before, the threshold went live at
+        approval, while the endpoint still served the model before."""
+        threshold = (
+            ssm.StringParameter.value_for_string_parameter(self, config.threshold_parameter_name)
+            if config.model_data_url is None
+            else DEFAULT_THRESHOLD_VALUE  # a given artifact's threshold is unknown: -c threshold sets one
+        )
+        for construct_id, name, value in (
+            ("ServingModelDataUrl", config.serving_model_parameter_name, model_data_url),
+            ("ServingThreshold", config.serving_threshold_parameter_name, threshold),
+        ):
+            parameter = ssm.StringParameter(
+                self,
+                construct_id,
+                parameter_name=name,
+                string_value=value,
+                description=f"scones {config.env_name}: what the endpoint serves, written after its update succeeded",
+            )
+            parameter.node.add_dependency(self.endpoint)
+        if config.model_data_url is None:
+            CfnOutput(
+                self,
+                "ModelPackageArn",
+                value=ssm.StringParameter.value_for_string_parameter(self, config.model_package_parameter_name),
+                description="The approved model package the endpoint serves (the SSM parameter at deploy time).",
+            )
 
     def _rollback_alarms(self, config: SconesConfig) -> list[cloudwatch.Alarm]:
         """The alarms that roll an endpoint update back: server errors, model latency, and the ML signal.

@@ -134,9 +134,9 @@ def test_config_table_has_one_row_per_key_with_its_default():
     assert rows[:2] == ["| key | default | meaning |", "|---|---|---|"]
     assert len(rows) == 2 + len(context_keys())
     assert (
-        "| `threshold` | unset | the filter's confidence threshold, overriding the trained model's own; unset, the "
-        "filter applies the threshold the training calibrated and recorded in SSM `/scones/<env>/threshold` beside "
-        "the model (0.93 while none is recorded) |"
+        "| `threshold` | unset | the filter's confidence threshold, overriding the served model's own; unset, the "
+        "filter applies the threshold the training calibrated, which the endpoint stack records in SSM "
+        "`/scones/<env>/serving/threshold` once it serves the model (0.93 while none is recorded) |"
     ) in config_table()
     assert "| `removal_policy` | `destroy` (`prod`: `retain`) |" in config_table()
     assert "| `training_instance_type` | `ml.m5.xlarge` (`builtin`: `ml.p3.2xlarge`) |" in config_table()
@@ -148,7 +148,7 @@ def test_readme_configuration_table_is_the_rendered_one():
     found = re.search(r"<!-- config-table -->\n(.*?)<!-- /config-table -->", readme, re.S)
     assert found, "README.md has no <!-- config-table --> ... <!-- /config-table --> markers"
     assert found.group(1) == config_table(), (
-        "README's configuration table is stale: paste `python -c 'from stacks.config import config_table; "
+        "README's configuration table is stale: paste `python -c 'from stacks.config_table import config_table; "
         'print(config_table(), end="")\'` between the markers'
     )
 

@@ -6,6 +6,7 @@ from aws_cdk.assertions import Match
 from conftest import ROOT, template
 
 from stacks.config import ConfigError, SconesConfig
+from stacks.registry import DEFAULT_THRESHOLD_VALUE
 from stacks.workflow_stack import METRIC_NAMESPACE
 
 DATA_BUCKET = {"Fn::ImportValue": "SconesDevData:ExportsOutputRefData666C94C774A46B8E"}
@@ -71,10 +72,16 @@ def test_endpoint_is_named_from_config_and_scales_on_invocations():
     )
 
 
+def ssm_parameters_read(endpoint) -> list[str]:
+    parameters = endpoint.to_json().get("Parameters", {})
+    return [p["Default"] for p in parameters.values() if p["Type"].startswith("AWS::SSM::Parameter::Value")]
+
+
 def test_model_artifact_comes_from_the_recorded_parameter_or_context():
-    parameters = template("Endpoint").to_json()["Parameters"]
-    assert [p["Default"] for p in parameters.values() if p["Type"].startswith("AWS::SSM::Parameter::Value")] == [
-        "/scones/dev/model-data-url"
+    assert ssm_parameters_read(template("Endpoint")) == [
+        "/scones/dev/model-data-url",
+        "/scones/dev/threshold",
+        "/scones/dev/model-package-arn",
     ]
     given = template("Endpoint", model_data_url="s3://my-bucket/models/job/output/model.tar.gz")
     given.has_resource_properties(
@@ -88,6 +95,28 @@ def test_model_artifact_comes_from_the_recorded_parameter_or_context():
             )
         },
     )
+
+
+@pytest.mark.parametrize("given", [None, "s3://my-bucket/models/job/output/model.tar.gz"], ids=["approved", "given"])
+def test_what_serves_is_recorded_for_the_filter_only_after_the_endpoint_update(given):
+    """The filter applies /serving/threshold: written after the endpoint resource, so only once an update (its
+    canary and bakes) succeeded; a given artifact has no known threshold and records the default."""
+    endpoint = template("Endpoint", **({"model_data_url": given} if given else {}))
+    body = endpoint.to_json()
+    read = {p["Default"]: {"Ref": name} for name, p in body.get("Parameters", {}).items() if "Default" in p}
+    (endpoint_id,) = endpoint.find_resources("AWS::SageMaker::Endpoint")
+    (model,) = endpoint.find_resources("AWS::SageMaker::Model").values()
+    recorded = {p["Properties"]["Name"]: p for p in endpoint.find_resources("AWS::SSM::Parameter").values()}
+    assert set(recorded) == {"/scones/dev/serving/model-data-url", "/scones/dev/serving/threshold"}
+    assert all(endpoint_id in parameter["DependsOn"] for parameter in recorded.values())
+    served = recorded["/scones/dev/serving/model-data-url"]["Properties"]["Value"]
+    assert served == model["Properties"]["PrimaryContainer"]["ModelDataUrl"]
+    threshold = recorded["/scones/dev/serving/threshold"]["Properties"]["Value"]
+    if given:
+        assert threshold == DEFAULT_THRESHOLD_VALUE and "ModelPackageArn" not in body["Outputs"]
+    else:
+        assert threshold == read["/scones/dev/threshold"]
+        assert body["Outputs"]["ModelPackageArn"]["Value"] == read["/scones/dev/model-package-arn"]
 
 
 def test_model_role_reads_models_and_writes_captures_only():
