@@ -281,7 +281,7 @@ class LocalDeployment:
     def _parameter(self, stack: Stack, logical_id: str, properties: dict) -> dict:
         name = _physical_name(stack, logical_id, properties.get("Name"), 1011)
         self.client("ssm").put_parameter(Name=name, Value=properties["Value"], Type=properties["Type"], Overwrite=True)
-        return {"Ref": name, "Type": properties["Type"], "Value": properties["Value"]}
+        return {"Ref": name, "Value": properties["Value"]}
 
     def _table(self, stack: Stack, logical_id: str, properties: dict) -> dict:
         name = _physical_name(stack, logical_id, properties.get("TableName"), 255)

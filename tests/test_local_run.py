@@ -20,6 +20,7 @@ from PIL import Image
 from local.__main__ import LocalRun, main, print_summary
 from local.executions import run_execution
 from stacks.config import SconesConfig
+from stacks.registry import DEFAULT_THRESHOLD_VALUE
 
 pytestmark = pytest.mark.slow
 
@@ -59,11 +60,13 @@ def local_run(tmp_path_factory):
                 member.size = len(code)
                 archive.addfile(member, io.BytesIO(code))
             s3.put_object(Bucket=bucket, Key="models/confident/output/model.tar.gz", Body=model.getvalue())
-            boto3.client("ssm").put_parameter(
-                Name=SconesConfig(env_name="dev").model_parameter_name,
-                Type="String",
-                Value=f"s3://{bucket}/models/confident/output/model.tar.gz",
-            )
+            config = SconesConfig(env_name="dev")
+            for name, value in (  # what the approval of a package without a threshold records
+                (config.model_parameter_name, f"s3://{bucket}/models/confident/output/model.tar.gz"),
+                (config.threshold_parameter_name, DEFAULT_THRESHOLD_VALUE),
+                (config.model_package_parameter_name, "arn:aws:sagemaker:us-east-1:123456789012:model-package/x/1"),
+            ):
+                boto3.client("ssm").put_parameter(Name=name, Type="String", Value=value)
             run.deploy([run.stack("Review"), run.stack("Workflow"), run.stack("Endpoint")])
             run.serve_endpoint(deployment, info["sagemaker_runtime"])
             for number in range(IMAGES):

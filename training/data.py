@@ -146,9 +146,9 @@ def labelled_photos(staging: Path, staged: set[str]) -> tuple[dict[str, list[tup
             "beside train.lst, which says each class's label"
         )
     labels = {
-        entry["name"]: entry["label"]
-        for entry in dataset.get("classes", []) + dataset.get("extra_classes", [])
-        if isinstance(entry, dict)
+        **{entry["name"]: entry["label"] for entry in dataset.get("classes", []) if isinstance(entry, dict)},
+        **{entry: index for index, entry in enumerate(dataset.get("classes", [])) if isinstance(entry, str)},
+        **{entry["name"]: entry["label"] for entry in dataset.get("extra_classes", [])},
     }
     labels.setdefault(photos.NEITHER, max(labels.values(), default=-1) + 1)
     try:
