@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import boto3
 import pytest
-from conftest import ROOT
+from conftest import ROOT, assembly_directory, environment_restored
 from moto import mock_aws
 
 sys.path.insert(0, str(ROOT / "lambdas"))
@@ -15,6 +15,9 @@ from common import InvalidConfiguration
 from filter_inferences import index as filter_step
 from rollback_baseline import index as baseline
 
+from local import aws
+from local.assembly import read_assembly
+from local.deploy import LocalDeployment
 from stacks.endpoint_stack import BASELINE_MINUTES
 from stacks.metrics import BASELINE_WINDOW_HOURS, LOW_CONFIDENCE_BASELINE
 from stacks.workflow_stack import METRIC_NAMESPACE
@@ -144,3 +147,36 @@ def test_the_metric_names_are_the_ones_the_stacks_read():
     assert baseline.LOW_CONFIDENCE_METRIC == filter_step.LOW_CONFIDENCE_METRIC
     assert baseline.TOP_PROBABILITY_METRIC == filter_step.TOP_PROBABILITY_METRIC
     assert baseline.ENDPOINT_DIMENSION == filter_step.ENDPOINT_DIMENSION
+
+
+@pytest.mark.slow  # starts the local AWS (a moto server) and deploys two synthesized stacks into it
+def test_the_local_deployment_creates_the_function_from_the_template_and_it_runs():
+    with environment_restored():
+        server, _ = aws.start()
+        try:
+            deployed = LocalDeployment()
+            stacks = {stack.name: stack for stack in read_assembly(assembly_directory())}
+            deployed.deploy(stacks["SconesDevData"])
+            boto3.client("ssm").put_parameter(
+                Name="/scones/dev/model-data-url", Type="String", Value="s3://models/run/model.tar.gz"
+            )
+            deployed.deploy(stacks["SconesDevEndpoint"])
+            cloudwatch = boto3.client("cloudwatch")
+            answers(cloudwatch, datetime.now(UTC) - timedelta(hours=3), [True, False, False, False], "scones-dev")
+
+            (function,) = [
+                attributes["Ref"]
+                for logical_id, attributes in deployed.created("SconesDevEndpoint", "AWS::Lambda::Function").items()
+                if logical_id.startswith("RollbackBaseline")
+            ]
+            invoked = boto3.client("lambda").invoke(FunctionName=function, Payload=b"{}")
+            record = json.loads(invoked["Payload"].read())
+            assert "FunctionError" not in invoked, record
+            assert (record["endpoint"], record["baseline_percent"]) == ("scones-dev", 25.0)
+            assert set(published(cloudwatch, "scones-dev").values()) == {25.0}
+            # The schedule and its permission are reported, not emulated: a local run calls nothing on a timer.
+            not_emulated = "\n".join(deployed.report.not_emulated)
+            assert "RollbackBaselineSchedule" in not_emulated and "(AWS::Events::Rule)" in not_emulated
+            assert "(AWS::Lambda::Permission)" in not_emulated
+        finally:
+            server.stop()
