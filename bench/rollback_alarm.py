@@ -55,9 +55,8 @@ def main() -> None:
                             "rolled_back": round(rolled_back(rng, answers, share, rise, minutes), 4),
                         }
                     )
-    RESULTS.write_text(
-        json.dumps({"baseline": BASELINE, "bake_minutes": minutes, "trials": TRIALS, "runs": rows}, indent=1) + "\n"
-    )
+    header = json.dumps({"baseline": BASELINE, "bake_minutes": minutes, "trials": TRIALS})[:-1]
+    RESULTS.write_text(f'{header}, "runs": [\n' + ",\n".join(json.dumps(row) for row in rows) + "\n]}\n")
 
     def shown(answers, rise, traffic, worse):
         (row,) = [
