@@ -309,9 +309,16 @@ class SconesConfig:
     rollback_latency_statistic: str = _setting(
         "p99", "`p99` or `Average`: the model latency statistic the rollback alarm bounds", _one_of(*LATENCY_STATISTICS)
     )
+    rollback_low_confidence_rise: float = _setting(
+        15.0,
+        "roll an endpoint update back when the share of answers below the threshold rises more than this many "
+        "percentage points above its 24-hour baseline",
+        _number(float, 1.0, 100.0),
+    )
     rollback_low_confidence_percent: float = _setting(
         40.0,
-        "roll an endpoint update back when more than this share of answers is below the threshold",
+        "while there is no 24-hour baseline (no answers for a day): roll an endpoint update back when more than "
+        "this share of answers is below the threshold",
         _number(float, 0.0, 100.0),
     )
     retrain_schedule: str | None = _setting(
@@ -360,13 +367,22 @@ class SconesConfig:
         self._check_review()
 
     def _check_deployment(self) -> None:
-        """SageMaker refuses a canary above half the fleet and a timeout shorter than the waits it contains."""
+        """SageMaker refuses a canary above half the fleet and a timeout shorter than the waits it contains; the
+        low-confidence rollback alarm fills a missing baseline with the bound minus the rise, which must not be
+        negative."""
         canary_instances = math.ceil(self.endpoint_instance_count * self.canary_percent / 100)
         if self.endpoint_instance_count > 1 and 2 * canary_instances > self.endpoint_instance_count:
             raise ConfigError(
                 f"context key 'canary_percent': {self.canary_percent}% of {self.endpoint_instance_count} instances "
                 f"rounds up to {canary_instances}, more than half the fleet; lower it (at most "
                 f"{100 * (self.endpoint_instance_count // 2) // self.endpoint_instance_count}%)"
+            )
+        if self.rollback_low_confidence_rise > self.rollback_low_confidence_percent:
+            raise ConfigError(
+                f"context key 'rollback_low_confidence_rise': {self.rollback_low_confidence_rise:g} points is above "
+                f"'rollback_low_confidence_percent' ({self.rollback_low_confidence_percent:g}%), the bound while "
+                "there is no baseline, so the first day would be judged more strictly than any later one; lower the "
+                "rise or raise the bound"
             )
         waits = 2 * self.canary_bake_minutes  # the canary's bake, then the whole new fleet's
         if self.deployment_timeout_minutes <= waits:

@@ -7,21 +7,32 @@ from aws_cdk import (
     Stack,
     aws_applicationautoscaling as appscaling,
     aws_cloudwatch as cloudwatch,
+    aws_events as events,
+    aws_events_targets as targets,
     aws_iam as iam,
     aws_kms as kms,
     aws_s3 as s3,
     aws_sagemaker as sagemaker,
     aws_ssm as ssm,
 )
+from cdk_nag import NagSuppressions
 from constructs import Construct
 
 from stacks.config import SconesConfig
-from stacks.constructs import SageMakerRole
+from stacks.constructs import PythonFunction, SageMakerRole
 from stacks.data_stack import CAPTURE_PREFIX
 from stacks.images import image_uri, repository_arn
-from stacks.metrics import VARIANT_NAME, endpoint_metric, low_confidence_rate
+from stacks.metrics import (
+    BASELINE_WINDOW_HOURS,
+    LOW_CONFIDENCE_BASELINE,
+    VARIANT_NAME,
+    endpoint_metric,
+    low_confidence_baseline,
+    low_confidence_rate,
+)
 from stacks.registry import DEFAULT_THRESHOLD_VALUE
 from stacks.training_stack import MODEL_PREFIX
+from stacks.workflow_stack import METRIC_NAMESPACE
 
 # The rollback alarms judge one-minute periods (SageMaker's invocation metrics are per minute): two bad
 # minutes out of three roll the update back, a single slow or failed request does not.
@@ -31,6 +42,10 @@ ROLLBACK_DATAPOINTS = 2
 # Alarms are watched only while the update bakes: an old fleet kept past a successful update could not be rolled
 # back to, it would only bill its instances.
 TERMINATION_WAIT_SECONDS = 0
+# The low-confidence alarm's baseline is recomputed every 5 minutes, each time published for the next 10 one-minute
+# periods, so that one late or failed call leaves no minute without a baseline.
+BASELINE_SCHEDULE = Duration.minutes(5)
+BASELINE_MINUTES = 10
 
 
 class EndpointStack(Stack):
@@ -100,6 +115,7 @@ class EndpointStack(Stack):
                 ),
             ),
         )
+        self.baseline_function, self.baseline_schedule = self._baseline(config)
         self.rollback_alarms = self._rollback_alarms(config)
         self.endpoint = sagemaker.CfnEndpoint(
             self,
@@ -228,18 +244,84 @@ class EndpointStack(Stack):
             comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
             **common,
         )
-        low_confidence = low_confidence_rate(config, ROLLBACK_PERIOD).create_alarm(
+        low_confidence = low_confidence_rise(config).create_alarm(
             self,
             "RollbackLowConfidence",
             alarm_name=low_confidence_name,
-            alarm_description="Rolls an endpoint update back: more than "
-            f"{config.rollback_low_confidence_percent:g}% of the filter's answers were below the threshold in two "
-            "of three minutes (old and new fleet together: the metric is per endpoint).",
-            threshold=config.rollback_low_confidence_percent,
+            alarm_description="Rolls an endpoint update back: the share of the filter's answers below the threshold "
+            f"was more than {config.rollback_low_confidence_rise:g} points above its {BASELINE_WINDOW_HOURS}-hour "
+            f"baseline ({LOW_CONFIDENCE_BASELINE}) in two of three minutes; while there is no baseline, "
+            f"above {config.rollback_low_confidence_percent:g}%. Old and new fleet together: the metric is per "
+            "endpoint.",
+            threshold=config.rollback_low_confidence_rise,
             comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
             **common,
         )
         return [errors, latency, low_confidence]
+
+    def _baseline(self, config: SconesConfig) -> tuple[PythonFunction, events.Rule]:
+        """The function that publishes the low-confidence alarm's baseline, and the schedule that calls it.
+
+        Here rather than in the monitoring stack: the alarm that reads the baseline is here, and the monitoring
+        stack depends on this one, so an endpoint deployed alone still has its baseline."""
+        baseline = PythonFunction(
+            self,
+            "RollbackBaseline",
+            config=config,
+            name="rollback_baseline",
+            environment={
+                "ENDPOINT_NAME": config.endpoint_name,
+                "METRIC_NAMESPACE": METRIC_NAMESPACE,
+                "BASELINE_WINDOW_HOURS": str(BASELINE_WINDOW_HOURS),
+                "BASELINE_MINUTES": str(BASELINE_MINUTES),
+            },
+            timeout=Duration.seconds(30),
+        )
+        baseline.role.add_to_policy(iam.PolicyStatement(actions=["cloudwatch:GetMetricData"], resources=["*"]))
+        baseline.role.add_to_policy(
+            iam.PolicyStatement(
+                actions=["cloudwatch:PutMetricData"],
+                resources=["*"],
+                conditions={"StringEquals": {"cloudwatch:namespace": METRIC_NAMESPACE}},
+            )
+        )
+        NagSuppressions.add_resource_suppressions(
+            baseline.role,
+            [
+                {
+                    "id": "AwsSolutions-IAM5",
+                    "reason": "cloudwatch:GetMetricData and cloudwatch:PutMetricData take no resource; PutMetricData "
+                    "is held to the filter's metric namespace by the cloudwatch:namespace condition.",
+                    "appliesTo": ["Resource::*"],
+                }
+            ],
+            apply_to_children=True,
+        )
+        schedule = events.Rule(
+            self,
+            "RollbackBaselineSchedule",
+            rule_name=f"{config.prefix}-rollback-baseline",
+            description=f"Every {BASELINE_SCHEDULE.to_minutes()} minutes: the filter's low-confidence share over "
+            f"the last {BASELINE_WINDOW_HOURS} hours, the baseline of the endpoint's low-confidence rollback alarm.",
+            schedule=events.Schedule.rate(BASELINE_SCHEDULE),
+            targets=[targets.LambdaFunction(baseline.function)],
+        )
+        return baseline, schedule
+
+
+def low_confidence_rise(config: SconesConfig) -> cloudwatch.MathExpression:
+    """The one-minute share of answers below the threshold minus its baseline, in points; a minute without a
+    baseline is filled so that the alarm's threshold (the rise) is crossed where the fallback bound is."""
+    fill = config.rollback_low_confidence_percent - config.rollback_low_confidence_rise
+    return cloudwatch.MathExpression(
+        expression=f"rate - FILL(baseline, {fill:g})",
+        using_metrics={
+            "rate": low_confidence_rate(config, ROLLBACK_PERIOD),
+            "baseline": low_confidence_baseline(config, ROLLBACK_PERIOD),
+        },
+        label="answers below the threshold, points above the baseline",
+        period=ROLLBACK_PERIOD,
+    )
 
 
 def rollback_alarm_names(config: SconesConfig) -> list[str]:

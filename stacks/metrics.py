@@ -1,6 +1,6 @@
 """The CloudWatch metrics the endpoint's rollback alarms and the monitoring stack's dashboard and alarms read:
 SageMaker's endpoint metrics, per variant, and the filter Lambda's Embedded Metric Format output
-(lambdas/filter_inferences/index.py), per endpoint."""
+(lambdas/filter_inferences/index.py) and its baseline (lambdas/rollback_baseline), per endpoint."""
 
 from aws_cdk import Duration, aws_cloudwatch as cloudwatch
 
@@ -11,6 +11,11 @@ VARIANT_NAME = "AllTraffic"
 TOP_PROBABILITY = "TopProbability"
 LOW_CONFIDENCE = "LowConfidence"
 PREDICTIONS = "Predictions"
+# The share of the filter's answers below the threshold over the trailing BASELINE_WINDOW_HOURS, in percent, by
+# EndpointName (lambdas/rollback_baseline), one datapoint a minute: what the low-confidence rollback alarm compares
+# with. A day: an update's bake, minutes long, barely moves it.
+LOW_CONFIDENCE_BASELINE = "LowConfidenceBaseline"
+BASELINE_WINDOW_HOURS = 24
 
 
 def endpoint_metric(
@@ -45,6 +50,14 @@ def low_confidence_rate(config: SconesConfig, period: Duration) -> cloudwatch.Ma
         },
         label="answers below the threshold (%)",
         period=period,
+    )
+
+
+def low_confidence_baseline(config: SconesConfig, period: Duration) -> cloudwatch.Metric:
+    """The share of the filter's answers below the threshold over the trailing BASELINE_WINDOW_HOURS, in percent
+    (none while there were no answers)."""
+    return filter_metric(config, LOW_CONFIDENCE_BASELINE, "Average", period).with_(
+        label=f"{BASELINE_WINDOW_HOURS}-hour baseline of answers below the threshold (%)"
     )
 
 

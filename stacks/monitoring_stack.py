@@ -26,7 +26,7 @@ from monitoring import metrics as drift_metrics
 from stacks import metrics
 from stacks.config import SconesConfig
 from stacks.drift_job import BASELINE_PREFIX, REPORTS_PREFIX, DriftJob
-from stacks.endpoint_stack import rollback_alarm_names
+from stacks.endpoint_stack import ROLLBACK_PERIOD, rollback_alarm_names
 from stacks.metrics import LOW_CONFIDENCE, PREDICTIONS, TOP_PROBABILITY
 from stacks.review_stack import MAX_RECEIVES, ReviewStack
 from stacks.workflow_stack import METRIC_NAMESPACE
@@ -191,9 +191,19 @@ class MonitoringStack(Stack):
                     cloudwatch.Alarm.from_alarm_name(self, f"Rollback{index}", name)
                     for index, name in enumerate(rollback_alarm_names(config))
                 ],
-                width=24,
-                height=2,
-            )
+                width=12,
+                height=6,
+            ),
+            cloudwatch.GraphWidget(
+                title="Rollback ML signal: answers below the threshold per minute, and their baseline (%)",
+                width=12,
+                height=6,
+                left=[
+                    metrics.low_confidence_rate(config, ROLLBACK_PERIOD),
+                    metrics.low_confidence_baseline(config, ROLLBACK_PERIOD),
+                ],
+                left_y_axis=cloudwatch.YAxisProps(min=0, max=100),
+            ),
         )
         dashboard.add_widgets(
             cloudwatch.GraphWidget(

@@ -119,9 +119,18 @@ def test_what_serves_is_recorded_for_the_filter_only_after_the_endpoint_update(g
         assert body["Outputs"]["ModelPackageArn"]["Value"] == read["/scones/dev/model-package-arn"]
 
 
+def _statements_of(endpoint, role_prefix: str) -> list[dict]:
+    """The statements of the policy attached to the stack's role whose logical id starts with `role_prefix`."""
+    (policy,) = [
+        policy
+        for policy in endpoint.find_resources("AWS::IAM::Policy").values()
+        if any(role["Ref"].startswith(role_prefix) for role in policy["Properties"]["Roles"])
+    ]
+    return policy["Properties"]["PolicyDocument"]["Statement"]
+
+
 def test_model_role_reads_models_and_writes_captures_only():
-    (policy,) = template("Endpoint").find_resources("AWS::IAM::Policy").values()
-    statements = policy["Properties"]["PolicyDocument"]["Statement"]
+    statements = _statements_of(template("Endpoint"), "ModelRole")
     s3 = [s for s in statements if any(a.startswith("s3:") for a in _actions(s))]
     assert s3 == [
         {"Action": "s3:GetObject", "Effect": "Allow", "Resource": {"Fn::Join": ["", [DATA_BUCKET_ARN, "/models/*"]]}},
@@ -287,32 +296,106 @@ def test_rollback_on_model_latency_with_the_configured_statistic_and_bound_in_mi
     assert "ExtendedStatistic" not in average
 
 
+def _low_confidence_alarm(**context) -> tuple[dict, dict[str, dict], dict[str, str]]:
+    """The low-confidence rollback alarm, its metrics' MetricStat by id, and its expressions by id."""
+    alarm = _rollback_alarms_by_name(**context)["scones-dev-rollback-low-confidence"]
+    stats = {m["Id"]: m["MetricStat"] for m in alarm["Metrics"] if "MetricStat" in m}
+    expressions = {m["Id"]: m["Expression"] for m in alarm["Metrics"] if "Expression" in m}
+    (returned,) = [m["Id"] for m in alarm["Metrics"] if m.get("ReturnData", True)]
+    return alarm, stats, {"returned": expressions.pop(returned), **expressions}
+
+
 def test_rollback_on_the_filters_low_confidence_rate_in_the_namespace_and_dimension_it_emits():
     sys.path.insert(0, str(ROOT / "lambdas"))
     from filter_inferences import index as filter_step
+    from rollback_baseline import index as baseline
 
-    alarm = _rollback_alarms_by_name(rollback_low_confidence_percent="25", endpoint_name="bikes")[
-        "scones-dev-rollback-low-confidence"
-    ]
-    (expression,) = [m for m in alarm["Metrics"] if "Expression" in m]
-    assert expression["Expression"] == "IF(answered > 0, 100 * lowconfidence / answered, 0)"
-    stats = {m["Id"]: m["MetricStat"] for m in alarm["Metrics"] if "MetricStat" in m}
+    alarm, stats, expressions = _low_confidence_alarm(endpoint_name="bikes")
+    assert expressions["rate"] == "IF(answered > 0, 100 * lowconfidence / answered, 0)"
     assert {name: (s["Metric"]["Namespace"], s["Metric"]["MetricName"], s["Stat"]) for name, s in stats.items()} == {
         "answered": (METRIC_NAMESPACE, filter_step.TOP_PROBABILITY_METRIC, "SampleCount"),
         "lowconfidence": (METRIC_NAMESPACE, filter_step.LOW_CONFIDENCE_METRIC, "Sum"),
+        "baseline": (METRIC_NAMESPACE, baseline.BASELINE_METRIC, "Average"),
     }
     # The filter's EMF line has EndpointName as its only dimension: the alarm can only see both fleets at once.
     line = json.loads(filter_step.metric_line(METRIC_NAMESPACE, "bikes", 0, 0.5, True, 0.9))
     (directive, _) = line["_aws"]["CloudWatchMetrics"]
     assert directive["Dimensions"] == [["EndpointName"]]
     assert all(s["Metric"]["Dimensions"] == [{"Name": "EndpointName", "Value": "bikes"}] for s in stats.values())
-    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (25, "GreaterThanThreshold")
+    assert all(s["Period"] == 60 for s in stats.values())
+
+
+def test_low_confidence_rolls_back_on_a_rise_above_the_baseline_or_the_fixed_bound_without_one():
+    alarm, _, expressions = _low_confidence_alarm()
+    # A minute with a baseline: share - baseline > 15. Without one: share - (40 - 15) > 15, i.e. share > 40.
+    assert expressions["returned"] == "rate - FILL(baseline, 25)"
+    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (15, "GreaterThanThreshold")
+    assert (alarm["EvaluationPeriods"], alarm["DatapointsToAlarm"], alarm["TreatMissingData"]) == (3, 2, "notBreaching")
+    assert "more than 15 points above its 24-hour baseline" in alarm["AlarmDescription"]
+    assert "no baseline, above 40%" in alarm["AlarmDescription"]
+
+    alarm, _, expressions = _low_confidence_alarm(
+        rollback_low_confidence_rise="5", rollback_low_confidence_percent="30"
+    )
+    assert (expressions["returned"], alarm["Threshold"]) == ("rate - FILL(baseline, 25)", 5)
+    alarm, _, expressions = _low_confidence_alarm(
+        rollback_low_confidence_rise="20", rollback_low_confidence_percent="20"
+    )
+    assert (expressions["returned"], alarm["Threshold"]) == ("rate - FILL(baseline, 0)", 20)
+
+
+def test_the_baseline_is_published_every_five_minutes_for_the_next_ten():
+    endpoint = template("Endpoint", endpoint_name="bikes")
+    (function_id,) = [f for f in endpoint.find_resources("AWS::Lambda::Function") if f.startswith("RollbackBaseline")]
+    function = endpoint.find_resources("AWS::Lambda::Function")[function_id]["Properties"]
+    assert function["Handler"] == "rollback_baseline.index.handler"
+    variables = function["Environment"]["Variables"]
+    assert variables == {
+        "ENDPOINT_NAME": "bikes",
+        "METRIC_NAMESPACE": METRIC_NAMESPACE,
+        "BASELINE_WINDOW_HOURS": "24",
+        "BASELINE_MINUTES": "10",
+    }
+    (rule,) = endpoint.find_resources("AWS::Events::Rule").values()
+    assert rule["Properties"]["ScheduleExpression"] == "rate(5 minutes)"
+    assert rule["Properties"]["Targets"] == [{"Arn": {"Fn::GetAtt": [function_id, "Arn"]}, "Id": "Target0"}]
+    # Each minute is covered by two calls: one late or failed call leaves no minute without a baseline.
+    assert int(variables["BASELINE_MINUTES"]) >= 2 * 5
+    endpoint.has_resource_properties(
+        "AWS::Lambda::Permission",
+        {
+            "Action": "lambda:InvokeFunction",
+            "Principal": "events.amazonaws.com",
+            "FunctionName": {"Fn::GetAtt": [function_id, "Arn"]},
+        },
+    )
+
+
+def test_the_baseline_role_reads_metrics_and_writes_only_the_filters_namespace():
+    endpoint = template("Endpoint")
+    statements = _statements_of(endpoint, "RollbackBaselineRole")
+    by_action = {action: statement for statement in statements for action in _actions(statement)}
+    assert set(by_action) == {
+        "cloudwatch:GetMetricData",
+        "cloudwatch:PutMetricData",
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+        "xray:PutTelemetryRecords",
+        "xray:PutTraceSegments",
+    }
+    assert by_action["cloudwatch:PutMetricData"]["Condition"] == {
+        "StringEquals": {"cloudwatch:namespace": METRIC_NAMESPACE}
+    }
+    assert "Condition" not in by_action["cloudwatch:GetMetricData"]  # it takes no resource and no condition key
+    (logs_id,) = [
+        name for name in endpoint.find_resources("AWS::Logs::LogGroup") if name.startswith("RollbackBaselineLogs")
+    ]
+    assert by_action["logs:PutLogEvents"]["Resource"] == {"Fn::GetAtt": [logs_id, "Arn"]}
 
 
 def test_model_role_may_describe_exactly_the_rollback_alarms():
     endpoint = template("Endpoint")
-    (policy,) = endpoint.find_resources("AWS::IAM::Policy").values()
-    statements = policy["Properties"]["PolicyDocument"]["Statement"]
+    statements = _statements_of(endpoint, "ModelRole")
     (describe,) = [s for s in statements if "cloudwatch:DescribeAlarms" in _actions(s)]
     alarms = endpoint.find_resources("AWS::CloudWatch::Alarm")
     assert describe["Action"] == "cloudwatch:DescribeAlarms"
@@ -330,3 +413,19 @@ def test_deployment_settings_are_checked_against_what_sagemaker_accepts():
         SconesConfig.from_context({"canary_bake_minutes": "20", "deployment_timeout_minutes": "40"})
     with pytest.raises(ConfigError, match="rollback_latency_statistic.*p99, Average"):
         SconesConfig.from_context({"rollback_latency_statistic": "p90"})
+
+
+@pytest.mark.parametrize(
+    ("context", "message"),
+    [
+        ({"rollback_low_confidence_rise": "many"}, "rollback_low_confidence_rise.*is not a float"),
+        ({"rollback_low_confidence_rise": "0.5"}, r"rollback_low_confidence_rise.*outside \[1.0, 100.0\]"),
+        (
+            {"rollback_low_confidence_rise": "30", "rollback_low_confidence_percent": "20"},
+            "rollback_low_confidence_rise.*30 points is above 'rollback_low_confidence_percent' .*lower the rise",
+        ),
+    ],
+)
+def test_a_bad_rollback_rise_is_refused_naming_the_key(context, message):
+    with pytest.raises(ConfigError, match=message):
+        SconesConfig.from_context(context)

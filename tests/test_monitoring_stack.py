@@ -291,6 +291,21 @@ def test_dashboard_shows_the_endpoints_rollback_alarms_by_their_names():
         assert f":alarm:{name}" in body, name
 
 
+def test_dashboard_shows_the_rollback_baseline_beside_the_share_it_is_compared_with():
+    (dashboard,) = template("Monitoring").find_resources("AWS::CloudWatch::Dashboard").values()
+    parts = dashboard["Properties"]["DashboardBody"]["Fn::Join"][1]
+    widgets = json.loads("".join(part if isinstance(part, str) else "REGION" for part in parts))["widgets"]
+    (alarms,) = [w for w in widgets if w["properties"].get("title", "").startswith("Endpoint update: rollback")]
+    (graph,) = [w for w in widgets if w["y"] == alarms["y"] and w["type"] == "metric"]
+    rows = graph["properties"]["metrics"]
+    (share,) = [row for row in rows if "expression" in row[0]]
+    (baseline,) = [row for row in rows if "LowConfidenceBaseline" in row]
+    assert share[0]["expression"] == "IF(answered > 0, 100 * lowconfidence / answered, 0)"
+    assert baseline[:4] == ["Scones", "LowConfidenceBaseline", "EndpointName", "scones-dev"]
+    assert share[0]["period"] == baseline[4]["period"] == 60  # the minutes the rollback alarm judges
+    assert baseline[4].get("stat", "Average") == "Average"
+
+
 def _review_queue_names() -> dict[str, str]:
     """The export names of the review queues' names, by queue name, as the Monitoring stack imports them."""
     review = template("Review")
