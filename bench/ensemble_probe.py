@@ -248,7 +248,11 @@ def run_seed(
     # The calibration set: the network's validation images, and neither images at the targets' share.
     names_kept = [cifar.train.filenames[row] for row in kept.tolist()]
     validation = np.array([truth[i] < NEITHER and names_kept[i] in validation_names for i in range(len(kept))])
-    assert validation.sum() == len(validation_names), "the staged validation images are not all in the archive"
+    if validation.sum() != len(validation_names):
+        raise SystemExit(
+            f"ensemble_probe: {SUBSET_ARCHIVE.name} lacks some of the network's validation images staged from "
+            f"{etl.SHARED_ARCHIVE.name}: use the two archives of ../shared/data/README.md"
+        )
     draw = np.random.default_rng(seed).random(len(kept)) < validation.sum() / (truth < NEITHER).sum().item()
     calibrating = validation | ((truth == NEITHER).numpy() & draw)
     cal_truth = truth[calibrating]
