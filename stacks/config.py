@@ -9,12 +9,13 @@ keys fail at synth with a ConfigError naming the key.
 from __future__ import annotations
 
 import difflib
-import json
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
+
+from stacks import config_values as values
+from stacks.config_values import ConfigError
 
 if TYPE_CHECKING:
     from aws_cdk import RemovalPolicy
@@ -27,18 +28,6 @@ LATENCY_STATISTICS = ("p99", "Average")
 DEFAULT_THRESHOLD = 0.93
 # The photos the batch state machine classifies under a prefix (by key, lower case) and `local classify` takes.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-CIFAR100_FINE_LABELS = tuple(
-    """
-    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel
-    can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur
-    dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion
-    lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree
-    pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea
-    seal shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table
-    tank telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman
-    worm
-    """.split()
-)
 
 # SageMaker's built-in image-classification algorithm, with the classic project's settings
 # (ResNet-152 from scratch, 30 epochs). Values are strings as CreateTrainingJob wants them.
@@ -68,10 +57,6 @@ BUILTIN_HYPERPARAMETER_NAMES = set(BUILTIN_HYPERPARAMETERS) | {
 }
 
 
-class ConfigError(ValueError):
-    """A context value is missing or invalid; the message names the key."""
-
-
 # Context keys that belong to the CDK, not to this app: feature flags (`@aws-cdk/...`), what the CLI injects
 # (`aws:cdk:enable-path-metadata`, `aws:cdk:bundling-stacks`...), `cdk-...` keys, `acknowledged-issue-numbers`
 # (`cdk acknowledge`), and cached lookups in cdk.context.json (`availability-zones:account=...:region=...`).
@@ -84,95 +69,12 @@ def stack_name(env_name: str, stack: str) -> str:
     return f"Scones{env_name.title()}{stack}"
 
 
-# ------------------------------------------------------------------------------ reading one context value
-# Each reader takes the key (for its error message) and the given value: a string from `-c`, or any JSON
-# value from cdk.json, never None or "" (those mean "not given": the field keeps its default).
-
-
-def _one_of(*choices: str) -> Callable[[str, Any], str]:
-    def read(key: str, value: Any) -> str:
-        if value not in choices:
-            raise ConfigError(f"context key '{key}': {value!r} is not one of {', '.join(choices)}")
-        return value
-
-    return read
-
-
-def _matching(pattern: str) -> Callable[[str, Any], str]:
-    def read(key: str, value: Any) -> str:
-        if not re.fullmatch(pattern, str(value)):
-            raise ConfigError(f"context key '{key}': {value!r} does not match {pattern}")
-        return str(value)
-
-    return read
-
-
-def _number(convert: type, low: float, high: float | None = None) -> Callable[[str, Any], Any]:
-    def read(key: str, value: Any):
-        try:
-            number = convert(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"context key '{key}': {value!r} is not a {convert.__name__}") from None
-        if number < low or (high is not None and number > high):
-            raise ConfigError(f"context key '{key}': {number} is outside [{low}, {high if high is not None else '∞'}]")
-        return number
-
-    return read
-
-
-def _boolean(key: str, value: Any) -> bool:
-    if str(value).lower() not in ("true", "false"):
-        raise ConfigError(f"context key '{key}': {value!r} is not true or false")
-    return str(value).lower() == "true"
-
-
-def _class_names(key: str, value: Any) -> tuple[str, ...]:
-    names = tuple(str(name).strip() for name in (value.split(",") if isinstance(value, str) else value))
-    unknown = [name for name in names if name not in CIFAR100_FINE_LABELS]
-    if unknown:
-        raise ConfigError(
-            f"context key '{key}': unknown CIFAR-100 class {', '.join(unknown)}; "
-            f"valid names: {', '.join(CIFAR100_FINE_LABELS)}"
-        )
-    if len(names) < 2 or len(set(names)) != len(names):
-        raise ConfigError(f"context key '{key}': give at least two distinct class names")
-    return names
-
-
-def _json_object(key: str, value: Any) -> dict[str, str]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ConfigError(f"context key '{key}': not a JSON object, e.g. '{{\"epochs\": 30}}'") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"context key '{key}': must be a JSON object of name to value")
-    for name, setting in value.items():
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)) or isinstance(setting, (dict, list)):
-            raise ConfigError(f"context key '{key}': {name!r}={setting!r} is not a name=scalar pair")
-    return {name: str(setting) for name, setting in value.items()}
-
-
-def _schedule(key: str, value: Any) -> str:
-    text = str(value).strip()
-    rate = re.fullmatch(r"rate\((\d+) (minute|minutes|hour|hours|day|days)\)", text)
-    if rate and (int(rate.group(1)) == 1) == (not rate.group(2).endswith("s")) and int(rate.group(1)) > 0:
-        return text
-    cron = re.fullmatch(r"cron\(([^()]+)\)", text)
-    if cron and len(cron.group(1).split()) == 6:
-        return text
-    raise ConfigError(
-        f"context key '{key}': {value!r} is not an EventBridge schedule; give e.g. 'rate(7 days)', 'rate(1 day)' "
-        "or 'cron(0 3 ? * MON *)' (six fields: minutes hours day-of-month month day-of-week year)"
-    )
-
-
 # A review may wait from about a second (the tests' timeouts) to a year less a day: the batch state machine's
 # timeout is the review's plus 24 hours, and a standard execution runs at most a year (8760 hours).
 MIN_REVIEW_HOURS = 0.0001
 MAX_REVIEW_HOURS = 8760 - 24
 
-INSTANCE_TYPE = _matching(r"ml\.[a-z0-9]+\.[0-9]*x?large|ml\.[a-z0-9]+\.(medium|small)")
+INSTANCE_TYPE = values.matching(r"ml\.[a-z0-9]+\.[0-9]*x?large|ml\.[a-z0-9]+\.(medium|small)")
 
 
 def _setting(
@@ -195,159 +97,174 @@ def _setting(
 @dataclass(frozen=True)
 class SconesConfig:
     env_name: str = _setting(
-        "dev", "`dev` or `prod`: names, and the removal policy's default", _one_of(*ENVIRONMENTS), key="env"
+        "dev", "`dev` or `prod`: names, and the removal policy's default", values.one_of(*ENVIRONMENTS), key="env"
     )
     account: str | None = _setting(
-        None, "pin the stacks to an account; unset, they are environment-agnostic", _matching(r"\d{12}")
+        None, "pin the stacks to an account; unset, they are environment-agnostic", values.matching(r"\d{12}")
     )
     region: str | None = _setting(
-        None, "pin the stacks to a region; unset, they are environment-agnostic", _matching(r"[a-z]{2}(-[a-z]+)+-\d")
+        None,
+        "pin the stacks to a region; unset, they are environment-agnostic",
+        values.matching(r"[a-z]{2}(-[a-z]+)+-\d"),
     )
     classes: tuple[str, ...] = _setting(
-        ("bicycle", "motorcycle"), "CIFAR-100 fine label names, in label order", _class_names
+        ("bicycle", "motorcycle"), "CIFAR-100 fine label names, in label order", values.class_names
     )
     endpoint_name: str | None = _setting(
         None,
         "the endpoint the classify Lambda calls",
-        _matching(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}"),
+        values.matching(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}"),
         varies_with="env_name",
     )
     endpoint_instance_type: str = _setting("ml.m5.large", "the endpoint's instance type", INSTANCE_TYPE)
-    endpoint_instance_count: int = _setting(1, "instances the endpoint starts with (and scales in to)", _number(int, 1))
-    endpoint_max_instances: int = _setting(2, "instances auto scaling may scale out to", _number(int, 1))
+    endpoint_instance_count: int = _setting(
+        1, "instances the endpoint starts with (and scales in to)", values.number(int, 1)
+    )
+    endpoint_max_instances: int = _setting(2, "instances auto scaling may scale out to", values.number(int, 1))
     invocations_per_instance_target: int = _setting(
-        600, "target tracking value (invocations per instance per minute)", _number(int, 1)
+        600, "target tracking value (invocations per instance per minute)", values.number(int, 1)
     )
     capture_sampling_percentage: int = _setting(
-        100, "share of requests captured (what the hourly drift job checks)", _number(int, 0, 100)
+        100, "share of requests captured (what the hourly drift job checks)", values.number(int, 0, 100)
     )
-    capture_retention_days: int = _setting(30, "lifecycle of `data_capture/`", _number(int, 1))
+    capture_retention_days: int = _setting(30, "lifecycle of `data_capture/`", values.number(int, 1))
     threshold: float | None = _setting(
         None,
         "the filter's confidence threshold, overriding the served model's own; unset, the filter applies the "
         "threshold the training calibrated, which the endpoint stack records in SSM "
         f"`/scones/<env>/serving/threshold` once it serves the model ({DEFAULT_THRESHOLD:g} while none is recorded)",
-        _number(float, 0.0, 1.0),
+        values.number(float, 0.0, 1.0),
     )
     training_algorithm: str = _setting(
         "pytorch",
         "`pytorch` (script mode, `training/train.py`) or `builtin` (SageMaker's image-classification "
         "algorithm with the classic hyperparameters: ResNet-152 from scratch, 30 epochs)",
-        _one_of(*ALGORITHMS),
+        values.one_of(*ALGORITHMS),
     )
     training_instance_type: str | None = _setting(
         None, "training instance", INSTANCE_TYPE, varies_with="training_algorithm"
     )
     training_max_runtime_minutes: int = _setting(
-        60, "the training job's stopping condition", _number(int, 1, 28 * 24 * 60)
+        60, "the training job's stopping condition", values.number(int, 1, 28 * 24 * 60)
     )
-    training_images: int = _setting(900, "`num_training_samples` for the built-in algorithm", _number(int, 1))
-    hyperparameters: Mapping[str, str] = _setting({}, "JSON object merged over the algorithm's defaults", _json_object)
+    training_images: int = _setting(900, "`num_training_samples` for the built-in algorithm", values.number(int, 1))
+    hyperparameters: Mapping[str, str] = _setting(
+        {}, "JSON object merged over the algorithm's defaults", values.json_object
+    )
     model_data_url: str | None = _setting(
         None,
         "an `s3://.../model.tar.gz` for the endpoint instead of the SSM parameter",
-        _matching(r"s3://[a-z0-9.\-]{3,63}/.+\.tar\.gz"),
+        values.matching(r"s3://[a-z0-9.\-]{3,63}/.+\.tar\.gz"),
     )
     removal_policy: str | None = _setting(
-        None, "what deleting a stack does to buckets, logs and keys", _one_of(*REMOVAL_POLICIES), varies_with="env_name"
+        None,
+        "what deleting a stack does to buckets, logs and keys",
+        values.one_of(*REMOVAL_POLICIES),
+        varies_with="env_name",
     )
-    alarm_email: str | None = _setting(None, "where alarms go (monitoring)", _matching(r"[^@\s]+@[^@\s]+\.[^@\s]+"))
+    alarm_email: str | None = _setting(
+        None, "where alarms go (monitoring)", values.matching(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+    )
     low_confidence_alarm_percent: float = _setting(
-        40.0, "alarm when more than this share of an hour's answers is below the threshold", _number(float, 0.0, 100.0)
+        40.0,
+        "alarm when more than this share of an hour's answers is below the threshold",
+        values.number(float, 0.0, 100.0),
     )
-    expect_traffic: bool = _setting(False, "also alarm on an hour without invocations", _boolean)
+    expect_traffic: bool = _setting(False, "also alarm on an hour without invocations", values.boolean)
     gate_min_accuracy: float = _setting(
         0.9,
         "evaluation gate: the lowest test accuracy a trained model is registered with (the built-in algorithm: "
         "its validation accuracy); below it the training fails with `ModelBelowGate`",
-        _number(float, 0.0, 1.0),
+        values.number(float, 0.0, 1.0),
     )
     gate_min_accepted_accuracy: float = _setting(
         0.95,
         "evaluation gate: the lowest test accuracy of the answers accepted at the model's threshold",
-        _number(float, 0.0, 1.0),
+        values.number(float, 0.0, 1.0),
     )
     gate_min_coverage: float = _setting(
         0.7,
         "evaluation gate: the lowest share of test images accepted at the model's threshold",
-        _number(float, 0.0, 1.0),
+        values.number(float, 0.0, 1.0),
     )
     gate_max_neither_accepted: float = _setting(
         0.05,
         "evaluation gate, for a model that learns neither: the highest share of neither images it accepts",
-        _number(float, 0.0, 1.0),
+        values.number(float, 0.0, 1.0),
     )
     auto_approve: bool = _setting(
         False,
         "register a model that passes the gate as `Approved` (it then serves) instead of `PendingManualApproval`",
-        _boolean,
+        values.boolean,
     )
     batch_tolerated_failure_percent: float = _setting(
         5.0,
         "share of images under a prefix that may fail to be classified at all before the batch fails",
-        _number(float, 0.0, 100.0),
+        values.number(float, 0.0, 100.0),
     )
     canary_percent: int = _setting(
         10,
         "share of the new fleet that takes traffic first when the endpoint is updated (a canary needs at least "
         "2 instances: with 1, all traffic shifts at once and still bakes and rolls back)",
-        _number(int, 1, 50),
+        values.number(int, 1, 50),
     )
     canary_bake_minutes: int = _setting(
         10,
         "how long the canary, then the full new fleet, is watched by the rollback alarms before the update goes on",
-        _number(int, 0, 60),
+        values.number(int, 0, 60),
     )
     deployment_timeout_minutes: int = _setting(
         60,
         "an endpoint update that takes longer fails and rolls back; more than twice the bake",
-        _number(int, 10, 480),
+        values.number(int, 10, 480),
     )
     rollback_latency_ms: float = _setting(
-        500.0, "roll an endpoint update back when the model latency statistic exceeds this", _number(float, 1.0)
+        500.0, "roll an endpoint update back when the model latency statistic exceeds this", values.number(float, 1.0)
     )
     rollback_latency_statistic: str = _setting(
-        "p99", "`p99` or `Average`: the model latency statistic the rollback alarm bounds", _one_of(*LATENCY_STATISTICS)
+        "p99",
+        "`p99` or `Average`: the model latency statistic the rollback alarm bounds",
+        values.one_of(*LATENCY_STATISTICS),
     )
     rollback_low_confidence_rise: float = _setting(
         15.0,
         "roll an endpoint update back when the share of answers below the threshold rises more than this many "
         "percentage points above its 24-hour baseline",
-        _number(float, 1.0, 100.0),
+        values.number(float, 1.0, 100.0),
     )
     rollback_low_confidence_percent: float = _setting(
         40.0,
         "while there is no 24-hour baseline (no answers for a day): roll an endpoint update back when more than "
         "this share of answers is below the threshold",
-        _number(float, 0.0, 100.0),
+        values.number(float, 0.0, 100.0),
     )
     retrain_schedule: str | None = _setting(
         None,
         "also retrain on a schedule, e.g. `rate(7 days)` or `cron(0 3 ? * MON *)` (EventBridge syntax); unset, "
         "no schedule starts a retraining",
-        _schedule,
+        values.schedule,
     )
     retrain_after_labels: int | None = _setting(
         None,
         "with `review` on, also retrain each time reviewers have written this many labels under `labels/`; unset, "
         "labels start no retraining",
-        _number(int, 1),
+        values.number(int, 1),
     )
     review: bool = _setting(
         True,
         "send an uncertain answer to a person (the review page) and wait for the answer; `false`: the execution "
         "fails with `ThresholdConfidenceNotMet`",
-        _boolean,
+        values.boolean,
     )
     review_timeout_hours: float = _setting(
         24.0,
         "how long an execution waits for a reviewer before it fails with `ReviewTimedOut` (fractions allowed)",
-        _number(float, MIN_REVIEW_HOURS, MAX_REVIEW_HOURS),
+        values.number(float, MIN_REVIEW_HOURS, MAX_REVIEW_HOURS),
     )
     review_heartbeat_hours: float | None = _setting(
         None,
         "the review task's heartbeat, shorter than `review_timeout_hours`; unset, only the timeout applies",
-        _number(float, MIN_REVIEW_HOURS, MAX_REVIEW_HOURS),
+        values.number(float, MIN_REVIEW_HOURS, MAX_REVIEW_HOURS),
     )
 
     def __post_init__(self) -> None:

@@ -181,8 +181,7 @@ class EndpointStack(Stack):
     def _record_serving(self, config: SconesConfig, model_data_url: str) -> None:
         """The artifact and threshold the filter applies, recorded once the endpoint serves them: after the
         endpoint resource, so CloudFormation writes them only when its update (canary and bakes included)
-        succeeded, and an update rolled back leaves them as they were. Before, the threshold went live at
-        approval, while the endpoint still served the model before."""
+        succeeded, and an update it rolls back leaves them as they were, not at approval."""
         threshold = (
             ssm.StringParameter.value_for_string_parameter(self, config.threshold_parameter_name)
             if config.model_data_url is None
