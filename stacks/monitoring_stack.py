@@ -10,8 +10,6 @@ from aws_cdk import (
     Stack,
     aws_cloudwatch as cloudwatch,
     aws_cloudwatch_actions as actions,
-    aws_events as events,
-    aws_events_targets as targets,
     aws_iam as iam,
     aws_kms as kms,
     aws_lambda as lambda_,
@@ -28,13 +26,10 @@ from stacks.config import SconesConfig
 from stacks.drift_job import BASELINE_PREFIX, REPORTS_PREFIX, DriftJob
 from stacks.endpoint_stack import ROLLBACK_PERIOD, rollback_alarm_names
 from stacks.metrics import LOW_CONFIDENCE, PREDICTIONS, TOP_PROBABILITY
+from stacks.retraining import retraining_rules
 from stacks.review_stack import MAX_RECEIVES, ReviewStack
 from stacks.workflow_stack import METRIC_NAMESPACE
 
-# The event the review API puts on the default bus when enough reviewed labels have accumulated
-# (lambdas/review_api/retrain.py: SOURCE, DETAIL_TYPE).
-REVIEW_EVENT_SOURCE = "scones.review"
-LABELS_ACCUMULATED = "Reviewed labels accumulated"
 FIVE_MINUTES = Duration.minutes(5)
 ONE_HOUR = Duration.hours(1)
 
@@ -178,7 +173,7 @@ class MonitoringStack(Stack):
             alarm.add_alarm_action(actions.SnsAction(self.topic))
             alarm.add_ok_action(actions.SnsAction(self.topic))
 
-        self.retrain_rules = self._retraining(config, training_state_machine, state_machine)
+        self.retrain_rules = retraining_rules(self, config, training_state_machine, state_machine, self.drift_alarm)
 
         dashboard = cloudwatch.Dashboard(
             self, "Dashboard", dashboard_name=config.prefix, default_interval=Duration.hours(6)
@@ -431,83 +426,3 @@ class MonitoringStack(Stack):
                 ],
             ),
         ]
-
-    def _retraining(
-        self, config: SconesConfig, training: sfn.IStateMachine, classify: sfn.IStateMachine
-    ) -> list[events.Rule]:
-        """Start the training state machine when the drift alarm goes into ALARM, on the optional schedule, and
-        when the review API reports that `retrain_after_labels` reviewed labels of this environment's classify
-        state machine have accumulated (lambdas/review_api/retrain.py).
-
-        A retraining only trains and records a model; the endpoint changes only when it is deployed again."""
-        role = iam.Role(
-            self,
-            "RetrainRole",
-            assumed_by=iam.ServicePrincipal("events.amazonaws.com"),
-            description="scones retraining rules: start the training state machine, nothing else",
-        )
-        rules = [
-            events.Rule(
-                self,
-                "RetrainOnDrift",
-                rule_name=f"{config.prefix}-retrain-on-drift",
-                description="Starts a retraining when the drift alarm goes into ALARM.",
-                event_pattern=events.EventPattern(
-                    source=["aws.cloudwatch"],
-                    detail_type=["CloudWatch Alarm State Change"],
-                    resources=[self.drift_alarm.alarm_arn],
-                    detail={"state": {"value": ["ALARM"]}},
-                ),
-                targets=[
-                    targets.SfnStateMachine(
-                        training,
-                        role=role,
-                        input=events.RuleTargetInput.from_object(
-                            {"trigger": "drift", "alarm": events.EventField.from_path("$.detail.alarmName")}
-                        ),
-                    )
-                ],
-            )
-        ]
-        if config.retrain_schedule:
-            rules.append(
-                events.Rule(
-                    self,
-                    "RetrainSchedule",
-                    rule_name=f"{config.prefix}-retrain-schedule",
-                    description=f"Starts a retraining on the schedule {config.retrain_schedule}.",
-                    schedule=events.Schedule.expression(config.retrain_schedule),
-                    targets=[
-                        targets.SfnStateMachine(
-                            training,
-                            role=role,
-                            input=events.RuleTargetInput.from_object({"trigger": "schedule"}),
-                        )
-                    ],
-                )
-            )
-        if config.retrain_after_labels is not None:
-            rules.append(
-                events.Rule(
-                    self,
-                    "RetrainOnLabels",
-                    rule_name=f"{config.prefix}-retrain-on-labels",
-                    description=f"Starts a retraining each time reviewers have written {config.retrain_after_labels} "
-                    "labels.",
-                    event_pattern=events.EventPattern(
-                        source=[REVIEW_EVENT_SOURCE],
-                        detail_type=[LABELS_ACCUMULATED],
-                        detail={"state_machine": [classify.state_machine_arn]},
-                    ),
-                    targets=[
-                        targets.SfnStateMachine(
-                            training,
-                            role=role,
-                            input=events.RuleTargetInput.from_object(
-                                {"trigger": "labels", "labels": events.EventField.from_path("$.detail.labels")}
-                            ),
-                        )
-                    ],
-                )
-            )
-        return rules
