@@ -35,6 +35,10 @@ def retraining_rules(
         assumed_by=iam.ServicePrincipal("events.amazonaws.com"),
         description="scones retraining rules: start the training state machine, nothing else",
     )
+
+    def start_training(execution_input: dict) -> list[targets.SfnStateMachine]:
+        return [targets.SfnStateMachine(training, role=role, input=events.RuleTargetInput.from_object(execution_input))]
+
     rules = [
         events.Rule(
             scope,
@@ -47,15 +51,7 @@ def retraining_rules(
                 resources=[drift_alarm.alarm_arn],
                 detail={"state": {"value": ["ALARM"]}},
             ),
-            targets=[
-                targets.SfnStateMachine(
-                    training,
-                    role=role,
-                    input=events.RuleTargetInput.from_object(
-                        {"trigger": "drift", "alarm": events.EventField.from_path("$.detail.alarmName")}
-                    ),
-                )
-            ],
+            targets=start_training({"trigger": "drift", "alarm": events.EventField.from_path("$.detail.alarmName")}),
         )
     ]
     if config.retrain_schedule:
@@ -66,13 +62,7 @@ def retraining_rules(
                 rule_name=f"{config.prefix}-retrain-schedule",
                 description=f"Starts a retraining on the schedule {config.retrain_schedule}.",
                 schedule=events.Schedule.expression(config.retrain_schedule),
-                targets=[
-                    targets.SfnStateMachine(
-                        training,
-                        role=role,
-                        input=events.RuleTargetInput.from_object({"trigger": "schedule"}),
-                    )
-                ],
+                targets=start_training({"trigger": "schedule"}),
             )
         )
     if config.retrain_after_labels is not None:
@@ -88,15 +78,7 @@ def retraining_rules(
                     detail_type=[LABELS_ACCUMULATED],
                     detail={"state_machine": [classify.state_machine_arn]},
                 ),
-                targets=[
-                    targets.SfnStateMachine(
-                        training,
-                        role=role,
-                        input=events.RuleTargetInput.from_object(
-                            {"trigger": "labels", "labels": events.EventField.from_path("$.detail.labels")}
-                        ),
-                    )
-                ],
+                targets=start_training({"trigger": "labels", "labels": events.EventField.from_path("$.detail.labels")}),
             )
         )
     return rules
