@@ -14,6 +14,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from test_fit import reviewed_photos  # noqa: E402
+
 from local.endpoint.handler import load_inference_handler  # noqa: E402
 from training import etl  # noqa: E402
 from training.fit import fit_local  # noqa: E402
@@ -30,7 +32,7 @@ def photo_model(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("data")
     etl.stage(etl.SHARED_ARCHIVE, data_dir, CLASSES + (NEITHER_CLASS,), progress=False)
     out = tmp_path_factory.mktemp("fit")
-    archive = fit_local(data_dir, out, **PHOTO)
+    archive = fit_local(data_dir, out, reviewed_photos(tmp_path_factory.mktemp("labels")), **PHOTO)
     model_dir = tmp_path_factory.mktemp("model")
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())
@@ -104,3 +106,9 @@ def test_the_metrics_record_the_recipe_and_how_often_neither_images_were_accepte
     )
     assert 0 <= metrics["validation"]["neither_accepted"] <= 1
     assert 0 < metrics["threshold"] <= 1
+
+
+def test_the_reviewed_photos_of_the_labels_channel_are_learnt_and_bad_files_listed(photo_model):
+    labels = photo_model["metrics"]["labels"]
+    assert sum(sum(split.values()) for split in labels["counts"].values()) == 12
+    assert sorted(skipped["path"] for skipped in labels["skipped"]) == ["bicycle/notes.txt", "car/a.png"]
