@@ -346,6 +346,12 @@ class SconesConfig:
         return f"/scones/{self.env_name}/threshold"
 
     @property
+    def approved_parameter_name(self) -> str:
+        """SSM parameter where the approval records `<artifact> <threshold> <package ARN>` in one write, which the
+        endpoint stack reads: two approvals at once cannot leave one's artifact with the other's threshold."""
+        return f"/scones/{self.env_name}/approved-model"
+
+    @property
     def serving_model_parameter_name(self) -> str:
         """SSM parameter where the endpoint stack records the artifact it serves, once its update has succeeded."""
         return f"/scones/{self.env_name}/serving/model-data-url"

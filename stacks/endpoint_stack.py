@@ -4,6 +4,7 @@ a canary of the new fleet first, rolled back automatically when one of the alarm
 from aws_cdk import (
     CfnOutput,
     Duration,
+    Fn,
     Stack,
     aws_applicationautoscaling as appscaling,
     aws_cloudwatch as cloudwatch,
@@ -76,9 +77,13 @@ class EndpointStack(Stack):
         )
         self.key.grant_encrypt_decrypt(role)
 
-        model_data_url = config.model_data_url or ssm.StringParameter.value_for_string_parameter(
-            self, config.model_parameter_name
-        )
+        # The approved model as the approval recorded it in one parameter: `<artifact> <threshold> <package ARN>`.
+        approved = None
+        if config.model_data_url is None:
+            approved = Fn.split(
+                " ", ssm.StringParameter.value_for_string_parameter(self, config.approved_parameter_name), 3
+            )
+        model_data_url = config.model_data_url or approved[0]
         container = sagemaker.CfnModel.ContainerDefinitionProperty(
             image=image_uri(self, algorithm, "inference"),
             model_data_url=model_data_url,
@@ -162,7 +167,7 @@ class EndpointStack(Stack):
             scale_out_cooldown=Duration.minutes(1),
         )
 
-        self._record_serving(config, model_data_url)
+        self._record_serving(config, model_data_url, approved)
 
         CfnOutput(
             self,
@@ -174,19 +179,16 @@ class EndpointStack(Stack):
             self,
             "ModelDataUrl",
             value=model_data_url,
-            description="The model.tar.gz the endpoint serves (the SSM parameter's value at deploy time "
-            "unless model_data_url was given).",
+            description="The model.tar.gz the endpoint serves (the approved one at deploy time unless "
+            "model_data_url was given).",
         )
 
-    def _record_serving(self, config: SconesConfig, model_data_url: str) -> None:
+    def _record_serving(self, config: SconesConfig, model_data_url: str, approved: list[str] | None) -> None:
         """The artifact and threshold the filter applies, recorded once the endpoint serves them: after the
         endpoint resource, so CloudFormation writes them only when its update (canary and bakes included)
         succeeded, and an update it rolls back leaves them as they were, not at approval."""
-        threshold = (
-            ssm.StringParameter.value_for_string_parameter(self, config.threshold_parameter_name)
-            if config.model_data_url is None
-            else DEFAULT_THRESHOLD_VALUE  # a given artifact's threshold is unknown: -c threshold sets one
-        )
+        # A given artifact's threshold is unknown: the default, unless -c threshold sets one.
+        threshold = approved[1] if approved else DEFAULT_THRESHOLD_VALUE
         for construct_id, name, value in (
             ("ServingModelDataUrl", config.serving_model_parameter_name, model_data_url),
             ("ServingThreshold", config.serving_threshold_parameter_name, threshold),
@@ -199,12 +201,12 @@ class EndpointStack(Stack):
                 description=f"scones {config.env_name}: what the endpoint serves, written after its update succeeded",
             )
             parameter.node.add_dependency(self.endpoint)
-        if config.model_data_url is None:
+        if approved:
             CfnOutput(
                 self,
                 "ModelPackageArn",
-                value=ssm.StringParameter.value_for_string_parameter(self, config.model_package_parameter_name),
-                description="The approved model package the endpoint serves (the SSM parameter at deploy time).",
+                value=approved[2],
+                description="The approved model package the endpoint serves (as recorded at deploy time).",
             )
 
     def _rollback_alarms(self, config: SconesConfig) -> list[cloudwatch.Alarm]:

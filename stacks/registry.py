@@ -106,6 +106,7 @@ class ModelRegistry(Construct):
                 config.model_parameter_name,
                 config.threshold_parameter_name,
                 config.model_package_parameter_name,
+                config.approved_parameter_name,
             )
         }
 
@@ -154,30 +155,43 @@ class ModelRegistry(Construct):
             iam_resources=[self.packages_arn],
             result_path=package,
         )
+        served_url, threshold, package_arn = (
+            "$.Served.Container.ModelDataUrl",
+            "$.Threshold.value",
+            f"{package}.ModelPackageArn",
+        )
         record_model = self._put_parameter(
-            "RecordModelDataUrl", config.model_parameter_name, "$.Served.Container.ModelDataUrl"
-        )
-        record_threshold = self._put_parameter(
-            "RecordThreshold", config.threshold_parameter_name, f"{package}.CustomerMetadataProperties.threshold"
-        )
-        record_package = self._put_parameter(
-            "RecordPackageArn", config.model_package_parameter_name, f"{package}.ModelPackageArn"
+            "RecordModelDataUrl", config.model_parameter_name, sfn.JsonPath.string_at(served_url)
         )
         # A package without a threshold (the built-in algorithm's): the filter applies its default, not the
-        # threshold of the package served before. A value, not a deleted parameter: the endpoint stack reads it.
-        record_default_threshold = tasks.CallAwsService(
+        # threshold of the package served before.
+        package_threshold = sfn.Pass(
             self,
-            "RecordDefaultThreshold",
-            service="ssm",
-            action="putParameter",
-            parameters={
-                "Name": config.threshold_parameter_name,
-                "Value": DEFAULT_THRESHOLD_VALUE,
-                "Type": "String",
-                "Overwrite": True,
-            },
-            iam_resources=[self.parameter_arns[config.threshold_parameter_name]],
-            result_path=sfn.JsonPath.DISCARD,
+            "PackageThreshold",
+            parameters={"value": sfn.JsonPath.string_at(f"{package}.CustomerMetadataProperties.threshold")},
+            result_path="$.Threshold",
+        )
+        default_threshold = sfn.Pass(
+            self,
+            "DefaultThreshold",
+            result=sfn.Result.from_object({"value": DEFAULT_THRESHOLD_VALUE}),
+            result_path="$.Threshold",
+        )
+        record_threshold = self._put_parameter(
+            "RecordThreshold", config.threshold_parameter_name, sfn.JsonPath.string_at(threshold)
+        )
+        package_threshold.next(record_threshold)
+        default_threshold.next(record_threshold)
+        record_package = self._put_parameter(
+            "RecordPackageArn", config.model_package_parameter_name, sfn.JsonPath.string_at(package_arn)
+        )
+        # Last, and in one write, what the endpoint stack reads.
+        record_approved = self._put_parameter(
+            "RecordApproved",
+            config.approved_parameter_name,
+            sfn.JsonPath.format(
+                "{} {} {}", *(sfn.JsonPath.string_at(path) for path in (served_url, threshold, package_arn))
+            ),
         )
         serving = sfn.Pass(
             self,
@@ -187,7 +201,7 @@ class ModelRegistry(Construct):
                 "ModelDataUrl": sfn.JsonPath.string_at("$.Served.Container.ModelDataUrl"),
             },
         )
-        record_package.next(serving)
+        record_threshold.next(record_package).next(record_approved).next(serving)
         # The container in a state of its own: moto's engine answers a list for a path through an index
         # (`Containers[0].ModelDataUrl`), AWS the value; both answer the item for a path ending in one.
         served = sfn.Pass(
@@ -205,9 +219,9 @@ class ModelRegistry(Construct):
                     sfn.Choice(self, "HasThreshold")
                     .when(
                         sfn.Condition.is_present(f"{package}.CustomerMetadataProperties.threshold"),
-                        record_threshold.next(record_package),
+                        package_threshold,
                     )
-                    .otherwise(record_default_threshold.next(record_package))
+                    .otherwise(default_threshold)
                 ),
             )
             .otherwise(
@@ -223,13 +237,18 @@ class ModelRegistry(Construct):
         )
         return describe.next(still_approved)
 
-    def _put_parameter(self, state_id: str, name: str, value_path: str) -> tasks.CallAwsService:
+    def _put_parameter(self, state_id: str, name: str, value: str) -> tasks.CallAwsService:
         return tasks.CallAwsService(
             self,
             state_id,
             service="ssm",
             action="putParameter",
-            parameters={"Name": name, "Value": sfn.JsonPath.string_at(value_path), "Type": "String", "Overwrite": True},
+            parameters={
+                "Name": name,
+                "Value": value,
+                "Type": "String",
+                "Overwrite": True,
+            },
             iam_resources=[self.parameter_arns[name]],
             result_path=sfn.JsonPath.DISCARD,
         )

@@ -78,11 +78,7 @@ def ssm_parameters_read(endpoint) -> list[str]:
 
 
 def test_model_artifact_comes_from_the_recorded_parameter_or_context():
-    assert ssm_parameters_read(template("Endpoint")) == [
-        "/scones/dev/model-data-url",
-        "/scones/dev/threshold",
-        "/scones/dev/model-package-arn",
-    ]
+    assert ssm_parameters_read(template("Endpoint")) == ["/scones/dev/approved-model"]
     given = template("Endpoint", model_data_url="s3://my-bucket/models/job/output/model.tar.gz")
     given.has_resource_properties(
         "AWS::SageMaker::Model",
@@ -114,9 +110,11 @@ def test_what_serves_is_recorded_for_the_filter_only_after_the_endpoint_update(g
     threshold = recorded["/scones/dev/serving/threshold"]["Properties"]["Value"]
     if given:
         assert threshold == DEFAULT_THRESHOLD_VALUE and "ModelPackageArn" not in body["Outputs"]
-    else:
-        assert threshold == read["/scones/dev/threshold"]
-        assert body["Outputs"]["ModelPackageArn"]["Value"] == read["/scones/dev/model-package-arn"]
+    else:  # `<artifact> <threshold> <package ARN>`, as the approval records it in one write
+        approved = {"Fn::Split": [" ", read["/scones/dev/approved-model"]]}
+        assert served == {"Fn::Select": [0, approved]}
+        assert threshold == {"Fn::Select": [1, approved]}
+        assert body["Outputs"]["ModelPackageArn"]["Value"] == {"Fn::Select": [2, approved]}
 
 
 def _statements_of(endpoint, role_prefix: str) -> list[dict]:
@@ -197,7 +195,8 @@ def test_outputs_name_the_endpoint_and_the_model_it_serves():
     outputs = endpoint.find_outputs("*")
     assert outputs["EndpointName"]["Value"] == {"Fn::GetAtt": [endpoint_id, "EndpointName"]}
     assert outputs["ModelDataUrl"]["Value"] == model["Properties"]["PrimaryContainer"]["ModelDataUrl"]
-    assert outputs["ModelDataUrl"]["Value"]["Ref"].startswith("SsmParameterValuesconesdevmodeldataurl")
+    (approved,) = [name for name in endpoint.to_json()["Parameters"] if "approvedmodel" in name]
+    assert outputs["ModelDataUrl"]["Value"] == {"Fn::Select": [0, {"Fn::Split": [" ", {"Ref": approved}]}]}
     given = "s3://models-bucket/run-1/model.tar.gz"
     assert template("Endpoint", model_data_url=given).find_outputs("ModelDataUrl")["ModelDataUrl"]["Value"] == given
 

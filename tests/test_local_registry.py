@@ -88,6 +88,7 @@ def test_a_model_past_the_gate_is_registered_approved_and_recorded_for_the_endpo
         CONFIG.model_parameter_name: model_url,
         CONFIG.threshold_parameter_name: "0.9",
         CONFIG.model_package_parameter_name: held["ModelPackageArn"],
+        CONFIG.approved_parameter_name: f"{model_url} 0.9 {held['ModelPackageArn']}",
     }
 
 

@@ -61,12 +61,12 @@ def local_run(tmp_path_factory):
                 archive.addfile(member, io.BytesIO(code))
             s3.put_object(Bucket=bucket, Key="models/confident/output/model.tar.gz", Body=model.getvalue())
             config = SconesConfig(env_name="dev")
-            for name, value in (  # what the approval of a package without a threshold records
-                (config.model_parameter_name, f"s3://{bucket}/models/confident/output/model.tar.gz"),
-                (config.threshold_parameter_name, DEFAULT_THRESHOLD_VALUE),
-                (config.model_package_parameter_name, "arn:aws:sagemaker:us-east-1:123456789012:model-package/x/1"),
-            ):
-                boto3.client("ssm").put_parameter(Name=name, Type="String", Value=value)
+            artifact = f"s3://{bucket}/models/confident/output/model.tar.gz"
+            boto3.client("ssm").put_parameter(  # what the approval of a package without a threshold records
+                Name=config.approved_parameter_name,
+                Type="String",
+                Value=f"{artifact} {DEFAULT_THRESHOLD_VALUE} arn:aws:sagemaker:us-east-1:1:model-package/x/1",
+            )
             run.deploy([run.stack("Review"), run.stack("Workflow"), run.stack("Endpoint")])
             run.serve_endpoint(deployment, info["sagemaker_runtime"])
             for number in range(IMAGES):

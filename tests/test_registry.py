@@ -15,6 +15,7 @@ from stacks.registry import DEFAULT_THRESHOLD_VALUE
 from training import fit, registry
 
 THRESHOLD, MODEL, PACKAGE = "/scones/dev/threshold", "/scones/dev/model-data-url", "/scones/dev/model-package-arn"
+APPROVED = "/scones/dev/approved-model"  # what the endpoint stack reads: the three values in one write
 
 
 def test_one_model_package_group_per_environment_kept_in_prod():
@@ -55,7 +56,7 @@ def _statements(logical_prefix: str) -> list[tuple[str, list[str]]]:
     )
 
 
-def test_the_approval_role_may_describe_this_groups_packages_and_write_the_three_parameters_only():
+def test_the_approval_role_may_describe_this_groups_packages_and_write_its_four_parameters_only():
     statements = [
         s
         for s in _statements("RegistryApprovalStateMachineRoleDefaultPolicy")
@@ -66,6 +67,7 @@ def test_the_approval_role_may_describe_this_groups_packages_and_write_the_three
         (
             "ssm:putParameter",
             [
+                ":parameter/scones/dev/approved-model",
                 ":parameter/scones/dev/model-data-url",
                 ":parameter/scones/dev/model-package-arn",
                 ":parameter/scones/dev/threshold",
@@ -129,7 +131,12 @@ def test_an_approved_package_becomes_the_served_model_and_threshold():
     )
     assert described["status"] == "SUCCEEDED", described
     arn = held["packages"][0]["ModelPackageArn"]
-    assert held["parameters"] == {MODEL: ARTIFACT, THRESHOLD: "0.843891978263855", PACKAGE: arn}
+    assert held["parameters"] == {
+        MODEL: ARTIFACT,
+        THRESHOLD: "0.843891978263855",
+        PACKAGE: arn,
+        APPROVED: f"{ARTIFACT} 0.843891978263855 {arn}",
+    }
     assert json.loads(described["output"]) == {"ModelPackageArn": arn, "ModelDataUrl": ARTIFACT}
 
 
@@ -139,6 +146,7 @@ def test_a_package_without_a_threshold_leaves_the_filter_its_default(before):
     assert described["status"] == "SUCCEEDED", described
     assert held["parameters"][THRESHOLD] == DEFAULT_THRESHOLD_VALUE
     assert held["parameters"][MODEL] == ARTIFACT
+    assert held["parameters"][APPROVED].split(" ")[:2] == [ARTIFACT, DEFAULT_THRESHOLD_VALUE]
 
 
 def test_an_event_for_a_package_no_longer_approved_records_nothing():

@@ -157,12 +157,11 @@ def test_the_local_deployment_creates_the_function_from_the_template_and_it_runs
             deployed = LocalDeployment()
             stacks = {stack.name: stack for stack in read_assembly(assembly_directory())}
             deployed.deploy(stacks["SconesDevData"])
-            for name, value in (  # what an approval records
-                ("/scones/dev/model-data-url", "s3://models/run/model.tar.gz"),
-                ("/scones/dev/threshold", "0.9"),
-                ("/scones/dev/model-package-arn", "arn:aws:sagemaker:us-east-1:1:model-package/scones-dev/1"),
-            ):
-                boto3.client("ssm").put_parameter(Name=name, Type="String", Value=value)
+            boto3.client("ssm").put_parameter(  # what an approval records
+                Name="/scones/dev/approved-model",
+                Type="String",
+                Value="s3://models/run/model.tar.gz 0.9 arn:aws:sagemaker:us-east-1:1:model-package/scones-dev/1",
+            )
             deployed.deploy(stacks["SconesDevEndpoint"])
             cloudwatch = boto3.client("cloudwatch")
             answers(cloudwatch, datetime.now(UTC) - timedelta(hours=3), [True, False, False, False], "scones-dev")
