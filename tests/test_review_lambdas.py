@@ -450,7 +450,7 @@ def test_answering_twice_is_refused_and_changes_nothing(review):
     assert review.answer_item("photos-twice.png")["reviewer"] == "ana@example.com"
 
 
-def test_of_two_reviewers_answering_at_once_exactly_one_counts(review):
+def test_of_two_reviewers_answering_at_once_exactly_one_counts(review, one_writer_per_item):
     task = review.waiting("photos/race.png")
     arn = review.tasks()[0]["execution_arn"]
     barrier, results = threading.Barrier(2), {}
