@@ -197,8 +197,8 @@ class ModelRegistry(Construct):
             self,
             "Serving",
             parameters={
-                "ModelPackageArn": sfn.JsonPath.string_at(f"{package}.ModelPackageArn"),
-                "ModelDataUrl": sfn.JsonPath.string_at("$.Served.Container.ModelDataUrl"),
+                "ModelPackageArn": sfn.JsonPath.string_at(package_arn),
+                "ModelDataUrl": sfn.JsonPath.string_at(served_url),
             },
         )
         record_threshold.next(record_package).next(record_approved).next(serving)

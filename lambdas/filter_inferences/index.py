@@ -178,9 +178,10 @@ def handler(event, context):
     predicted_class = inferences.index(top_probability)
     neither = max(0.0, 1 - sum(inferences))
     # "Neither" most likely is uncertain too, whatever the threshold (an override may be below 0.5).
-    low_confidence = top_probability < minimum or neither > top_probability
+    neither_most_likely = neither > top_probability
+    low_confidence = top_probability < minimum or neither_most_likely
     print(metric_line(namespace, endpoint_name, predicted_class, top_probability, low_confidence, minimum))
-    if neither > top_probability:
+    if neither_most_likely:
         raise ThresholdConfidenceNotMet(
             f"THRESHOLD_CONFIDENCE_NOT_MET: neither ({neither:g}) is more likely than {names[predicted_class]} "
             f"({top_probability:g}) for {image_location(body)}."
