@@ -486,6 +486,31 @@ def test_threshold_is_the_lowest_confidence_keeping_the_target_accuracy():
     assert calibration.selective(probabilities, labels, 0.9) == {"threshold": 0.9, "coverage": 0.5, "accuracy": 1.0}
 
 
+def test_with_neither_the_threshold_keeps_both_the_target_accuracy_and_the_neither_share():
+    """Neither images are not counted among the accepted answers: how many the calibration set holds must not move
+    the threshold, only the share of them it accepts."""
+    targets = torch.tensor([[0.95, 0.05], [0.1, 0.9], [0.2, 0.8], [0.7, 0.3]])
+    target_labels = torch.tensor([0, 1, 0, 0])  # as above: 0.9 keeps 99% of accepted targets right
+    neither = torch.tensor([[0.97, 0.01]] + [[0.3, 0.2]] * 98 + [[0.85, 0.1]])  # one of 100 at 0.97, one at 0.85
+    probabilities, labels = torch.cat([targets, neither]), torch.cat([target_labels, torch.full((100,), 2)])
+
+    chosen = calibration.choose_threshold_with_neither(probabilities, labels, 0.99, 0.01)
+    assert chosen["threshold"] == chosen["for_targets"] == pytest.approx(0.9)
+    assert 0.85 < chosen["for_neither"] < 0.8500001  # just above the second most confident neither image
+    accepted = probabilities.max(1).values >= chosen["threshold"]
+    assert accepted[4:].sum() == 1  # 1% of the neither images
+
+    # No neither image may pass: just above the most confident one, whatever the targets allow.
+    strict = calibration.choose_threshold_with_neither(probabilities, labels, 0.99, 0.0)
+    assert strict["threshold"] > 0.97 and not (probabilities[4:].max(1).values >= strict["threshold"]).any()
+    assert strict["threshold"] == pytest.approx(0.97)
+    # Ten times as many neither images, the same share of them confident: the same threshold.
+    tenfold = torch.cat([targets] + [neither] * 10), torch.cat([target_labels, torch.full((1000,), 2)])
+    assert calibration.choose_threshold_with_neither(*tenfold, 0.99, 0.01)["threshold"] == chosen["threshold"]
+    # Counted among the accepted answers instead, the ten 0.97 ones would leave no threshold but 1: accept nothing.
+    assert calibration.choose_threshold(*tenfold, 0.99) == 1.0
+
+
 def test_temperature_minimises_validation_loss():
     logits = torch.tensor([[4.0, -4.0], [3.0, -3.0], [-2.0, 2.0], [2.0, -2.0]])
     labels = torch.tensor([0, 0, 1, 1])

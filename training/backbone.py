@@ -179,19 +179,25 @@ def train_photo_model(args, paths: list[Path], labels: np.ndarray, log) -> tuple
 
     temperature = calibration.fit_temperature(logits, three_way)
     served = torch.softmax(logits / temperature, 1)[:, :targets]
-    threshold = calibration.choose_threshold(served, three_way, args.target_accuracy)
+    chosen = calibration.choose_threshold_with_neither(
+        served, three_way, args.target_accuracy, args.max_neither_accepted
+    )
+    threshold = chosen["threshold"]
     is_target = three_way < targets
     accepted = served.max(1).values >= threshold
     metrics = {
         "recipe": f"EfficientNet-Lite0 ImageNet features (frozen, {args.image_size} px, {args.resize}), linear "
         f"head over {targets} targets and neither (Adam, {args.head_steps} steps of {HEAD_BATCH}), temperature "
-        f"and threshold from {FOLDS}-fold out-of-fold logits",
+        f"and threshold from {FOLDS}-fold out-of-fold logits (accepted targets right {args.target_accuracy:.0%}, at "
+        f"most {args.max_neither_accepted:.0%} of neither accepted)",
         "train_images": len(kept),
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
         "history": history,
         "temperature": temperature,
         "threshold": threshold,
+        "threshold_for_targets": chosen["for_targets"],
+        "threshold_for_neither": chosen["for_neither"],
         "validation": {
             "of": f"out-of-fold answers of the {len(kept)} training images",
             "accuracy": (logits.argmax(1) == three_way).float().mean().item(),

@@ -43,6 +43,28 @@ def choose_threshold(probabilities: torch.Tensor, labels: torch.Tensor, target_a
     return 1.0
 
 
+def choose_threshold_with_neither(
+    probabilities: torch.Tensor, labels: torch.Tensor, target_accuracy: float, max_neither_accepted: float
+) -> dict:
+    """For a model that also answers neither: the lowest threshold at which the target images' accepted answers are
+    right at least `target_accuracy` of the time and at most `max_neither_accepted` of the neither images (labels
+    past the targets) are accepted. Each is a constraint of its own: counting neither images among the accepted
+    answers instead would make the threshold depend on how many of them the calibration set holds, not on how
+    often real traffic is neither. Answers {"threshold", "for_targets", "for_neither"}."""
+    targets = probabilities.shape[1]
+    is_target = labels < targets
+    for_targets = choose_threshold(probabilities[is_target], labels[is_target], target_accuracy)
+    confidence = probabilities[~is_target].max(1).values.sort(descending=True).values
+    allowed = int(max_neither_accepted * len(confidence))
+    # Accepting at most `allowed` of them: just above the next one's confidence, in the dtype answers come in.
+    for_neither = (
+        min(1.0, float(torch.nextafter(confidence[allowed], torch.ones((), dtype=confidence.dtype))))
+        if allowed < len(confidence)
+        else 0.0
+    )
+    return {"threshold": max(for_targets, for_neither), "for_targets": for_targets, "for_neither": for_neither}
+
+
 def selective(probabilities: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict:
     """Share of answers at or above `threshold` (coverage) and their accuracy."""
     confidence, predicted = probabilities.max(1)

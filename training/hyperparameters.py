@@ -114,6 +114,13 @@ HYPERPARAMETERS = {
     "head_weight_decay": (float, 1e-3, 0.0, 1.0, "efficientnet_lite0: L2 penalty on the head's weights"),
     "target_classes": (int, 2, 2, 100, "labels 0..N-1 are the classes served; further labels are learnt alongside"),
     "target_accuracy": (float, 0.99, 0.5, 1.0, "accuracy wanted on accepted answers; sets the threshold"),
+    "max_neither_accepted": (
+        float,
+        0.01,
+        0.0,
+        1.0,
+        "efficientnet_lite0: share of the neither images the threshold may accept; with target_accuracy, sets it",
+    ),
     "seed": (int, 0, 0, 2**31 - 1, "seed of initialisation, shuffling and augmentation"),
 }
 
