@@ -297,10 +297,8 @@ def main() -> int:
             source = None
         else:
             # As `make run` stages it (local/__main__.py, LocalRun.stage), without the bucket.
-            shared = etl.SHARED_ARCHIVE
-            source = os.environ.get("SCONES_CIFAR100") or (shared if shared.exists() else None)
             data = Path(work) / "data"
-            etl.stage(source, data, extra_classes=etl.VEHICLE_EXTRA_CLASSES, progress=False)
+            etl.stage(etl.demo_source(), data, extra_classes=etl.ALL_OTHERS, progress=False)
             os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))  # read by train.py
             with ThreadPoolExecutor(args.jobs) as pool:
                 archives = list(

@@ -104,9 +104,7 @@ class LocalRun:
     def stage(self, bucket: str):
         from training import etl
 
-        shared = etl.SHARED_ARCHIVE
-        source = os.environ.get("SCONES_CIFAR100") or (shared if shared.exists() else None)
-        summary = etl.stage(source, self.state_dir / "data", bucket=bucket, extra_classes=etl.VEHICLE_EXTRA_CLASSES)
+        summary = etl.stage(etl.demo_source(), self.state_dir / "data", bucket=bucket, extra_classes=etl.ALL_OTHERS)
         say("data", summary.report().replace("\n", "; "))
         return summary
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 CLASSES = ("bicycle", "motorcycle")
 EXTRA_CLASS = "bus"  # staged after the targets: learnt alongside, never served
-QUICK = {"epochs": 1, "width": 8, "batch_size": 32}
+QUICK = {"architecture": "resnet9", "epochs": 1, "width": 8, "batch_size": 32}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -438,6 +438,8 @@ def test_an_interrupted_fit_exits_130_in_one_line_and_writes_nothing(data_dir, t
             str(data_dir),
             "--out",
             str(out),
+            "--architecture",
+            "resnet9",
             "--epochs",
             "50",
             "--width",

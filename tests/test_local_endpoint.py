@@ -840,7 +840,7 @@ def test_a_model_fitted_by_training_fit_is_served(serve, runtime, tmp_path):
             (data / image).write_bytes(unique_png(index + 1000 * len(split)))
             rows.append(f"{index}\t{index % 2}\t{image}")
         (data / f"{split}.lst").write_text("\n".join(rows) + "\n")
-    archive = fit.fit_local(data, tmp_path / "fit", epochs=1, batch_size=32, width=8)
+    archive = fit.fit_local(data, tmp_path / "fit", architecture="resnet9", epochs=1, batch_size=32, width=8)
 
     server = serve(EndpointSpec("fitted", archive))
     response = runtime(server).invoke_endpoint(EndpointName="fitted", ContentType="image/png", Body=png())

@@ -35,7 +35,12 @@ pytestmark = pytest.mark.slow
 
 CLASSES = ("bicycle", "motorcycle")
 OTHER_CLASSES = ("tank", "tractor", "rocket")
-QUICK = {"epochs": 2, "width": 8, "batch_size": 32}  # about 20 s here; validation accuracy about 0.8
+QUICK = {
+    "architecture": "resnet9",
+    "epochs": 2,
+    "width": 8,
+    "batch_size": 32,
+}  # about 20 s here; validation accuracy about 0.8
 BUCKET = "scones-monitoring-tests"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 IMAGE_MEANS = {f"image_mean_{channel}" for channel in ("red", "green", "blue")}

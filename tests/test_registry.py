@@ -285,9 +285,9 @@ def test_fit_reports_a_model_below_the_gate_with_the_gates_cause():
         "executionArn": "arn:aws:states:us-east-1:123456789012:execution:scones-dev-training:fit-1",
         "status": "FAILED",
         "error": "ModelBelowGate",
-        "cause": "coverage 0.61 is below the floor 0.7 (gate_min_coverage)",
+        "cause": "coverage 0.51 is below the floor 0.6 (gate_min_coverage)",
     }
     job = {"TrainingJobName": "scones-dev-1", "TrainingJobStatus": "Completed"}
     assert fit.failure_reason(None, described, job) == (
-        "ModelBelowGate: coverage 0.61 is below the floor 0.7 (gate_min_coverage)"
+        "ModelBelowGate: coverage 0.51 is below the floor 0.6 (gate_min_coverage)"
     )

@@ -298,7 +298,7 @@ def test_auto_approve_registers_the_package_approved():
             {**PASSING, "accepted_accuracy": 0.9},
             "accepted_accuracy 0.9 is below the floor 0.95 (gate_min_accepted_accuracy)",
         ),
-        ({**PASSING, "coverage": 0.41}, "coverage 0.41 is below the floor 0.7 (gate_min_coverage)"),
+        ({**PASSING, "coverage": 0.41}, "coverage 0.41 is below the floor 0.6 (gate_min_coverage)"),
         (
             {**PASSING, "neither_accepted": 0.2},
             "neither_accepted 0.2 is above the ceiling 0.05 (gate_max_neither_accepted)",

@@ -24,8 +24,10 @@ OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 OFFICIAL_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 ARCHIVE_NAME = "cifar-100-python.tar.gz"
 MEMBER_DIR = "cifar-100-python"
-# The vehicles-only copy of the archive beside the checkout (see ../shared/data/README.md).
+# The copies of the archive beside the checkout (see ../shared/data/README.md): the ten vehicle classes, and those
+# with 84 non-vehicle classes, which the photo recipe learns as neither.
 SHARED_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-100-python-vehicles.tar.gz"
+SHARED_SUBSET_ARCHIVE = SHARED_ARCHIVE.with_name("cifar-100-python-subset.tar.gz")
 IMAGE_SIDE = 32
 
 # Every global the official pickles name (checked with pickletools): the pieces of a NumPy array.

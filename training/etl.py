@@ -52,6 +52,7 @@ from training.cifar import (
     ARCHIVE_NAME as ARCHIVE_NAME,
     IMAGE_SIDE,
     SHARED_ARCHIVE as SHARED_ARCHIVE,
+    SHARED_SUBSET_ARCHIVE as SHARED_SUBSET_ARCHIVE,
     ChecksumMismatch as ChecksumMismatch,
     Cifar100,
     CorruptArchive as CorruptArchive,
@@ -74,6 +75,9 @@ DEFAULT_CLASSES = ("bicycle", "motorcycle")
 # The archive's other vehicle classes, staged for training only: learnt alongside bicycle and motorcycle,
 # they sharpen the model's features (bench/train.py measures the recipe with them).
 VEHICLE_EXTRA_CLASSES = ("bus", "lawn_mower", "pickup_truck", "rocket", "streetcar", "tank", "tractor", "train")
+# extra_classes: every class of the archive with training images besides the targets. The default recipe learns
+# them as "neither" (at most --neither_per_class images of each).
+ALL_OTHERS = "all"
 DEFAULT_VALIDATION_FRACTION = 0.1
 # Pillow writes no timestamps, so the bytes are the same every run. Level 1 is the fastest that compresses
 # (28% smaller than level 0, which encodes twice as fast; 6 and 9 are slower and barely smaller: bench/etl.py).
@@ -136,6 +140,14 @@ class StageSummary:
         return "\n".join(lines)
 
 
+def demo_source() -> Path | None:
+    """The archive `make run` and the benchmarks stage: $SCONES_CIFAR100, else the copy beside the checkout with
+    the non-vehicle classes, else the vehicles one, else None (the cached copy or the download)."""
+    if os.environ.get("SCONES_CIFAR100"):
+        return Path(os.environ["SCONES_CIFAR100"])
+    return next((path for path in (SHARED_SUBSET_ARCHIVE, SHARED_ARCHIVE) if path.is_file()), None)
+
+
 def stage(
     source: str | os.PathLike | None,
     out: str | os.PathLike,
@@ -150,16 +162,23 @@ def stage(
     photos: str | os.PathLike | None = None,
 ) -> StageSummary:
     """Stage the images of `classes` (labels 0..n-1 in that order) and the training images of `extra_classes`
-    (labels n.., no test images) from the archive `source` into the folder `out` and, with `bucket`, to the
-    root of that S3 bucket (through `s3_client`, by default a new boto3 one). `photos`, a folder or an
-    `s3://` prefix, adds labelled photos for training and validation (see training/photos.py)."""
-    targets, classes = list(classes), list(classes) + list(extra_classes)
+    (labels n.., no test images; ALL_OTHERS: every other class the archive has) from the archive `source` into the
+    folder `out` and, with `bucket`, to the root of that S3 bucket (through `s3_client`, by default a new boto3
+    one). `photos`, a folder or an `s3://` prefix, adds labelled photos for training and validation (see
+    training/photos.py)."""
+    every_other = extra_classes == ALL_OTHERS
+    targets, classes = list(classes), list(classes) + ([] if every_other else list(extra_classes))
     if not targets or len(set(classes)) != len(classes) or "" in classes:
         raise InvalidOption(f"classes and extra classes must be distinct, non-empty names; got {','.join(classes)!r}")
     if not 0 <= validation_fraction < 1:
         raise InvalidOption(f"the validation fraction must be at least 0 and below 1; got {validation_fraction}")
     archive_path = resolve_source(source, progress)
     archive = read_archive(archive_path, progress=progress)
+    if every_other:
+        present = set(np.unique(archive.train.fine_labels).tolist())
+        classes += [
+            name for fine, name in enumerate(archive.fine_label_names) if fine in present and name not in targets
+        ]
     fine_ids = fine_label_ids(classes, archive, archive_path)
     splits = split_rows(archive, fine_ids, fine_ids[: len(targets)], validation_fraction, seed)
     paths, renamed = staged_paths(splits, archive.fine_label_names, archive_path)
@@ -410,6 +429,10 @@ def names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",")]
 
 
+def extra_classes(text: str):
+    return ALL_OTHERS if text == ALL_OTHERS else () if text in ("none", "") else names(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.etl",
@@ -432,9 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--extra-classes",
-        default="",
-        metavar="c,d,...",
-        help="classes staged for training only, learnt alongside to sharpen the features",
+        default=ALL_OTHERS,
+        metavar="c,d,...|all|none",
+        help="classes staged for training only, which the default recipe learns as neither (default: all, every "
+        "other class the archive has)",
     )
     parser.add_argument(
         "--validation-fraction",
@@ -457,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             names(args.classes),
             args.bucket,
-            extra_classes=names(args.extra_classes) if args.extra_classes else (),
+            extra_classes=extra_classes(args.extra_classes),
             validation_fraction=args.validation_fraction,
             seed=args.seed,
             progress=sys.stderr.isatty(),

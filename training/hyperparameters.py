@@ -94,7 +94,7 @@ HYPERPARAMETERS = {
     ),
     "architecture": (
         str,
-        "resnet9",
+        "efficientnet_lite0",
         ARCHITECTURES,
         None,
         "resnet9: the 32x32 convnet trained from scratch, serving the targets only; efficientnet_lite0: frozen "
