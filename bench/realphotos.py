@@ -294,11 +294,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="scones-bench-realphotos-") as work:
         if args.model:
             archives, labels = args.model, [f"model{index}" for index in range(len(args.model))]
-            source = None
+            source = staged = None
         else:
             # As `make run` stages it (local/__main__.py, LocalRun.stage), without the bucket.
-            data = Path(work) / "data"
-            etl.stage(etl.demo_source(), data, extra_classes=etl.ALL_OTHERS, progress=False)
+            data, source = Path(work) / "data", etl.demo_source()
+            staged = etl.stage(source, data, extra_classes=etl.ALL_OTHERS, progress=False).dataset
             os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))  # read by train.py
             with ThreadPoolExecutor(args.jobs) as pool:
                 archives = list(
@@ -333,7 +333,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "photos": str(args.photos),
         "cifar_source": None if args.model else str(source),
-        "staged_classes": None if args.model else list(etl.DEFAULT_CLASSES + etl.VEHICLE_EXTRA_CLASSES),
+        "staged_classes": staged and [entry["name"] for entry in staged["classes"] + staged["extra_classes"]],
         "recipe": runs[0]["recipe"],
         "hyperparameters": {k: v for k, v in (runs[0]["hyperparameters"] or {}).items() if k != "seed"},
         "precision": runs[0]["precision"],

@@ -172,7 +172,7 @@ class SconesConfig:
     )
     expect_traffic: bool = _setting(False, "also alarm on an hour without invocations", values.boolean)
     gate_min_accuracy: float = _setting(
-        0.9,
+        0.85,
         "evaluation gate: the lowest test accuracy a trained model is registered with (the built-in algorithm: "
         "its validation accuracy); below it the training fails with `ModelBelowGate`",
         values.number(float, 0.0, 1.0),
@@ -185,7 +185,7 @@ class SconesConfig:
     gate_min_coverage: float = _setting(
         0.6,
         "evaluation gate: the lowest share of test images accepted at the model's threshold (the default model "
-        "accepts about 70% of the CIFAR test thumbnails and 85% of real photos)",
+        "accepts 64 to 71% of the CIFAR test thumbnails, 83 to 85% of real photos)",
         values.number(float, 0.0, 1.0),
     )
     gate_max_neither_accepted: float = _setting(

@@ -293,7 +293,7 @@ def test_auto_approve_registers_the_package_approved():
 @pytest.mark.parametrize(
     "figures, cause",
     [
-        ({**PASSING, "test_accuracy": 0.85}, "test_accuracy 0.85 is below the floor 0.9 (gate_min_accuracy)"),
+        ({**PASSING, "test_accuracy": 0.8}, "test_accuracy 0.8 is below the floor 0.85 (gate_min_accuracy)"),
         (
             {**PASSING, "accepted_accuracy": 0.9},
             "accepted_accuracy 0.9 is below the floor 0.95 (gate_min_accepted_accuracy)",
@@ -324,14 +324,14 @@ def test_a_photo_model_within_the_neither_ceiling_registers_its_neither_figure()
     assert held["packages"][0]["CustomerMetadataProperties"]["neither_accepted"] == "0.004"
 
 
-@pytest.mark.parametrize("accuracy, status", [(0.95, "SUCCEEDED"), (0.82, "FAILED")])
+@pytest.mark.parametrize("accuracy, status", [(0.95, "SUCCEEDED"), (0.8, "FAILED")])
 def test_the_builtin_algorithm_is_gated_on_its_validation_accuracy(accuracy, status):
     described, held = after_training(
         {"train:accuracy": 0.99, "validation:accuracy": accuracy}, training_algorithm="builtin"
     )
     assert described["status"] == status
     if status == "FAILED":
-        assert described["cause"] == f"validation:accuracy {accuracy} is below the floor 0.9 (gate_min_accuracy)"
+        assert described["cause"] == f"validation:accuracy {accuracy} is below the floor 0.85 (gate_min_accuracy)"
     else:
         assert held["packages"][0]["CustomerMetadataProperties"] == {
             "validation_accuracy": "0.95",

@@ -55,20 +55,20 @@ def _one_of(choices):
 # name: (type, default, low, high, help), or for a choice (str, default, choices, None, help);
 # SageMaker passes each as `--name value`.
 HYPERPARAMETERS = {
-    "epochs": (int, "auto", 1, 1000, "passes over the target classes' training images"),
-    "batch_size": (int, 128, 1, 4096, "images per step"),
-    "learning_rate": (float, 0.2, 1e-6, 10.0, "peak of the one-cycle learning rate (SGD, Nesterov momentum)"),
-    "weight_decay": (float, 5e-4, 0.0, 1.0, "L2 penalty on convolution and linear weights"),
-    "label_smoothing": (float, 0.0, 0.0, 0.5, "label smoothing of the cross-entropy loss"),
-    "width": (int, 16, 4, 256, "channels of the first layer; deeper layers have 2x, 4x, 8x"),
-    "cutout": (int, 8, 0, IMAGE_SIZE, "side of the square erased from each training image (0: none)"),
-    "flip_tta": (int, 1, 0, 1, "1: average the predictions of each image and its mirror image"),
+    "epochs": (int, "auto", 1, 1000, "resnet9: passes over the target classes' training images"),
+    "batch_size": (int, 128, 1, 4096, "resnet9: images per step"),
+    "learning_rate": (float, 0.2, 1e-6, 10.0, "resnet9: peak of the one-cycle learning rate (SGD, Nesterov momentum)"),
+    "weight_decay": (float, 5e-4, 0.0, 1.0, "resnet9: L2 penalty on convolution and linear weights"),
+    "label_smoothing": (float, 0.0, 0.0, 0.5, "resnet9: label smoothing of the cross-entropy loss"),
+    "width": (int, 16, 4, 256, "resnet9: channels of the first layer; deeper layers have 2x, 4x, 8x"),
+    "cutout": (int, 8, 0, IMAGE_SIZE, "resnet9: side of the square erased from each training image (0: none)"),
+    "flip_tta": (int, 1, 0, 1, "resnet9: 1: average the predictions of each image and its mirror image"),
     "bfloat16": (
         str,
         "auto",
         ("auto", "1", "0"),
         None,
-        "1: train in bfloat16 autocast; auto: where the GPU or CPU computes bfloat16 natively "
+        "resnet9: 1: train in bfloat16 autocast; auto: where the GPU or CPU computes bfloat16 natively "
         "(a CPU without AVX512-BF16 or AMX emulates it, over 10x slower than float32)",
     ),
     "weight_average": (
@@ -76,29 +76,29 @@ HYPERPARAMETERS = {
         0.99,
         0.0,
         0.9999,
-        "decay of the moving average of the weights kept as the model, updated each step (0: the last weights)",
+        "resnet9: decay of the moving average of the weights kept as the model, updated each step (0: last weights)",
     ),
     "target_weight": (
         float,
         3.0,
         0.1,
         100.0,
-        "loss weight of the target classes relative to the others learnt alongside",
+        "resnet9: loss weight of the target classes relative to the others learnt alongside",
     ),
     "extra_fraction": (
         float,
         "auto",
         0.0,
         1.0,
-        "share of the other classes' training images drawn afresh for each epoch",
+        "resnet9: share of the other classes' training images drawn afresh for each epoch",
     ),
     "architecture": (
         str,
         "efficientnet_lite0",
         ARCHITECTURES,
         None,
-        "resnet9: the 32x32 convnet trained from scratch, serving the targets only; efficientnet_lite0: frozen "
-        "ImageNet features and a linear head that also answers neither (the photo recipe, training/backbone.py)",
+        "efficientnet_lite0 (the photo recipe, training/backbone.py): frozen ImageNet features and a linear head "
+        "that also answers neither; resnet9: the 32x32 convnet trained from scratch, serving the targets only",
     ),
     "image_size": (int, 128, 32, 320, "efficientnet_lite0: side of the square the photo is resized to"),
     "resize": (
