@@ -3,23 +3,17 @@
     .venv/bin/python bench/realphotos.py [--seeds 0,1,2] [--jobs 1|2] [--keep DIR]
     .venv/bin/python bench/realphotos.py --model PATH/model.tar.gz [PATH/model.tar.gz ...]
 
-Without `--model`: stages the CIFAR-100 data as `make run` does (`local/__main__.py`: the shared archive, or
-`$SCONES_CIFAR100`, with the other vehicle classes after bicycle and motorcycle), fits the default recipe once per
-seed with `training.fit.fit_local` (`--jobs` at a time, as `bench/train.py --jobs` does) and scores each model.
-With `--model`: scores the given archives only, however they were trained.
+Without `--model`: stages the CIFAR-100 data as `make run` does (`training.etl.demo_source()`, every other class
+of the archive after bicycle and motorcycle), fits the default recipe once per seed with `training.fit.fit_local`
+(`--jobs` at a time, as `bench/train.py --jobs` does) and scores each model. With `--model`: scores the given
+archives only, however they were trained.
 
-A model is scored through its own serving code, as the endpoint serves it: `model.tar.gz` is extracted, its
-`code/inference.py` loaded with `local.endpoint.load_inference_handler`, `model_fn` run once, and each photo of
-`../shared/data/real-photos-dev/` (bicycle/, motorcycle/, car/, other/) sent as bytes with its content type through
-`input_fn`, `predict_fn` and `output_fn`. The answer is `[p_bicycle, p_motorcycle]`; `1 - sum` is "neither".
-Figures: on the bicycle and motorcycle photos, `right` (the most likely of bicycle, motorcycle and neither is the
-true class), `right_two_way` (the larger of the two), and at the model's own threshold (model.json) and at the
-classic 0.80 and 0.93, the share `accepted` (max(p) >= threshold) and `accepted_right` (accuracy among those),
-per class too; the share of car and of other photos accepted; the CIFAR test accuracy from the model's
-metrics.json; the p50 latency of input_fn + predict_fn per photo (informational: the machine is shared). The
-names of the photos a model gets wrong, and of the cars and others it accepts, are listed (relative to
-real-photos-dev). Writes bench/results/realphotos.json (`--out`). The photos are for measuring only: nothing here
-trains on them.
+A model is scored by `training.photo_check` (its docstring defines the figures) on each photo of
+`../shared/data/real-photos-dev/` (bicycle/, motorcycle/, car/, other/), through the model's own serving code, as
+the endpoint serves it; with the CIFAR test accuracy from its metrics.json and the p50 latency of input_fn +
+predict_fn per photo (informational: the machine is shared). The names of the photos a model gets wrong, and of
+the cars and others it accepts, are listed (relative to real-photos-dev). Writes bench/results/realphotos.json
+(`--out`). The photos are for measuring only: nothing here trains on them.
 """
 
 import argparse
@@ -27,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,18 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.train import machine  # noqa: E402
-from local.endpoint import load_inference_handler  # noqa: E402
-from local.endpoint.handler import answer_of  # noqa: E402
-from stacks.config import IMAGE_SUFFIXES  # noqa: E402
 from training import etl  # noqa: E402
-from training.calibration import CLASSIC_THRESHOLDS  # noqa: E402
 from training.fit import fit_local  # noqa: E402
+from training.photo_check import TARGETS, answer, at_threshold, read_photos, score, share, three_way  # noqa: E402, F401
 
 RESULTS = ROOT / "bench" / "results" / "realphotos.json"
-PHOTOS = etl.SHARED_ARCHIVE.parent / "real-photos-dev"
-TARGETS = ("bicycle", "motorcycle")  # the answer's label order
-NON_VEHICLES = ("car", "other")
-FOLDERS = TARGETS + NON_VEHICLES
+PHOTOS = etl.SHARED_REAL_PHOTOS
+FOLDERS = (*TARGETS, "car", "other")
 # Issue 23's goals, checked on every seed (the worst one decides).
 GOALS = {
     "right": (">=", 0.97),
@@ -68,138 +56,6 @@ def seeds(text: str) -> list[int]:
     if not values or len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"give at least one seed, each once; got {text!r}")
     return values
-
-
-def content_type(body: bytes, path: Path) -> str:
-    """What a phone's upload would say: by the file's signature, else by its name."""
-    if body.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if body.startswith(b"\xff\xd8"):
-        return "image/jpeg"
-    return "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
-
-
-def read_photos(folder: Path) -> list[tuple[str, str, bytes, str]]:
-    """(name relative to folder, class folder, bytes, content type) of each photo, sorted by name."""
-    photos = []
-    for label in FOLDERS:
-        for path in sorted((folder / label).iterdir()):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                body = path.read_bytes()
-                photos.append((f"{label}/{path.name}", label, body, content_type(body, path)))
-    return photos
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
-
-
-def answer(handler, model, body: bytes, kind: str) -> tuple[list[float] | None, float, str | None]:
-    """The served probabilities, the seconds input_fn + predict_fn took, and the error if the model refused."""
-    started = time.perf_counter()
-    try:
-        prediction = handler.predict_fn(handler.input_fn(body, kind), model)
-    except Exception as error:  # the endpoint would answer 4xx/5xx: counted as not right, not accepted
-        return None, time.perf_counter() - started, f"{type(error).__name__}: {error}"
-    seconds = time.perf_counter() - started
-    text, _ = answer_of(handler.output_fn(prediction, "application/json"), "application/json")
-    return [float(p) for p in json.loads(text)], seconds, None
-
-
-def share(hits: int, total: int) -> float | None:
-    return round(hits / total, 4) if total else None
-
-
-def rounded(p: list[float] | None) -> list[float] | None:
-    return None if p is None else [round(value, 4) for value in p]
-
-
-def three_way(p: list[float]) -> str:
-    """The most likely of bicycle, motorcycle and neither (ties to the first)."""
-    scores = [p[0], p[1], max(0.0, 1.0 - p[0] - p[1])]
-    return (*TARGETS, "neither")[scores.index(max(scores))]
-
-
-def two_way(p: list[float]) -> str:
-    return TARGETS[0] if p[0] >= p[1] else TARGETS[1]
-
-
-def at_threshold(answers: list[dict], threshold: float) -> dict:
-    """Accepted share and accuracy among accepted, overall and per class, and the cars and others accepted."""
-    accepted = lambda a: a["p"] is not None and max(a["p"]) >= threshold  # noqa: E731
-    figures = {"threshold": threshold}
-    targets = [a for a in answers if a["class"] in TARGETS]
-    for name, group in [("all", targets)] + [(label, [a for a in targets if a["class"] == label]) for label in TARGETS]:
-        taken = [a for a in group if accepted(a)]
-        figures[name] = {
-            "accepted": share(len(taken), len(group)),
-            "accepted_right": share(sum(two_way(a["p"]) == a["class"] for a in taken), len(taken)),
-        }
-    figures["accepted"], figures["accepted_right"] = figures["all"]["accepted"], figures["all"]["accepted_right"]
-    del figures["all"]
-    for label in NON_VEHICLES:
-        group = [a for a in answers if a["class"] == label]
-        figures[f"{label}_accepted"] = share(sum(accepted(a) for a in group), len(group))
-    figures["accepted_wrong_files"] = [a["file"] for a in targets if accepted(a) and two_way(a["p"]) != a["class"]]
-    figures["accepted_non_vehicle_files"] = [a["file"] for a in answers if a["class"] in NON_VEHICLES and accepted(a)]
-    return figures
-
-
-def score(archive: Path, photos: list[tuple[str, str, bytes, str]], name: str) -> dict:
-    """Every figure of one model.tar.gz, served through its own code/inference.py."""
-    with tempfile.TemporaryDirectory(prefix="scones-bench-realphotos-") as model_dir:
-        with tarfile.open(archive) as tar:
-            tar.extractall(model_dir, filter="data")
-        model_dir = Path(model_dir)
-        settings = json.loads((model_dir / "model.json").read_text())
-        metrics_path = model_dir / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-        handler = load_inference_handler(model_dir / "code", f"scones_realphotos_{name}")
-        model = handler.model_fn(str(model_dir))
-        answers, seconds, errors = [], [], {}
-        for file, label, body, kind in photos:
-            p, took, error = answer(handler, model, body, kind)
-            answers.append({"file": file, "class": label, "p": p})
-            seconds.append(took)
-            if error:
-                errors[file] = error
-    threshold = settings["threshold"]
-    targets = [a for a in answers if a["class"] in TARGETS]
-    right = lambda a, way: a["p"] is not None and way(a["p"]) == a["class"]  # noqa: E731
-    figures = {
-        "model": str(archive),
-        "threshold": threshold,
-        "temperature": settings.get("temperature"),
-        "photos": {label: sum(a["class"] == label for a in answers) for label in FOLDERS},
-        "right": share(sum(right(a, three_way) for a in targets), len(targets)),
-        "right_two_way": share(sum(right(a, two_way) for a in targets), len(targets)),
-    }
-    for label in TARGETS:
-        group = [a for a in targets if a["class"] == label]
-        figures[f"{label}_right"] = share(sum(right(a, three_way) for a in group), len(group))
-        figures[f"{label}_right_two_way"] = share(sum(right(a, two_way) for a in group), len(group))
-    figures["at_model_threshold"] = at_threshold(answers, threshold)
-    figures["at_classic_thresholds"] = [at_threshold(answers, t) for t in CLASSIC_THRESHOLDS]
-    figures["cifar_test_accuracy"] = metrics.get("test", {}).get("accuracy")
-    figures["latency_ms_p50"] = round(1000 * statistics.median(seconds), 2)
-    figures["latency_ms_p90"] = round(1000 * percentile(seconds, 0.9), 2)
-    figures["wrong"] = [
-        {"file": a["file"], "answer": None if a["p"] is None else three_way(a["p"]), "p": rounded(a["p"])}
-        for a in targets
-        if not right(a, three_way)
-    ]
-    figures["non_vehicles_accepted"] = [
-        {"file": a["file"], "p": rounded(a["p"])}
-        for a in answers
-        if a["file"] in figures["at_model_threshold"]["accepted_non_vehicle_files"]
-    ]
-    figures["errors"] = errors
-    figures["recipe"] = metrics.get("recipe")
-    figures["hyperparameters"] = metrics.get("hyperparameters")
-    figures["precision"] = metrics.get("precision")
-    figures["train_seconds"] = metrics.get("train_seconds")
-    return figures
 
 
 def headline(run: dict) -> dict:
@@ -308,6 +164,7 @@ def main() -> int:
         runs = []
         for archive, label in zip(archives, labels, strict=True):
             run = score(archive, photos, label)
+            del run["answers"]  # each photo's answer: the listed wrong and accepted ones are enough here
             if not args.model:
                 run["seed"] = int(label.removeprefix("seed"))
                 run["model"] = f"default recipe, seed {run['seed']} (fitted by this run)"

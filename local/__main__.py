@@ -109,7 +109,7 @@ class LocalRun:
         return summary
 
     def train(self, dataset_sha: str, bucket: str) -> str:
-        from training import fit
+        from training import etl, fit
 
         model_dir = self.state_dir / "model"
         stamp = model_dir / "trained-on.sha256"
@@ -118,7 +118,8 @@ class LocalRun:
             say("train", f"reusing {archive} (trained on the same data)")
         else:
             say("train", "training the default recipe on this machine's CPU")
-            fit.fit_local(self.state_dir / "data", model_dir)
+            photos = etl.SHARED_REAL_PHOTOS if etl.SHARED_REAL_PHOTOS.is_dir() else None  # they only measure it
+            fit.fit_local(self.state_dir / "data", model_dir, check_photos=photos)
             stamp.write_text(dataset_sha)
         # Where the training stack's job would have put it: models/<job name>/output/model.tar.gz.
         key = f"models/local-{dataset_sha[:12]}/output/model.tar.gz"
@@ -256,6 +257,7 @@ def summarise(executions: list[dict], labels: dict[str, int], metrics: dict, cap
     latencies = [(e["stopDate"] - e["startDate"]).total_seconds() * 1000 for e in executions if "stopDate" in e]
     return {
         "model_test_accuracy": metrics.get("test", {}).get("accuracy"),
+        "model_real_photos": real_photo_figures(metrics.get("real_photos")),
         "executions": len(executions),
         "succeeded": len(succeeded),
         "waiting_for_review": len(waiting),
@@ -380,6 +382,21 @@ def ensure_up(state_dir: Path, assembly_dir: Path, env_name: str | None) -> dict
         raise
 
 
+def real_photo_figures(photos: dict | None) -> dict | None:
+    """The headline of the model's check on real photos (training.photo_check), if the training made one."""
+    if not photos:
+        return None
+    at = photos["at_model_threshold"]
+    others = {folder: at[f"{folder}_accepted"] for folder in photos["photos"] if f"{folder}_accepted" in at}
+    return {
+        "folder": photos["folder"],
+        "right": photos["right"],
+        "accepted": at["accepted"],
+        "accepted_right": at["accepted_right"],
+        "others_accepted": others,
+    }
+
+
 def _relative_to_cwd(path) -> str:
     """A path under the working directory as a relative one (`.scones/summary.json`), others as given."""
     try:
@@ -392,13 +409,22 @@ def print_summary(summary: dict, bucket: str, endpoints: list[str], state_dir: P
     failed = ", ".join(f"{count} {error}" for error, count in summary["failed_by_error"].items()) or "none"
     outcomes = f"{summary['succeeded']} succeeded, {summary['waiting_for_review']} wait for review; failed: {failed}"
     accuracy = summary["model_test_accuracy"]
+    photos = summary.get("model_real_photos")
+    real_photos = (
+        f"\n  model on real photos      {photos['right']:.3f} right; {photos['accepted']:.0%} accepted, "
+        f"{photos['accepted_right']:.1%} of them right; "
+        + ", ".join(f"{folder} {share:.0%}" for folder, share in photos["others_accepted"].items())
+        + " accepted"
+        if photos
+        else ""
+    )
     endpoint = endpoints[0] if endpoints else ""
     capture_report = (
         _relative_to_cwd(summary["capture_report"]) if "capture_report" in summary else "none (no endpoint)"
     )
     print(f"""
 scones on this machine
-  model test accuracy       {accuracy if accuracy is None else f"{accuracy:.3f}"}
+  model test accuracy       {accuracy if accuracy is None else f"{accuracy:.3f}"}{real_photos}
   executions                {summary["executions"]}: {outcomes}
   accuracy of accepted      {summary["accepted_accuracy"]}
   execution latency         p50 {summary["latency_ms_p50"]} ms, p99 {summary["latency_ms_p99"]} ms

@@ -256,7 +256,7 @@ def test_labels_that_are_not_a_folder_are_refused(data_dir, tmp_path):
         "fit: error: --labels README.md is not a folder: pass a folder with a subfolder of photos per class\n"
     )
     finished = run_fit("--sagemaker", "--labels", str(tmp_path))
-    assert finished.returncode == 2 and "--labels are for --local" in finished.stderr
+    assert finished.returncode == 2 and "--labels and --check-photos are for --local" in finished.stderr
 
 
 @pytest.mark.parametrize(
@@ -472,6 +472,19 @@ def test_the_source_directory_packs_the_same_bytes_each_time(tmp_path):
     with tarfile.open(first) as tar:
         assert tar.getnames() == list(sourcedir.FILES)
         assert all(tar.extractfile(name).read() == (ROOT / "training" / name).read_bytes() for name in tar.getnames())
+
+
+def test_a_folder_to_check_without_bicycle_and_motorcycle_photos_fails_before_training(data_dir, tmp_path):
+    (tmp_path / "photos" / "bicycle").mkdir(parents=True)
+    out = tmp_path / "out"
+    finished = run_fit(
+        "--local", "--data", str(data_dir), "--out", str(out), "--check-photos", str(tmp_path / "photos")
+    )
+    assert finished.returncode == 2
+    assert finished.stderr == (
+        f"fit: error: --check-photos: {tmp_path / 'photos'} has no bicycle/ and motorcycle/ folders of photos\n"
+    )
+    assert not out.exists()
 
 
 def test_help_lists_the_hyperparameters():

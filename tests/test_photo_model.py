@@ -27,12 +27,26 @@ NEITHER_CLASS = "bus"  # staged after the targets: learnt as neither
 PHOTO = {"architecture": "efficientnet_lite0", "neither_per_class": 100}
 
 
+def photos_to_check(root: Path) -> Path:
+    """bicycle/, motorcycle/ and car/ of small JPEGs made here, and a file that is no photo."""
+    rng = np.random.default_rng(0)
+    for folder, count in (("bicycle", 3), ("motorcycle", 2), ("car", 2)):
+        (root / folder).mkdir(parents=True)
+        for index in range(count):
+            pixels = rng.integers(0, 256, (40 + 10 * index, 60, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / folder / f"{index}.jpg", format="JPEG")
+    (root / "car" / "notes.txt").write_text("not a photo")
+    return root
+
+
 @pytest.fixture(scope="module")
 def photo_model(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("data")
     etl.stage(etl.SHARED_ARCHIVE, data_dir, CLASSES + (NEITHER_CLASS,), progress=False)
     out = tmp_path_factory.mktemp("fit")
-    archive = fit_local(data_dir, out, reviewed_photos(tmp_path_factory.mktemp("labels")), **PHOTO)
+    checked = photos_to_check(tmp_path_factory.mktemp("check"))
+    labels = reviewed_photos(tmp_path_factory.mktemp("labels"))
+    archive = fit_local(data_dir, out, labels, check_photos=checked, **PHOTO)
     model_dir = tmp_path_factory.mktemp("model")
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())
@@ -42,6 +56,8 @@ def photo_model(tmp_path_factory):
         "names": names,
         "model_dir": model_dir,
         "data_dir": data_dir,
+        "out": out,
+        "checked": checked,
         "metrics": json.loads((out / "metrics.json").read_text()),
         "handler": handler,
         "model": handler.model_fn(str(model_dir)),
@@ -112,3 +128,29 @@ def test_the_reviewed_photos_of_the_labels_channel_are_learnt_and_bad_files_list
     labels = photo_model["metrics"]["labels"]
     assert sum(sum(split.values()) for split in labels["counts"].values()) == 12
     assert sorted(skipped["path"] for skipped in labels["skipped"]) == ["bicycle/notes.txt", "car/a.png"]
+
+
+def test_the_check_on_labelled_photos_is_in_the_metrics_and_the_report(photo_model):
+    """`fit --local --check-photos DIR`: each photo answered through the model's serving code, as here."""
+    photos, threshold = photo_model["metrics"]["real_photos"], photo_model["metrics"]["threshold"]
+    assert photos["folder"] == str(photo_model["checked"])
+    assert photos["photos"] == {"bicycle": 3, "motorcycle": 2, "car": 2}  # notes.txt is no photo
+    served = {
+        a["file"]: answer(photo_model, (photo_model["checked"] / a["file"]).read_bytes(), "image/jpeg")
+        for a in photos["answers"]
+    }
+    targets = [name for name in served if not name.startswith("car/")]
+
+    def three_way(p):
+        return max(zip([*p, 1 - sum(p)], ["bicycle", "motorcycle", "neither"], strict=True))[1]
+
+    assert photos["right"] == round(sum(three_way(served[n]) == n.split("/")[0] for n in targets) / 5, 4)
+    at = photos["at_model_threshold"]
+    assert at["threshold"] == threshold
+    assert at["accepted"] == round(sum(max(served[n]) >= threshold for n in targets) / 5, 4)
+    assert at["car_accepted"] == sum(max(served[n]) >= threshold for n in ("car/0.jpg", "car/1.jpg")) / 2
+
+    report = (photo_model["out"] / "report.html").read_text()
+    assert f"<th>real photos answered right</th><td>{photos['right']:.1%}</td>" in report
+    assert f"<th>car photos accepted</th><td>{at['car_accepted']:.1%}</td>" in report
+    assert 'alt="Real photos: the answer' in report and (photo_model["out"] / "real_photos.png").is_file()

@@ -28,6 +28,8 @@ MEMBER_DIR = "cifar-100-python"
 # with 84 non-vehicle classes, which the photo recipe learns as neither.
 SHARED_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-100-python-vehicles.tar.gz"
 SHARED_SUBSET_ARCHIVE = SHARED_ARCHIVE.with_name("cifar-100-python-subset.tar.gz")
+# Real photographs beside them, which only measure a model (training/photo_check.py): never trained on.
+SHARED_REAL_PHOTOS = SHARED_ARCHIVE.with_name("real-photos-dev")
 IMAGE_SIDE = 32
 
 # Every global the official pickles name (checked with pickletools): the pieces of a NumPy array.

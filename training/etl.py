@@ -52,6 +52,7 @@ from training.cifar import (
     ARCHIVE_NAME as ARCHIVE_NAME,
     IMAGE_SIDE,
     SHARED_ARCHIVE as SHARED_ARCHIVE,
+    SHARED_REAL_PHOTOS as SHARED_REAL_PHOTOS,
     SHARED_SUBSET_ARCHIVE as SHARED_SUBSET_ARCHIVE,
     ChecksumMismatch as ChecksumMismatch,
     Cifar100,

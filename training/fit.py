@@ -42,7 +42,7 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 
 from monitoring.captures import split_s3_uri
 from stacks.config import SconesConfig, stack_name
-from training import report, sourcedir
+from training import photo_check, report, sourcedir
 from training.hyperparameters import (
     HYPERPARAMETERS,
     HyperparameterError,
@@ -72,9 +72,11 @@ class Interrupted(RuntimeError):
 # ------------------------------------------------------------------------------------------ --local
 
 
-def fit_local(data_dir, out_dir, labels_dir=None, **hyperparameters) -> Path:
+def fit_local(data_dir, out_dir, labels_dir=None, check_photos=None, **hyperparameters) -> Path:
     """Train on the staged data folder `data_dir` (and the reviewed photos of `labels_dir`, `<class>/<photo>`);
-    answers the path of `out_dir/model.tar.gz`.
+    answers the path of `out_dir/model.tar.gz`. With `check_photos`, a folder of `bicycle/`, `motorcycle/` and
+    other folders of photos (training/photo_check.py), the trained model answers each of them through its serving
+    code, and metrics.json (`real_photos`) and the report show how it did.
 
     Everything is written in a temporary folder inside `out_dir` and moved into place once complete, so a
     failed or interrupted fit leaves nothing half-written under a final name.
@@ -92,6 +94,10 @@ def fit_local(data_dir, out_dir, labels_dir=None, **hyperparameters) -> Path:
         raise FitError(f"data folder {data_dir} has no {' or '.join(missing)} {stage}")
     if labels_dir is not None and not Path(labels_dir).is_dir():
         raise FitError(f"--labels {labels_dir} is not a folder: pass a folder with a subfolder of photos per class")
+    try:
+        photos = photo_check.read_photos(check_photos) if check_photos is not None else None
+    except (photo_check.PhotoFolderError, OSError) as error:
+        raise FitError(f"--check-photos: {error}") from None
     arguments = [f"--{name}={value}" for name, value in hyperparameters.items()]
     try:
         parse_hyperparameters(arguments)
@@ -127,6 +133,8 @@ def fit_local(data_dir, out_dir, labels_dir=None, **hyperparameters) -> Path:
         if finished.returncode:
             raise TrainingFailed(f"train.py failed (exit status {finished.returncode})")
         try:
+            if photos is not None:
+                add_photo_check(output_dir / "metrics.json", model_dir, photos, Path(check_photos))
             report.write(output_dir, data_dir)
             with tarfile.open(work / "model.tar.gz", "w:gz") as tar:
                 for path in sorted(model_dir.iterdir()):
@@ -139,6 +147,14 @@ def fit_local(data_dir, out_dir, labels_dir=None, **hyperparameters) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out_dir / "model.tar.gz"
+
+
+def add_photo_check(metrics_path: Path, model_dir: Path, photos: list, folder: Path) -> None:
+    """The trained model's figures on the labelled photos, as `real_photos` in metrics.json."""
+    print(f"checking the model on {len(photos)} photos of {folder}", file=sys.stderr, flush=True)
+    metrics = json.loads(metrics_path.read_text())
+    metrics["real_photos"] = {"folder": str(folder), **photo_check.score_model_dir(model_dir, photos, "fit")}
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 # -------------------------------------------------------------------------------------- --sagemaker
@@ -409,6 +425,13 @@ def main(argv=None) -> None:
         metavar="DIR",
         help="--local: reviewed photos to learn too, <class>/<photo> (as under s3://<bucket>/labels/)",
     )
+    parser.add_argument(
+        "--check-photos",
+        type=Path,
+        metavar="DIR",
+        help="--local: after training, answer the photos of DIR/bicycle, DIR/motorcycle and DIR's other folders "
+        "(neither) through the model's serving code; metrics.json and the report show how it did",
+    )
     parser.add_argument("--env", choices=("dev", "prod"), default="dev", help="--sagemaker: the deployed environment")
     parser.add_argument("--region", help="--sagemaker: AWS region (default: the AWS configuration's)")
     parser.add_argument(
@@ -431,12 +454,12 @@ def main(argv=None) -> None:
                 )
             if args.data is None or args.out is None:
                 raise FitError("--local needs --data DIR and --out DIR")
-            print(fit_local(args.data, args.out, args.labels, **given))
+            print(fit_local(args.data, args.out, args.labels, args.check_photos, **given))
             return
-        if args.data or args.out or args.labels:
+        if args.data or args.out or args.labels or args.check_photos:
             raise FitError(
-                "--data, --out and --labels are for --local: --sagemaker trains on the staged bucket and its "
-                "labels/ and writes to S3"
+                "--data, --out, --labels and --check-photos are for --local: --sagemaker trains on the staged "
+                "bucket and its labels/ and writes to S3"
             )
         if given:
             raise FitError(

@@ -17,12 +17,14 @@ from PIL import Image
 
 from training.calibration import CALIBRATION_BINS
 from training.inference import to_pixels
+from training.photo_check import TARGETS
 
 PICTURES = {
     "training_curves": "Training curves",
     "confusion_matrix": "Confusion matrix (test split)",
     "reliability_diagram": "Reliability diagram (test split)",
     "test_predictions": "Test images with predictions (wrong ones in red)",
+    "real_photos": "Real photos: the answer's confidence by folder (accepted right of the dashed threshold)",
 }
 
 
@@ -83,6 +85,8 @@ def plot(output_dir: Path, metrics: dict, test: dict | None) -> None:
     axes[0].legend()
     axes[1].legend()
     save(figure, output_dir / "training_curves.png")
+    if "real_photos" in metrics:
+        plot_real_photos(output_dir, metrics["real_photos"], plt)
     if test is None:
         return
 
@@ -143,6 +147,34 @@ def plot(output_dir: Path, metrics: dict, test: dict | None) -> None:
     save(figure, output_dir / "test_predictions.png")
 
 
+def plot_real_photos(output_dir: Path, photos: dict, plt) -> None:
+    """Each photo's confidence (max p) on the row of its folder: targets green when the larger class is right, red
+    when wrong; other folders' photos grey, orange when accepted."""
+    folders = list(photos["photos"])
+    threshold = photos["threshold"]
+    rng = np.random.default_rng(0)
+    figure, axis = plt.subplots(figsize=(8, 0.8 + 0.7 * len(folders)))
+    for row, folder in enumerate(folders):
+        answered = [a for a in photos["answers"] if a["class"] == folder and a["p"] is not None]
+        confidence = np.array([max(a["p"]) for a in answered])
+        if folder in TARGETS:
+            right = np.array([TARGETS[int(a["p"][1] > a["p"][0])] == folder for a in answered], dtype=bool)
+            colours = np.where(right, "tab:green", "tab:red")
+        else:
+            colours = np.where(confidence >= threshold, "tab:orange", "tab:gray")
+        axis.scatter(confidence, row + rng.uniform(-0.25, 0.25, len(answered)), s=12, c=colours)
+    axis.axvline(threshold, linestyle="--", color="black")
+    axis.set(
+        yticks=range(len(folders)),
+        yticklabels=[f"{folder} ({photos['photos'][folder]})" for folder in folders],
+        xlim=(0.45, 1.01),
+        xlabel="confidence: max(p_bicycle, p_motorcycle)",
+        title=f"{photos['folder']}: right {photos['right']:.1%}, threshold {threshold:.3f}",
+    )
+    axis.invert_yaxis()
+    save(figure, output_dir / "real_photos.png")
+
+
 def write_report(output_dir: Path, metrics: dict) -> None:
     """report.html beside the plots: the figures that matter, then every plot, embedded so it opens from disk."""
 
@@ -161,7 +193,12 @@ def write_report(output_dir: Path, metrics: dict) -> None:
         (
             "threshold",
             f"{metrics['threshold']:.4f} (accepted validation answers right at least "
-            f"{metrics['hyperparameters']['target_accuracy']:.0%} of the time)",
+            f"{metrics['hyperparameters']['target_accuracy']:.0%} of the time"
+            + (
+                f", at most {metrics['hyperparameters']['max_neither_accepted']:.0%} of neither images accepted)"
+                if "threshold_for_neither" in metrics
+                else ")"
+            ),
         ),
     ]
     test = metrics.get("test")
@@ -184,6 +221,23 @@ def write_report(output_dir: Path, metrics: dict) -> None:
                 f"{test['ece_before_temperature']:.3f} before the temperature, "
                 f"{test['ece_after_temperature']:.3f} after",
             ),
+        ]
+    photos = metrics.get("real_photos")
+    if photos:
+        at = photos["at_model_threshold"]
+        others = [folder for folder in photos["photos"] if folder not in TARGETS]
+        rows += [
+            (
+                "real photos",
+                f"{sum(photos['photos'][t] for t in TARGETS)} of bicycles and motorcycles, "
+                f"{sum(photos['photos'][f] for f in others)} of other things, in {photos['folder']}",
+            ),
+            ("real photos answered right", percent(photos["right"])),
+            (
+                f"real photos at threshold {at['threshold']:.4g}",
+                f"{percent(at['accepted'])} accepted, {percent(at['accepted_right'])} of them right",
+            ),
+            *((f"{folder} photos accepted", percent(at[f"{folder}_accepted"])) for folder in others),
         ]
     table = "".join(f"<tr><th>{html.escape(name)}</th><td>{html.escape(value)}</td></tr>" for name, value in rows)
     figures = "".join(
