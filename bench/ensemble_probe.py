@@ -2,7 +2,7 @@
 
 Issue 23's untried idea, measured before anything is built: "neither" from the photo recipe (frozen
 EfficientNet-Lite0 features at 128 px, linear head bicycle/motorcycle/neither; training/backbone.py) and
-bicycle-against-motorcycle from both it and the default recipe (the 32-px network), combined as
+bicycle-against-motorcycle from both it and the 32-px network (`--architecture resnet9`, the default then), combined as
 
     p_bicycle, p_motorcycle = (1 - p_neither) * combine(backbone's conditional, network's conditional)
 
@@ -11,7 +11,8 @@ arithmetic mean (`mean`), the normalised geometric mean (`geometric`), or a logi
 models' log-odds of bicycle (`stacked`), fitted on the calibration set's targets (below; its threshold from
 5-fold out-of-fold stacked answers).
 
-Per seed: the default recipe is fitted by `training.fit.fit_local` on the data `make run` stages; the photo
+Per seed: the 32-px network is fitted by `training.fit.fit_local` on the vehicles archive (as `make run` staged it
+until 2026-12-05); the photo
 recipe's head by training.backbone's own functions (`chosen_rows`, `out_of_fold_logits`, `fit_head`) on the
 shared subset archive (the ten vehicle classes, and 84 non-vehicle classes as neither), its temperature and
 threshold by training.calibration from out-of-fold logits, as the recipe does. Both are served through their
@@ -209,7 +210,7 @@ def fitted_network(data: Path, seed: int, refit: bool) -> tuple[Path, bool]:
     fitting = refit or not (out / "model.tar.gz").is_file()
     if fitting:
         started = time.perf_counter()
-        fit_local(data, out, seed=seed)
+        fit_local(data, out, architecture="resnet9", seed=seed)
         log(f"seed {seed}: network fitted in {time.perf_counter() - started:.0f}s")
     return out / "model.tar.gz", fitting
 

@@ -71,6 +71,8 @@ def run_command(classes: list[str], out: Path, photos: Path | None = None) -> No
             str(out),
             "--classes",
             ",".join(classes),
+            "--extra-classes",
+            "none",  # the classes named only: the figures compare with earlier runs
             *(["--photos", str(photos)] if photos else []),
         ],
         cwd=ROOT,

@@ -1,4 +1,5 @@
-"""Compare training recipes by cross-validation: `.venv/bin/python bench/recipes.py [RECIPE ...]`.
+"""Compare training recipes of the 32-px network (`--architecture resnet9`) by cross-validation:
+`.venv/bin/python bench/recipes.py [RECIPE ...]`.
 
 A recipe is `NAME=HYPERPARAMETERS`, e.g. `'long=--epochs 100'`; without any, the float32 and bfloat16 defaults
 (`train.AUTO`) and the two others of the README's first cross-validation table.
@@ -80,7 +81,7 @@ def make_folds(data: Path, work: Path, count: int) -> list[Path]:
 
 
 def fit_fold(folder: Path, out: Path, fold: int, seed: int, hyperparameters: dict) -> dict:
-    fit_local(folder, out, seed=seed, **hyperparameters)
+    fit_local(folder, out, architecture="resnet9", seed=seed, **hyperparameters)
     metrics = json.loads((out / "metrics.json").read_text())
     return {
         "fold": fold,

@@ -3,7 +3,7 @@
     .venv/bin/python bench/workflow.py [--repeats 3] [--model PATH/model.tar.gz] [--photos DIR]
 
 Needs `make synth` (cdk.out) and a trained model (`--model`, else the one `make run` leaves in .scones/model,
-else a 10-epoch model of the two classes is trained here, confident on most images, so that executions take
+else a 10-epoch 32-px model of the two classes is trained here, confident on most images, so that executions take
 both paths). Runs the local AWS (`python -m local.aws`: moto, the Step Functions engine, the in-process
 Lambdas) and the local endpoint (`python -m local.endpoint`, data capture on) each as its own process, as
 `make run` does; this process is the console user, starting executions and polling them.
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
             "photos": upload_photos(bucket, args.photos),
         }
         if not model.exists():
-            model = fit.fit_local(work / "data", work / "model", epochs=10)  # confident on most images, as make run
+            # The 32-px network of the two classes: confident on most CIFAR images, so that executions take both paths.
+            model = fit.fit_local(work / "data", work / "model", architecture="resnet9", epochs=10)
         spec = EndpointSpec(name=ENDPOINT, model_data=model, capture=CaptureSpec(f"s3://{bucket}/data_capture"))
         (work / "endpoint-spec.json").write_text(json.dumps({"endpoints": [spec_to_json(spec)]}))
         endpoint_args = ["--spec", str(work / "endpoint-spec.json"), "--spool-dir", str(work / "spool")]

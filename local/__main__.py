@@ -109,7 +109,7 @@ class LocalRun:
         return summary
 
     def train(self, dataset_sha: str, bucket: str) -> str:
-        from training import etl, fit
+        from training import etl, fit, photo_check
 
         model_dir = self.state_dir / "model"
         stamp = model_dir / "trained-on.sha256"
@@ -118,8 +118,9 @@ class LocalRun:
             say("train", f"reusing {archive} (trained on the same data)")
         else:
             say("train", "training the default recipe on this machine's CPU")
-            photos = etl.SHARED_REAL_PHOTOS if etl.SHARED_REAL_PHOTOS.is_dir() else None  # they only measure it
-            fit.fit_local(self.state_dir / "data", model_dir, check_photos=photos)
+            photos = etl.SHARED_REAL_PHOTOS  # they only measure the model (its report and the summary show how)
+            checked = photos if all((photos / label).is_dir() for label in photo_check.TARGETS) else None
+            fit.fit_local(self.state_dir / "data", model_dir, check_photos=checked)
             stamp.write_text(dataset_sha)
         # Where the training stack's job would have put it: models/<job name>/output/model.tar.gz.
         key = f"models/local-{dataset_sha[:12]}/output/model.tar.gz"
@@ -397,6 +398,10 @@ def real_photo_figures(photos: dict | None) -> dict | None:
     }
 
 
+def _share(value: float | None, spec: str = ".0%") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def _relative_to_cwd(path) -> str:
     """A path under the working directory as a relative one (`.scones/summary.json`), others as given."""
     try:
@@ -411,9 +416,9 @@ def print_summary(summary: dict, bucket: str, endpoints: list[str], state_dir: P
     accuracy = summary["model_test_accuracy"]
     photos = summary.get("model_real_photos")
     real_photos = (
-        f"\n  model on real photos      {photos['right']:.3f} right; {photos['accepted']:.0%} accepted, "
-        f"{photos['accepted_right']:.1%} of them right; "
-        + ", ".join(f"{folder} {share:.0%}" for folder, share in photos["others_accepted"].items())
+        f"\n  model on real photos      {_share(photos['right'], '.3f')} right; {_share(photos['accepted'])} "
+        f"accepted, {_share(photos['accepted_right'], '.1%')} of them right; "
+        + ", ".join(f"{folder} {_share(share)}" for folder, share in photos["others_accepted"].items())
         + " accepted"
         if photos
         else ""

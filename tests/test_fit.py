@@ -511,19 +511,29 @@ def test_with_neither_the_threshold_keeps_both_the_target_accuracy_and_the_neith
 
     chosen = calibration.choose_threshold_with_neither(probabilities, labels, 0.99, 0.01)
     assert chosen["threshold"] == chosen["for_targets"] == pytest.approx(0.9)
-    assert 0.85 < chosen["for_neither"] < 0.8500001  # just above the second most confident neither image
-    accepted = probabilities.max(1).values >= chosen["threshold"]
-    assert accepted[4:].sum() == 1  # 1% of the neither images
-
-    # No neither image may pass: just above the most confident one, whatever the targets allow.
-    strict = calibration.choose_threshold_with_neither(probabilities, labels, 0.99, 0.0)
-    assert strict["threshold"] > 0.97 and not (probabilities[4:].max(1).values >= strict["threshold"]).any()
-    assert strict["threshold"] == pytest.approx(0.97)
+    # 1% of the neither images may pass: the bound is just above the second most confident one.
+    neither_confidence = neither.max(1).values
+    assert (neither_confidence >= chosen["for_neither"]).sum() == 1 and chosen["for_neither"] < 0.8500001
     # Ten times as many neither images, the same share of them confident: the same threshold.
     tenfold = torch.cat([targets] + [neither] * 10), torch.cat([target_labels, torch.full((1000,), 2)])
-    assert calibration.choose_threshold_with_neither(*tenfold, 0.99, 0.01)["threshold"] == chosen["threshold"]
+    assert calibration.choose_threshold_with_neither(*tenfold, 0.99, 0.01) == chosen
     # Counted among the accepted answers instead, the ten 0.97 ones would leave no threshold but 1: accept nothing.
     assert calibration.choose_threshold(*tenfold, 0.99) == 1.0
+
+    # No neither image may pass: the bound is above the 0.97 one, where no target answer is left to accept.
+    strict = calibration.choose_threshold_with_neither(probabilities, labels, 0.99, 0.0)
+    assert not (neither_confidence >= strict["for_neither"]).any() and strict["threshold"] == 1.0
+
+
+def test_where_the_neither_bound_decides_the_target_accuracy_is_checked_again():
+    """Accuracy does not always rise with the threshold: at the neither bound the accepted targets may be right less
+    often than at the targets' own threshold."""
+    probabilities = torch.tensor([[0.99, 0.01], [0.03, 0.97], [0.9, 0.1], [0.9, 0.1], [0.95, 0.02]])
+    labels = torch.tensor([0, 0, 0, 0, 2])  # the 0.97 answer is wrong; the last image is neither
+    chosen = calibration.choose_threshold_with_neither(probabilities, labels, 0.75, 0.0)
+    assert chosen["for_targets"] == pytest.approx(0.9)  # 3 of 4 right
+    assert 0.95 < chosen["for_neither"] < 0.9500001
+    assert chosen["threshold"] == pytest.approx(0.99)  # at the neither bound 1 of the 2 accepted answers is wrong
 
 
 def test_temperature_minimises_validation_loss():

@@ -27,14 +27,20 @@ NEITHER_CLASS = "bus"  # staged after the targets: learnt as neither
 PHOTO = {"architecture": "efficientnet_lite0", "neither_per_class": 100}
 
 
-def photos_to_check(root: Path) -> Path:
-    """bicycle/, motorcycle/ and car/ of small JPEGs made here, and a file that is no photo."""
+def photos_to_check(root: Path, data_dir: Path) -> Path:
+    """bicycle/ and motorcycle/ of five staged test images each, car/ of two JPEGs made here and a file that is no
+    photo."""
+    for line in (data_dir / "test.lst").read_text().splitlines():
+        _, label, relative = line.split("\t")
+        folder = root / CLASSES[int(label)]
+        folder.mkdir(parents=True, exist_ok=True)
+        if len(list(folder.iterdir())) < 5:
+            (folder / Path(relative).name).write_bytes((data_dir / relative).read_bytes())
     rng = np.random.default_rng(0)
-    for folder, count in (("bicycle", 3), ("motorcycle", 2), ("car", 2)):
-        (root / folder).mkdir(parents=True)
-        for index in range(count):
-            pixels = rng.integers(0, 256, (40 + 10 * index, 60, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / folder / f"{index}.jpg", format="JPEG")
+    (root / "car").mkdir()
+    for index in range(2):
+        pixels = rng.integers(0, 256, (40 + 10 * index, 60, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "car" / f"{index}.jpg", format="JPEG")
     (root / "car" / "notes.txt").write_text("not a photo")
     return root
 
@@ -44,7 +50,7 @@ def photo_model(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("data")
     etl.stage(etl.SHARED_ARCHIVE, data_dir, CLASSES + (NEITHER_CLASS,), progress=False)
     out = tmp_path_factory.mktemp("fit")
-    checked = photos_to_check(tmp_path_factory.mktemp("check"))
+    checked = photos_to_check(tmp_path_factory.mktemp("check"), data_dir)
     labels = reviewed_photos(tmp_path_factory.mktemp("labels"))
     archive = fit_local(data_dir, out, labels, check_photos=checked, **PHOTO)
     model_dir = tmp_path_factory.mktemp("model")
@@ -134,9 +140,10 @@ def test_the_check_on_labelled_photos_is_in_the_metrics_and_the_report(photo_mod
     """`fit --local --check-photos DIR`: each photo answered through the model's serving code, as here."""
     photos, threshold = photo_model["metrics"]["real_photos"], photo_model["metrics"]["threshold"]
     assert photos["folder"] == str(photo_model["checked"])
-    assert photos["photos"] == {"bicycle": 3, "motorcycle": 2, "car": 2}  # notes.txt is no photo
+    assert photos["photos"] == {"bicycle": 5, "motorcycle": 5, "car": 2}  # notes.txt is no photo
+    kind = {".jpg": "image/jpeg", ".png": "image/png"}
     served = {
-        a["file"]: answer(photo_model, (photo_model["checked"] / a["file"]).read_bytes(), "image/jpeg")
+        a["file"]: answer(photo_model, (photo_model["checked"] / a["file"]).read_bytes(), kind[a["file"][-4:]])
         for a in photos["answers"]
     }
     targets = [name for name in served if not name.startswith("car/")]
@@ -144,10 +151,13 @@ def test_the_check_on_labelled_photos_is_in_the_metrics_and_the_report(photo_mod
     def three_way(p):
         return max(zip([*p, 1 - sum(p)], ["bicycle", "motorcycle", "neither"], strict=True))[1]
 
-    assert photos["right"] == round(sum(three_way(served[n]) == n.split("/")[0] for n in targets) / 5, 4)
+    accepted = [name for name in targets if max(served[name]) >= threshold]
+    assert accepted  # thumbnails of the staged test split: the check has answers to count
+    assert photos["right"] == round(sum(three_way(served[n]) == n.split("/")[0] for n in targets) / 10, 4)
     at = photos["at_model_threshold"]
-    assert at["threshold"] == threshold
-    assert at["accepted"] == round(sum(max(served[n]) >= threshold for n in targets) / 5, 4)
+    assert at["threshold"] == threshold and at["accepted"] == len(accepted) / 10
+    two_way = {name: "bicycle" if served[name][0] >= served[name][1] else "motorcycle" for name in accepted}
+    assert at["accepted_right"] == round(sum(two_way[n] == n.split("/")[0] for n in accepted) / len(accepted), 4)
     assert at["car_accepted"] == sum(max(served[n]) >= threshold for n in ("car/0.jpg", "car/1.jpg")) / 2
 
     report = (photo_model["out"] / "report.html").read_text()

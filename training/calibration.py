@@ -1,6 +1,8 @@
 """Calibration of the served probabilities on validation data: the temperature, the confidence threshold at
 which accepted answers are right often enough, and the measures the metrics and the model report show."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -50,19 +52,33 @@ def choose_threshold_with_neither(
     right at least `target_accuracy` of the time and at most `max_neither_accepted` of the neither images (labels
     past the targets) are accepted. Each is a constraint of its own: counting neither images among the accepted
     answers instead would make the threshold depend on how many of them the calibration set holds, not on how
-    often real traffic is neither. Answers {"threshold", "for_targets", "for_neither"}."""
+    often real traffic is neither. Answers {"threshold", "for_targets", "for_neither"}: the threshold, and the
+    lowest that each constraint alone allows."""
     targets = probabilities.shape[1]
     is_target = labels < targets
-    for_targets = choose_threshold(probabilities[is_target], labels[is_target], target_accuracy)
-    confidence = probabilities[~is_target].max(1).values.sort(descending=True).values
-    allowed = int(max_neither_accepted * len(confidence))
+    target_confidence, target_predicted = probabilities[is_target].max(1)
+    target_labels = labels[is_target]
+    neither_confidence = probabilities[~is_target].max(1).values.sort(descending=True).values
+    allowed = math.floor(max_neither_accepted * len(neither_confidence) + 1e-9)
     # Accepting at most `allowed` of them: just above the next one's confidence, in the dtype answers come in.
     for_neither = (
-        min(1.0, float(torch.nextafter(confidence[allowed], torch.ones((), dtype=confidence.dtype))))
-        if allowed < len(confidence)
+        min(1.0, float(torch.nextafter(neither_confidence[allowed], torch.ones((), dtype=neither_confidence.dtype))))
+        if allowed < len(neither_confidence)
         else 0.0
     )
-    return {"threshold": max(for_targets, for_neither), "for_targets": for_targets, "for_neither": for_neither}
+
+    def right_enough(threshold: float) -> bool:
+        accepted = target_confidence >= threshold
+        return bool(accepted.any()) and (
+            (target_predicted[accepted] == target_labels[accepted]).float().mean().item() >= target_accuracy
+        )
+
+    for_targets = choose_threshold(probabilities[is_target], target_labels, target_accuracy)
+    # Accuracy does not always rise with the threshold: above the neither bound it is checked again.
+    lowest = max(for_targets, for_neither)
+    candidates = sorted({lowest, *(c for c in target_confidence.tolist() if c >= lowest)})
+    threshold = next((candidate for candidate in candidates if right_enough(candidate)), 1.0)
+    return {"threshold": threshold, "for_targets": for_targets, "for_neither": for_neither}
 
 
 def selective(probabilities: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict:

@@ -1,7 +1,7 @@
 """Stage CIFAR-100 images of chosen classes as PNG files with SageMaker `.lst` manifests.
 
-    python -m training.etl --source ARCHIVE --out DIR [--bucket NAME] [--classes a,b,...] [--extra-classes c,d,...]
-                           [--photos DIR|s3://BUCKET/PREFIX/]
+    python -m training.etl --source ARCHIVE --out DIR [--bucket NAME] [--classes a,b,...]
+                           [--extra-classes all|none|c,d,...] [--photos DIR|s3://BUCKET/PREFIX/]
 
 The archive is the official CIFAR-100 python archive or a copy in its format (such as the shared
 vehicles-only one). It is the first of: `--source PATH|URL`, `$SCONES_CIFAR100`, the cached copy
@@ -15,8 +15,9 @@ Validation images are a stratified, seeded part of the training images; they sta
 The official archive gives a few names to images of two classes (baby_s_000333.png is a girl and a baby):
 the first in archive order keeps the name, a later one is staged as `<cifar name minus .png>.<its
 class>.png`, printed and listed in dataset.json under `renamed`.
-Extra classes are staged for training only (labels after the classes', no test images): the training
-script learns them alongside to sharpen its features, and serves only the classes.
+Extra classes (by default every other class of the archive) are staged for training only (labels after the
+classes', no test images): the default recipe learns them as "neither" (`--architecture resnet9`: as more outputs,
+to sharpen its features), and serves only the classes.
 Running again writes and uploads only what differs, and completes an interrupted run.
 
 `--photos` adds a company's own labelled photos: a folder or S3 prefix with a subfolder per class (`bicycle/`,
@@ -73,8 +74,8 @@ from training.upload import (
 )
 
 DEFAULT_CLASSES = ("bicycle", "motorcycle")
-# The archive's other vehicle classes, staged for training only: learnt alongside bicycle and motorcycle,
-# they sharpen the model's features (bench/train.py measures the recipe with them).
+# The archive's other vehicle classes: what `make run` staged for the 32-px network (`--architecture resnet9`),
+# which learns them alongside bicycle and motorcycle to sharpen its features.
 VEHICLE_EXTRA_CLASSES = ("bus", "lawn_mower", "pickup_truck", "rocket", "streetcar", "tank", "tractor", "train")
 # extra_classes: every class of the archive with training images besides the targets. The default recipe learns
 # them as "neither" (at most --neither_per_class images of each).

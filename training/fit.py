@@ -1,6 +1,6 @@
 """Fit the model, on this machine or in SageMaker.
 
-    python -m training.fit --local --data DIR --out DIR [--labels DIR] [hyperparameters]
+    python -m training.fit --local --data DIR --out DIR [--labels DIR] [--check-photos DIR] [hyperparameters]
     python -m training.fit --sagemaker [--env dev|prod] [--region R] [--algorithm pytorch|builtin]
     python -m training.fit approve [--package ARN | --latest] [--env dev|prod] [--region R]   (training/registry.py)
 
@@ -10,6 +10,7 @@
 into `OUT/model.tar.gz` the way SageMaker does; metrics.json, the plots and report.html (`training.report`)
 land in OUT, each file only once complete. `--labels` is the training job's `labels` channel: a folder of
 reviewed photos, `<class>/<photo>` (a copy of `s3://<bucket>/labels/`), learnt beside the staged data.
+`--check-photos` then measures the model on a folder of labelled photos (training/photo_check.py).
 
 `--sagemaker` starts the deployed training stack's state machine (`scones-<env>-training`, created by
 `make deploy`) with boto3 and follows it: each state it enters and each status change of its training
@@ -150,10 +151,16 @@ def fit_local(data_dir, out_dir, labels_dir=None, check_photos=None, **hyperpara
 
 
 def add_photo_check(metrics_path: Path, model_dir: Path, photos: list, folder: Path) -> None:
-    """The trained model's figures on the labelled photos, as `real_photos` in metrics.json."""
+    """The trained model's figures on the labelled photos, as `real_photos` in metrics.json (OUT's, not the one in
+    model.tar.gz, which is the training job's). A check that fails is reported and leaves the model as it is."""
     print(f"checking the model on {len(photos)} photos of {folder}", file=sys.stderr, flush=True)
+    try:
+        figures = photo_check.score_model_dir(model_dir, photos, "fit")
+    except Exception as error:  # a measurement only: the trained model is kept whatever goes wrong here
+        print(f"fit: warning: could not check the photos of {folder}: {error}", file=sys.stderr, flush=True)
+        return
     metrics = json.loads(metrics_path.read_text())
-    metrics["real_photos"] = {"folder": str(folder), **photo_check.score_model_dir(model_dir, photos, "fit")}
+    metrics["real_photos"] = {"folder": str(folder), **figures}
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
 
 

@@ -112,8 +112,20 @@ HYPERPARAMETERS = {
     "head_steps": (int, 200, 1, 100000, "efficientnet_lite0: Adam steps of 512 images fitting the linear head"),
     "head_learning_rate": (float, 1e-3, 1e-6, 1.0, "efficientnet_lite0: Adam's learning rate for the head"),
     "head_weight_decay": (float, 1e-3, 0.0, 1.0, "efficientnet_lite0: L2 penalty on the head's weights"),
-    "target_classes": (int, 2, 2, 100, "labels 0..N-1 are the classes served; further labels are learnt alongside"),
-    "target_accuracy": (float, 0.99, 0.5, 1.0, "accuracy wanted on accepted answers; sets the threshold"),
+    "target_classes": (
+        int,
+        2,
+        2,
+        100,
+        "labels 0..N-1 are the classes served; further labels are learnt as neither (resnet9: alongside)",
+    ),
+    "target_accuracy": (
+        float,
+        0.99,
+        0.5,
+        1.0,
+        "accuracy wanted on accepted answers of the targets; sets the threshold",
+    ),
     "max_neither_accepted": (
         float,
         0.01,

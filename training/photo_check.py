@@ -48,6 +48,9 @@ def read_photos(folder: Path) -> list[tuple[str, str, bytes, str]]:
             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
                 body = path.read_bytes()
                 photos.append((f"{label}/{path.name}", label, body, content_type(body, path)))
+    empty = [f"{label}/" for label in TARGETS if not any(photo[1] == label for photo in photos)]
+    if empty:
+        raise PhotoFolderError(f"{folder} has no {', '.join(IMAGE_SUFFIXES)} photo in {' and '.join(empty)}")
     return photos
 
 

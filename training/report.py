@@ -167,7 +167,7 @@ def plot_real_photos(output_dir: Path, photos: dict, plt) -> None:
     axis.set(
         yticks=range(len(folders)),
         yticklabels=[f"{folder} ({photos['photos'][folder]})" for folder in folders],
-        xlim=(0.45, 1.01),
+        xlim=(0, 1.01),
         xlabel="confidence: max(p_bicycle, p_motorcycle)",
         title=f"{photos['folder']}: right {photos['right']:.1%}, threshold {threshold:.3f}",
     )

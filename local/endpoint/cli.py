@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    # One torch thread: the images are 32x32 and concurrent requests are batched; OpenMP's threads would
-    # compete with the request threads for the cores (2 here: p50 at concurrency 1 went from 4 to 10 ms).
+    # One torch thread: concurrent requests are batched; OpenMP's threads would compete with the request threads
+    # for the cores (2 here, with the 32-px network: p50 at concurrency 1 went from 4 to 10 ms).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         specs = [spec_from_json(entry) for entry in json.loads(args.spec.read_text())["endpoints"]]
