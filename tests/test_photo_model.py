@@ -32,6 +32,8 @@ def photos_to_check(root: Path, data_dir: Path) -> Path:
     photo."""
     for line in (data_dir / "test.lst").read_text().splitlines():
         _, label, relative = line.split("\t")
+        if int(label) >= len(CLASSES):
+            continue
         folder = root / CLASSES[int(label)]
         folder.mkdir(parents=True, exist_ok=True)
         if len(list(folder.iterdir())) < 5:
