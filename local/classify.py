@@ -175,14 +175,16 @@ def reason_of(error: str | None, cause) -> str | None:
 
 
 def answer_fields(inferences, classes: list[str] | None, output: dict | None = None) -> dict:
-    """class (the most likely one, accepted or not), probabilities by class name, and neither."""
+    """class (the most likely one, accepted or not: "neither" when 1 - sum is), probabilities by class name, and
+    neither."""
     output = output or {}
     if not isinstance(inferences, list) or not inferences:
         return {"class": None, "probabilities": None, "neither": None}
     names = classes if classes and len(classes) == len(inferences) else [f"class {i}" for i in range(len(inferences))]
     neither = output.get("neither", round(max(0.0, 1 - sum(inferences)), 4))
+    most_likely = "neither" if neither > max(inferences) else names[inferences.index(max(inferences))]
     return {
-        "class": output.get("class") or names[inferences.index(max(inferences))],
+        "class": output.get("class") or most_likely,
         "probabilities": dict(zip(names, inferences, strict=True)),
         "neither": neither,
     }

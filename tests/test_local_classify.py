@@ -14,7 +14,7 @@ from conftest import assembly_directory, environment_restored
 from PIL import Image
 
 from local.__main__ import LocalRun, main, model_settings
-from local.classify import filter_threshold, record_deployed
+from local.classify import answer_fields, filter_threshold, record_deployed
 from stacks.config import DEFAULT_THRESHOLD, SconesConfig
 
 pytestmark = pytest.mark.slow
@@ -256,3 +256,13 @@ def test_classify_with_nothing_up_and_no_cloud_assembly_says_to_synthesize(tmp_p
 def test_the_threshold_named_is_the_one_the_synthesized_filter_applies(context, model, expected):
     workflow = json.loads((assembly_directory(**context) / "SconesDevWorkflow.template.json").read_text())
     assert filter_threshold(workflow, model) == expected
+
+
+def test_an_answer_whose_most_likely_class_is_neither_is_named_so():
+    """The flower of real-photos-dev as the photo model answered it: no bicycle or motorcycle, neither 0.964."""
+    assert answer_fields([0.012, 0.024], ["bicycle", "motorcycle"]) == {
+        "class": "neither",
+        "probabilities": {"bicycle": 0.012, "motorcycle": 0.024},
+        "neither": 0.964,
+    }
+    assert answer_fields([0.55, 0.35], ["bicycle", "motorcycle"])["class"] == "bicycle"
