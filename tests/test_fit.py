@@ -450,6 +450,8 @@ def test_an_interrupted_fit_exits_130_in_one_line_and_writes_nothing(data_dir, t
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # As a terminal starts it: a shell's background job (a CI runner's, say) inherits SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         lines = []
