@@ -44,7 +44,7 @@ lint: synth ## ruff, ruff format --check, cfn-lint of the templates
 test: lint chromium ## lint and every test (what CI runs)
 	$(PY) -m pytest -q
 
-test-fast: install ## the tests not marked slow: synth, config, handlers, constructs (under a minute)
+test-fast: install ## the tests not marked slow: synth, config, handlers, constructs (2 to 3 minutes here)
 	$(PY) -m pytest -q -m "not slow"
 
 run: synth ## the whole workflow on this machine (moto, local endpoint)
