@@ -35,10 +35,16 @@ def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor
     return error
 
 
-def choose_threshold(probabilities: torch.Tensor, labels: torch.Tensor, target_accuracy: float) -> float:
-    """The lowest confidence threshold at which answers at or above it are right often enough (1.0 if none)."""
+def choose_threshold(
+    probabilities: torch.Tensor, labels: torch.Tensor, target_accuracy: float, at_least: float | None = None
+) -> float:
+    """The lowest confidence threshold (of the answers' confidences, and `at_least` when given, none below it) at
+    which answers at or above it are right often enough (1.0 if none)."""
     confidence, predicted = probabilities.max(1)
-    for threshold in sorted(set(confidence.tolist())):
+    candidates = (
+        set(confidence.tolist()) if at_least is None else {at_least, *confidence[confidence >= at_least].tolist()}
+    )
+    for threshold in sorted(candidates):
         accepted = confidence >= threshold
         if (predicted[accepted] == labels[accepted]).float().mean().item() >= target_accuracy:
             return threshold
@@ -56,7 +62,6 @@ def choose_threshold_with_neither(
     lowest that each constraint alone allows."""
     targets = probabilities.shape[1]
     is_target = labels < targets
-    target_confidence, target_predicted = probabilities[is_target].max(1)
     target_labels = labels[is_target]
     neither_confidence = probabilities[~is_target].max(1).values.sort(descending=True).values
     allowed = math.floor(max_neither_accepted * len(neither_confidence) + 1e-9)
@@ -66,18 +71,11 @@ def choose_threshold_with_neither(
         if allowed < len(neither_confidence)
         else 0.0
     )
-
-    def right_enough(threshold: float) -> bool:
-        accepted = target_confidence >= threshold
-        return bool(accepted.any()) and (
-            (target_predicted[accepted] == target_labels[accepted]).float().mean().item() >= target_accuracy
-        )
-
     for_targets = choose_threshold(probabilities[is_target], target_labels, target_accuracy)
     # Accuracy does not always rise with the threshold: above the neither bound it is checked again.
-    lowest = max(for_targets, for_neither)
-    candidates = sorted({lowest, *(c for c in target_confidence.tolist() if c >= lowest)})
-    threshold = next((candidate for candidate in candidates if right_enough(candidate)), 1.0)
+    threshold = choose_threshold(
+        probabilities[is_target], target_labels, target_accuracy, at_least=max(for_targets, for_neither)
+    )
     return {"threshold": threshold, "for_targets": for_targets, "for_neither": for_neither}
 
 
