@@ -170,12 +170,7 @@ def photo_figures(answers: list[dict], threshold: float) -> dict:
         "right": realphotos.share(
             sum(a["p"] is not None and realphotos.three_way(a["p"]) == a["class"] for a in targets), len(targets)
         ),
-        "accepted": at["accepted"],
-        "accepted_right": at["accepted_right"],
-        "bicycle_accepted": at["bicycle"]["accepted"],
-        "motorcycle_accepted": at["motorcycle"]["accepted"],
-        "car_accepted": at["car_accepted"],
-        "other_accepted": at["other_accepted"],
+        **realphotos.accepted_shares(at),
         "accepted_wrong_files": at["accepted_wrong_files"],
         "accepted_non_vehicle_files": at["accepted_non_vehicle_files"],
     }

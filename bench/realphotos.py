@@ -32,7 +32,16 @@ sys.path.insert(0, str(ROOT))
 from bench.train import machine  # noqa: E402
 from training import etl  # noqa: E402
 from training.fit import fit_local  # noqa: E402
-from training.photo_check import TARGETS, answer, at_threshold, read_photos, score, share, three_way  # noqa: E402, F401
+from training.photo_check import (  # noqa: E402, F401
+    TARGETS,
+    accepted_shares,
+    answer,
+    at_threshold,
+    read_photos,
+    score,
+    share,
+    three_way,
+)
 
 RESULTS = ROOT / "bench" / "results" / "realphotos.json"
 PHOTOS = etl.SHARED_REAL_PHOTOS
@@ -66,12 +75,7 @@ def headline(run: dict) -> dict:
         "right_two_way": run["right_two_way"],
         "bicycle_right": run["bicycle_right"],
         "motorcycle_right": run["motorcycle_right"],
-        "accepted": at["accepted"],
-        "accepted_right": at["accepted_right"],
-        "bicycle_accepted": at["bicycle"]["accepted"],
-        "motorcycle_accepted": at["motorcycle"]["accepted"],
-        "car_accepted": at["car_accepted"],
-        "other_accepted": at["other_accepted"],
+        **accepted_shares(at),
         **{
             f"{name}_at_{classic['threshold']:.2f}": classic[name]
             for classic in run["at_classic_thresholds"]

@@ -112,6 +112,16 @@ def at_threshold(answers: list[dict], threshold: float) -> dict:
     return figures
 
 
+def accepted_shares(at: dict) -> dict:
+    """An at_threshold result's shares: accepted and right among them, then accepted per target and per other folder."""
+    return {
+        "accepted": at["accepted"],
+        "accepted_right": at["accepted_right"],
+        **{f"{label}_accepted": at[label]["accepted"] for label in TARGETS},
+        **{key: value for key, value in at.items() if key.endswith("_accepted")},
+    }
+
+
 def score_model_dir(model_dir: Path, photos: list[tuple[str, str, bytes, str]], name: str) -> dict:
     """Every figure of the model in `model_dir` (model.json, code/), served through its own code/inference.py."""
     from local.endpoint.handler import load_inference_handler
